@@ -1,0 +1,30 @@
+# The two commands a new user needs: `make demo` and `make test`.
+# Both create (or update) a local virtual environment in .venv from the pinned requirements.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test test-all demo clean-venv
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) research/demo.py $(DEMO_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

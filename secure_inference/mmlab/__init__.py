@@ -1,0 +1,1 @@
+"""MMLab integration: compatibility fixes, registry entries and config helpers."""
