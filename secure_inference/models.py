@@ -1,0 +1,138 @@
+"""Building the user's model from a name, a factory path or an MMLab config, plus checkpoints.
+
+``load_model(model)`` accepts:
+
+* a path to an MMLab config (``*.py``): built with the registry of the config's
+  ``default_scope`` (``mmpretrain`` or ``mmseg``); MMLab configs of this project carry a
+  ``secure_inference = dict(input_shape=[C, H, W], ...)`` entry read by :func:`input_shape_of`;
+* a torchvision model name (``resnet18``, ``mobilenet_v2`` …), built without weights;
+* ``package.module:factory`` — any importable callable returning an ``nn.Module``.
+
+Nothing here downloads: pretrained weights come only from an explicit checkpoint file.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+
+class ModelLoadError(ValueError):
+    """The model, config or checkpoint could not be loaded; the message says what to fix."""
+
+
+def is_config_path(model: str) -> bool:
+    return str(model).endswith(".py") and Path(model).is_file()
+
+
+def load_config(path: str | os.PathLike, cfg_options: dict | None = None):
+    """An mmengine Config with ``cfg_options`` merged in."""
+    from mmengine.config import Config
+    if not Path(path).is_file():
+        raise ModelLoadError(f"config file not found: {path}")
+    cfg = Config.fromfile(str(path))
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
+def build_from_config(cfg) -> nn.Module:
+    """Build ``cfg.model`` with the registry of the config's default scope."""
+    scope = cfg.get("default_scope", None)
+    if scope == "mmpretrain":
+        import mmpretrain.models  # noqa: F401  (registers the models)
+        from mmpretrain.registry import MODELS
+    elif scope == "mmseg":
+        import mmseg.models  # noqa: F401
+        from mmseg.registry import MODELS
+    else:
+        raise ModelLoadError(f"config default_scope is {scope!r}; expected 'mmpretrain' "
+                             "(classification) or 'mmseg' (segmentation)")
+    from mmengine.registry import DefaultScope
+    with DefaultScope.overwrite_default_scope(scope):
+        model = MODELS.build(cfg.model)
+    return model
+
+
+def build_named_model(name: str) -> nn.Module:
+    """A torchvision model by name, or ``module:factory``, built without pretrained weights."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ModelLoadError(f"cannot import factory '{name}': {e}") from None
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise ModelLoadError(f"factory '{name}' returned {type(model).__name__}, "
+                                 "expected a torch.nn.Module")
+        return model
+    import torchvision
+    try:
+        return torchvision.models.get_model(name, weights=None)
+    except ValueError:
+        raise ModelLoadError(
+            f"'{name}' is neither a config file, a 'module:factory' path, nor a torchvision "
+            f"model name (e.g. {sorted(torchvision.models.list_models())[:5]}…)") from None
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint file with torch's safe (weights-only) loader."""
+    if not Path(path).is_file():
+        raise ModelLoadError(f"checkpoint file not found: {path}")
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError/RuntimeError for unsafe content
+        raise ModelLoadError(f"cannot load checkpoint {path} safely: {e}") from None
+    if not isinstance(ckpt, dict):
+        raise ModelLoadError(f"checkpoint {path} holds {type(ckpt).__name__}, expected a dict")
+    return ckpt
+
+
+def state_dict_of(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model weights inside an mmengine or plain checkpoint dict."""
+    sd = ckpt.get("state_dict", ckpt.get("model", ckpt))
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> dict:
+    """Load checkpoint weights into ``model``; returns the checkpoint's ``meta`` dict."""
+    ckpt = read_checkpoint(path)
+    try:
+        model.load_state_dict(state_dict_of(ckpt), strict=strict)
+    except RuntimeError as e:
+        raise ModelLoadError(f"checkpoint {path} does not fit the model: {e}") from None
+    return dict(ckpt.get("meta") or {})
+
+
+def load_model(model: str, checkpoint: str | None = None,
+               cfg_options: dict | None = None) -> nn.Module:
+    """Build a model from a config path, torchvision name or factory; load ``checkpoint``."""
+    if is_config_path(model):
+        net = build_from_config(load_config(model, cfg_options))
+    elif str(model).endswith(".py"):
+        raise ModelLoadError(f"config file not found: {model}")
+    else:
+        net = build_named_model(model)
+    if checkpoint is not None:
+        load_weights(net, checkpoint)
+    return net.eval()
+
+
+def input_shape_of(model: str, default: Sequence[int] | None = None,
+                   cfg_options: dict | None = None) -> tuple[int, int, int]:
+    """The (C, H, W) a model runs at: the config's ``secure_inference.input_shape``, else default."""
+    if is_config_path(model):
+        cfg = load_config(model, cfg_options)
+        shape = (cfg.get("secure_inference") or {}).get("input_shape")
+        if shape is not None:
+            return tuple(int(s) for s in shape)
+    if default is None:
+        raise ModelLoadError(f"no input shape known for '{model}': pass one explicitly "
+                             "(e.g. --input-shape 3 224 224) or set secure_inference.input_shape "
+                             "in the config")
+    return tuple(int(s) for s in default)
