@@ -1,0 +1,11 @@
+"""Multiple-choice knapsack solvers: pick one block size per channel under a DReLU budget.
+
+:func:`solve_mckp` is the exact solver (convex-hull Lagrangian relaxation completed to the
+exact optimum with a certified gap); :mod:`.reference` holds the plain dynamic-programming and
+brute-force references used by the tests and the benchmark.
+"""
+from .mckp import FlatInstance, InfeasibleBudgetError, MCKPResult, as_flat_instance, solve_mckp
+from .reference import ReferenceResult, brute_force_mckp, dp_mckp
+
+__all__ = ["FlatInstance", "InfeasibleBudgetError", "MCKPResult", "as_flat_instance",
+           "solve_mckp", "ReferenceResult", "brute_force_mckp", "dp_mckp"]
