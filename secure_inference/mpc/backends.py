@@ -1,0 +1,174 @@
+"""Exact convolution and matrix product modulo 2^64 on int64 tensors, on CPU or CUDA.
+
+One interface (:class:`Backend`): ``conv2d(x, w, stride, padding, dilation, groups)`` and
+``matmul(x, y)``, both exact modulo 2^64 (the ring of the shares).
+
+* :class:`CpuInt64Backend`: torch's int64 ``conv2d``/``matmul`` on CPU wrap around modulo
+  2^64 exactly (tested against Python integers on random 64-bit values).
+* :class:`LimbFloatBackend`: CUDA has no int64 convolution, so each operand is split into
+  ``L`` unsigned limbs of ``b`` bits, ``x = Σ x_i 2^(b·i)``, and the product is
+  ``Σ_{b(i+j) < 64} 2^(b(i+j)) · conv(x_i, w_j)`` mod 2^64. Each ``conv(x_i, w_j)`` runs in
+  float64 (or float32) and is exact when every partial sum is an integer below 2^53 (2^24):
+  with non-negative limbs every partial sum is at most ``K·(2^b − 1)^2`` for a reduction length
+  ``K`` (input channels per group × kernel area, or the inner matrix dimension), so ``b`` is
+  chosen from ``K`` and the bound is *checked* before computing (``ExactnessError`` otherwise).
+  On CUDA, cuDNN is switched off for these calls (no FFT/Winograd algorithms, which are not
+  exact) and TF32 is disabled, so convolutions run as im2col + GEMM in true float arithmetic.
+  The limb arithmetic does not depend on the device, so it is also tested on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+IntPair = int | Sequence[int]
+_MANTISSA = {torch.float64: 53, torch.float32: 24}
+
+
+class ExactnessError(ValueError):
+    """The requested limb width cannot keep floating-point partial sums exact."""
+
+
+class Backend:
+    """Exact int64 (mod 2^64) convolution and matrix product."""
+
+    name = "abstract"
+
+    def conv2d(self, x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1, padding: IntPair = 0,
+               dilation: IntPair = 1, groups: int = 1) -> torch.Tensor:
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _check_int64(*ts: torch.Tensor) -> None:
+    for t in ts:
+        if t.dtype != torch.int64:
+            raise TypeError(f"ring tensors must be int64, got {t.dtype}")
+
+
+class CpuInt64Backend(Backend):
+    """torch int64 kernels (exact wrap-around on CPU; also shape-only 'meta' tensors)."""
+
+    name = "cpu-int64"
+
+    def conv2d(self, x, w, stride=1, padding=0, dilation=1, groups=1):
+        _check_int64(x, w)
+        return F.conv2d(x, w, None, stride, padding, dilation, groups)
+
+    def matmul(self, x, y):
+        _check_int64(x, y)
+        return torch.matmul(x, y)
+
+
+def limb_bits_for(reduction: int, dtype: torch.dtype = torch.float64) -> int:
+    """The widest limb width b with ``reduction · (2^b − 1)^2 < 2^mantissa`` (exact sums)."""
+    mant = _MANTISSA[dtype]
+    b = 32
+    while b > 0 and reduction * (2 ** b - 1) ** 2 >= 2 ** mant:
+        b -= 1
+    if b == 0:
+        raise ExactnessError(f"reduction length {reduction} is too long for exact {dtype} sums")
+    return b
+
+
+def check_exact(reduction: int, bits: int, dtype: torch.dtype) -> None:
+    """Raise ExactnessError unless ``reduction`` products of ``bits``-bit limbs sum exactly."""
+    mant = _MANTISSA[dtype]
+    worst = reduction * (2 ** bits - 1) ** 2
+    if worst >= 2 ** mant:
+        raise ExactnessError(f"{reduction} products of {bits}-bit limbs can reach {worst} ≥ "
+                             f"2^{mant}: {dtype} sums would round; use narrower limbs")
+
+
+@contextlib.contextmanager
+def _exact_float_mode(device: torch.device):
+    """Disable cuDNN (FFT/Winograd) and TF32 for exact float convolutions on CUDA."""
+    if device.type != "cuda":
+        yield
+        return
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=False, deterministic=True, benchmark=False,
+                                        allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+class LimbFloatBackend(Backend):
+    """Exact mod-2^64 products from float64/float32 products of b-bit limbs (for CUDA)."""
+
+    name = "limb-float"
+
+    def __init__(self, dtype: torch.dtype = torch.float64, limb_bits: int | None = None):
+        if dtype not in _MANTISSA:
+            raise ValueError(f"limb products run in float64 or float32, not {dtype}")
+        self.dtype = dtype
+        self.limb_bits = limb_bits
+
+    def _bits(self, reduction: int) -> int:
+        bits = self.limb_bits or limb_bits_for(reduction, self.dtype)
+        check_exact(reduction, bits, self.dtype)
+        return bits
+
+    def _limbs(self, t: torch.Tensor, bits: int, count: int) -> list[torch.Tensor]:
+        mask = (1 << bits) - 1
+        return [torch.bitwise_and(torch.bitwise_right_shift(t, bits * i), mask).to(self.dtype)
+                for i in range(count)]
+
+    def conv2d(self, x, w, stride=1, padding=0, dilation=1, groups=1):
+        _check_int64(x, w)
+        if x.is_meta or w.is_meta:
+            return F.conv2d(x, w, None, stride, padding, dilation, groups)
+        reduction = w.shape[1] * w.shape[2] * w.shape[3]
+        bits = self._bits(reduction)
+        count = math.ceil(64 / bits)
+        xl, wl = self._limbs(x, bits, count), self._limbs(w, bits, count)
+        n = x.shape[0]
+        out = None
+        with _exact_float_mode(x.device):
+            for j in range(count):
+                imax = min(count - 1, (63 // bits) - j)  # pairs with b(i+j) < 64
+                if imax < 0:
+                    break
+                stacked = torch.cat(xl[:imax + 1], dim=0)  # all x limbs in one batch
+                prod = F.conv2d(stacked, wl[j], None, stride, padding, dilation, groups)
+                for i in range(imax + 1):
+                    term = torch.bitwise_left_shift(prod[i * n:(i + 1) * n].to(torch.int64),
+                                                    bits * (i + j))
+                    out = term if out is None else out + term
+        return out
+
+    def matmul(self, x, y):
+        _check_int64(x, y)
+        if x.is_meta or y.is_meta:
+            return torch.matmul(x, y)
+        reduction = x.shape[-1]
+        bits = self._bits(reduction)
+        count = math.ceil(64 / bits)
+        xl, yl = self._limbs(x, bits, count), self._limbs(y, bits, count)
+        out = None
+        with _exact_float_mode(x.device):
+            for i in range(count):
+                for j in range(count):
+                    if bits * (i + j) >= 64:
+                        break
+                    term = torch.bitwise_left_shift(torch.matmul(xl[i], yl[j]).to(torch.int64),
+                                                    bits * (i + j))
+                    out = term if out is None else out + term
+        return out
+
+
+def get_backend(device: torch.device | str) -> Backend:
+    """The default backend for a device: int64 kernels on CPU, float64 limbs on CUDA."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return LimbFloatBackend(torch.float64)
+    return CpuInt64Backend()

@@ -1,0 +1,494 @@
+"""Parties of the three-party runtime, and harnesses that run a protocol in threads or processes.
+
+Roles: P0 client (holds the image, learns the output), P1 server (holds the weights), P2 helper
+(deals correlated randomness, sees only masked values). P0 and P1 hold additive shares over
+Z_2^64 (int64 tensors); the helper holds no data: where a function takes or returns shares, P2
+passes/gets a *shape-only* tensor (``device='meta'``, see :meth:`Party.placeholder`) so every
+party runs the same shape logic. Fixed point: x_real ≈ x_int / 2^frac_bits.
+
+A :class:`Party` sends and receives checked frames (:mod:`.transport`), draws pairwise
+correlated randomness (AES-CTR under keys agreed at session start, :mod:`.prg`) and private
+randomness, and counts every byte and round per scope.
+
+Key agreement (at session start, over the link): each pair of parties runs X25519 (each side
+sends a fresh 32-byte public key) and derives its 256-bit pair key with HKDF-SHA256 bound to
+both roles and both public keys. Over TLS the exchange is also authenticated by the
+certificates; on plaintext loopback links it resists passive eavesdroppers only.
+
+Rounds are counted with Lamport clocks: each frame carries the sender's clock; receiving sets
+``clock = max(clock, sender_clock + 1)``. The clock is the longest chain of messages that led
+here, so a protocol that sends before it waits pays no extra round. ``stats`` records, per
+scope, the clock advance on this party; :func:`merge_stats` takes the maximum over parties.
+"""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import tempfile
+import threading
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Iterator, TypeVar
+
+import torch
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from . import prg
+from .ring import DEFAULT_FRAC_BITS
+from .transport import (DEFAULT_MAX_FRAME, Link, ProtocolError, QueueLink, TLSConfig,
+                        connect_links, decode_frame, encode_frame, listen, scope_hash,
+                        split_prefix)
+
+ROLE_CLIENT, ROLE_SERVER, ROLE_HELPER = 0, 1, 2
+ROLES = (ROLE_CLIENT, ROLE_SERVER, ROLE_HELPER)
+DEFAULT_TIMEOUT = 60.0
+
+T = TypeVar("T")
+
+__all__ = ["ROLE_CLIENT", "ROLE_SERVER", "ROLE_HELPER", "Party", "ProtocolError", "ScopeStats",
+           "CommStats", "merge_stats", "run_in_process", "run_local_processes"]
+
+
+@dataclass
+class ScopeStats:
+    """Traffic of one party in one scope (bytes are payload bytes: 8 per ring element)."""
+
+    bytes_sent: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    bytes_recv: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    frames_sent: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    frames_recv: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    overhead_sent: int = 0          # frame headers and length prefixes
+    rounds: int = 0                 # Lamport clock advance inside the scope (summed over calls)
+    calls: int = 0
+
+    @property
+    def sent(self) -> int:
+        """Payload bytes sent to all peers."""
+        return sum(self.bytes_sent.values())
+
+    @property
+    def received(self) -> int:
+        """Payload bytes received from all peers."""
+        return sum(self.bytes_recv.values())
+
+    def add(self, other: "ScopeStats", *, rounds: bool = True) -> None:
+        """Accumulate ``other`` into this record."""
+        for mine, theirs in ((self.bytes_sent, other.bytes_sent), (self.bytes_recv, other.bytes_recv),
+                             (self.frames_sent, other.frames_sent),
+                             (self.frames_recv, other.frames_recv)):
+            for k, v in theirs.items():
+                mine[k] += v
+        self.overhead_sent += other.overhead_sent
+        if rounds:
+            self.rounds += other.rounds
+            self.calls += other.calls
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-dict view (JSON friendly)."""
+        return {"bytes_sent": dict(self.bytes_sent), "bytes_recv": dict(self.bytes_recv),
+                "frames_sent": dict(self.frames_sent), "frames_recv": dict(self.frames_recv),
+                "overhead_sent": self.overhead_sent, "rounds": self.rounds, "calls": self.calls}
+
+
+class CommStats:
+    """Per-scope traffic of one party; scopes are '/'-joined paths ('' is the session root)."""
+
+    def __init__(self) -> None:
+        self.scopes: dict[str, ScopeStats] = defaultdict(ScopeStats)
+        self.clock = 0
+
+    def total(self, scope: str = "") -> ScopeStats:
+        """Bytes/frames in ``scope`` and all scopes under it; rounds of ``scope`` itself
+        (the whole session's clock for the root)."""
+        out = ScopeStats()
+        for path, st in self.scopes.items():
+            if scope == "" or path == scope or path.startswith(scope + "/"):
+                out.add(st, rounds=False)
+        if scope == "":
+            out.rounds, out.calls = self.clock, 1
+        elif scope in self.scopes:
+            out.rounds, out.calls = self.scopes[scope].rounds, self.scopes[scope].calls
+        return out
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain-dict view of every scope."""
+        return {k: v.as_dict() for k, v in self.scopes.items()}
+
+
+def merge_stats(stats: list[CommStats], scope: str = "") -> dict[str, int]:
+    """Combine the three parties' view of ``scope``: total bytes sent by all parties, bytes on
+    each directed link, and rounds (the maximum clock advance over parties)."""
+    out: dict[str, int] = {"bytes": 0, "frames": 0, "rounds": 0}
+    for role, st in enumerate(stats):
+        t = st.total(scope)
+        out["bytes"] += t.sent
+        out["frames"] += sum(t.frames_sent.values())
+        out["rounds"] = max(out["rounds"], t.rounds)
+        for peer, b in t.bytes_sent.items():
+            out[f"bytes_{role}->{peer}"] = out.get(f"bytes_{role}->{peer}", 0) + b
+    return out
+
+
+class Party:
+    """One party of a session: links to the two others, pair keys, randomness, statistics.
+
+    Use ``with party.scope("conv1"):`` around every protocol step; scopes name the layer/op for
+    the statistics and address the correlated randomness (``pair_random``).
+    """
+
+    def __init__(self, role: int, links: dict[int, Link], *, device: torch.device | str = "cpu",
+                 frac_bits: int = DEFAULT_FRAC_BITS, timeout: float = DEFAULT_TIMEOUT,
+                 max_frame: int = DEFAULT_MAX_FRAME):
+        if role not in ROLES:
+            raise ValueError(f"role must be 0, 1 or 2, got {role}")
+        if sorted(links) != sorted(r for r in ROLES if r != role):
+            raise ValueError(f"party {role} needs links to both other parties, got {sorted(links)}")
+        if not 0 < frac_bits < 31:
+            raise ValueError(f"frac_bits must be in [1, 30], got {frac_bits}")
+        self.role = role
+        self.device = torch.device(device)
+        self.frac_bits = frac_bits
+        self.timeout = timeout
+        self.max_frame = max_frame
+        self.stats = CommStats()
+        self.cache: dict[Any, Any] = {}   # session-level protocol state (e.g. opened weights)
+        self._links = links
+        self._scope: list[str] = []
+        self._scope_path = ""
+        self._scope_hash = scope_hash("")
+        self._pair_keys: dict[int, bytes] = {}
+        self._draws: dict[tuple[int, str, str], int] = defaultdict(int)
+        from .backends import get_backend
+        self.backend = get_backend(self.device)
+
+    # --- session --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Agree the pair keys with both peers (X25519 + HKDF); call once before any protocol."""
+        with self.scope("session-keys"):
+            secrets = {p: X25519PrivateKey.generate() for p in self._links}
+            pubs = {p: k.public_key().public_bytes(serialization.Encoding.Raw,
+                                                   serialization.PublicFormat.Raw)
+                    for p, k in secrets.items()}
+            for p in sorted(self._links):
+                self.send(p, torch.frombuffer(bytearray(pubs[p]), dtype=torch.uint8))
+            for p in sorted(self._links):
+                theirs = bytes(self.recv(p, (32,), torch.uint8).numpy().tobytes())
+                try:
+                    shared = secrets[p].exchange(X25519PublicKey.from_public_bytes(theirs))
+                except ValueError as exc:
+                    raise ProtocolError(f"party {self.role}: bad X25519 key from party {p}") from exc
+                lo, hi = sorted((self.role, p))
+                ordered = (pubs[p], theirs) if self.role == lo else (theirs, pubs[p])
+                info = b"secure-inference pair key %d-%d" % (lo, hi) + ordered[0] + ordered[1]
+                self._pair_keys[p] = HKDF(algorithm=hashes.SHA256(), length=prg.KEY_BYTES,
+                                          salt=None, info=info).derive(shared)
+
+    def close(self) -> None:
+        """Close both links (a socket link waits briefly for the peer's goodbye)."""
+        for link in self._links.values():
+            link.close()
+
+    # --- messages -------------------------------------------------------------------------
+    def send(self, to: int, x: torch.Tensor) -> None:
+        """Send one tensor to party ``to`` (framed, counted; does not wait for the peer)."""
+        frame = encode_frame(x, self._scope_hash, self.stats.clock, self.max_frame)
+        self._link(to).send(frame)
+        st = self.stats.scopes[self._scope_path]
+        payload = x.numel() * x.element_size()
+        st.bytes_sent[to] += payload
+        st.frames_sent[to] += 1
+        st.overhead_sent += len(frame) - payload
+
+    def recv(self, frm: int, shape, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """Receive exactly one frame from ``frm``; it must hold ``dtype`` with ``shape``."""
+        shape = tuple(int(s) for s in shape)
+        body = self._link(frm).recv(self.timeout)
+        frame = decode_frame(body, dtype=dtype, shape=shape, scope=self._scope_hash,
+                             scope_name=self._scope_path, peer=frm, device=self.device)
+        self.stats.clock = max(self.stats.clock, frame.clock + 1)
+        st = self.stats.scopes[self._scope_path]
+        st.bytes_recv[frm] += frame.payload_bytes
+        st.frames_recv[frm] += 1
+        return frame.tensor
+
+    def exchange(self, other: int, x: torch.Tensor) -> torch.Tensor:
+        """Send ``x`` to ``other`` and receive its tensor of the same shape and dtype (one round)."""
+        self.send(other, x)
+        return self.recv(other, x.shape, x.dtype)
+
+    def _link(self, peer: int) -> Link:
+        try:
+            return self._links[peer]
+        except KeyError:
+            raise ValueError(f"party {self.role} has no link to party {peer}") from None
+
+    # --- randomness -----------------------------------------------------------------------
+    def pair_random(self, other: int, shape, *, tag: str, high: int | None = None,
+                    dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """Randomness identical at this party and ``other`` (both must call it).
+
+        Addressed by (scope path, tag, n) where n counts earlier draws with the same scope and
+        tag between this pair: independent of anything else either party draws. int64 uniform
+        over the ring when ``high`` is None, else exactly uniform in [0, high); ``dtype=uint8``
+        gives uniform bytes (``high`` then must be None).
+        """
+        if other not in self._pair_keys:
+            raise RuntimeError(f"no pair key with party {other}: call Party.start() first")
+        key = (other, self._scope_path, tag)
+        n = self._draws[key]
+        self._draws[key] = n + 1
+        stream = prg.derive_stream(self._pair_keys[other], f"{self._scope_path}\x00{tag}\x00{n}")
+        return self._draw(stream, shape, high, dtype)
+
+    def private_random(self, shape, *, high: int | None = None,
+                       dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """Randomness known only to this party (AES-CTR under a fresh os.urandom key)."""
+        return self._draw(prg.private_stream(), shape, high, dtype)
+
+    def _draw(self, stream: prg.KeyStream, shape, high: int | None, dtype: torch.dtype):
+        if dtype == torch.uint8:
+            if high is not None:
+                return stream.below(shape, high, self.device).to(torch.uint8) if high <= 256 \
+                    else _raise(ValueError(f"high={high} does not fit uint8"))
+            return stream.bytes_tensor(shape, self.device)
+        if dtype != torch.int64:
+            raise TypeError(f"random tensors are int64 or uint8, not {dtype}")
+        if high is None:
+            return stream.ring(shape, self.device)
+        return stream.below(shape, high, self.device)
+
+    # --- scopes and helpers ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def scope(self, name: str) -> Iterator[None]:
+        """Name the current layer/op (nestable) for statistics and randomness addressing."""
+        if not name or "/" in name or "\x00" in name:
+            raise ValueError(f"scope names are non-empty and contain no '/', got {name!r}")
+        saved = (self._scope_path, self._scope_hash)
+        self._scope.append(name)
+        self._scope_path = "/".join(self._scope)
+        self._scope_hash = scope_hash(self._scope_path)
+        start = self.stats.clock
+        try:
+            yield
+        finally:
+            st = self.stats.scopes[self._scope_path]
+            st.rounds += self.stats.clock - start
+            st.calls += 1
+            self._scope.pop()
+            self._scope_path, self._scope_hash = saved
+
+    @property
+    def scope_path(self) -> str:
+        """The current '/'-joined scope path."""
+        return self._scope_path
+
+    @property
+    def is_helper(self) -> bool:
+        """True for P2, which holds no shares."""
+        return self.role == ROLE_HELPER
+
+    def placeholder(self, shape) -> torch.Tensor:
+        """A shape-only int64 tensor: what the helper holds where P0/P1 hold shares."""
+        return torch.empty(tuple(shape), dtype=torch.int64, device="meta")
+
+
+def _raise(exc: BaseException):
+    raise exc
+
+
+# --- in-process harness -------------------------------------------------------------------
+
+def _pick_root(errors: dict[int, tuple[float, BaseException]]) -> BaseException:
+    """The error to re-raise: the earliest primary one (not a consequence of another failure)."""
+    ordered = sorted(errors.items(), key=lambda kv: kv[1][0])
+    primary = [e for _, (_, e) in ordered if not getattr(e, "secondary", False)]
+    root = primary[0] if primary else ordered[0][1][1]
+    try:
+        root.party_errors = {r: f"{type(e).__name__}: {e}" for r, (_, e) in errors.items()}
+    except AttributeError:
+        pass
+    return root
+
+
+def run_in_process(fn: Callable[[Party], T], *, frac_bits: int = DEFAULT_FRAC_BITS,
+                   timeout: float = 30.0, device: torch.device | str = "cpu",
+                   max_frame: int = DEFAULT_MAX_FRAME) -> list[T]:
+    """Run ``fn(party)`` for roles 0, 1, 2 in three threads joined by in-memory links.
+
+    Returns the three results in role order. If a party raises, the others are aborted at
+    their next send/receive and the first primary exception is re-raised (all parties' errors
+    are attached as ``exc.party_errors``). ``timeout`` bounds every wait for a frame.
+    """
+    abort = threading.Event()
+    links: dict[int, dict[int, Link]] = {r: {} for r in ROLES}
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        la, lb = QueueLink.pair(a, b, abort, max_frame)
+        links[a][b], links[b][a] = la, lb
+    results: dict[int, Any] = {}
+    errors: dict[int, tuple[float, BaseException]] = {}
+
+    def body(role: int) -> None:
+        party = None
+        try:
+            party = Party(role, links[role], device=device, frac_bits=frac_bits,
+                          timeout=timeout, max_frame=max_frame)
+            party.start()
+            results[role] = fn(party)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            errors[role] = (time.monotonic(), exc)
+            abort.set()  # before closing, so the others see an abort, not a plain close
+        finally:
+            for link in links[role].values():
+                link.close()
+
+    threads = [threading.Thread(target=body, args=(r,), name=f"party-{r}", daemon=True)
+               for r in ROLES]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise _pick_root(errors)
+    return [results[r] for r in ROLES]
+
+
+# --- process harness ----------------------------------------------------------------------
+
+def _process_main(role: int, fn: Callable[[Party], Any], conn, cfg: dict) -> None:
+    """Body of one party process: listen, report the port, connect, run, report the outcome."""
+    try:
+        listener = listen(cfg["host"], 0) if role != ROLE_CLIENT else None
+        conn.send(("port", listener.getsockname()[1] if listener else None))
+        if not conn.poll(cfg["timeout"]):
+            raise ProtocolError(f"party {role}: no address list from the harness")
+        addresses = conn.recv()
+        tls = TLSConfig.from_dir(cfg["certs_dir"], role) if cfg["tls"] else None
+        links = connect_links(role, addresses, listener, tls=tls, allow_plaintext=not cfg["tls"],
+                              timeout=cfg["timeout"], max_frame=cfg["max_frame"])
+        if listener is not None:
+            listener.close()
+        party = Party(role, links, device=cfg["device"], frac_bits=cfg["frac_bits"],
+                      timeout=cfg["timeout"], max_frame=cfg["max_frame"])
+        try:
+            party.start()
+            result = fn(party)
+        except BaseException:
+            failed_at = time.time()  # before closing: peers see the close only afterwards
+            raise
+        finally:
+            party.close()
+        conn.send(("ok", result))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        tb = traceback.format_exc()
+        failed_at = locals().get("failed_at", time.time())
+        try:
+            payload = pickle.dumps(exc)
+        except Exception:  # noqa: BLE001 - unpicklable exception: send its text
+            payload = pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
+        try:
+            conn.send(("error", payload, tb, failed_at))
+        except OSError:
+            pass
+
+
+def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
+                        timeout: float = DEFAULT_TIMEOUT, frac_bits: int = DEFAULT_FRAC_BITS,
+                        device: str = "cpu", certs_dir: str | os.PathLike | None = None,
+                        host: str = "127.0.0.1", wall_timeout: float | None = None,
+                        max_frame: int = DEFAULT_MAX_FRAME) -> list[T]:
+    """Run ``fn(party)`` in three processes over real loopback TCP (TLS 1.3 unless ``tls=False``).
+
+    ``fn`` must be picklable (a module-level function or a functools.partial of one) and its
+    results too. Without ``certs_dir`` a throw-away CA and party certificates are created.
+    ``timeout`` bounds every wait for a peer; ``wall_timeout`` (default: none) bounds the whole
+    run, after which the processes are killed. Every child process is ended before returning.
+    A failure re-raises the first primary error (``exc.party_errors`` lists every party's).
+    """
+    ctx = mp.get_context("forkserver")
+    tmp = None
+    if tls and certs_dir is None:
+        from .certs import create_certificates
+        tmp = tempfile.TemporaryDirectory(prefix="si-certs-")
+        create_certificates(tmp.name, hosts={r: ["localhost", host] for r in ROLES})
+        certs_dir = tmp.name
+    cfg = dict(host=host, tls=tls, certs_dir=str(certs_dir) if certs_dir else None,
+               timeout=timeout, frac_bits=frac_bits, device=device, max_frame=max_frame)
+    pipes, procs = {}, {}
+    deadline = None if wall_timeout is None else time.monotonic() + wall_timeout
+    try:
+        for r in ROLES:
+            parent, child = ctx.Pipe()
+            procs[r] = ctx.Process(target=_process_main, args=(r, fn, child, cfg),
+                                   name=f"secure-inference-party-{r}", daemon=True)
+            procs[r].start()
+            child.close()
+            pipes[r] = parent
+        outcomes: dict[int, tuple] = {}
+        ports: dict[int, Any] = {}
+        for r in ROLES:  # each child reports its listening port (or fails first)
+            msg = _wait_message(pipes[r], procs[r], timeout + 30.0)
+            if msg[0] == "port":
+                ports[r] = msg[1]
+            else:
+                outcomes[r] = msg
+        addresses = {r: (host, ports.get(r) or 0) for r in ROLES}
+        for r in ROLES:
+            if r in ports:
+                pipes[r].send(addresses)
+        for r in ROLES:
+            while r not in outcomes:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    outcomes[r] = ("error", pickle.dumps(ProtocolError(
+                        f"party {r} did not finish within wall_timeout={wall_timeout:g} s")),
+                        "", time.time())
+                    break
+                outcomes[r] = _wait_message(pipes[r], procs[r], left)
+    finally:
+        for r, p in procs.items():
+            p.join(timeout=5.0)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5.0)
+        for c in pipes.values():
+            c.close()
+        if tmp is not None:
+            tmp.cleanup()
+    errors: dict[int, tuple[float, BaseException]] = {}
+    for r, msg in outcomes.items():
+        if msg[0] == "ok":
+            continue
+        if msg[0] == "died":
+            errors[r] = (0.0, ProtocolError(f"party {r} died (exit code {msg[1]}) without a result"))
+        else:
+            exc = pickle.loads(msg[1])
+            exc.__notes__ = [f"party {r} traceback:\n{msg[2]}"]
+            errors[r] = (msg[3], exc)
+    if errors:
+        raise _pick_root(errors)
+    return [outcomes[r][1] for r in ROLES]
+
+
+def _wait_message(conn, proc, timeout: float | None) -> tuple:
+    """The next message from a child, ('died', exitcode) if it exits without one, or a
+    ('error', ...) after ``timeout`` seconds of silence."""
+    start = time.monotonic()
+    while True:
+        if conn.poll(0.05):
+            try:
+                return conn.recv()
+            except (EOFError, OSError):
+                proc.join(timeout=5.0)
+                return ("died", proc.exitcode)
+        if not proc.is_alive() and not conn.poll(0):
+            return ("died", proc.exitcode)
+        if timeout is not None and time.monotonic() - start > timeout:
+            return ("error", pickle.dumps(ProtocolError(
+                f"{proc.name}: no message within {timeout:g} s")), "", time.time())
