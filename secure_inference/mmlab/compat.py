@@ -18,6 +18,7 @@ Each fix is applied at ``import secure_inference`` and only where it is needed:
 from __future__ import annotations
 
 import importlib.util
+import pickle
 import sys
 import types
 from pathlib import Path
@@ -87,7 +88,7 @@ def torchvision_ops_loadable() -> bool:
 def install_torchvision_op_schemas() -> bool:
     """Declare torchvision's op schemas when its C++ ops cannot load. Returns True if applied."""
     global _torchvision_lib
-    if "torchvision" in sys.modules or torchvision_ops_loadable():
+    if _torchvision_lib is not None or "torchvision" in sys.modules or torchvision_ops_loadable():
         return False
     lib = torch.library.Library("torchvision", "DEF")
     for schema in _TORCHVISION_SCHEMAS.values():
@@ -151,6 +152,18 @@ def install_mmcv_ops_standin() -> bool:
     return True
 
 
+def _statistics_getattr(obj, name: str):
+    """``getattr`` limited to HistoryBuffer's statistics methods (all an mmengine checkpoint needs).
+
+    A general ``getattr`` in the safe unpickler would let a hostile checkpoint reach arbitrary
+    methods of allow-listed objects (e.g. ``ndarray.tofile``), so anything else is refused.
+    """
+    from mmengine.logging.history_buffer import HistoryBuffer
+    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(f"refusing getattr({obj!r}, {name!r}) in a checkpoint")
+
+
 def allow_mmengine_checkpoint_globals() -> list[str]:
     """Allow-list the mmengine/numpy objects found in mmengine checkpoints for safe loading."""
     import numpy as np
@@ -166,6 +179,9 @@ def allow_mmengine_checkpoint_globals() -> list[str]:
     try:
         from mmengine.logging.history_buffer import HistoryBuffer
         allowed.append(HistoryBuffer)
+        # HistoryBuffer pickles its statistics methods as getattr(HistoryBuffer, 'min') etc.
+        allowed.append((_statistics_getattr, "builtins.getattr"))
+        allowed.append((_statistics_getattr, "__builtin__.getattr"))
     except ImportError:
         pass
     try:

@@ -1,0 +1,92 @@
+"""The compatibility layer: each fix is needed here and works (proved in fresh interpreters)."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_torchvision_fails_without_the_fix_and_imports_with_it():
+    from secure_inference.mmlab import compat
+    if compat.torchvision_ops_loadable():
+        pytest.skip("torchvision's C++ ops load here: the fix is not needed")
+    bare = run_python("import torchvision")
+    assert bare.returncode != 0 and "torchvision::nms" in bare.stderr
+    fixed = run_python("""
+        import secure_inference, torchvision, torch
+        m = torchvision.models.resnet18().eval()
+        print(m(torch.randn(1, 3, 32, 32)).shape)
+        try:
+            torchvision.ops.nms(torch.rand(2, 4), torch.rand(2), 0.5)
+        except RuntimeError as e:
+            print("ops-error")
+    """)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "torch.Size([1, 1000])" in fixed.stdout
+
+
+def test_mmseg_models_import_needs_the_mmcv_ops_standin():
+    from secure_inference.mmlab import compat
+    if compat.mmcv_ops_available():
+        pytest.skip("compiled mmcv ops present: the stand-in is not used")
+    bare = run_python("""
+        import sys, secure_inference
+        del sys.modules["mmcv.ops"]  # undo the stand-in, keep the torchvision fix
+        import mmseg.models
+    """)
+    assert bare.returncode != 0 and "mmcv" in bare.stderr
+    fixed = run_python("import secure_inference, mmseg.models; print('ok')")
+    assert fixed.returncode == 0, fixed.stderr
+
+
+def test_point_sample_standin_matches_grid_sample_semantics():
+    import mmcv.ops
+    from mmcv.ops import point_sample
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    centre_of_pixel = torch.tensor([[[(2 + 0.5) / 4, (1 + 0.5) / 4]]])  # (x, y) normalised
+    assert point_sample(x, centre_of_pixel).item() == pytest.approx(x[0, 0, 1, 2].item())
+    with pytest.raises(ModuleNotFoundError, match="compiled ops"):
+        from mmcv.ops import DeformConv2d  # noqa: F401
+    assert getattr(mmcv.ops, "__secure_inference_standin__", False)
+
+
+def test_mmengine_checkpoint_loads_safely_and_unsafe_globals_stay_refused(tmp_path):
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    hist = HistoryBuffer()
+    hist.update(1.0)
+    hist.update(2.0)
+    ckpt = {"meta": {"epoch": 1, "hist": hist, "arr": np.arange(3)},
+            "state_dict": {"w": torch.ones(2)}}
+    path = tmp_path / "ckpt.pth"
+    torch.save(ckpt, path)
+    bare = run_python(f"import torch; torch.load({str(path)!r}, weights_only=True)")
+    assert bare.returncode != 0 and "HistoryBuffer" in bare.stderr
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["meta"]["hist"].current() == 2.0
+    torch.save({"evil": subprocess.Popen}, tmp_path / "evil.pth")
+    with pytest.raises(Exception, match="(?i)unsupported global|weights_only"):
+        torch.load(tmp_path / "evil.pth", weights_only=True)
+
+
+class GetattrExploit:
+    def __reduce__(self):
+        return (getattr, (np_array_for_exploit, "tofile"))
+
+
+np_array_for_exploit = None
+
+
+def test_checkpoint_getattr_is_limited_to_history_buffer_statistics(tmp_path):
+    import numpy as np
+    global np_array_for_exploit
+    np_array_for_exploit = np.zeros(2)
+    torch.save({"x": GetattrExploit()}, tmp_path / "evil.pth")
+    with pytest.raises(Exception, match="refusing getattr"):
+        torch.load(tmp_path / "evil.pth", weights_only=True)
