@@ -101,8 +101,11 @@ def as_flat_instance(costs, distortions) -> FlatInstance:
 
     ``costs``/``distortions``: 2-D arrays [N, K] (every channel has K options) or sequences of
     1-D arrays (one per channel, lengths may differ between channels but must agree between
-    the two arguments).
+    the two arguments). A :class:`FlatInstance` passed as ``costs`` is returned as it is
+    (``distortions`` is then ignored).
     """
+    if isinstance(costs, FlatInstance):
+        return costs
     if isinstance(costs, np.ndarray) and isinstance(distortions, np.ndarray) \
             and costs.ndim == 2 and distortions.ndim == 2:
         if costs.shape != distortions.shape:
@@ -247,7 +250,7 @@ def solve_mckp(costs, distortions, budget: int, *, rel_tol: float = 1e-12,
     Raises :class:`InfeasibleBudgetError` when ``budget`` is below the smallest achievable
     total cost (every channel at its cheapest option).
     """
-    inst = costs if isinstance(costs, FlatInstance) else as_flat_instance(costs, distortions)
+    inst = as_flat_instance(costs, distortions)
     if isinstance(budget, (bool, np.bool_)) or not float(budget).is_integer():
         raise ValueError(f"budget must be a whole number of DReLUs, got {budget!r}")
     budget = int(budget)
