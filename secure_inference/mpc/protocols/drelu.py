@@ -1,0 +1,656 @@
+"""SecureNN DReLU: ShareConvert to Z_(2^ℓ-1), PrivateCompare mod 67, ComputeMSB; approximate DReLU.
+
+DReLU(x) = 1 if x ≥ 0 else 0, computed on additive shares of x over Z_2^64 (P0, P1) with the
+helper P2, and returned as additive shares of the bit over Z_2^64. The structure is SecureNN's
+(Wagh, Gupta, Chandran, PETS 2019); the messages are compressed.
+
+Notation: ℓ = ``config.ring_bits`` (64 for the exact DReLU), L = 2^ℓ, N = L − 1 (odd),
+p = 67. ``[v]`` are additive shares (P0 holds v0, P1 holds v1).
+
+Protocol (n DReLUs at once; every step is vectorised over the n elements)
+
+0. *Input.* t = x (exact) or t = ⌊x_j / 2^k⌋ mod L computed locally on each share (approximate,
+   below). c = 2t mod L is even, so c ≠ L − 1 (the one value ShareConvert cannot convert), and
+   MSB(c) = bit ℓ−2 of t = sign of t for t ∈ [−2^(ℓ−2), 2^(ℓ−2)).
+1. *ShareConvert* (Z_L → Z_N). P2 deals r = r0 + r1 mod L (r0, r1 drawn from the P0–P2 and
+   P1–P2 PRGs: free), the bits of r shared over Z_p and r shared over Z_N (P0's shares come from
+   the PRG; P2 sends P1 only the corrections). P0, P1 exchange c_j + r_j and learn
+   x̂ = c + r mod L (one round). Over the integers c + r = x̂ + η·L with η = [r > x̂], hence
+   c ≡ x̂ − r + η (mod N) because L ≡ 1 (mod N). PrivateCompare(bits of r, x̂, η'') gives P2
+   η' = η'' ⊕ η (η'' a P0–P1 random bit hides η from P2); P2 shares η' over Z_N (one element to
+   P1) and P_j computes η_j = η'_j + j·η'' − 2η''·η'_j and y_j = j·x̂ − r_j + η_j (mod N).
+2. *ComputeMSB.* For y ∈ [0, N): MSB_ℓ(y) = LSB(2y mod N) (2y < N when the MSB is 0; otherwise
+   2y − N is odd). P2 deals X uniform in Z_N (X0, X1 from the PRGs: free) and the bits of X over
+   Z_p. P0, P1 open R = 2y + X mod N (2y is a rotation by one bit). Then
+   2y mod N = R − X + N·[X > R], so LSB(2y) = R[0] ⊕ X[0] ⊕ [X > R].
+   PrivateCompare(bits of X, R, β) gives P2 β' = β ⊕ [X > R].
+3. *Output.* MSB(c) = R[0] ⊕ β ⊕ (X[0] ⊕ β'). P2 knows s = X[0] ⊕ β' and shares it over Z_2^64
+   (one element to P1); P0, P1 know g = 1 ⊕ R[0] ⊕ β and output DReLU = g ⊕ s, i.e. shares
+   j·g + (1 − 2g)·s_j. This replaces SecureNN's final multiplication (no triple, no round).
+
+PrivateCompare (SecureNN Algorithm 3, P2 learns β ⊕ [X > R] for bits of X shared over Z_p and
+public R): with q = R (β = 0) or q = R + 1 (β = 1), w_i = X_i ⊕ q_i and
+c_i = σ(q_i − X_i) + 1 + Σ_{k>i} w_k (σ = 1 − 2β); some c_i is 0 iff X > R (β = 0) or X ≤ R
+(β = 1); for β = 1 and R = 2^ℓ − 1 exactly one c_i is set to 0. Each party sends
+d_i = s_i·c_i^j ± u_i mod p (s_i uniform nonzero and u_i uniform, both from the P0–P1 PRG; the
+±u_i re-randomisation keeps P2 from relating the two parties' messages), rotated by a random
+offset; P2 outputs whether some d_i^0 + d_i^1 = 0. At most one c_i is zero and the nonzero
+s_i·c_i are independent and uniform on Z_p \\ {0}, so a uniformly random cyclic rotation hides
+the zero's position exactly as a full permutation does.
+
+Encodings on the wire: values mod 67 are packed five per 4 bytes (67^5 < 2^31, 6.4 bits each),
+elements of Z_L and Z_N in ⌈ℓ/8⌉ bytes, the output shares as int64. Every received value is
+checked to lie in its field (:class:`ProtocolError` otherwise).
+
+Communication for n DReLUs (payload bytes summed over all parties, see :func:`drelu_bytes`),
+B = ⌈ℓ/8⌉, Zp(m) = 4·⌈m/5⌉:
+
+=====  ===========  ===============================================  =====================
+round  direction    content                                          bytes
+=====  ===========  ===============================================  =====================
+1      P2→P1        bits of r and X over Z_p, r over Z_N             Zp(2nℓ) + nB
+1      P0↔P1        c_j + r_j                                        2nB
+2      P0,P1→P2     PrivateCompare 1                                 2·Zp(nℓ)
+3      P2→P1        η' over Z_N                                      nB
+4      P0↔P1        2y_j + X_j                                       2nB
+5      P0,P1→P2     PrivateCompare 2                                 2·Zp(nℓ)
+6      P2→P1        s over Z_2^64                                    8n
+=====  ===========  ===============================================  =====================
+
+Exact 64-bit DReLU: 363.2 bytes per element for large n (368 for n = 1), 6 rounds; the
+SecureNN reference implementation's measured cost is 496.
+
+Fused multiplication (:func:`mul_drelu`): shares of v·DReLU(d) for payload values v that each
+belong to one decision (ReLU: v = x; Block-ReLU: v = pixel, d = patch sum; max: v = d = a − b).
+In round 1 P0 sends v0 + m and P1 sends v1 to P2 (m from the P0–P1 PRG), so P2 learns only
+z = v + m; with the last message P2 also sends P1 a share of s·z. Then v·s = [s·z] − m·[s] and
+v·DReLU = v·s (g = 0) or v − v·s (g = 1): 24 more bytes per payload value and no extra round.
+
+Range. Exact (ℓ = 64, k = 0): correct for every x ∈ [−2^62, 2^62). Approximate DReLU
+(:meth:`DReLUConfig.approximate`): each party shifts its share right by k bits (logically) and
+keeps ℓ bits, so the comparison runs over ℓ-bit rings (every message shrinks with ℓ). The shares
+then sum to t = ⌊x/2^k⌋ − e mod 2^ℓ, e ∈ {0, 1} the carry of the two shares' low k bits. For x
+in ``config.valid_range()`` = [−2^(k+ℓ−2) + 2^k, 2^(k+ℓ−2)) (k > 0) the result is exact except
+for 0 ≤ x < 2^k, which is reported negative with probability (2^k − 1 − x)/2^k (exactly when
+e = 1; :meth:`DReLUConfig.error_probability`). A ReLU or max built on it is therefore off by less
+than 2^k (in fixed-point units) where it errs. Outside the range the result is unspecified.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party, ProtocolError
+
+__all__ = ["P", "ROUNDS", "DReLUConfig", "EXACT", "drelu", "mul_drelu", "drelu_bytes",
+           "mul_drelu_bytes", "zp_packed_bytes", "pack_zp", "unpack_zp", "pack_elements",
+           "unpack_elements", "private_compare_message", "private_compare_decide",
+           "plain_private_compare", "plain_drelu", "set_default_config", "resolve_config",
+           "modn_add", "modn_neg", "modn_sub", "modn_double", "modn_reduce", "bit_decompose"]
+
+P = 67                      # PrivateCompare field (a prime above ℓ + 2 for every ℓ ≤ 64)
+ROUNDS = 6                  # rounds of one (batched) DReLU or fused DReLU-multiplication
+_ZP_GROUP = 5               # values mod 67 per packed word: 67^5 = 1,350,125,107 < 2^31
+_ZP_WORD_BYTES = 4
+_ZP_WORD_LIMIT = P ** _ZP_GROUP
+_I64_MIN = -(1 << 63)
+_CACHE_KEY = "drelu_config"
+
+
+def _i64(v: int) -> int:
+    """The int64 (two's complement) representative of an integer modulo 2^64."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _all_ones(bits: int) -> int:
+    """2^bits − 1 as an int64 constant (−1 for 64 bits)."""
+    return _i64((1 << bits) - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DReLUConfig:
+    """Which DReLU to run: exact (``ring_bits=64, drop_bits=0``) or approximate.
+
+    ``ring_bits`` (ℓ) is the width of the ring the comparison runs in and ``drop_bits`` (k) the
+    number of low bits each party drops locally before it. Valid inputs are
+    :meth:`valid_range`; see the module docstring for the error analysis.
+    """
+
+    ring_bits: int = 64
+    drop_bits: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ring_bits, int) or not isinstance(self.drop_bits, int):
+            raise TypeError("ring_bits and drop_bits must be ints")
+        if not 3 <= self.ring_bits <= 64:
+            raise ValueError(f"ring_bits must be in [3, 64], got {self.ring_bits}")
+        if self.drop_bits < 0 or self.ring_bits + self.drop_bits > 64:
+            raise ValueError(f"need 0 <= drop_bits and ring_bits + drop_bits <= 64, got "
+                             f"ring_bits={self.ring_bits}, drop_bits={self.drop_bits}")
+
+    @classmethod
+    def approximate(cls, max_abs_bits: int, drop_bits: int = 0) -> "DReLUConfig":
+        """An approximate DReLU for inputs with |x| < 2^max_abs_bits that ignores ``drop_bits``
+        low bits (ring of ℓ = max_abs_bits − drop_bits + 2 bits)."""
+        if max_abs_bits <= drop_bits:
+            raise ValueError(f"max_abs_bits ({max_abs_bits}) must exceed drop_bits ({drop_bits})")
+        return cls(ring_bits=max_abs_bits - drop_bits + 2, drop_bits=drop_bits)
+
+    @property
+    def exact(self) -> bool:
+        """True for the exact 64-bit DReLU."""
+        return self.ring_bits == 64 and self.drop_bits == 0
+
+    def valid_range(self) -> tuple[int, int]:
+        """``(lo, hi)``: inputs lo ≤ x < hi (fixed-point integers) are handled as documented."""
+        top = 1 << (self.drop_bits + self.ring_bits - 2)
+        lo = -top + (1 << self.drop_bits) if self.drop_bits else -top
+        return lo, top
+
+    def error_probability(self, x: torch.Tensor) -> torch.Tensor:
+        """Probability (over the sharing) that DReLU(x) is reported wrongly, for x in range."""
+        x = torch.as_tensor(x, dtype=torch.int64)
+        if self.drop_bits == 0:
+            return torch.zeros(x.shape, dtype=torch.float64)
+        span = 1 << self.drop_bits
+        inside = (x >= 0) & (x < span)
+        return torch.where(inside, (span - 1 - x).to(torch.float64) / span,
+                           torch.zeros((), dtype=torch.float64))
+
+    def __str__(self) -> str:
+        return "exact" if self.exact else f"approx(ring_bits={self.ring_bits}, drop_bits={self.drop_bits})"
+
+
+EXACT = DReLUConfig()
+
+
+def set_default_config(party: Party, config: DReLUConfig | None) -> None:
+    """Make ``config`` this session's DReLU for every call that passes ``config=None``.
+
+    All three parties must set the same configuration (it changes message sizes).
+    """
+    if config is None:
+        party.cache.pop(_CACHE_KEY, None)
+    elif not isinstance(config, DReLUConfig):
+        raise TypeError(f"expected a DReLUConfig, got {type(config).__name__}")
+    else:
+        party.cache[_CACHE_KEY] = config
+
+
+def resolve_config(party: Party, config: DReLUConfig | None) -> DReLUConfig:
+    """``config`` if given, else the session default (:func:`set_default_config`), else exact."""
+    if config is not None:
+        if not isinstance(config, DReLUConfig):
+            raise TypeError(f"expected a DReLUConfig, got {type(config).__name__}")
+        return config
+    return party.cache.get(_CACHE_KEY, EXACT)
+
+
+# --------------------------------------------------------------------------------------------
+# Costs
+# --------------------------------------------------------------------------------------------
+
+def zp_packed_bytes(count: int) -> int:
+    """Bytes of ``count`` values mod 67 on the wire (five per 4-byte word)."""
+    return _ZP_WORD_BYTES * -(-count // _ZP_GROUP)
+
+
+def drelu_bytes(n: int, config: DReLUConfig = EXACT) -> int:
+    """Payload bytes of one batched DReLU of ``n`` elements, summed over all parties."""
+    if n == 0:
+        return 0
+    ell, nb = config.ring_bits, (config.ring_bits + 7) // 8
+    return (zp_packed_bytes(2 * n * ell) + 4 * zp_packed_bytes(n * ell)  # dealt bits, 2 compares
+            + 6 * n * nb                                    # r over Z_N, x̂ (2), η', R (2)
+            + 8 * n)                                        # output share s
+
+
+def mul_drelu_bytes(n: int, m: int, config: DReLUConfig = EXACT) -> int:
+    """Payload bytes of :func:`mul_drelu` with ``n`` decisions and ``m`` payload values."""
+    if n == 0:
+        return 0
+    return drelu_bytes(n, config) + 24 * m
+
+
+# --------------------------------------------------------------------------------------------
+# Arithmetic helpers (pure functions, also used by the tests as references)
+# --------------------------------------------------------------------------------------------
+
+def _ult(a: torch.Tensor, b: torch.Tensor | int) -> torch.Tensor:
+    """Unsigned a < b for int64 bit patterns."""
+    return (a ^ _I64_MIN) < (b ^ _I64_MIN if isinstance(b, int) else b ^ _I64_MIN)
+
+
+def modn_reduce(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """Map an ℓ-bit value (in [0, 2^ℓ)) to Z_N, N = 2^ℓ − 1 (only 2^ℓ − 1 itself changes, to 0)."""
+    return torch.where(v == _all_ones(bits), torch.zeros_like(v), v)
+
+
+def modn_add(a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
+    """a + b mod 2^ℓ − 1 for a, b in [0, N) (int64 bit patterns for ℓ ≥ 63)."""
+    s = a + b
+    if bits == 64:  # end-around carry: 2^64 ≡ 1 (mod 2^64 − 1)
+        s = s + _ult(s, a).to(torch.int64)
+        return torch.where(s == -1, torch.zeros_like(s), s)
+    n = _all_ones(bits)
+    if bits <= 62:
+        return torch.where(s >= n, s - n, s)
+    return torch.where(_ult(s, n), s, s - n)
+
+
+def modn_neg(a: torch.Tensor, bits: int) -> torch.Tensor:
+    """−a mod 2^ℓ − 1 (bitwise complement within ℓ bits, with 0 ↦ 0)."""
+    return modn_reduce(a ^ _all_ones(bits), bits)
+
+
+def modn_sub(a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
+    """a − b mod 2^ℓ − 1."""
+    return modn_add(a, modn_neg(b, bits), bits)
+
+
+def modn_double(a: torch.Tensor, bits: int) -> torch.Tensor:
+    """2a mod 2^ℓ − 1: a rotation left by one bit within ℓ bits."""
+    return ((a << 1) & _all_ones(bits)) | ((a >> (bits - 1)) & 1)
+
+
+def bit_decompose(v: torch.Tensor, bits: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """The ``bits`` low bits of int64 ``v`` as a new last axis (LSB first)."""
+    shifts = torch.arange(bits, device=v.device, dtype=torch.int64)
+    return ((v.unsqueeze(-1) >> shifts) & 1).to(dtype)
+
+
+def plain_private_compare(x: torch.Tensor, r: torch.Tensor, beta: torch.Tensor,
+                          bits: int) -> torch.Tensor:
+    """Reference: β ⊕ [x > r] for ℓ-bit unsigned x, r (bool tensor)."""
+    mask = _all_ones(bits)
+    gt = _ult(r & mask, x & mask)
+    return gt ^ beta.bool()
+
+
+def plain_drelu(x: torch.Tensor) -> torch.Tensor:
+    """Reference DReLU on plaintext int64 values: 1 where x ≥ 0 (int64)."""
+    return (x >= 0).to(torch.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Wire encodings
+# --------------------------------------------------------------------------------------------
+
+def _require_little_endian() -> None:
+    if sys.byteorder != "little":
+        raise RuntimeError("the DReLU wire encodings assume a little-endian machine")
+
+
+def pack_zp(v: torch.Tensor) -> torch.Tensor:
+    """Pack values in [0, 67) (any shape, flattened) five per 4 bytes; returns uint8."""
+    _require_little_endian()
+    flat = v.reshape(-1).to(torch.int64)
+    words = -(-flat.numel() // _ZP_GROUP)
+    pad = words * _ZP_GROUP - flat.numel()
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    powers = torch.tensor([P ** i for i in range(_ZP_GROUP)], dtype=torch.int64, device=v.device)
+    packed = (flat.view(words, _ZP_GROUP) * powers).sum(1).to(torch.int32)
+    return packed.view(torch.uint8)
+
+
+def unpack_zp(data: torch.Tensor, count: int, *, source: str = "peer") -> torch.Tensor:
+    """Inverse of :func:`pack_zp` for ``count`` values (int32); refuses anything malformed."""
+    _require_little_endian()
+    words = -(-count // _ZP_GROUP)
+    if data.dtype != torch.uint8 or data.numel() != words * _ZP_WORD_BYTES:
+        raise ProtocolError(f"{source}: expected {words * _ZP_WORD_BYTES} bytes of packed Z_67 "
+                            f"values, got {data.numel()} ({data.dtype})")
+    if data.storage_offset() % _ZP_WORD_BYTES or not data.is_contiguous():
+        data = data.clone()
+    w = data.view(torch.int32)
+    if bool(((w < 0) | (w >= _ZP_WORD_LIMIT)).any()):
+        raise ProtocolError(f"{source}: packed Z_67 word out of range (malformed message)")
+    digits = torch.empty((words, _ZP_GROUP), dtype=torch.int32, device=data.device)
+    for i in range(_ZP_GROUP):
+        q = torch.div(w, P, rounding_mode="floor")
+        digits[:, i] = w - q * P
+        w = q
+    flat = digits.view(-1)
+    if bool((flat[count:] != 0).any()):
+        raise ProtocolError(f"{source}: nonzero padding in packed Z_67 values")
+    return flat[:count]
+
+
+def pack_elements(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """ℓ-bit ring elements (int64, flattened) as ⌈ℓ/8⌉ little-endian bytes each (uint8)."""
+    _require_little_endian()
+    nb = (bits + 7) // 8
+    raw = v.reshape(-1).contiguous().view(torch.uint8)
+    if nb == 8:
+        return raw
+    return raw.view(-1, 8)[:, :nb].reshape(-1)
+
+
+def unpack_elements(data: torch.Tensor, count: int, bits: int, *, modn: bool,
+                    source: str = "peer") -> torch.Tensor:
+    """Inverse of :func:`pack_elements`; checks each value is below 2^ℓ (and ≠ 2^ℓ − 1 in Z_N)."""
+    _require_little_endian()
+    nb = (bits + 7) // 8
+    if data.dtype != torch.uint8 or data.numel() != count * nb:
+        raise ProtocolError(f"{source}: expected {count * nb} bytes of {bits}-bit elements, got "
+                            f"{data.numel()} ({data.dtype})")
+    if nb == 8:
+        v = data.clone().view(torch.int64)
+    else:
+        full = torch.zeros((count, 8), dtype=torch.uint8, device=data.device)
+        full[:, :nb] = data.view(count, nb)
+        v = full.view(torch.int64).view(count)
+    if bits < 64 and bool(((v >> bits) != 0).any()):
+        raise ProtocolError(f"{source}: element wider than {bits} bits (malformed message)")
+    if modn and bool((v == _all_ones(bits)).any()):
+        raise ProtocolError(f"{source}: value 2^{bits}-1 is not an element of Z_(2^{bits}-1)")
+    return v
+
+
+# --------------------------------------------------------------------------------------------
+# Randomness helpers
+# --------------------------------------------------------------------------------------------
+
+def _pair_small(party: Party, other: int, count: int, high: int, tag: str) -> torch.Tensor:
+    """Exactly uniform ints in [0, high) (high ≤ 256), identical at both key holders (int32).
+
+    Bytes of the pair stream at or above the largest multiple of ``high`` below 256 are
+    rejected; both holders reject the same bytes, and a shortfall draws again under the same
+    tag (the next occurrence), so they stay in step.
+    """
+    limit = (256 // high) * high
+    parts, have = [], 0
+    while have < count:
+        need = count - have
+        draw = party.pair_random(other, (need + need * (256 - limit) // limit + need // 16 + 64,),
+                                 tag=tag, dtype=torch.uint8)
+        ok = draw[draw < limit][:need] if limit < 256 else draw[:need]
+        parts.append(ok)
+        have += ok.numel()
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    out = out.to(torch.int32)
+    return out if high == 256 else torch.remainder(out, high)
+
+
+def _pair_bits(party: Party, other: int, count: int, tag: str) -> torch.Tensor:
+    """Uniform bits (int64 0/1) identical at both key holders."""
+    return (party.pair_random(other, (count,), tag=tag, dtype=torch.uint8) & 1).to(torch.int64)
+
+
+def _pair_modn(party: Party, other: int, count: int, bits: int, tag: str) -> torch.Tensor:
+    """Exactly uniform elements of Z_(2^ℓ − 1) identical at both key holders."""
+    return party.pair_random(other, (count,), tag=tag, high=(1 << bits) - 1)
+
+
+def _pair_ring(party: Party, other: int, count: int, bits: int, tag: str) -> torch.Tensor:
+    """Uniform ℓ-bit ring elements identical at both key holders."""
+    v = party.pair_random(other, (count,), tag=tag)
+    return v if bits == 64 else v & _all_ones(bits)
+
+
+# --------------------------------------------------------------------------------------------
+# PrivateCompare
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _CompareRandomness:
+    """The P0–P1 common randomness of one batched PrivateCompare."""
+
+    s: torch.Tensor      # [n, ℓ] uniform in 1..66
+    u: torch.Tensor      # [n, ℓ] uniform in 0..66
+    shift: torch.Tensor  # [n] rotation offsets in 0..ℓ−1
+
+
+def _compare_randomness(party: Party, other: int, n: int, bits: int, tag: str) -> _CompareRandomness:
+    s = _pair_small(party, other, n * bits, P - 1, f"{tag}.s").view(n, bits) + 1
+    u = _pair_small(party, other, n * bits, P, f"{tag}.u").view(n, bits)
+    shift = _pair_small(party, other, n, bits, f"{tag}.shift").to(torch.int64)
+    return _CompareRandomness(s, u, shift)
+
+
+def private_compare_message(role: int, xbits: torch.Tensor, r: torch.Tensor, beta: torch.Tensor,
+                            rnd: _CompareRandomness | Any, bits: int) -> torch.Tensor:
+    """Party ``role``'s PrivateCompare message (int32 [n, ℓ] in [0, 67)).
+
+    ``xbits`` [n, ℓ]: this party's shares (mod 67) of the bits of the secret X, LSB first;
+    ``r`` [n]: the public ℓ-bit value R; ``beta`` [n]: the common random bit. P2 decides
+    β ⊕ [X > R] from both messages with :func:`private_compare_decide`.
+    """
+    j = int(role)
+    n = r.numel()
+    top = _all_ones(bits)
+    b = beta.reshape(n, 1).to(torch.int32)
+    q = torch.where(beta.reshape(n).bool(), (r + 1) & top, r)
+    qb = bit_decompose(q, bits)
+    w = xbits + qb * (j - 2 * xbits) if j else xbits - 2 * qb * xbits
+    suffix = torch.cumsum(w.flip(1), 1, dtype=torch.int32).flip(1) - w
+    c = (1 - 2 * b) * (j * qb - xbits) + suffix + j
+    special = beta.reshape(n).bool() & (r == top)
+    if bool(special.any()):  # β = 1, R = 2^ℓ − 1: X ≤ R always; exactly one zero (at index 0)
+        row = torch.full((bits,), j, dtype=torch.int32, device=c.device)
+        row[0] = 0
+        c[special] = row
+    d = torch.remainder(rnd.s * c + (rnd.u if j == 0 else -rnd.u), P)
+    idx = torch.remainder(torch.arange(bits, device=d.device) + rnd.shift.view(n, 1), bits)
+    return torch.gather(d, 1, idx)
+
+
+def private_compare_decide(d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
+    """P2's output of PrivateCompare: True where some d0_i + d1_i ≡ 0 (mod 67)."""
+    return (torch.remainder(d0 + d1, P) == 0).any(dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# DReLU protocol
+# --------------------------------------------------------------------------------------------
+
+def _numel(shape) -> int:
+    return int(math.prod(shape))
+
+
+def _helper_core(party: Party, n: int, m: int, bits: int,
+                 index: torch.Tensor | None) -> None:
+    """P2's side of :func:`_drelu_core`."""
+    top = _all_ones(bits)
+    # deal: r = r0 + r1 (both free), bits of r and X, r over Z_N
+    r0 = _pair_ring(party, ROLE_CLIENT, n, bits, "sc.r")
+    r1 = _pair_ring(party, ROLE_SERVER, n, bits, "sc.r")
+    r = (r0 + r1) & top
+    rbits0 = _pair_small(party, ROLE_CLIENT, n * bits, P, "sc.rbits").view(n, bits)
+    rho0 = _pair_modn(party, ROLE_CLIENT, n, bits, "sc.rho")
+    x0 = _pair_modn(party, ROLE_CLIENT, n, bits, "msb.X")
+    x1 = _pair_modn(party, ROLE_SERVER, n, bits, "msb.X")
+    xm = modn_add(x0, x1, bits)
+    xbits0 = _pair_small(party, ROLE_CLIENT, n * bits, P, "msb.Xbits").view(n, bits)
+    bit_corr = torch.remainder(torch.cat([bit_decompose(r, bits) - rbits0,
+                                          bit_decompose(xm, bits) - xbits0]), P)
+    rho1 = modn_sub(modn_reduce(r, bits), rho0, bits)
+    party.send(ROLE_SERVER, torch.cat([pack_zp(bit_corr), pack_elements(rho1, bits)]))
+    del r0, r1, r, rbits0, bit_corr
+    if m:
+        z = party.recv(ROLE_CLIENT, (m,)) + party.recv(ROLE_SERVER, (m,))
+    cmp_bytes = zp_packed_bytes(n * bits)
+    # PrivateCompare 1 → η'
+    d0 = unpack_zp(party.recv(ROLE_CLIENT, (cmp_bytes,), torch.uint8), n * bits, source="P0")
+    d1 = unpack_zp(party.recv(ROLE_SERVER, (cmp_bytes,), torch.uint8), n * bits, source="P1")
+    eta = private_compare_decide(d0.view(n, bits), d1.view(n, bits)).to(torch.int64)
+    e0 = _pair_modn(party, ROLE_CLIENT, n, bits, "sc.eta")
+    party.send(ROLE_SERVER, pack_elements(modn_sub(eta, e0, bits), bits))
+    # PrivateCompare 2 → β'
+    d0 = unpack_zp(party.recv(ROLE_CLIENT, (cmp_bytes,), torch.uint8), n * bits, source="P0")
+    d1 = unpack_zp(party.recv(ROLE_SERVER, (cmp_bytes,), torch.uint8), n * bits, source="P1")
+    beta_p = private_compare_decide(d0.view(n, bits), d1.view(n, bits)).to(torch.int64)
+    s = (xm & 1) ^ beta_p
+    out = [s - party.pair_random(ROLE_CLIENT, (n,), tag="out.s")]
+    if m:
+        sz = (s if index is None else s[index]) * z
+        out.append(sz - party.pair_random(ROLE_CLIENT, (m,), tag="out.sz"))
+    party.send(ROLE_SERVER, torch.cat(out) if len(out) > 1 else out[0])
+
+
+def _drelu_core(party: Party, x: torch.Tensor, config: DReLUConfig,
+                payload: torch.Tensor | None, index: torch.Tensor | None,
+                want_bits: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Shared body of :func:`drelu` and :func:`mul_drelu` (flattened tensors)."""
+    bits, k = config.ring_bits, config.drop_bits
+    n = _numel(x.shape)
+    m = 0 if payload is None or n == 0 else _numel(payload.shape)
+    if party.role == ROLE_HELPER:
+        if n:
+            _helper_core(party, n, m, bits, index)
+        return None, None
+    j = party.role
+    if j not in (ROLE_CLIENT, ROLE_SERVER):
+        raise ValueError(f"unknown role {party.role}")
+    other = 1 - j
+    dev = x.device
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=dev)
+        return (empty if want_bits else None), (torch.zeros(m, dtype=torch.int64, device=dev)
+                                                 if payload is not None else None)
+    nb = (bits + 7) // 8
+    top = _all_ones(bits)
+    xf = x.reshape(-1)
+    if x.dtype != torch.int64:
+        raise TypeError(f"DReLU expects int64 shares, got {x.dtype}")
+    t = xf if (bits == 64 and k == 0) else (xf >> k) & top   # logical shift: top < 2^(64−k)
+    c = (t << 1) & top
+    # round 1: open x̂ = c + r mod L; send the masked payload to P2
+    rj = _pair_ring(party, ROLE_HELPER, n, bits, "sc.r")
+    a_mine = (c + rj) & top
+    party.send(other, pack_elements(a_mine, bits))
+    if m:
+        mask = party.pair_random(other, (m,), tag="mul.m")
+        v = payload.reshape(-1)
+        party.send(ROLE_HELPER, v + mask if j == 0 else v)
+    cmp_bytes = zp_packed_bytes(n * bits)
+    if j == 0:
+        rbits = _pair_small(party, ROLE_HELPER, n * bits, P, "sc.rbits").view(n, bits)
+        rho = _pair_modn(party, ROLE_HELPER, n, bits, "sc.rho")
+        xm = _pair_modn(party, ROLE_HELPER, n, bits, "msb.X")
+        xbits = _pair_small(party, ROLE_HELPER, n * bits, P, "msb.Xbits").view(n, bits)
+    else:
+        xm = _pair_modn(party, ROLE_HELPER, n, bits, "msb.X")
+        deal = party.recv(ROLE_HELPER, (zp_packed_bytes(2 * n * bits) + n * nb,), torch.uint8)
+        zb = zp_packed_bytes(2 * n * bits)
+        corr = unpack_zp(deal[:zb], 2 * n * bits, source="P2").view(2 * n, bits)
+        rbits, xbits = corr[:n], corr[n:]
+        rho = unpack_elements(deal[zb:], n, bits, modn=True, source="P2")
+    a_other = unpack_elements(party.recv(other, (n * nb,), torch.uint8), n, bits, modn=False,
+                              source=f"P{other}")
+    xhat = (a_mine + a_other) & top
+    # round 2: PrivateCompare(bits of r, x̂, η'') → P2 learns η'' ⊕ [r > x̂]
+    eta2 = _pair_bits(party, other, n, "sc.eta2")
+    rnd = _compare_randomness(party, other, n, bits, "sc.pc")
+    party.send(ROLE_HELPER, pack_zp(private_compare_message(j, rbits, xhat, eta2, rnd, bits)))
+    del rbits, rnd
+    # round 3: shares of η' over Z_N (P0's from the PRG)
+    if j == 0:
+        e = _pair_modn(party, ROLE_HELPER, n, bits, "sc.eta")
+    else:
+        e = unpack_elements(party.recv(ROLE_HELPER, (n * nb,), torch.uint8), n, bits,
+                            modn=True, source="P2")
+    one = torch.full_like(e, j)
+    eta = torch.where(eta2.bool(), modn_sub(one, e, bits), e)
+    y = modn_add(modn_neg(rho, bits), eta, bits)
+    if j == 1:
+        y = modn_add(y, modn_reduce(xhat, bits), bits)
+    # round 4: open R = 2y + X mod N
+    r_mine = modn_add(modn_double(y, bits), xm, bits)
+    party.send(other, pack_elements(r_mine, bits))
+    r_other = unpack_elements(party.recv(other, (n * nb,), torch.uint8), n, bits, modn=True,
+                              source=f"P{other}")
+    big_r = modn_add(r_mine, r_other, bits)
+    # round 5: PrivateCompare(bits of X, R, β) → P2 learns β ⊕ [X > R]
+    beta = _pair_bits(party, other, n, "msb.beta")
+    rnd = _compare_randomness(party, other, n, bits, "msb.pc")
+    party.send(ROLE_HELPER, pack_zp(private_compare_message(j, xbits, big_r, beta, rnd, bits)))
+    del xbits, rnd
+    # round 6: shares of s = X[0] ⊕ β' over Z_2^64
+    g = 1 ^ (big_r & 1) ^ beta
+    if j == 0:
+        s = party.pair_random(ROLE_HELPER, (n,), tag="out.s")
+        sz = party.pair_random(ROLE_HELPER, (m,), tag="out.sz") if m else None
+    else:
+        got = party.recv(ROLE_HELPER, (n + m,))
+        s, sz = got[:n], (got[n:] if m else None)
+    bits_out = (j * g + (1 - 2 * g) * s) if want_bits else None
+    prod = None
+    if m:
+        sel = s if index is None else s[index]
+        gi = g if index is None else g[index]
+        vs = sz - mask * sel
+        prod = torch.where(gi.bool(), v - vs, vs)
+    elif payload is not None:
+        prod = torch.zeros(0, dtype=torch.int64, device=dev)
+    return bits_out, prod
+
+
+def _shape_of(x: torch.Tensor | tuple | list) -> tuple[int, ...]:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(int(s) for s in x)
+
+
+def drelu(party: Party, x: torch.Tensor, config: DReLUConfig | None = None, *,
+          scope: str = "drelu") -> torch.Tensor | None:
+    """Shares over Z_2^64 of DReLU(x) = [x ≥ 0] for shares ``x`` (int64, any shape).
+
+    P2 passes a shape-only tensor (``party.placeholder(shape)``) and gets None. ``config``
+    selects the exact or an approximate DReLU (default: the session's, see
+    :func:`set_default_config`). Cost: :func:`drelu_bytes`, :data:`ROUNDS` rounds.
+    """
+    cfg = resolve_config(party, config)
+    shape = _shape_of(x)
+    with party.scope(scope):
+        if party.role == ROLE_HELPER:
+            _drelu_core(party, torch.empty(shape, device="meta"), cfg, None, None, False)
+            return None
+        out, _ = _drelu_core(party, x, cfg, None, None, True)
+    return out.view(shape)
+
+
+def mul_drelu(party: Party, d: torch.Tensor, v: torch.Tensor,
+              index: torch.Tensor | None = None, config: DReLUConfig | None = None, *,
+              want_drelu: bool = False, scope: str = "mul_drelu"
+              ) -> torch.Tensor | None | tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Shares of v · DReLU(d[index]) in one DReLU (no extra round; 24 bytes per value of v).
+
+    ``d``: shares of the decision values (any shape, flattened); ``v``: shares of the payload
+    (any shape); ``index``: for each flattened payload value, the flattened decision it uses
+    (int64, public; None: ``v`` has d's shape and uses its own element). Returns shares shaped
+    like ``v`` (and the DReLU shares too when ``want_drelu``); P2 passes placeholders and gets
+    None. Used for ReLU (d = v = x), Block-ReLU (d = patch sums, v = pixels) and max (d = v = a − b).
+    """
+    cfg = resolve_config(party, config)
+    dshape, vshape = _shape_of(d), _shape_of(v)
+    n, m = _numel(dshape), _numel(vshape)
+    if index is None:
+        if dshape != vshape:
+            raise ValueError(f"without an index, d and v must have the same shape, got "
+                             f"{list(dshape)} and {list(vshape)}")
+    else:
+        index = index.reshape(-1)
+        if index.numel() != m or index.dtype != torch.int64:
+            raise ValueError(f"index must be int64 with one entry per payload value ({m}), got "
+                             f"{index.numel()} ({index.dtype})")
+        if m and (int(index.min()) < 0 or int(index.max()) >= n):
+            raise ValueError(f"index entries must lie in [0, {n})")
+    with party.scope(scope):
+        if party.role == ROLE_HELPER:
+            _drelu_core(party, torch.empty(dshape, device="meta"), cfg,
+                        torch.empty(vshape, device="meta"), index, False)
+            return (None, None) if want_drelu else None
+        if d.dtype != torch.int64 or v.dtype != torch.int64:
+            raise TypeError("mul_drelu expects int64 shares")
+        bits_out, prod = _drelu_core(party, d, cfg, v, index, want_drelu)
+    prod = prod.view(vshape)
+    return (bits_out.view(dshape), prod) if want_drelu else prod
