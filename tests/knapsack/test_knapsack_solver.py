@@ -166,17 +166,19 @@ def test_no_channels():
 
 def test_state_limit_returns_honest_gap():
     """With the core DP cut off, the answer stays feasible and its bound stays valid."""
-    rng = np.random.default_rng(9)
-    costs, d = random_instance(rng, 300, 8, 30, "uniform")
-    budget = int(costs.min(1).sum() + costs.max(1).sum()) // 2
+    rng = np.random.default_rng(0)
+    costs = rng.integers(0, 31, size=(200, 6))
+    d = np.exp(-costs / 10) * rng.lognormal(0, 0.5, (200, 1)) * rng.lognormal(0, 0.3, (200, 6))
+    budget = int(costs.min(1).sum() + costs.max(1).sum()) // 3
     ref = dp_mckp(costs, d, budget)
-    res = solve_mckp(costs, d, budget, max_states=1)
+    full = check_against_reference(costs, d, budget, ref)
+    assert full.core_channels > 0 and full.dp_states > 2   # the instance needs the core DP
+    res = solve_mckp(costs, d, budget, max_states=2)
+    assert not res.optimal and res.gap > 0
     assert res.total_cost <= budget
     assert res.total_distortion >= ref.total_distortion - 1e-9
-    assert res.lower_bound <= ref.total_distortion + 1e-9
-    assert res.gap >= (res.total_distortion - ref.total_distortion) / res.total_distortion - 1e-12
-    if not res.optimal:
-        assert res.gap > 0
+    assert full.lp_bound - 1e-9 <= res.lower_bound <= ref.total_distortion + 1e-9
+    assert math.isclose(res.gap, (res.total_distortion - res.lower_bound) / res.total_distortion)
 
 
 def test_flat_instance_input_and_dp_table_guard():
