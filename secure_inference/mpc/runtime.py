@@ -361,11 +361,17 @@ def run_in_process(fn: Callable[[Party], T], *, frac_bits: int = DEFAULT_FRAC_BI
 
 # --- process harness ----------------------------------------------------------------------
 
+def _send(conn, msg: tuple) -> None:
+    """Send by value with plain pickle: torch's multiprocessing reductions would pass tensors
+    through shared memory that disappears when the child exits."""
+    conn.send_bytes(pickle.dumps(msg))
+
+
 def _process_main(role: int, fn: Callable[[Party], Any], conn, cfg: dict) -> None:
     """Body of one party process: listen, report the port, connect, run, report the outcome."""
     try:
         listener = listen(cfg["host"], 0) if role != ROLE_CLIENT else None
-        conn.send(("port", listener.getsockname()[1] if listener else None))
+        _send(conn, ("port", listener.getsockname()[1] if listener else None))
         if not conn.poll(cfg["timeout"]):
             raise ProtocolError(f"party {role}: no address list from the harness")
         addresses = conn.recv()
@@ -384,7 +390,7 @@ def _process_main(role: int, fn: Callable[[Party], Any], conn, cfg: dict) -> Non
             raise
         finally:
             party.close()
-        conn.send(("ok", result))
+        _send(conn, ("ok", result))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         tb = traceback.format_exc()
         failed_at = locals().get("failed_at", time.time())
@@ -393,7 +399,7 @@ def _process_main(role: int, fn: Callable[[Party], Any], conn, cfg: dict) -> Non
         except Exception:  # noqa: BLE001 - unpicklable exception: send its text
             payload = pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
         try:
-            conn.send(("error", payload, tb, failed_at))
+            _send(conn, ("error", payload, tb, failed_at))
         except OSError:
             pass
 
@@ -411,7 +417,10 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
     run, after which the processes are killed. Every child process is ended before returning.
     A failure re-raises the first primary error (``exc.party_errors`` lists every party's).
     """
+    # forkserver: children fork from a clean server that has imported the runtime (and torch)
+    # once, so they start fast and never inherit a parent's busy OpenMP/thread state.
     ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["secure_inference.mpc.runtime"])
     tmp = None
     if tls and certs_dir is None:
         from .certs import create_certificates
@@ -483,7 +492,7 @@ def _wait_message(conn, proc, timeout: float | None) -> tuple:
     while True:
         if conn.poll(0.05):
             try:
-                return conn.recv()
+                return pickle.loads(conn.recv_bytes())
             except (EOFError, OSError):
                 proc.join(timeout=5.0)
                 return ("died", proc.exitcode)
