@@ -263,8 +263,11 @@ def modn_double(a: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def bit_decompose(v: torch.Tensor, bits: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """The ``bits`` low bits of int64 ``v`` as a new last axis (LSB first)."""
-    shifts = torch.arange(bits, device=v.device, dtype=torch.int64)
+    """The ``bits`` low bits of int64 ``v`` as a new last axis, most significant bit first.
+
+    (MSB first makes PrivateCompare's sums over the higher bits plain prefix sums.)
+    """
+    shifts = torch.arange(bits - 1, -1, -1, device=v.device, dtype=torch.int64)
     return ((v.unsqueeze(-1) >> shifts) & 1).to(dtype)
 
 
@@ -422,7 +425,8 @@ def private_compare_message(role: int, xbits: torch.Tensor, r: torch.Tensor, bet
                             rnd: _CompareRandomness | Any, bits: int) -> torch.Tensor:
     """Party ``role``'s PrivateCompare message (int32 [n, ℓ] in [0, 67)).
 
-    ``xbits`` [n, ℓ]: this party's shares (mod 67) of the bits of the secret X, LSB first;
+    ``xbits`` [n, ℓ]: this party's shares (mod 67) of the bits of the secret X, in the order of
+    :func:`bit_decompose` (MSB first);
     ``r`` [n]: the public ℓ-bit value R; ``beta`` [n]: the common random bit. P2 decides
     β ⊕ [X > R] from both messages with :func:`private_compare_decide`.
     """
@@ -431,18 +435,22 @@ def private_compare_message(role: int, xbits: torch.Tensor, r: torch.Tensor, bet
     top = _all_ones(bits)
     b = beta.reshape(n, 1).to(torch.int32)
     q = torch.where(beta.reshape(n).bool(), (r + 1) & top, r)
-    qb = bit_decompose(q, bits)
+    qb = bit_decompose(q, bits)                       # MSB first: "higher bits" = prefix
     w = xbits + qb * (j - 2 * xbits) if j else xbits - 2 * qb * xbits
-    suffix = torch.cumsum(w.flip(1), 1, dtype=torch.int32).flip(1) - w
-    c = (1 - 2 * b) * (j * qb - xbits) + suffix + j
+    c = torch.cumsum(w, 1, dtype=torch.int32) - w      # Σ of w over the higher bits
+    c += (1 - 2 * b) * (j * qb - xbits)
+    if j:
+        c += j
     special = beta.reshape(n).bool() & (r == top)
-    if bool(special.any()):  # β = 1, R = 2^ℓ − 1: X ≤ R always; exactly one zero (at index 0)
+    if bool(special.any()):  # β = 1, R = 2^ℓ − 1: X ≤ R always; exactly one zero
         row = torch.full((bits,), j, dtype=torch.int32, device=c.device)
         row[0] = 0
         c[special] = row
-    d = torch.remainder(rnd.s * c + (rnd.u if j == 0 else -rnd.u), P)
-    idx = torch.remainder(torch.arange(bits, device=d.device) + rnd.shift.view(n, 1), bits)
-    return torch.gather(d, 1, idx)
+    c *= rnd.s
+    c += rnd.u if j == 0 else -rnd.u
+    d = torch.remainder(c, P)
+    idx = torch.arange(bits, device=d.device) + rnd.shift.view(n, 1)   # cyclic rotation
+    return torch.gather(torch.cat([d, d], 1), 1, idx)
 
 
 def private_compare_decide(d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,298 @@
+"""ReLU, Block-ReLU, max pooling and SelectShare on secret shares, each built on batched DReLUs.
+
+Every function here is one (or, for max pooling, one per tree level) call of
+:func:`~secure_inference.mpc.protocols.drelu.mul_drelu`, which returns shares of
+v·DReLU(d) with the multiplication fused into the DReLU's last message (no extra round).
+The ``config`` argument (:class:`~secure_inference.mpc.protocols.drelu.DReLUConfig`, default:
+the session's, see :func:`~secure_inference.mpc.protocols.drelu.set_default_config`) selects the
+exact or an approximate DReLU and is passed to every DReLU a function runs.
+
+* :func:`relu`: ReLU(x) = x·DReLU(x); 6 rounds, :func:`relu_bytes` (387.2 bytes per element
+  exact, amortised).
+* :func:`block_relu`: the project's Block-ReLU (:class:`secure_inference.BlockReLU`): per
+  channel a block size [h, w]; identity channels ([0, 1], any zero) pass unchanged at no cost;
+  other channels are tiled from the top-left into h×w patches (partial at the edges). Each
+  patch's pixels are summed locally on the shares (zero padding: the sum has the sign of the
+  mean of the valid pixels), ONE DReLU per patch decides [sum > 0] (computed as DReLU(sum − 1)
+  on the integer fixed-point sum), and the 0/1 decision is multiplied into every pixel of the
+  patch. [1, 1] channels are exactly ReLU. Channels are grouped by block size and the whole
+  layer is one DReLU call; cost :func:`block_relu_bytes` (24 bytes per non-identity pixel plus
+  one DReLU per patch: 64.4 bytes per pixel for 3×3 patches, exact DReLU).
+* :func:`max_pool2d`: a tree of comparisons over every window at once: max(a, b) =
+  b + (a − b)·DReLU(a − b), ⌈log2 K⌉ levels for K-element windows, 6 rounds each.
+* :func:`select_share`: a if d ≥ 0 else b, as b + (a − b)·DReLU(d).
+
+With an approximate DReLU the inputs of every DReLU must lie in its valid range: for
+Block-ReLU these are patch sums (up to h·w times the pixel magnitude), for max pooling the
+differences of two window elements.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...brelu import as_block_sizes
+from ..runtime import ROLE_CLIENT, ROLE_HELPER, Party
+from .drelu import EXACT, DReLUConfig, mul_drelu, mul_drelu_bytes, resolve_config
+
+__all__ = ["relu", "relu_bytes", "select_share", "BlockReLUPlan", "block_relu_plan",
+           "block_relu", "block_relu_bytes", "MaxPoolPlan", "max_pool_plan", "max_pool2d",
+           "max_pool_bytes", "run_on_shares"]
+
+
+def _shape(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def _check_shares(party: Party, *xs: torch.Tensor) -> None:
+    if party.role == ROLE_HELPER:
+        return
+    for x in xs:
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.int64:
+            raise TypeError("shares must be int64 tensors (ring elements of Z_2^64)")
+
+
+# --------------------------------------------------------------------------------------------
+# ReLU and SelectShare
+# --------------------------------------------------------------------------------------------
+
+def relu(party: Party, x: torch.Tensor, config: DReLUConfig | None = None, *,
+         scope: str = "relu") -> torch.Tensor | None:
+    """Shares of ReLU(x) = x·DReLU(x) for shares ``x`` (P2: a placeholder; returns None)."""
+    _check_shares(party, x)
+    return mul_drelu(party, x, x, None, config, scope=scope)
+
+
+def relu_bytes(n: int, config: DReLUConfig = EXACT) -> int:
+    """Payload bytes (all parties) of :func:`relu` on ``n`` elements."""
+    return mul_drelu_bytes(n, n, config)
+
+
+def select_share(party: Party, d: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 config: DReLUConfig | None = None, *, scope: str = "select") -> torch.Tensor | None:
+    """Shares of ``a`` where d ≥ 0 and ``b`` elsewhere (all three the same shape).
+
+    Computed as b + (a − b)·DReLU(d): one DReLU and 24 bytes per element for the product.
+    """
+    if _shape(d) != _shape(a) or _shape(a) != _shape(b):
+        raise ValueError(f"select_share needs equal shapes, got {list(_shape(d))}, "
+                         f"{list(_shape(a))}, {list(_shape(b))}")
+    _check_shares(party, d, a, b)
+    if party.role == ROLE_HELPER:
+        mul_drelu(party, d, a, None, config, scope=scope)
+        return None
+    return b + mul_drelu(party, d, a - b, None, config, scope=scope)
+
+
+# --------------------------------------------------------------------------------------------
+# Block-ReLU
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class BlockReLUPlan:
+    """Public structure of one Block-ReLU layer: channel groups, patch counts, pixel→patch map.
+
+    ``groups``: (h, w, channel indices) per distinct non-identity block size (h, w clipped to
+    the map); ``identity``: channels left unchanged; ``decisions``: DReLUs of the layer;
+    ``pixels``: non-identity pixels (payload values); ``index``: for each payload pixel (groups
+    concatenated, each flattened as [N, C_g, H, W]) the patch (DReLU) it belongs to.
+    """
+
+    shape: tuple[int, int, int, int]
+    groups: list[tuple[int, int, torch.Tensor]]
+    identity: torch.Tensor
+    decisions: int
+    pixels: int
+    index: torch.Tensor
+
+
+def block_relu_plan(shape, block_sizes, device: torch.device | str = "cpu") -> BlockReLUPlan:
+    """The :class:`BlockReLUPlan` for an [N, C, H, W] input and block sizes [C, 2]."""
+    if len(shape) != 4:
+        raise ValueError(f"Block-ReLU expects an [N, C, H, W] input, got shape {list(shape)}")
+    nb, ch, height, width = (int(s) for s in shape)
+    sizes = as_block_sizes(block_sizes, channels=ch)
+    ident = (sizes[:, 0] == 0) | (sizes[:, 1] == 0)
+    groups: list[tuple[int, int, torch.Tensor]] = []
+    index_parts: list[torch.Tensor] = []
+    decisions = pixels = 0
+    keyed = np.where(ident[:, None], 0, np.minimum(sizes, [max(height, 1), max(width, 1)]))
+    for key in sorted({(int(a), int(b)) for a, b in keyed[~ident]}):
+        h, w = key
+        idx = np.flatnonzero(np.all(keyed == np.array(key), axis=1) & ~ident)
+        cg = idx.size
+        ph, pw = -(-height // h), -(-width // w)
+        rows = (torch.arange(height, device=device) // h).view(1, height, 1) * pw
+        cols = (torch.arange(width, device=device) // w).view(1, 1, width)
+        planes = torch.arange(nb * cg, device=device).view(-1, 1, 1) * (ph * pw)
+        index_parts.append((planes + rows + cols).reshape(-1) + decisions)
+        groups.append((h, w, torch.from_numpy(idx.astype(np.int64)).to(device)))
+        decisions += nb * cg * ph * pw
+        pixels += nb * cg * height * width
+    index = torch.cat(index_parts) if index_parts else torch.zeros(0, dtype=torch.int64,
+                                                                   device=device)
+    identity = torch.from_numpy(np.flatnonzero(ident).astype(np.int64)).to(device)
+    return BlockReLUPlan((nb, ch, height, width), groups, identity, decisions, pixels, index)
+
+
+def block_relu_bytes(shape, block_sizes, config: DReLUConfig = EXACT) -> int:
+    """Payload bytes (all parties) of :func:`block_relu` on an input of ``shape``."""
+    plan = block_relu_plan(shape, block_sizes)
+    return mul_drelu_bytes(plan.decisions, plan.pixels, config)
+
+
+def block_relu(party: Party, x: torch.Tensor, block_sizes, config: DReLUConfig | None = None,
+               *, scope: str = "block_relu") -> torch.Tensor | None:
+    """Shares of BlockReLU(block_sizes)(x) for shares ``x`` [N, C, H, W] (P2: placeholder → None).
+
+    Semantics and cost in the module docstring; one DReLU call for the whole layer.
+    """
+    _check_shares(party, x)
+    plan = block_relu_plan(_shape(x), block_sizes, device="cpu" if x.device.type == "meta"
+                           else x.device)
+    cfg = resolve_config(party, config)
+    if party.role == ROLE_HELPER:
+        if plan.decisions:
+            mul_drelu(party, party.placeholder((plan.decisions,)),
+                      party.placeholder((plan.pixels,)), plan.index, cfg, scope=scope)
+        return None
+    if not plan.decisions:
+        return x.clone()
+    n = plan.shape[0]
+    sums, payload = [], []
+    for h, w, idx in plan.groups:
+        xs = x.index_select(1, idx)
+        height, width = xs.shape[2], xs.shape[3]
+        ph, pw = -(-height // h), -(-width // w)
+        padded = F.pad(xs, (0, pw * w - width, 0, ph * h - height)) if (ph * h != height or
+                                                                         pw * w != width) else xs
+        sums.append(padded.reshape(n, idx.numel(), ph, h, pw, w).sum(dim=(3, 5)).reshape(-1))
+        payload.append(xs.reshape(-1))
+    d = torch.cat(sums)
+    if party.role == ROLE_CLIENT:
+        d = d - 1  # DReLU(sum − 1) = [sum > 0] on integer sums: the plaintext's strict test
+    prod = mul_drelu(party, d, torch.cat(payload), plan.index, cfg, scope=scope)
+    out = x.clone()
+    start = 0
+    for h, w, idx in plan.groups:
+        size = n * idx.numel() * plan.shape[2] * plan.shape[3]
+        out.index_copy_(1, idx, prod[start:start + size].view(n, idx.numel(), *plan.shape[2:]))
+        start += size
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Max pooling
+# --------------------------------------------------------------------------------------------
+
+def _pair(v, name: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return v, v
+    t = tuple(int(a) for a in v)
+    if len(t) != 2:
+        raise ValueError(f"{name} must be an int or a pair, got {v!r}")
+    return t
+
+
+@dataclass
+class MaxPoolPlan:
+    """Public structure of a max pooling: per window element (K of them) and output position the
+    flat input position it reads (padding positions replaced by a valid element of the same
+    window, which leaves the maximum unchanged), and the comparisons per tree level."""
+
+    out_shape: tuple[int, int, int, int]
+    gather: torch.Tensor          # [K, Hout·Wout] flat indices into H·W
+    levels: list[int]             # comparisons per (N·C·Hout·Wout) at each level
+
+
+def max_pool_plan(shape, kernel_size, stride=None, padding=0,
+                  device: torch.device | str = "cpu") -> MaxPoolPlan:
+    """The :class:`MaxPoolPlan` of ``torch.nn.functional.max_pool2d`` with these arguments."""
+    if len(shape) != 4:
+        raise ValueError(f"max pooling expects an [N, C, H, W] input, got shape {list(shape)}")
+    nb, ch, height, width = (int(s) for s in shape)
+    kh, kw = _pair(kernel_size, "kernel_size")
+    sh, sw = _pair(kernel_size if stride is None else stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0:
+        raise ValueError("kernel and stride must be >= 1 and padding >= 0")
+    if ph > kh // 2 or pw > kw // 2:
+        raise ValueError(f"padding {ph, pw} must be at most half the kernel {kh, kw} "
+                         "(as in torch.nn.functional.max_pool2d)")
+    hout, wout = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+    if hout < 1 or wout < 1:
+        raise ValueError(f"kernel {kh, kw} does not fit the padded {height}x{width} input")
+    oy = torch.arange(hout, device=device).view(1, 1, hout, 1) * sh - ph
+    ox = torch.arange(wout, device=device).view(1, 1, 1, wout) * sw - pw
+    ay = torch.arange(kh, device=device).view(kh, 1, 1, 1)
+    ax = torch.arange(kw, device=device).view(1, kw, 1, 1)
+    rows = (oy + ay).clamp(0, height - 1)   # a clamped padding position is in the same window
+    cols = (ox + ax).clamp(0, width - 1)
+    gather = (rows * width + cols).reshape(kh * kw, hout * wout)
+    levels, k = [], kh * kw
+    while k > 1:
+        levels.append(k // 2)
+        k = k - k // 2
+    return MaxPoolPlan((nb, ch, hout, wout), gather, levels)
+
+
+def max_pool_bytes(shape, kernel_size, stride=None, padding=0,
+                   config: DReLUConfig = EXACT) -> int:
+    """Payload bytes (all parties) of :func:`max_pool2d`."""
+    plan = max_pool_plan(shape, kernel_size, stride, padding)
+    per = math.prod(plan.out_shape)
+    return sum(mul_drelu_bytes(c * per, c * per, config) for c in plan.levels)
+
+
+def max_pool2d(party: Party, x: torch.Tensor, kernel_size, stride=None, padding=0,
+               config: DReLUConfig | None = None, *, scope: str = "max_pool"
+               ) -> torch.Tensor | None:
+    """Shares of ``max_pool2d(x, kernel_size, stride, padding)`` by a tree of comparisons.
+
+    All windows are compared at once: ⌈log2 K⌉ levels (K = kernel area), each one batched
+    max(a, b) = b + ReLU(a − b) over half the remaining candidates. P2: placeholder → None.
+    """
+    _check_shares(party, x)
+    plan = max_pool_plan(_shape(x), kernel_size, stride, padding,
+                         device="cpu" if x.device.type == "meta" else x.device)
+    cfg = resolve_config(party, config)
+    nb, ch, hout, wout = plan.out_shape
+    per = nb * ch * hout * wout
+    with party.scope(scope):
+        if party.role == ROLE_HELPER:
+            for level, c in enumerate(plan.levels):
+                ph = party.placeholder((c * per,))
+                mul_drelu(party, ph, ph, None, cfg, scope=f"level{level}")
+            return None
+        flat = x.reshape(nb, ch, -1)
+        cand = flat[:, :, plan.gather].permute(2, 0, 1, 3).reshape(plan.gather.shape[0], -1)
+        for level, c in enumerate(plan.levels):
+            a, b = cand[:c], cand[c:2 * c]
+            diff = (a - b).reshape(-1)
+            best = b + mul_drelu(party, diff, diff, None, cfg, scope=f"level{level}").view(c, -1)
+            cand = torch.cat([best, cand[2 * c:]]) if cand.shape[0] > 2 * c else best
+        return cand.view(nb, ch, hout, wout)
+
+
+# --------------------------------------------------------------------------------------------
+# Harness helper
+# --------------------------------------------------------------------------------------------
+
+def run_on_shares(party: Party, shares: Sequence[torch.Tensor],
+                  ops: Sequence[tuple[Callable[..., Any], dict[str, Any]]]) -> tuple[list[Any], Any]:
+    """Apply each ``op(party, x, **kwargs)`` of ``ops`` to this party's share of x and return
+    (results, party.stats).
+
+    ``shares`` = (x0, x1); P2 gets a placeholder of the same shape. Picklable when the ops are
+    library functions, so ``functools.partial(run_on_shares, shares=..., ops=...)`` is a body for
+    :func:`~secure_inference.mpc.runtime.run_local_processes` (used by tests and benchmarks).
+    """
+    if len(shares) != 2 or tuple(shares[0].shape) != tuple(shares[1].shape):
+        raise ValueError("shares must be the two parties' tensors of one shape")
+    x = shares[party.role] if party.role != ROLE_HELPER else party.placeholder(shares[0].shape)
+    return [op(party, x, **kwargs) for op, kwargs in ops], party.stats

@@ -1,0 +1,297 @@
+"""SecureNN DReLU (ShareConvert, PrivateCompare mod 67, ComputeMSB) and its approximate variant,
+tested against plaintext on random and edge values, with exact byte and round counts."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from secure_inference.mpc.protocols import drelu as D
+from secure_inference.mpc.runtime import ProtocolError, merge_stats, run_in_process
+
+I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _rand_ring(shape, gen=None) -> torch.Tensor:
+    return torch.randint(I64_MIN, I64_MAX, shape, dtype=torch.int64, generator=gen)
+
+
+def _share(x: torch.Tensor, x0: torch.Tensor | None = None):
+    x0 = _rand_ring(x.shape) if x0 is None else x0
+    return x0, x - x0
+
+
+def _run_drelu(x0, x1, config=None, default=None):
+    shape = tuple(x0.shape)
+
+    def fn(party):
+        if default is not None:
+            D.set_default_config(party, default)
+        inp = [x0, x1, party.placeholder(shape)][party.role]
+        return D.drelu(party, inp, config), party.stats
+
+    res = run_in_process(fn, timeout=60)
+    assert res[2][0] is None
+    return res[0][0] + res[1][0], merge_stats([r[1] for r in res], "drelu")
+
+
+def _to_int(v: int, bits: int) -> int:
+    return v & ((1 << bits) - 1)
+
+
+# ------------------------------------------------------------------ pure helpers
+
+@pytest.mark.parametrize("bits", [64, 63, 62, 33, 8, 3])
+def test_modn_arithmetic_matches_python_integers(bits):
+    n_mod = (1 << bits) - 1
+    g = torch.Generator().manual_seed(bits)
+    vals = [0, 1, 2, n_mod - 1, n_mod - 2, 1 << (bits - 1), (1 << (bits - 1)) - 1]
+    rnd = [int(v) for v in _rand_ring((200,), g)]
+    vals += [_to_int(v, 64) % n_mod for v in rnd]
+    a_py = vals
+    b_py = list(reversed(vals))
+    enc = lambda xs: torch.tensor([D._i64(v) for v in xs], dtype=torch.int64)  # noqa: E731
+    dec = lambda t: [_to_int(int(v), 64) for v in t]  # noqa: E731
+    a, b = enc(a_py), enc(b_py)
+    assert dec(D.modn_add(a, b, bits)) == [(x + y) % n_mod for x, y in zip(a_py, b_py)]
+    assert dec(D.modn_sub(a, b, bits)) == [(x - y) % n_mod for x, y in zip(a_py, b_py)]
+    assert dec(D.modn_neg(a, bits)) == [(-x) % n_mod for x in a_py]
+    assert dec(D.modn_double(a, bits)) == [(2 * x) % n_mod for x in a_py]
+    full = enc([n_mod, 0, 5 % n_mod])
+    assert dec(D.modn_reduce(full, bits)) == [0, 0, 5 % n_mod]
+
+
+def test_msb_equals_lsb_of_double_mod_n():
+    """The identity ComputeMSB rests on: MSB_l(y) = LSB(2y mod 2^l - 1) for y in [0, N)."""
+    for bits in (3, 5, 8):
+        n_mod = (1 << bits) - 1
+        for y in range(n_mod):
+            assert (y >> (bits - 1)) & 1 == ((2 * y) % n_mod) & 1
+
+
+def test_bit_decompose_msb_first():
+    v = torch.tensor([0b1011, -1, I64_MIN])
+    bitsv = D.bit_decompose(v, 64)
+    assert bitsv.shape == (3, 64)
+    assert bitsv[0, -4:].tolist() == [1, 0, 1, 1] and int(bitsv[0].sum()) == 3
+    assert int(bitsv[1].sum()) == 64
+    assert bitsv[2, 0] == 1 and int(bitsv[2].sum()) == 1
+
+
+def test_zp_packing_roundtrip_and_hostile_input():
+    for count in (1, 4, 5, 6, 64, 1001):
+        v = torch.randint(0, 67, (count,), dtype=torch.int32)
+        packed = D.pack_zp(v)
+        assert packed.dtype == torch.uint8 and packed.numel() == D.zp_packed_bytes(count)
+        assert torch.equal(D.unpack_zp(packed, count), v)
+    assert D.zp_packed_bytes(64) == 52 and D.zp_packed_bytes(5) == 4
+    good = D.pack_zp(torch.full((10,), 66, dtype=torch.int32))
+    with pytest.raises(ProtocolError, match="expected"):
+        D.unpack_zp(good[:-1], 10)
+    bad = good.clone().view(torch.int32)
+    bad[0] = 67 ** 5
+    with pytest.raises(ProtocolError, match="out of range"):
+        D.unpack_zp(bad.view(torch.uint8), 10)
+    bad[0] = -5
+    with pytest.raises(ProtocolError, match="out of range"):
+        D.unpack_zp(bad.view(torch.uint8), 10)
+    padded = D.pack_zp(torch.tensor([1, 2, 3, 4, 5, 6, 0, 0, 0, 7], dtype=torch.int32))
+    with pytest.raises(ProtocolError, match="padding"):
+        D.unpack_zp(padded, 7)
+
+
+@pytest.mark.parametrize("bits", [64, 40, 7])
+def test_element_packing_roundtrip_and_checks(bits):
+    top = D._all_ones(bits)
+    v = _rand_ring((50,)) & top
+    v = D.modn_reduce(v, bits)
+    packed = D.pack_elements(v, bits)
+    assert packed.numel() == 50 * ((bits + 7) // 8)
+    assert torch.equal(D.unpack_elements(packed, 50, bits, modn=True), v)
+    bad = D.pack_elements(torch.full((50,), top, dtype=torch.int64), bits)
+    with pytest.raises(ProtocolError, match="not an element"):
+        D.unpack_elements(bad, 50, bits, modn=True)
+    D.unpack_elements(bad, 50, bits, modn=False)  # a valid element of Z_2^l
+    if bits % 8:
+        wide = D.pack_elements(torch.full((50,), 1 << bits, dtype=torch.int64), 64)
+        wide = wide.view(50, 8)[:, :(bits + 7) // 8].reshape(-1)
+        with pytest.raises(ProtocolError, match="wider"):
+            D.unpack_elements(wide, 50, bits, modn=False)
+
+
+class _Rnd:
+    def __init__(self, n, bits, g):
+        self.s = torch.randint(1, 67, (n, bits), dtype=torch.int32, generator=g)
+        self.u = torch.randint(0, 67, (n, bits), dtype=torch.int32, generator=g)
+        self.shift = torch.randint(0, bits, (n,), generator=g)
+
+
+@pytest.mark.parametrize("bits", [64, 16, 4])
+def test_private_compare_against_plaintext(bits):
+    """P2's decision equals beta XOR [x > r] on random and edge pairs, for both betas."""
+    g = torch.Generator().manual_seed(100 + bits)
+    top = D._all_ones(bits)
+    rand = lambda n: _rand_ring((n,), g) & top  # noqa: E731
+    x = torch.cat([rand(400), torch.tensor([0, top, 0, top, 5, 5, 6, 4, 0, top], dtype=torch.int64)])
+    r = torch.cat([rand(400), torch.tensor([0, top, top, 0, 5, 6, 5, 5, 1, top - 1])])
+    x[100:150] = r[100:150]                       # equal values
+    x[150:200] = (r[150:200] + 1) & top            # x = r + 1
+    r[200:250] = top                               # the special case r = 2^l - 1
+    n = x.numel()
+    for beta_val in (0, 1, None):
+        beta = torch.randint(0, 2, (n,), generator=g) if beta_val is None else \
+            torch.full((n,), beta_val, dtype=torch.int64)
+        xb = D.bit_decompose(x, bits)
+        s0 = torch.randint(0, 67, xb.shape, dtype=torch.int32, generator=g)
+        s1 = torch.remainder(xb - s0, 67)
+        rnd = _Rnd(n, bits, g)
+        d0 = D.private_compare_message(0, s0, r, beta, rnd, bits)
+        d1 = D.private_compare_message(1, s1, r, beta, rnd, bits)
+        assert d0.min() >= 0 and d0.max() < 67
+        got = D.private_compare_decide(d0, d1)
+        assert torch.equal(got, D.plain_private_compare(x, r, beta, bits))
+        # at most one zero per element (what makes a random rotation enough to hide its position)
+        assert int((torch.remainder(d0 + d1, 67) == 0).sum(1).max()) <= 1
+
+
+def test_config_validation_and_ranges():
+    assert D.EXACT.exact and D.EXACT.valid_range() == (-(1 << 62), 1 << 62)
+    cfg = D.DReLUConfig.approximate(max_abs_bits=24, drop_bits=6)
+    assert (cfg.ring_bits, cfg.drop_bits) == (20, 6) and not cfg.exact
+    assert cfg.valid_range() == (-(1 << 24) + 64, 1 << 24)
+    p = cfg.error_probability(torch.tensor([-1, 0, 63, 64, 10]))
+    assert p.tolist() == [0.0, 63 / 64, 0.0, 0.0, 53 / 64]
+    for bad in (dict(ring_bits=2), dict(ring_bits=65), dict(ring_bits=60, drop_bits=5),
+                dict(drop_bits=-1)):
+        with pytest.raises(ValueError):
+            D.DReLUConfig(**bad)
+    with pytest.raises(ValueError):
+        D.DReLUConfig.approximate(4, 4)
+
+
+def test_cost_formula_and_targets():
+    assert D.drelu_bytes(1) == 368
+    assert D.drelu_bytes(10) == 3632
+    assert D.drelu_bytes(10 ** 6) / 10 ** 6 == pytest.approx(363.2)
+    assert D.drelu_bytes(1) <= 496 and D.mul_drelu_bytes(1, 1) <= 536
+    assert D.drelu_bytes(0) == 0
+    small = D.DReLUConfig(ring_bits=24, drop_bits=8)
+    # 6 packed compare/deal vectors of 24 values, six 3-byte elements, one 8-byte output share
+    assert D.drelu_bytes(5, small) == D.zp_packed_bytes(240) + 4 * D.zp_packed_bytes(120) + 6 * 5 * 3 + 40
+
+
+# ------------------------------------------------------------------ the protocol (in process)
+
+def _edge_values(lo: int, hi: int) -> list[int]:
+    vals = {0, 1, -1, 2, -2, lo, hi - 1, lo + 1, hi - 2}
+    for k in range(0, 63):
+        for v in (1 << k, -(1 << k), (1 << k) - 1, -(1 << k) + 1):
+            if lo <= v < hi:
+                vals.add(v)
+    return sorted(vals)
+
+
+def test_exact_drelu_random_and_edge_values_and_costs():
+    lo, hi = D.EXACT.valid_range()
+    edges = torch.tensor(_edge_values(lo, hi), dtype=torch.int64)
+    rand = torch.randint(lo, hi, (1500,), dtype=torch.int64)
+    small = torch.randint(-1000, 1000, (300,), dtype=torch.int64)
+    x = torch.cat([edges, rand, small])
+    # shares that wrap in every way: x0 random, x0 = 0, x0 = x, x0 = -1, x0 = 2^63 - 1, x0 = -2^63
+    k = edges.numel()
+    specials = [torch.zeros(k, dtype=torch.int64), edges.clone(), torch.full((k,), -1),
+                torch.full((k,), I64_MAX), torch.full((k,), I64_MIN)]
+    x = torch.cat([x] + [edges] * len(specials))
+    x0 = torch.cat([_rand_ring((x.numel() - k * len(specials),))] + specials)
+    x0, x1 = _share(x, x0)
+    got, st = _run_drelu(x0, x1)
+    assert torch.equal(got, D.plain_drelu(x))
+    n = x.numel()
+    assert st["bytes"] == D.drelu_bytes(n)
+    assert st["rounds"] == D.ROUNDS
+    nzp = D.zp_packed_bytes(n * 64)
+    assert st["bytes_0->2"] == st["bytes_1->2"] == 2 * nzp
+    assert st["bytes_0->1"] == st["bytes_1->0"] == 16 * n
+    assert st["bytes_2->1"] == D.zp_packed_bytes(2 * n * 64) + 24 * n
+    assert "bytes_2->0" not in st  # everything P0 gets from the helper comes from the PRG
+
+
+def test_single_exact_drelu_costs_368_bytes():
+    for v in (5, -5):
+        x0, x1 = _share(torch.tensor([v]))
+        got, st = _run_drelu(x0, x1)
+        assert int(got) == (v >= 0)
+        assert st["bytes"] == 368 and st["rounds"] == 6
+
+
+@pytest.mark.parametrize("ring_bits,drop_bits", [(20, 0), (40, 0), (30, 8), (24, 12), (44, 20)])
+def test_approximate_drelu_matches_its_exact_prediction(ring_bits, drop_bits):
+    """Inside its range the approximate DReLU returns exactly [floor(x/2^k) - e >= 0], e the
+    carry of the shares' low k bits: wrong only for 0 <= x < 2^k when e = 1."""
+    cfg = D.DReLUConfig(ring_bits, drop_bits)
+    lo, hi = cfg.valid_range()
+    span = 1 << drop_bits
+    x = torch.cat([torch.tensor(_edge_values(lo, hi), dtype=torch.int64),
+                   torch.randint(lo, hi, (600,)), torch.randint(-3 * span, 3 * span, (600,))])
+    x0, x1 = _share(x)
+    got, st = _run_drelu(x0, x1, cfg)
+    low = span - 1
+    carry = ((x0 & low) + (x1 & low)) >= span if drop_bits else torch.zeros_like(x, dtype=torch.bool)
+    predicted = ((x >> drop_bits) - carry.to(torch.int64) >= 0).to(torch.int64)
+    assert torch.equal(got, predicted)
+    wrong = got != D.plain_drelu(x)
+    assert bool(((x[wrong] >= 0) & (x[wrong] < span)).all())
+    if drop_bits == 0:
+        assert not wrong.any()
+    assert st["bytes"] == D.drelu_bytes(x.numel(), cfg) and st["rounds"] == D.ROUNDS
+    assert st["bytes"] < D.drelu_bytes(x.numel())
+
+
+def test_session_default_config_is_used_and_empty_input():
+    cfg = D.DReLUConfig(ring_bits=24)
+    x = torch.randint(-(1 << 21), 1 << 21, (50,))
+    x0, x1 = _share(x)
+    got, st = _run_drelu(x0, x1, None, default=cfg)
+    assert torch.equal(got, D.plain_drelu(x))
+    assert st["bytes"] == D.drelu_bytes(50, cfg)
+    e = torch.zeros(0, dtype=torch.int64)
+    got, st = _run_drelu(e, e)
+    assert got.numel() == 0 and st["bytes"] == 0
+
+
+def test_output_share_of_fixed_secret_looks_uniform():
+    """P0's (and P1's) share of DReLU(x) for one fixed x, over 4000 runs, is uniform bit by bit."""
+    n = 4000
+    x = torch.full((n,), -7, dtype=torch.int64)
+    shape = (n,)
+    x0, x1 = _share(x)
+
+    def fn(party):
+        return D.drelu(party, [x0, x1, party.placeholder(shape)][party.role])
+
+    s0, s1, _ = run_in_process(fn, timeout=60)
+    assert torch.equal(s0 + s1, torch.zeros(n, dtype=torch.int64))
+    for share in (s0, s1):
+        for bit in (0, 1, 17, 40, 63):
+            frac = float(((share >> bit) & 1).double().mean())
+            assert abs(frac - 0.5) < 0.05  # ~6.3 standard deviations
+        assert share.unique().numel() == n  # no repeated share
+
+
+def test_malformed_helper_message_is_refused():
+    """A helper that deals an out-of-range packed word makes P1 fail with a clear ProtocolError."""
+    n = 3
+    x0, x1 = _share(torch.tensor([1, -2, 3]))
+
+    def fn(party):
+        if party.role == 2:
+            with party.scope("drelu"):
+                size = D.zp_packed_bytes(2 * n * 64) + 8 * n
+                party.send(1, torch.full((size,), 255, dtype=torch.uint8))
+                party.recv(0, (D.zp_packed_bytes(n * 64),), torch.uint8)
+            return None
+        return D.drelu(party, [x0, x1][party.role])
+
+    with pytest.raises(ProtocolError, match="out of range"):
+        run_in_process(fn, timeout=20)

@@ -1,0 +1,195 @@
+"""ReLU, Block-ReLU, max pooling and SelectShare on shares, against plaintext references
+(secure_inference.BlockReLU, torch max_pool2d), with exact byte and round counts, in process
+and over real loopback TCP between three processes."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from secure_inference import BlockReLU, block_costs
+from secure_inference.mpc.protocols import drelu as D
+from secure_inference.mpc.protocols import relu as R
+from secure_inference.mpc.ring import decode, encode
+from secure_inference.mpc.runtime import merge_stats, run_in_process, run_local_processes
+
+I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
+FRAC = 16
+
+
+def _share(x: torch.Tensor):
+    x0 = torch.randint(I64_MIN, I64_MAX, x.shape, dtype=torch.int64)
+    return x0, x - x0
+
+
+def _run(op, x: torch.Tensor, scope: str, **kw):
+    """Run op(party, shares, **kw) in process on a fresh sharing of x; returns (result, stats)."""
+    x0, x1 = _share(x)
+    shape = tuple(x.shape)
+
+    def fn(party):
+        out = op(party, [x0, x1, party.placeholder(shape)][party.role], **kw)
+        return out, party.stats
+
+    res = run_in_process(fn, timeout=60)
+    assert res[2][0] is None
+    return res[0][0] + res[1][0], merge_stats([r[1] for r in res], scope)
+
+
+# ------------------------------------------------------------------ ReLU / select
+
+def test_relu_random_and_edges_with_exact_costs():
+    lo, hi = D.EXACT.valid_range()
+    edges = torch.tensor([0, 1, -1, 2, -2, lo, hi - 1, 1 << 40, -(1 << 40), 12345, -12345])
+    x = torch.cat([edges, torch.randint(lo, hi, (500,)), torch.randint(-100, 100, (200,))])
+    got, st = _run(R.relu, x, "relu")
+    assert torch.equal(got, torch.clamp(x, min=0))
+    assert st["bytes"] == R.relu_bytes(x.numel()) and st["rounds"] == D.ROUNDS
+    assert R.relu_bytes(10 ** 6) / 10 ** 6 == pytest.approx(387.2)
+    assert R.relu_bytes(1) <= 536
+
+
+def test_relu_with_approximate_drelu_errs_by_less_than_2_to_k():
+    cfg = D.DReLUConfig.approximate(max_abs_bits=30, drop_bits=10)
+    x = torch.cat([torch.randint(-(1 << 29), 1 << 29, (500,)), torch.randint(-4096, 4096, (500,))])
+    got, st = _run(R.relu, x, "relu", config=cfg)
+    ref = torch.clamp(x, min=0)
+    assert int((got - ref).abs().max()) < (1 << 10)
+    assert bool(((got == ref) | ((x >= 0) & (x < 1024) & (got == 0))).all())
+    assert st["bytes"] == R.relu_bytes(x.numel(), cfg) < R.relu_bytes(x.numel())
+
+
+def test_select_share():
+    n = 300
+    d = torch.randint(-1000, 1000, (n,))
+    d[:3] = torch.tensor([0, -1, 1])
+    a, b = torch.randint(I64_MIN, I64_MAX, (n,)), torch.randint(I64_MIN, I64_MAX, (n,))
+    shares = [_share(t) for t in (d, a, b)]
+
+    def fn(party):
+        if party.role == 2:
+            return R.select_share(party, *(party.placeholder((n,)),) * 3)
+        return R.select_share(party, *(s[party.role] for s in shares))
+
+    r0, r1, r2 = run_in_process(fn, timeout=60)
+    assert r2 is None
+    assert torch.equal(r0 + r1, torch.where(d >= 0, a, b))
+
+
+# ------------------------------------------------------------------ Block-ReLU
+
+SIZES = [[0, 1], [1, 1], [3, 3], [2, 4], [3, 3], [1, 3], [8, 8], [1, 1], [0, 0], [5, 2]]
+
+
+def _fixed_point_input(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    real = torch.randn(shape, generator=g, dtype=torch.float64) * 2.0
+    return encode(real, FRAC)
+
+
+def _plain_block_relu(x_int: torch.Tensor, sizes) -> torch.Tensor:
+    """secure_inference.BlockReLU on the decoded values (float64: patch sums are exact)."""
+    return encode(BlockReLU(np.array(sizes))(decode(x_int, FRAC)), FRAC)
+
+
+@pytest.mark.parametrize("hw", [(7, 9), (6, 6), (1, 5)])
+def test_block_relu_matches_reference_module(hw):
+    shape = (2, len(SIZES), *hw)
+    x = _fixed_point_input(shape, seed=hw[0] * 10 + hw[1])
+    # patches whose sum is exactly zero (kept by neither the plaintext nor the secure version)
+    x[0, 2, :3, :3] = 0
+    x[0, 2, 0, 0], x[0, 2, 0, 1] = 5, -5
+    x[1, 3, :1, :4] = torch.tensor([[1, -1, 2, -2]])
+    got, st = _run(R.block_relu, x, "block_relu", block_sizes=SIZES)
+    assert torch.equal(got, _plain_block_relu(x, SIZES))
+    plan = R.block_relu_plan(shape, SIZES)
+    assert plan.decisions == shape[0] * int(block_costs(np.array(SIZES), *hw).sum())
+    assert st["bytes"] == R.block_relu_bytes(shape, SIZES) == D.mul_drelu_bytes(plan.decisions,
+                                                                                 plan.pixels)
+    assert st["rounds"] == D.ROUNDS
+
+
+def test_block_relu_3x3_bytes_per_pixel_target_and_identity_is_free():
+    shape = (1, 16, 33, 33)
+    per_pixel = R.block_relu_bytes(shape, [[3, 3]] * 16) / (16 * 33 * 33)
+    assert per_pixel <= 83
+    assert R.block_relu_bytes((1, 64, 96, 96), [[3, 3]] * 64) / (64 * 96 * 96) == \
+        pytest.approx(24 + 363.2 / 9)
+    x = _fixed_point_input((1, 3, 4, 4))
+    got, st = _run(R.block_relu, x, "block_relu", block_sizes=[[0, 1]] * 3)
+    assert torch.equal(got, x) and st["bytes"] == 0
+
+
+def test_block_relu_all_relu_channels_equal_relu():
+    x = _fixed_point_input((2, 3, 5, 4), seed=3)
+    got, _ = _run(R.block_relu, x, "block_relu", block_sizes=[[1, 1]] * 3)
+    assert torch.equal(got, torch.clamp(x, min=0))
+
+
+def test_block_relu_approximate_config():
+    cfg = D.DReLUConfig.approximate(max_abs_bits=28, drop_bits=4)
+    shape = (1, len(SIZES), 6, 7)
+    x = _fixed_point_input(shape, seed=9)
+    got, st = _run(R.block_relu, x, "block_relu", block_sizes=SIZES, config=cfg)
+    ref = _plain_block_relu(x, SIZES)
+    # patches whose sum lies in (0, 2^4] may be dropped; here sums are far from that
+    assert torch.equal(got, ref)
+    assert st["bytes"] == R.block_relu_bytes(shape, SIZES, cfg)
+
+
+def test_block_relu_rejects_bad_block_sizes():
+    x = torch.zeros((1, 2, 3, 3), dtype=torch.int64)
+    with pytest.raises(ValueError, match="rows"):
+        R.block_relu_plan(x.shape, [[1, 1]] * 3)
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        R.block_relu_plan((2, 3, 3), [[1, 1]] * 2)
+
+
+# ------------------------------------------------------------------ max pooling
+
+@pytest.mark.parametrize("kernel,stride,padding,hw", [(3, 2, 1, (9, 8)), (2, 2, 0, (6, 6)),
+                                                      (3, 1, 0, (5, 7)), ((2, 3), (1, 2), (1, 1), (5, 6))])
+def test_max_pool_matches_torch(kernel, stride, padding, hw):
+    shape = (2, 3, *hw)
+    x = _fixed_point_input(shape, seed=sum(hw))
+    x[0, 0, 0, :3] = torch.tensor([7, 7, 7])  # ties
+    got, st = _run(R.max_pool2d, x, "max_pool", kernel_size=kernel, stride=stride, padding=padding)
+    ref = F.max_pool2d(x.double(), kernel, stride, padding).to(torch.int64)
+    assert torch.equal(got, ref)
+    assert st["bytes"] == R.max_pool_bytes(shape, kernel, stride, padding)
+    plan = R.max_pool_plan(shape, kernel, stride, padding)
+    assert st["rounds"] == D.ROUNDS * len(plan.levels)
+
+
+def test_max_pool_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="half the kernel"):
+        R.max_pool_plan((1, 1, 5, 5), 2, 2, 2)
+    with pytest.raises(ValueError, match="does not fit"):
+        R.max_pool_plan((1, 1, 2, 2), 3, 1, 0)
+
+
+# ------------------------------------------------------------------ real TCP, three processes
+
+def test_all_nonlinear_protocols_over_loopback_tcp_processes():
+    sizes = [[3, 3], [0, 1], [1, 1], [2, 2]]
+    shape = (1, 4, 6, 5)
+    x = _fixed_point_input(shape, seed=42)
+    x0, x1 = _share(x)
+    ops = [(D.drelu, {}), (R.relu, {}), (R.block_relu, {"block_sizes": sizes}),
+           (R.max_pool2d, {"kernel_size": 3, "stride": 2, "padding": 1})]
+    res = run_local_processes(functools.partial(R.run_on_shares, shares=(x0, x1), ops=ops),
+                              tls=False, timeout=60, wall_timeout=240)
+    (d0, r0, b0, m0), (d1, r1, b1, m1) = res[0][0], res[1][0]
+    assert res[2][0] == [None, None, None, None]
+    assert torch.equal(d0 + d1, D.plain_drelu(x))
+    assert torch.equal(r0 + r1, torch.clamp(x, min=0))
+    assert torch.equal(b0 + b1, _plain_block_relu(x, sizes))
+    assert torch.equal(m0 + m1, F.max_pool2d(x.double(), 3, 2, 1).to(torch.int64))
+    stats = [r[1] for r in res]
+    assert merge_stats(stats, "drelu")["bytes"] == D.drelu_bytes(x.numel())
+    assert merge_stats(stats, "relu")["bytes"] == R.relu_bytes(x.numel())
+    assert merge_stats(stats, "block_relu")["bytes"] == R.block_relu_bytes(shape, sizes)
+    assert merge_stats(stats, "max_pool")["bytes"] == R.max_pool_bytes(shape, 3, 2, 1)
