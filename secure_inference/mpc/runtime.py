@@ -15,10 +15,14 @@ sends a fresh 32-byte public key) and derives its 256-bit pair key with HKDF-SHA
 both roles and both public keys. Over TLS the exchange is also authenticated by the
 certificates; on plaintext loopback links it resists passive eavesdroppers only.
 
-Rounds are counted with Lamport clocks: each frame carries the sender's clock; receiving sets
-``clock = max(clock, sender_clock + 1)``. The clock is the longest chain of messages that led
-here, so a protocol that sends before it waits pays no extra round. ``stats`` records, per
-scope, the clock advance on this party; :func:`merge_stats` takes the maximum over parties.
+Rounds are counted as message depth per scope (a Lamport clock restarted at every scope
+entry): each frame carries the sender's depth in the current scope; receiving sets
+``depth = max(depth, sender_depth + 1)``. The depth is the longest chain of messages inside
+the scope, so a protocol that sends before it waits pays no extra round, and parties that
+enter a scope at different times still agree. A scope's depth adds to its parent's after the
+point where it started (sequential composition); the root's depth is the session's rounds.
+``stats`` records, per scope, the depth reached on this party (summed over calls);
+:func:`merge_stats` takes the maximum over parties.
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ class ScopeStats:
     frames_sent: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     frames_recv: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     overhead_sent: int = 0          # frame headers and length prefixes
-    rounds: int = 0                 # Lamport clock advance inside the scope (summed over calls)
+    rounds: int = 0                 # message depth inside the scope (summed over calls)
     calls: int = 0
 
     @property
@@ -106,7 +110,7 @@ class CommStats:
 
     def total(self, scope: str = "") -> ScopeStats:
         """Bytes/frames in ``scope`` and all scopes under it; rounds of ``scope`` itself
-        (the whole session's clock for the root)."""
+        (the whole session's depth for the root)."""
         out = ScopeStats()
         for path, st in self.scopes.items():
             if scope == "" or path == scope or path.startswith(scope + "/"):
@@ -124,7 +128,7 @@ class CommStats:
 
 def merge_stats(stats: list[CommStats], scope: str = "") -> dict[str, int]:
     """Combine the three parties' view of ``scope``: total bytes sent by all parties, bytes on
-    each directed link, and rounds (the maximum clock advance over parties)."""
+    each directed link, and rounds (the maximum depth over parties)."""
     out: dict[str, int] = {"bytes": 0, "frames": 0, "rounds": 0}
     for role, st in enumerate(stats):
         t = st.total(scope)
@@ -165,6 +169,7 @@ class Party:
         self._scope_hash = scope_hash("")
         self._pair_keys: dict[int, bytes] = {}
         self._draws: dict[tuple[int, str, str], int] = defaultdict(int)
+        self._depth: list[list[int]] = [[0, 0]]  # per open scope: [parent depth at entry, depth]
         from .backends import get_backend
         self.backend = get_backend(self.device)
 
@@ -198,7 +203,7 @@ class Party:
     # --- messages -------------------------------------------------------------------------
     def send(self, to: int, x: torch.Tensor) -> None:
         """Send one tensor to party ``to`` (framed, counted; does not wait for the peer)."""
-        frame = encode_frame(x, self._scope_hash, self.stats.clock, self.max_frame)
+        frame = encode_frame(x, self._scope_hash, self._depth[-1][1], self.max_frame)
         self._link(to).send(frame)
         st = self.stats.scopes[self._scope_path]
         payload = x.numel() * x.element_size()
@@ -212,7 +217,7 @@ class Party:
         body = self._link(frm).recv(self.timeout)
         frame = decode_frame(body, dtype=dtype, shape=shape, scope=self._scope_hash,
                              scope_name=self._scope_path, peer=frm, device=self.device)
-        self.stats.clock = max(self.stats.clock, frame.clock + 1)
+        self._advance(frame.clock + 1)
         st = self.stats.scopes[self._scope_path]
         st.bytes_recv[frm] += frame.payload_bytes
         st.frames_recv[frm] += 1
@@ -274,15 +279,23 @@ class Party:
         self._scope.append(name)
         self._scope_path = "/".join(self._scope)
         self._scope_hash = scope_hash(self._scope_path)
-        start = self.stats.clock
+        self._depth.append([self._depth[-1][1], 0])
         try:
             yield
         finally:
             st = self.stats.scopes[self._scope_path]
-            st.rounds += self.stats.clock - start
+            st.rounds += self._depth.pop()[1]
             st.calls += 1
             self._scope.pop()
             self._scope_path, self._scope_hash = saved
+
+    def _advance(self, depth: int) -> None:
+        """A frame arrived at ``depth`` of the current scope: raise it and its parents'."""
+        stack = self._depth
+        stack[-1][1] = max(stack[-1][1], depth)
+        for i in range(len(stack) - 1, 0, -1):
+            stack[i - 1][1] = max(stack[i - 1][1], stack[i][0] + stack[i][1])
+        self.stats.clock = stack[0][1]
 
     @property
     def scope_path(self) -> str:

@@ -1,0 +1,335 @@
+"""Linear protocols on additive shares over Z_2^64: share, reconstruct, local ops, Beaver
+products, and convolution/linear layers with the server's weights.
+
+Conventions. P0 (client) and P1 (server) hold int64 shares ``x0 + x1 = x (mod 2^64)``; the
+helper P2 holds a shape-only tensor (``party.placeholder``) wherever the others hold shares,
+and gets placeholders back. Fixed-point values carry ``party.frac_bits`` fractional bits; a
+product of two of them carries twice as many until :func:`truncate` (``truncate=True`` in the
+product functions) brings it back.
+
+Communication (payload bytes, n = elements; all sends overlap, so each product is one round):
+
+=========================  =====================================================  ========
+protocol                   bytes                                                  rounds
+=========================  =====================================================  ========
+share (owner P0 or P1)     0 (the other share is drawn from the P0–P1 pair key)   0
+share (owner P2)           8·n  (P2→P1)                                           1
+reconstruct to P0 and P1   16·n (8·n each way)                                    1
+mul / matmul (shared×      8·out (P2→P1) + 16·(|x|+|y|) (E, F each way, one       1
+shared, Beaver)            frame per direction)
+conv2d / linear (server    per image: 8·|x| (P0→P1) + 8·|out| (P2→P1);            1
+weights)                   once per session and layer: 8·|W| (P1→P0)
+=========================  =====================================================  ========
+
+Beaver triples from the helper are compressed with the pair keys: ``a0, b0, c0`` come from the
+P0–P2 key, ``a1, b1`` from the P1–P2 key, and P2 sends only ``c1 = op(a, b) − c0`` to P1.
+
+Server-weight layers (:func:`conv2d`, :func:`linear`). With x = x0 + x1 and the server's
+plaintext W, ``op(x, W) = op(x0, W) + op(x1, W)``; P1 computes ``op(x1, W)`` alone and the
+cross term ``op(x0, W)`` uses a Beaver-style mask on each side:
+
+* once per session and layer: ``B`` is drawn from the P1–P2 key, P1 sends ``F = W − B`` to P0
+  (cached by P0; P2 caches B);
+* per image: ``A`` (shape of x) and ``c0`` come from the P0–P2 key; P0 sends ``E = x0 − A`` to
+  P1; P2 sends ``c1 = op(A, B) − c0`` to P1. Then ``z0 = op(A, F) + c0`` and
+  ``z1 = op(x1 + E, W) + c1 (+ bias)``, and ``z0 + z1 = op(A, W) + op(x0 − A, W) + op(x1, W)``.
+
+What each party learns: P0 sees ``F = W − B`` once, uniformly random because B (unknown to P0)
+is uniform, so nothing about W; P1 sees ``E = x0 − A`` and ``c1``, both masked by fresh
+uniform values from the P0–P2 key that P1 never sees, so nothing about x (new A and c0 for
+every call); P2 receives nothing. B is reused across images, but nothing P0 or P1 receives
+after the session start depends on B except through ``c1``, which a fresh ``c0`` masks.
+(Semi-honest security, no two parties colluding.) The output shares are uniform: z0 contains
+the fresh c0, z1 = result − z0.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..ring import encode, truncate_share
+from ..runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party
+
+Share = torch.Tensor
+BilinearOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+__all__ = ["share", "reconstruct", "add", "sub", "neg", "add_public", "mul_public", "truncate",
+           "concat", "mul", "matmul", "open_weights", "conv2d", "linear", "to_ring"]
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=torch.int64, device="meta")
+
+
+def to_ring(party: Party, x: torch.Tensor | float, frac_bits: int | None = None) -> torch.Tensor:
+    """Ring elements on the party's device: floats are encoded with ``frac_bits`` (default
+    ``party.frac_bits``); int64 tensors are taken as ring elements unchanged."""
+    if isinstance(x, torch.Tensor) and x.dtype == torch.int64:
+        return x.to(party.device)
+    if isinstance(x, torch.Tensor) and not x.is_floating_point():
+        raise TypeError(f"expected int64 ring elements or floating-point values, got {x.dtype}")
+    return encode(x, party.frac_bits if frac_bits is None else frac_bits, device=party.device)
+
+
+# --- sharing --------------------------------------------------------------------------------
+
+def share(party: Party, x: torch.Tensor | None, owner: int, shape: Sequence[int] | None = None,
+          *, scope: str = "share") -> Share:
+    """Secret-share the owner's ring tensor ``x``; the other parties pass ``shape``.
+
+    Owner P0 or P1: the other share is drawn from the P0–P1 key (no communication). Owner P2:
+    P0's share comes from the P0–P2 key and P2 sends P1 the rest.
+    """
+    if party.role == owner:
+        if x is None or x.dtype != torch.int64:
+            raise TypeError("the owner must pass its secret as an int64 ring tensor (see encode)")
+        x = x.to(party.device)
+        shape = tuple(x.shape)
+    elif shape is None:
+        raise ValueError(f"party {party.role} must pass the public shape of party {owner}'s input")
+    shape = tuple(int(s) for s in shape)
+    with party.scope(scope):
+        if owner in (ROLE_CLIENT, ROLE_SERVER):
+            other = 1 - owner
+            if party.role == ROLE_HELPER:
+                return party.placeholder(shape)
+            mask = party.pair_random(other if party.role == owner else owner, shape, tag="share")
+            return x - mask if party.role == owner else mask
+        if owner != ROLE_HELPER:
+            raise ValueError(f"owner must be 0, 1 or 2, got {owner}")
+        if party.role == ROLE_CLIENT:
+            return party.pair_random(ROLE_HELPER, shape, tag="share")
+        if party.role == ROLE_HELPER:
+            x0 = party.pair_random(ROLE_CLIENT, shape, tag="share")
+            party.send(ROLE_SERVER, x - x0)
+            return party.placeholder(shape)
+        return party.recv(ROLE_HELPER, shape)
+
+
+def reconstruct(party: Party, x: Share, *, to: int | Sequence[int] = (ROLE_CLIENT, ROLE_SERVER),
+                scope: str = "reconstruct") -> torch.Tensor | None:
+    """Open a shared value to the parties in ``to``; they get the ring value, the rest None."""
+    to = (to,) if isinstance(to, int) else tuple(to)
+    if not set(to) <= {0, 1, 2} or not to:
+        raise ValueError(f"'to' must name parties 0, 1, 2, got {to}")
+    with party.scope(scope):
+        if party.role == ROLE_HELPER:
+            if ROLE_HELPER not in to:
+                return None
+            return party.recv(ROLE_CLIENT, x.shape) + party.recv(ROLE_SERVER, x.shape)
+        other = 1 - party.role
+        if other in to:
+            party.send(other, x)
+        if ROLE_HELPER in to:
+            party.send(ROLE_HELPER, x)
+        if party.role in to:
+            return x + party.recv(other, x.shape)
+        return None
+
+
+# --- local operations -----------------------------------------------------------------------
+
+def add(x: Share, y: Share) -> Share:
+    """Shares of x + y (also the residual add)."""
+    return x + y
+
+
+def sub(x: Share, y: Share) -> Share:
+    """Shares of x − y."""
+    return x - y
+
+
+def neg(x: Share) -> Share:
+    """Shares of −x."""
+    return -x
+
+
+def add_public(party: Party, x: Share, c: torch.Tensor | int) -> Share:
+    """Shares of x + c for a public ring value c (P0 adds it)."""
+    if party.role == ROLE_CLIENT:
+        return x + (c.to(party.device) if isinstance(c, torch.Tensor) else c)
+    if party.role == ROLE_HELPER:
+        c_shape = c.shape if isinstance(c, torch.Tensor) else ()
+        return party.placeholder(torch.broadcast_shapes(x.shape, c_shape))
+    return x + torch.zeros_like(c, device=party.device) if isinstance(c, torch.Tensor) else x
+
+
+def mul_public(x: Share, c: torch.Tensor | int) -> Share:
+    """Shares of x · c for a public integer (ring) value c; truncate afterwards if c is fixed point."""
+    if isinstance(c, torch.Tensor):
+        if c.dtype != torch.int64:
+            raise TypeError("public multipliers must be int64 ring values (encode floats first)")
+        if x.is_meta:
+            return torch.empty(torch.broadcast_shapes(x.shape, c.shape), dtype=torch.int64,
+                               device="meta")
+        c = c.to(x.device)
+    return x * c
+
+
+def truncate(party: Party, x: Share, bits: int | None = None) -> Share:
+    """Local truncation by ``bits`` (default ``party.frac_bits``); see :mod:`..ring` for the
+    ±1 LSB error and the 2^(l+1-64) failure probability."""
+    bits = party.frac_bits if bits is None else bits
+    if party.role == ROLE_HELPER:
+        return x
+    return truncate_share(x, bits, party.role)
+
+
+def concat(xs: Sequence[Share], dim: int = 1) -> Share:
+    """Shares of the concatenation (local)."""
+    return torch.cat(list(xs), dim=dim)
+
+
+# --- Beaver products (both operands shared) -------------------------------------------------
+
+def _beaver(party: Party, x: Share, y: Share, op: BilinearOp, truncate_result: bool,
+            scope: str) -> Share:
+    """Shares of op(x, y) for a bilinear op with a helper-dealt, PRG-compressed triple."""
+    out_shape = op(_meta(x), _meta(y)).shape
+    with party.scope(scope):
+        if party.role == ROLE_HELPER:
+            a0 = party.pair_random(ROLE_CLIENT, x.shape, tag="a")
+            b0 = party.pair_random(ROLE_CLIENT, y.shape, tag="b")
+            c0 = party.pair_random(ROLE_CLIENT, out_shape, tag="c")
+            a1 = party.pair_random(ROLE_SERVER, x.shape, tag="a")
+            b1 = party.pair_random(ROLE_SERVER, y.shape, tag="b")
+            party.send(ROLE_SERVER, op(a0 + a1, b0 + b1) - c0)
+            return party.placeholder(out_shape)
+        a = party.pair_random(ROLE_HELPER, x.shape, tag="a")
+        b = party.pair_random(ROLE_HELPER, y.shape, tag="b")
+        other = 1 - party.role
+        ef = torch.cat([(x - a).reshape(-1), (y - b).reshape(-1)])
+        party.send(other, ef)  # E and F in one frame, before waiting for anything
+        if party.role == ROLE_CLIENT:
+            c = party.pair_random(ROLE_HELPER, out_shape, tag="c")
+        else:
+            c = party.recv(ROLE_HELPER, out_shape)
+        ef = ef + party.recv(other, ef.shape)
+        e = ef[:x.numel()].reshape(x.shape)
+        f = ef[x.numel():].reshape(y.shape)
+        z = op(e, b) + op(a, f) + c
+        if party.role == ROLE_CLIENT:
+            z = z + op(e, f)
+        return truncate(party, z) if truncate_result else z
+
+
+def mul(party: Party, x: Share, y: Share, *, truncate: bool = True, scope: str = "mul") -> Share:
+    """Shares of the elementwise product x ⊙ y (broadcasting, e.g. one bit per Block-ReLU patch
+    against its pixels: E is opened at x's shape and F at y's, so a broadcast operand is cheap).
+
+    ``truncate`` divides by 2^f afterwards (for two fixed-point operands; pass False when one
+    operand is an integer such as a 0/1 bit).
+    """
+    return _beaver(party, x, y, torch.mul, truncate, scope)
+
+
+def matmul(party: Party, x: Share, y: Share, *, truncate: bool = True,
+           scope: str = "matmul") -> Share:
+    """Shares of x @ y for two shared matrices (torch.matmul broadcasting)."""
+    return _beaver(party, x, y, party.backend.matmul, truncate, scope)
+
+
+# --- layers with the server's plaintext weights ---------------------------------------------
+
+def open_weights(party: Party, weight: torch.Tensor | None, *, weight_shape: Sequence[int],
+                 name: str) -> None:
+    """Session set-up for one weight tensor of the server: P1 sends ``F = W − B`` to P0 once.
+
+    Done automatically by :func:`conv2d`/:func:`linear` on first use of ``name``; call it up
+    front to move this traffic out of the first image. Idempotent per ``name``; P1 must pass
+    the same weights on every later call (checked).
+    """
+    with party.scope(name):
+        _open_weights(party, weight, weight_shape, name)
+
+
+def _open_weights(party: Party, weight: torch.Tensor | None, weight_shape: Sequence[int],
+                  name: str) -> torch.Tensor:
+    """In the layer's scope: open F once (cached), return this party's weight-side tensor
+    (P0: F, P1: W, P2: B)."""
+    shape = tuple(int(s) for s in weight_shape)
+    key = ("weights", name)
+    if party.role == ROLE_SERVER:
+        if weight is None:
+            raise ValueError("the server (P1) must pass its weights")
+        w = to_ring(party, weight)
+        if tuple(w.shape) != shape:
+            raise ValueError(f"weights of '{name}' have shape {list(w.shape)}, public shape is "
+                             f"{list(shape)}")
+        if key in party.cache:
+            if not torch.equal(party.cache[key], w):
+                raise ValueError(f"weights of '{name}' changed within the session; use a new name")
+            return w
+    elif key in party.cache:
+        return party.cache[key]
+    with party.scope("open-weights"):
+        if party.role == ROLE_CLIENT:
+            party.cache[key] = party.recv(ROLE_SERVER, shape)
+        elif party.role == ROLE_SERVER:
+            party.send(ROLE_CLIENT, w - party.pair_random(ROLE_HELPER, shape, tag="B"))
+            party.cache[key] = w
+        else:
+            party.cache[key] = party.pair_random(ROLE_SERVER, shape, tag="B")
+    return party.cache[key]
+
+
+def _server_weight_op(party: Party, x: Share, weight: torch.Tensor | None,
+                      bias: torch.Tensor | None, weight_shape: Sequence[int], op: BilinearOp,
+                      name: str, truncate_result: bool) -> Share:
+    out_shape = op(_meta(x), torch.empty(tuple(weight_shape), dtype=torch.int64,
+                                         device="meta")).shape
+    with party.scope(name):
+        if party.role == ROLE_CLIENT:
+            a = party.pair_random(ROLE_HELPER, x.shape, tag="A")
+            party.send(ROLE_SERVER, x - a)  # before waiting for F on the first call
+            f = _open_weights(party, None, weight_shape, name)
+            z = op(a, f) + party.pair_random(ROLE_HELPER, out_shape, tag="C")
+        elif party.role == ROLE_HELPER:
+            b = _open_weights(party, None, weight_shape, name)
+            a = party.pair_random(ROLE_CLIENT, x.shape, tag="A")
+            c0 = party.pair_random(ROLE_CLIENT, out_shape, tag="C")
+            party.send(ROLE_SERVER, op(a, b) - c0)
+            return party.placeholder(out_shape)
+        else:
+            w = _open_weights(party, weight, weight_shape, name)
+            e = party.recv(ROLE_CLIENT, x.shape)
+            c1 = party.recv(ROLE_HELPER, out_shape)
+            z = op(x + e, w) + c1
+            if bias is not None:
+                b = to_ring(party, bias, 2 * party.frac_bits) if bias.is_floating_point() \
+                    else to_ring(party, bias)
+                z = z + _bias_view(b, z)
+        return truncate(party, z) if truncate_result else z
+
+
+def _bias_view(b: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel bias shaped to broadcast against z ([N, C, ...] or [..., C])."""
+    if z.ndim >= 3 and b.ndim == 1:  # convolution output [N, C, H, W]
+        return b.reshape(1, -1, *([1] * (z.ndim - 2)))
+    return b
+
+
+def conv2d(party: Party, x: Share, weight: torch.Tensor | None, bias: torch.Tensor | None, *,
+           weight_shape: Sequence[int], stride=1, padding=0, dilation=1, groups: int = 1,
+           name: str, truncate: bool = True) -> Share:
+    """Shares of conv2d(x, W) + bias with the server's plaintext weights (1 round per image).
+
+    P1 passes ``weight`` [C_out, C_in/groups, kh, kw] and optional ``bias`` [C_out] (floats
+    are encoded: weights with f fractional bits, the bias with 2f, the product's scale, so it is
+    added before truncation; int64 tensors are taken as already encoded at those scales);
+    P0 and P2 pass None. ``name`` identifies the layer for the once-per-session weight opening
+    and is its statistics scope.
+    """
+    def op(a, w):
+        return party.backend.conv2d(a, w, stride, padding, dilation, groups)
+    return _server_weight_op(party, x, weight, bias, weight_shape, op, name, truncate)
+
+
+def linear(party: Party, x: Share, weight: torch.Tensor | None, bias: torch.Tensor | None, *,
+           weight_shape: Sequence[int], name: str, truncate: bool = True) -> Share:
+    """Shares of ``x @ W.T + bias`` (torch.nn.functional.linear) with the server's weights
+    [out, in]; same protocol and conventions as :func:`conv2d`."""
+    def op(a, w):
+        return party.backend.matmul(a, w.transpose(-1, -2))
+    return _server_weight_op(party, x, weight, bias, weight_shape, op, name, truncate)
