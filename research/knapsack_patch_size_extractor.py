@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_model(args, meta: dict, results: dict) -> str:
     """Build the model named by --config/--model and check the recorded sites against it."""
     from secure_inference import find_relu_sites
+    from secure_inference.distortion.store import DistortionFileError
     from secure_inference.knapsack import check_against_sites
     from secure_inference.models import input_shape_of, load_model
 
@@ -70,8 +71,8 @@ def check_model(args, meta: dict, results: dict) -> str:
     if args.config:
         cfg_shape = input_shape_of(args.config, default=shape)
         if tuple(cfg_shape) != shape[-3:]:
-            raise SystemExit(f"error: the distortion was recorded at input {list(shape)} but "
-                             f"{args.config} declares input_shape {list(cfg_shape)}")
+            raise DistortionFileError(f"the distortion was recorded at input {list(shape)} but "
+                                      f"{args.config} declares input_shape {list(cfg_shape)}")
     model = load_model(target)
     check_against_sites(results, find_relu_sites(model, shape))
     return target

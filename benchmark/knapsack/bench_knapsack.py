@@ -119,10 +119,28 @@ def worker(method: str, path: str, budget: int, time_limit: float) -> dict:
                    core_channels=r.core_channels, dp_states=r.dp_states,
                    greedy_distortion=r.stats.get("greedy_distortion"))
     elif method == "dp":
+        from secure_inference.knapsack.reference import dp_table_bytes
         t0 = time.perf_counter()
         r = dp_mckp(inst, None, budget)
         out["time_s"] = time.perf_counter() - t0
-        out.update(distortion=r.total_distortion, cost=r.total_cost, gap=0.0)
+        out.update(distortion=r.total_distortion, cost=r.total_cost, gap=0.0,
+                   table_mib=dp_table_bytes(inst.num_channels, budget,
+                                            int(np.diff(inst.offsets).max())) / 2**20)
+    elif method == "sweep":
+        # robustness: other budgets, and distortions rounded to few distinct values (many ties)
+        rows = []
+        solve_mckp(inst, None, budget)  # warm-up
+        total = int(budget / 0.06)
+        for variant in ("noisy", "ties"):
+            d = inst.distortions if variant == "noisy" else np.round(inst.distortions * 2) / 2
+            f = FlatInstance(inst.costs, d, inst.offsets)
+            for ratio in (0.01, 0.03, 0.06, 0.09, 0.2, 0.5):
+                t0 = time.perf_counter()
+                r = solve_mckp(f, None, int(ratio * total))
+                rows.append(dict(variant=variant, ratio=ratio, time_s=time.perf_counter() - t0,
+                                 gap=r.gap, optimal=r.optimal, core_channels=r.core_channels,
+                                 dp_states=r.dp_states))
+        out["sweep"] = rows
     elif method == "highs":
         from scipy.optimize import Bounds, LinearConstraint, milp
         from scipy.sparse import csr_matrix
@@ -175,6 +193,7 @@ def main(argv=None) -> None:
         return
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        print(f"load average at start: {os.getloadavg()}", flush=True)
         for name in ("resnet18_cifar", "resnet50"):
             inst = build_instance(name, args.seed, args.max_rect)
             budget = int(args.ratio * inst["total_relus"])
@@ -191,7 +210,15 @@ def main(argv=None) -> None:
             if name == "resnet18_cifar" or not args.quick:
                 runs["highs"] = run_worker("highs", path, budget, args.highs_time_limit)
                 print(runs["highs"], flush=True)
+            if name == "resnet50":
+                runs["sweep"] = run_worker("sweep", path, budget)
+                for row in runs["sweep"].get("sweep", []):
+                    print(row, flush=True)
+                from secure_inference.knapsack.reference import dp_table_bytes
+                info["dp_table_gib"] = dp_table_bytes(info["channels"], budget,
+                                                      info["max_options"]) / 2**30
             results[name] = {"instance": info, "runs": runs}
+        print(f"load average at end: {os.getloadavg()}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

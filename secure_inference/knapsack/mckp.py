@@ -40,6 +40,9 @@ __all__ = ["MCKPResult", "InfeasibleBudgetError", "solve_mckp", "as_flat_instanc
            "FlatInstance"]
 
 
+_MAX_EXPAND = 2_000_000   # states × options expanded at once in the core DP (memory bound)
+
+
 class InfeasibleBudgetError(ValueError):
     """The budget is below the smallest achievable total cost."""
 
@@ -244,8 +247,9 @@ def solve_mckp(costs, distortions, budget: int, *, rel_tol: float = 1e-12,
     ``costs``/``distortions``: [N, K] arrays or sequences of per-channel 1-D arrays (see
     :func:`as_flat_instance`); costs are non-negative integers, distortions finite floats.
     Returns an :class:`MCKPResult` whose ``gap`` is certified; it is <= ``rel_tol`` unless the
-    core dynamic program exceeded ``max_states`` live states (then the best solution found is
-    returned with its honest gap and ``optimal=False``).
+    core dynamic program would store more than ``max_states`` states in all (about 8 bytes
+    each), in which case the best solution found is returned with its honest gap and
+    ``optimal=False``.
 
     Raises :class:`InfeasibleBudgetError` when ``budget`` is below the smallest achievable
     total cost (every channel at its cheapest option).
@@ -435,10 +439,28 @@ class _CoreDP:
         ex2 = lam * np.maximum(0, (self.bf - self.suf_max[j + 1]) - cost)
         return self.lb + redsum + np.maximum(ex, ex2)
 
+    def _expand(self, j, cost, dist, redsum, o, lo, hi):
+        """States [lo, hi) × options ``o`` of stage j, minus infeasible and bound-pruned ones."""
+        k = o.size
+        cs, ds, rs = cost[lo:hi], dist[lo:hi], redsum[lo:hi]
+        nc = (cs[:, None] + self.pc[o][None, :]).reshape(-1)
+        nd = (ds[:, None] + self.pd[o][None, :]).reshape(-1)
+        nr = (rs[:, None] + self.red[o][None, :]).reshape(-1)
+        parent = np.repeat(np.arange(lo, hi, dtype=np.int32), k)
+        pick = np.tile(o.astype(np.int32), hi - lo)
+        feas = nc + self.suf_min[j + 1] <= self.bf
+        bnd = self._bounds(j, nc, nr)
+        keep = feas & (bnd < self.ub - self.tol)
+        drop = feas & ~keep
+        if drop.any():
+            self.pruned_min = min(self.pruned_min, float(bnd[drop].min()))
+        return [x[keep] for x in (nc, nd, nr, parent, pick, bnd)]
+
     def run(self) -> None:
         cost = np.zeros(1, np.int64)
         dist = np.zeros(1, np.float64)
         redsum = np.zeros(1, np.float64)
+        bnd = np.full(1, self.lb)
         nf = self.free.size
         self._try_incumbent(-1, cost, dist)   # all core channels at LP / cheapest options
         for j in range(nf):
@@ -450,29 +472,22 @@ class _CoreDP:
                 o = o[ok]
             if o.size == 0 or cost.size == 0:
                 self.complete = True
-                self.alive_min = math.inf
                 return
-            k = o.size
-            s = cost.size
-            nc = (cost[:, None] + self.pc[o][None, :]).reshape(-1)
-            nd = (dist[:, None] + self.pd[o][None, :]).reshape(-1)
-            nr = (redsum[:, None] + self.red[o][None, :]).reshape(-1)
-            parent = np.repeat(np.arange(s, dtype=np.int64), k)
-            pick = np.tile(o, s)
-            feas = nc + self.suf_min[j + 1] <= self.bf
-            bnd = self._bounds(j, nc, nr)
-            keep = feas & (bnd < self.ub - self.tol)
-            drop = feas & ~keep
-            if drop.any():
-                self.pruned_min = min(self.pruned_min, float(bnd[drop].min()))
-            nc, nd, nr, parent, pick, bnd = (x[keep] for x in (nc, nd, nr, parent, pick, bnd))
+            if self.total_states + cost.size * o.size > self.max_states:
+                self.alive_min = float(bnd.min())   # every better solution extends a live state
+                return
+            step = max(1, _MAX_EXPAND // o.size)        # bounded temporary memory
+            parts = [self._expand(j, cost, dist, redsum, o, lo, min(lo + step, cost.size))
+                     for lo in range(0, cost.size, step)]
+            nc, nd, nr, parent, pick, bnd = (np.concatenate(x) for x in zip(*parts))
+            del parts
             if nc.size:
                 srt = np.lexsort((nd, nc))
                 nc, nd, nr, parent, pick, bnd = (x[srt] for x in (nc, nd, nr, parent, pick, bnd))
                 prev = np.empty_like(nd)
                 prev[0] = np.inf
                 np.minimum.accumulate(nd[:-1], out=prev[1:])
-                dom = nd < prev
+                dom = nd < prev      # Pareto in (cost, distortion): drop dominated states
                 nc, nd, nr, parent, pick, bnd = (x[dom] for x in (nc, nd, nr, parent, pick, bnd))
             self.total_states += int(nc.size)
             self.parents.append(parent)
@@ -487,9 +502,6 @@ class _CoreDP:
                     nc, nd, nr, bnd = nc[idx], nd[idx], nr[idx], bnd[idx]
                     self._remap(j, idx)
             cost, dist, redsum = nc, nd, nr
-            if cost.size > self.max_states:
-                self.alive_min = float(bnd.min())
-                return
         self.complete = True
 
     def _remap(self, j, idx):
