@@ -1,0 +1,127 @@
+"""Exact mod-2^64 convolution/matmul backends against Python-integer references."""
+import pytest
+import torch
+
+from secure_inference.mpc import prg
+from secure_inference.mpc.backends import (CpuInt64Backend, ExactnessError, LimbFloatBackend,
+                                           check_exact, get_backend, limb_bits_for)
+
+M64 = 1 << 64
+
+
+def signed(v: int) -> int:
+    v %= M64
+    return v - M64 if v >= 1 << 63 else v
+
+
+def rand64(*shape) -> torch.Tensor:
+    return prg.private_stream().ring(shape)
+
+
+def conv2d_python(x, w, stride, padding, dilation, groups):
+    """Direct definition of conv2d with Python integers, reduced mod 2^64."""
+    xs, ws = x.tolist(), w.tolist()
+    n, cin, h, wd = x.shape
+    cout, cpg, kh, kw = w.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    opg = cout // groups
+    out = [[[[0] * ow for _ in range(oh)] for _ in range(cout)] for _ in range(n)]
+    for b in range(n):
+        for o in range(cout):
+            g = o // opg
+            for i in range(oh):
+                for j in range(ow):
+                    acc = 0
+                    for c in range(cpg):
+                        for u in range(kh):
+                            for v in range(kw):
+                                yy, xx = i * sh - ph + u * dh, j * sw - pw + v * dw
+                                if 0 <= yy < h and 0 <= xx < wd:
+                                    acc += xs[b][g * cpg + c][yy][xx] * ws[o][c][u][v]
+                    out[b][o][i][j] = signed(acc)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+CONV_CASES = [  # (N, Cin, H, W, Cout, k, stride, padding, dilation, groups)
+    (1, 3, 6, 5, 4, 3, (1, 1), (1, 1), (1, 1), 1),
+    (2, 4, 7, 7, 4, 3, (2, 2), (1, 0), (1, 1), 2),
+    (1, 4, 6, 6, 4, 3, (1, 2), (2, 2), (2, 1), 4),    # depthwise, dilated
+    (1, 2, 5, 5, 6, 1, (1, 1), (0, 0), (1, 1), 1),    # 1x1
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_cpu_int64_conv2d_matches_python_integers(case):
+    n, cin, h, w_, cout, k, s, p, d, g = case
+    x, w = rand64(n, cin, h, w_), rand64(cout, cin // g, k, k)
+    got = CpuInt64Backend().conv2d(x, w, s, p, d, g)
+    assert torch.equal(got, conv2d_python(x, w, s, p, d, g))
+
+
+def test_cpu_int64_matmul_matches_python_integers():
+    x, y = rand64(5, 13), rand64(13, 7)
+    ref = [[signed(sum(a * b for a, b in zip(row, col))) for col in zip(*y.tolist())]
+           for row in x.tolist()]
+    assert torch.equal(CpuInt64Backend().matmul(x, y), torch.tensor(ref, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_limb_backend_conv2d_exact_on_cpu(case):
+    n, cin, h, w_, cout, k, s, p, d, g = case
+    x, w = rand64(n, cin, h, w_), rand64(cout, cin // g, k, k)
+    ref = CpuInt64Backend().conv2d(x, w, s, p, d, g)
+    assert torch.equal(LimbFloatBackend(torch.float64).conv2d(x, w, s, p, d, g), ref)
+    # narrow limbs make float32 exact too (reduction here is at most 36)
+    assert torch.equal(LimbFloatBackend(torch.float32).conv2d(x, w, s, p, d, g), ref)
+
+
+def test_limb_backend_matmul_exact_on_cpu_with_batches():
+    x, y = rand64(3, 4, 300), rand64(300, 5)
+    assert torch.equal(LimbFloatBackend().matmul(x, y), torch.matmul(x, y))
+    x1 = rand64(300)
+    assert torch.equal(LimbFloatBackend().matmul(x1, y), torch.matmul(x1, y))
+
+
+def test_limb_width_follows_the_exactness_bound():
+    for k, dtype in ((1, torch.float64), (9, torch.float64), (4608, torch.float64),
+                     (2 ** 20, torch.float64), (9, torch.float32), (300, torch.float32)):
+        b = limb_bits_for(k, dtype)
+        mant = 53 if dtype == torch.float64 else 24
+        assert k * (2 ** b - 1) ** 2 < 2 ** mant <= k * (2 ** (b + 1) - 1) ** 2
+    check_exact(4608, 20, torch.float64)
+    with pytest.raises(ExactnessError):
+        check_exact(4608, 21, torch.float64)
+    with pytest.raises(ExactnessError):  # a forced limb width that would round is refused
+        LimbFloatBackend(torch.float32, limb_bits=12).conv2d(rand64(1, 8, 4, 4),
+                                                              rand64(2, 8, 3, 3))
+
+
+def test_backends_propagate_shapes_of_meta_tensors():
+    x = torch.empty(2, 4, 8, 8, dtype=torch.int64, device="meta")
+    w = torch.empty(6, 2, 3, 3, dtype=torch.int64, device="meta")
+    for be in (CpuInt64Backend(), LimbFloatBackend()):
+        assert be.conv2d(x, w, 2, 1, 1, 2).shape == (2, 6, 4, 4)
+    with pytest.raises(TypeError):
+        CpuInt64Backend().matmul(torch.ones(2, 2), torch.ones(2, 2))
+    assert isinstance(get_backend("cpu"), CpuInt64Backend)
+    assert isinstance(get_backend("cuda"), LimbFloatBackend)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", CONV_CASES + [(2, 64, 16, 16, 64, 3, (1, 1), (1, 1), (1, 1), 1)])
+def test_cuda_limb_conv2d_matches_cpu_int64(case):
+    n, cin, h, w_, cout, k, s, p, d, g = case
+    x, w = rand64(n, cin, h, w_), rand64(cout, cin // g, k, k)
+    ref = CpuInt64Backend().conv2d(x, w, s, p, d, g)
+    got = get_backend("cuda").conv2d(x.cuda(), w.cuda(), s, p, d, g)
+    assert torch.equal(got.cpu(), ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_limb_matmul_matches_cpu_int64():
+    x, y = rand64(64, 4096), rand64(4096, 32)
+    assert torch.equal(get_backend("cuda").matmul(x.cuda(), y.cuda()).cpu(), torch.matmul(x, y))
