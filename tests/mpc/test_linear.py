@@ -1,0 +1,249 @@
+"""Linear and pooling protocols against plaintext, with exact byte and round counts."""
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from secure_inference.mpc import prg
+from secure_inference.mpc import protocols as P
+from secure_inference.mpc.ring import decode, encode
+from secure_inference.mpc.runtime import merge_stats, run_in_process
+
+FRAC = 16
+I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
+EDGES = torch.tensor([0, 1, -1, 2, I64_MAX, I64_MIN, I64_MAX - 1, I64_MIN + 1, 1 << 32, -(1 << 32)])
+
+
+def rand64(*shape) -> torch.Tensor:
+    return prg.private_stream().ring(shape)
+
+
+def with_edges(x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1).clone()
+    k = min(flat.numel(), EDGES.numel())
+    flat[:k] = EDGES[:k]
+    return flat.reshape(x.shape)
+
+
+def _inputs(p, x, y=None, x_owner=0, y_owner=1):
+    xs = P.share(p, x if p.role == x_owner else None, x_owner, x.shape)
+    if y is None:
+        return xs
+    ys = P.share(p, y if p.role == y_owner else None, y_owner, y.shape)
+    return xs, ys
+
+
+def _open(p, t):
+    return P.reconstruct(p, t, to=0)
+
+
+def stats_of(results, scope):
+    return merge_stats([r[-1] for r in results], scope)
+
+
+# --- share / reconstruct -----------------------------------------------------------------
+
+def _share_roundtrip(p, x):
+    out = []
+    for owner in (0, 1, 2):
+        s = P.share(p, x if p.role == owner else None, owner, x.shape, scope=f"share{owner}")
+        out.append(P.reconstruct(p, s, to=(0, 1, 2), scope=f"open{owner}"))
+    s = P.share(p, x if p.role == 0 else None, 0, x.shape, scope="share-again")
+    out.append(P.reconstruct(p, s, to=1, scope="open-to-1"))
+    return out, s, p.stats
+
+
+def test_share_and_reconstruct_every_owner_and_recipient():
+    x = with_edges(rand64(3, 50))
+    res = run_in_process(functools.partial(_share_roundtrip, x=x))
+    for role in (0, 1, 2):
+        for opened in res[role][0][:3]:
+            assert torch.equal(opened, x)
+    assert res[0][0][3] is None and res[2][0][3] is None and torch.equal(res[1][0][3], x)
+    assert res[2][1].is_meta  # the helper holds a shape-only placeholder
+    n = x.numel()
+    for owner in (0, 1):  # shares of P0/P1 inputs cost nothing
+        assert stats_of(res, f"share{owner}") == {"bytes": 0, "frames": 0, "rounds": 0}
+    s2 = stats_of(res, "share2")
+    assert s2["bytes"] == 8 * n and s2["bytes_2->1"] == 8 * n and s2["rounds"] == 1
+    o = stats_of(res, "open0")   # to all three: P0<->P1 both ways and both to P2
+    assert o["bytes"] == 4 * 8 * n and o["rounds"] == 1
+    assert stats_of(res, "open-to-1")["bytes"] == 8 * n
+
+
+# --- Beaver products -----------------------------------------------------------------------
+
+def _ring_products(p, x, y, bits, vals, a, b):
+    xs, ys = _inputs(p, x, y)
+    bs = P.share(p, bits if p.role == 0 else None, 0, bits.shape, scope="bits")
+    vs = P.share(p, vals if p.role == 1 else None, 1, vals.shape, scope="vals")
+    as_, bs_ = _inputs(p, a, b, x_owner=1, y_owner=0)
+    m = P.mul(p, xs, ys, truncate=False)
+    bm = P.mul(p, bs, vs, truncate=False, scope="bcast")
+    mm = P.matmul(p, as_, bs_, truncate=False)
+    return [_open(p, t) for t in (m, bm, mm)], p.stats
+
+
+def test_beaver_products_are_exact_mod_2_64():
+    x, y = with_edges(rand64(4, 33)), with_edges(rand64(4, 33)).flip(1)
+    # Block-ReLU style broadcast: one bit per 3x3 patch times its pixels
+    bits = prg.private_stream().below((2, 3, 2, 1, 2, 1), 2)
+    vals = rand64(2, 3, 2, 3, 2, 3)
+    a, b = rand64(2, 5, 17), rand64(17, 6)
+    res = run_in_process(functools.partial(_ring_products, x=x, y=y, bits=bits, vals=vals,
+                                           a=a, b=b))
+    m, bm, mm = res[0][0]
+    assert torch.equal(m, x * y)
+    assert torch.equal(bm, bits * vals)
+    assert torch.equal(mm, torch.matmul(a, b))
+    # bytes: c1 from P2 (8 per output) + E, F each way (8 per element of x and y, per direction)
+    st = stats_of(res, "mul")
+    assert st["bytes"] == 8 * x.numel() + 2 * 8 * (x.numel() + y.numel())
+    assert st["bytes_2->1"] == 8 * x.numel() and st["rounds"] == 1
+    sb = stats_of(res, "bcast")  # E opened at patch size only
+    assert sb["bytes"] == 8 * vals.numel() + 2 * 8 * (bits.numel() + vals.numel())
+    sm = stats_of(res, "matmul")
+    assert sm["bytes"] == 8 * 2 * 5 * 6 + 2 * 8 * (a.numel() + b.numel()) and sm["rounds"] == 1
+
+
+def _fixed_mul(p, x, y):
+    xs, ys = _inputs(p, encode(x, FRAC), encode(y, FRAC))
+    return _open(p, P.mul(p, xs, ys)), _open(p, P.matmul(p, xs, ys.transpose(0, 1))), p.stats
+
+
+def test_fixed_point_mul_with_truncation():
+    x = torch.cat([torch.randn(500) * 20, torch.tensor([0.0, 1.0, -1.0, 1000.0, -1000.0])])
+    y = torch.cat([torch.randn(500), torch.tensor([5.0, -5.0, 0.0, 0.001, -1000.0])])
+    x, y = x.reshape(5, 101), y.reshape(5, 101)
+    res = run_in_process(functools.partial(_fixed_mul, x=x, y=y))
+    xe, ye = encode(x, FRAC), encode(y, FRAC)
+    exact = torch.div(xe * ye, 1 << FRAC, rounding_mode="floor")
+    assert int((res[0][0] - exact).abs().max()) <= 1          # ±1 LSB of truncation
+    assert torch.allclose(decode(res[0][1], FRAC), (x.double() @ y.double().T), atol=1e-2)
+
+
+# --- server-weight layers -----------------------------------------------------------------
+
+CONV_CASES = [  # (N, Cin, H, W, Cout, k, stride, padding, dilation, groups)
+    (2, 3, 8, 8, 4, 3, 1, 1, 1, 1),
+    (1, 4, 9, 7, 6, 3, 2, (1, 0), 1, 2),
+    (1, 6, 8, 8, 6, 3, 1, 2, 2, 6),     # depthwise, dilated
+    (2, 8, 5, 5, 3, 1, 1, 0, 1, 1),     # 1x1
+]
+
+
+def _conv_ring(p, x, w, cfg, name):
+    xs = _inputs(p, x)
+    n, cin, h, w_, cout, k, s, pad, d, g = cfg
+    out = P.conv2d(p, xs, w if p.role == 1 else None, None, weight_shape=w.shape, stride=s,
+                   padding=pad, dilation=d, groups=g, name=name, truncate=False)
+    return _open(p, out), p.stats
+
+
+@pytest.mark.parametrize("cfg", CONV_CASES)
+def test_conv2d_with_server_weights_exact_mod_2_64(cfg):
+    n, cin, h, w_, cout, k, s, pad, d, g = cfg
+    x, w = with_edges(rand64(n, cin, h, w_)), with_edges(rand64(cout, cin // g, k, k))
+    res = run_in_process(functools.partial(_conv_ring, x=x, w=w, cfg=cfg, name="conv"))
+    ref = F.conv2d(x, w, None, s, pad, d, g)
+    assert torch.equal(res[0][0], ref)
+    st = stats_of(res, "conv")
+    assert st["bytes_1->0"] == 8 * w.numel()                    # F opened once
+    assert st["bytes_0->1"] == 8 * x.numel()                    # E = x0 - A
+    assert st["bytes_2->1"] == 8 * ref.numel()                  # c1
+    assert st["bytes"] == 8 * (w.numel() + x.numel() + ref.numel()) and st["rounds"] == 1
+
+
+def _conv_session(p, xs_plain, w, b, lw, lb):
+    outs = []
+    P.open_weights(p, lw if p.role == 1 else None, weight_shape=lw.shape, name="fc")
+    for i, x in enumerate(xs_plain):
+        xs = _inputs(p, encode(x, FRAC))
+        with p.scope(f"image{i}"):
+            y = P.conv2d(p, xs, w if p.role == 1 else None, b if p.role == 1 else None,
+                         weight_shape=w.shape, stride=1, padding=1, name="conv1")
+            z = P.linear(p, y.reshape(y.shape[0], -1), lw if p.role == 1 else None,
+                         lb if p.role == 1 else None, weight_shape=lw.shape, name="fc")
+        outs.append((_open(p, y), _open(p, z)))
+    return outs, p.stats
+
+
+def test_weights_are_opened_once_per_session_not_per_image():
+    torch.manual_seed(1)
+    images = [torch.randn(1, 3, 6, 6) for _ in range(3)]
+    w, b = torch.randn(4, 3, 3, 3) * 0.3, torch.randn(4)
+    lw, lb = torch.randn(5, 4 * 36) * 0.1, torch.randn(5)
+    res = run_in_process(functools.partial(_conv_session, xs_plain=images, w=w, b=b, lw=lw, lb=lb))
+    for x, (y, z) in zip(images, res[0][0]):
+        y_ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+        assert torch.allclose(decode(y, FRAC), y_ref, atol=2e-3)
+        assert torch.allclose(decode(z, FRAC), F.linear(y_ref.reshape(1, -1), lw.double(),
+                                                        lb.double()), atol=2e-2)
+    stats = [r[-1] for r in res]
+    # the fc weights were opened up front (outside any image), conv1 inside image0 only
+    assert merge_stats(stats, "fc/open-weights")["bytes"] == 8 * lw.numel()
+    assert merge_stats(stats, "image0/conv1/open-weights")["bytes"] == 8 * w.numel()
+    for i in (1, 2):
+        st = merge_stats(stats, f"image{i}/conv1")
+        assert st["bytes"] == 8 * (images[0].numel() + 4 * 36) and "bytes_1->0" not in st
+        assert merge_stats(stats, f"image{i}/fc")["bytes"] == 8 * (4 * 36 + 5)
+        assert merge_stats(stats, f"image{i}")["rounds"] == 2   # conv then linear
+
+
+def _changed_weights(p, w):
+    xs = _inputs(p, encode(torch.ones(1, 1, 3, 3), FRAC))
+    P.conv2d(p, xs, w if p.role == 1 else None, None, weight_shape=w.shape, name="c")
+    P.conv2d(p, xs, (w + 1) if p.role == 1 else None, None, weight_shape=w.shape, name="c")
+
+
+def test_changed_weights_under_the_same_name_are_refused():
+    with pytest.raises(ValueError, match="changed within the session"):
+        run_in_process(functools.partial(_changed_weights, w=torch.ones(1, 1, 3, 3)), timeout=5)
+
+
+# --- pooling and local ops ----------------------------------------------------------------
+
+def _pooling(p, x):
+    xs = _inputs(p, encode(x, FRAC))
+    outs = [P.avg_pool2d(p, xs, 2),
+            P.avg_pool2d(p, xs, 3, 2, 1),
+            P.avg_pool2d(p, xs, 3, 2, 1, count_include_pad=False),
+            P.avg_pool2d(p, xs, (3, 2), (1, 2), divisor_override=5),
+            P.global_avg_pool2d(p, xs),
+            P.global_avg_pool2d(p, xs[:, :, :7, :7], keepdim=True),
+            P.add(xs, xs), P.sub(xs, P.neg(xs)),
+            P.concat([xs, xs[:, :1]], dim=1),
+            P.add_public(p, xs, encode(torch.tensor(2.5), FRAC)),
+            P.truncate(p, P.mul_public(xs, encode(torch.tensor(-0.75), FRAC)))]
+    return [_open(p, t) for t in outs], p.stats
+
+
+def test_pooling_and_local_ops_match_plaintext():
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 8, 8) * 4
+    res = run_in_process(functools.partial(_pooling, x=x))
+    xd = x.double()
+    refs = [F.avg_pool2d(xd, 2), F.avg_pool2d(xd, 3, 2, 1),
+            F.avg_pool2d(xd, 3, 2, 1, count_include_pad=False),
+            F.avg_pool2d(xd, (3, 2), (1, 2), divisor_override=5),
+            xd.mean((2, 3)), xd[:, :, :7, :7].mean((2, 3), keepdim=True),
+            2 * xd, 2 * xd, torch.cat([xd, xd[:, :1]], 1), xd + 2.5, -0.75 * xd]
+    for got, ref in zip(res[0][0], refs):
+        assert got.shape == ref.shape
+        assert torch.allclose(decode(got, FRAC), ref, atol=1e-3), (got.shape, ref.shape)
+    # pooling is local: nothing sent outside the share/open scopes
+    total = merge_stats([r[-1] for r in res])
+    opened = merge_stats([r[-1] for r in res], "reconstruct")
+    assert total["bytes"] == opened["bytes"] + 64 * 3  # + the X25519 key exchange
+
+
+def test_sharing_helper_input_requires_shape_and_int64():
+    def fn(p):
+        return P.share(p, torch.ones(3) if p.role == 0 else None, 0, None)
+    with pytest.raises(ValueError, match="public shape"):
+        run_in_process(fn, timeout=5)
+    with pytest.raises(TypeError, match="int64"):
+        run_in_process(lambda p: P.share(p, torch.ones(3) if p.role == 0 else None, 0, (3,)),
+                       timeout=5)
