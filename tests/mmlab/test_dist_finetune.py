@@ -1,0 +1,198 @@
+"""End-to-end finetuning on CPU: dist_train.sh (2 gloo processes) with a Block-ReLU spec.
+
+For a classification config (ResNet18-CIFAR, Block-ReLUs also at the twice-called BasicBlock
+ReLUs) and a segmentation config (DeepLabV3-MobileNetV2 with ReLU6→ReLU), scaled down to
+tiny generated data sets: train 2 iterations, evaluate, checkpoint (spec recorded), resume,
+and reproduce the training-time metric with test.py / dist_test.sh.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import secure_inference  # noqa: F401  (compat fixes)
+from secure_inference import save_spec
+from secure_inference.mmlab.config_utils import load_task_config
+from secure_inference.mmlab.finetune import (SpecMismatchError, build_task_model,
+                                             checkpoint_meta, checkpoint_spec, prepare_model)
+from secure_inference.mmlab.runner import prepare_test, prepare_training
+from secure_inference.sites import find_relu_sites
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_tasks as tt  # noqa: E402
+
+REPO = tt.REPO
+TOOLS = REPO / "mmlab_tools"
+SIZES = [[2, 2], [1, 1], [0, 1], [4, 4], [1, 3], [3, 2]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(script: str, *args: str, timeout: int = 300) -> str:
+    env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()), OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(TOOLS / script), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise AssertionError(f"{script} failed (rc={proc.returncode}):\n{out[-6000:]}")
+    return out
+
+
+def make_spec(config: Path, path: Path) -> dict[str, np.ndarray]:
+    """Block-ReLUs at every other site, with mixed sizes (identity and ReLU rows included)."""
+    cfg = load_task_config(config)
+    model = prepare_model(build_task_model(cfg), cfg, None)
+    sites = find_relu_sites(model, cfg.secure_inference.input_shape)
+    spec = {}
+    for j, site in enumerate(sites[::2]):
+        spec[site.name] = np.array([SIZES[(c + j) % len(SIZES)] for c in range(site.channels)],
+                                   dtype=np.int32)
+    save_spec(spec, path)
+    return spec
+
+
+def val_metrics(work_dir: Path) -> list[dict]:
+    """Validation records of every run in ``work_dir`` (from mmengine's scalars.json)."""
+    records = []
+    for f in sorted(work_dir.glob("*/vis_data/scalars.json")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            if "loss" not in rec and "lr" not in rec:
+                records.append(rec)
+    return records
+
+
+def specs_equal(a, b) -> bool:
+    return set(a) == set(b) and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"mmlab_tools_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------- classification
+
+@pytest.fixture(scope="module")
+def cls_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cls")
+    data = tt.make_cls_data(root / "data")
+    config = tt.cls_config(root / "tiny_cls.py", data, max_epochs=1)
+    spec_file = root / "spec.pickle"
+    spec = make_spec(config, spec_file)
+    work = root / "work"
+    log = run_script("dist_train.sh", config, 2, "--work-dir", work,
+                     "--relu-spec-file", spec_file)
+    return dict(root=root, config=config, spec=spec, spec_file=spec_file, work=work, log=log)
+
+
+def test_cls_trains_evaluates_and_records_spec(cls_run):
+    ckpt = cls_run["work"] / "epoch_1.pth"
+    assert ckpt.is_file()
+    meta = checkpoint_meta(ckpt)
+    assert meta["iter"] == 2 and meta["epoch"] == 1       # 6 images, 2 processes x 2 per batch
+    assert specs_equal(checkpoint_spec(ckpt), cls_run["spec"])
+    entry = meta["secure_inference"]
+    assert entry["conversions"] == [] and entry["input_shape"] == [3, 32, 32]
+    assert 0 < entry["drelus"] < 32 * 32 * 3904          # fewer DReLUs than the all-ReLU net
+    vals = val_metrics(cls_run["work"])
+    assert len(vals) == 1 and "accuracy/top1" in vals[0]
+
+
+def test_cls_test_py_reproduces_metric(cls_run, tmp_path):
+    out = tmp_path / "metrics.json"
+    load_tool("test").main([str(cls_run["config"]), str(cls_run["work"] / "epoch_1.pth"),
+                            "--work-dir", str(tmp_path / "t"), "--out", str(out)])
+    metrics = json.loads(out.read_text())
+    train_val = val_metrics(cls_run["work"])[0]
+    assert metrics["accuracy/top1"] == pytest.approx(train_val["accuracy/top1"], abs=1e-4)
+
+
+def test_cls_test_refuses_other_spec(cls_run, tmp_path):
+    other = {k: np.ones_like(v) for k, v in cls_run["spec"].items()}   # all plain ReLU rows
+    with pytest.raises(SpecMismatchError, match="differs"):
+        prepare_test(cls_run["config"], cls_run["work"] / "epoch_1.pth", spec=other,
+                     work_dir=str(tmp_path))
+
+
+def test_cls_resume_without_spec_is_refused(cls_run, tmp_path):
+    import shutil
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(cls_run["work"] / "epoch_1.pth", work / "epoch_1.pth")
+    (work / "last_checkpoint").write_text(str(work / "epoch_1.pth"))
+    _, _, runner = prepare_training(cls_run["config"], spec=None, work_dir=str(work),
+                                    resume=True, cfg_options={"train_cfg.max_epochs": 2})
+    with pytest.raises(SpecMismatchError, match="no spec was given"):
+        runner.train()
+
+
+def test_cls_resume(cls_run):
+    log = run_script("dist_train.sh", cls_run["config"], 2, "--work-dir", cls_run["work"],
+                     "--relu-spec-file", cls_run["spec_file"], "--resume",
+                     "--cfg-options", "train_cfg.max_epochs=2")
+    assert "resumed epoch: 1, iter: 2" in log
+    ckpt = cls_run["work"] / "epoch_2.pth"
+    meta = checkpoint_meta(ckpt)
+    assert meta["iter"] == 4 and meta["epoch"] == 2
+    assert specs_equal(checkpoint_spec(ckpt), cls_run["spec"])
+    assert "Epoch(train) [1]" not in log.split("resumed epoch")[1]   # epoch 1 was not rerun
+
+
+# --------------------------------------------------------------------------- segmentation
+
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg")
+    data = tt.make_seg_data(root / "data")
+    config = tt.seg_config(root / "tiny_seg.py", data, max_iters=2)
+    spec_file = root / "spec.json"
+    spec = make_spec(config, spec_file)
+    work = root / "work"
+    log = run_script("dist_train.sh", config, 2, "--work-dir", work,
+                     "--relu-spec-file", spec_file)
+    return dict(root=root, config=config, spec=spec, spec_file=spec_file, work=work, log=log)
+
+
+def test_seg_trains_with_conversion_and_spec(seg_run):
+    ckpt = seg_run["work"] / "iter_2.pth"
+    meta = checkpoint_meta(ckpt)
+    assert meta["iter"] == 2
+    assert specs_equal(checkpoint_spec(ckpt), seg_run["spec"])
+    assert meta["secure_inference"]["conversions"] == ["relu6_to_relu"]
+    vals = val_metrics(seg_run["work"])
+    assert len(vals) == 1 and "mIoU" in vals[0]
+
+
+def test_seg_dist_test_reproduces_metric(seg_run, tmp_path):
+    out = tmp_path / "metrics.json"
+    run_script("dist_test.sh", seg_run["config"], seg_run["work"] / "iter_2.pth", 2,
+               "--work-dir", tmp_path / "t", "--out", out)
+    metrics = json.loads(out.read_text())
+    train_val = val_metrics(seg_run["work"])[0]
+    for key in ("mIoU", "aAcc", "mAcc"):
+        assert metrics[key] == pytest.approx(train_val[key], abs=1e-6)
+
+
+def test_seg_resume(seg_run):
+    log = run_script("dist_train.sh", seg_run["config"], 2, "--work-dir", seg_run["work"],
+                     "--relu-spec-file", seg_run["spec_file"], "--resume",
+                     "--cfg-options", "train_cfg.max_iters=4")
+    assert "resumed epoch: 0, iter: 2" in log
+    meta = checkpoint_meta(seg_run["work"] / "iter_4.pth")
+    assert meta["iter"] == 4
+    assert specs_equal(checkpoint_spec(seg_run["work"] / "iter_4.pth"), seg_run["spec"])
