@@ -122,8 +122,8 @@ def test_element_packing_roundtrip_and_checks(bits):
 
 class _Rnd:
     def __init__(self, n, bits, g):
-        self.s = torch.randint(1, 67, (n, bits), dtype=torch.int32, generator=g)
-        self.u = torch.randint(0, 67, (n, bits), dtype=torch.int32, generator=g)
+        self.s = torch.randint(1, 67, (n, bits), dtype=torch.int16, generator=g)
+        self.u = torch.randint(0, 67, (n, bits), dtype=torch.int16, generator=g)
         self.shift = torch.randint(0, bits, (n,), generator=g)
 
 
@@ -143,7 +143,7 @@ def test_private_compare_against_plaintext(bits):
         beta = torch.randint(0, 2, (n,), generator=g) if beta_val is None else \
             torch.full((n,), beta_val, dtype=torch.int64)
         xb = D.bit_decompose(x, bits)
-        s0 = torch.randint(0, 67, xb.shape, dtype=torch.int32, generator=g)
+        s0 = torch.randint(0, 67, xb.shape, dtype=torch.int16, generator=g)
         s1 = torch.remainder(xb - s0, 67)
         rnd = _Rnd(n, bits, g)
         d0 = D.private_compare_message(0, s0, r, beta, rnd, bits)

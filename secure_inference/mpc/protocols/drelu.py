@@ -82,6 +82,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party, ProtocolError
@@ -267,6 +268,10 @@ def bit_decompose(v: torch.Tensor, bits: int, dtype: torch.dtype = torch.int32) 
 
     (MSB first makes PrivateCompare's sums over the higher bits plain prefix sums.)
     """
+    if v.device.type == "cpu" and sys.byteorder == "little":
+        raw = v.contiguous().numpy().astype(">i8").view(np.uint8).reshape(*v.shape, 8)
+        out = np.unpackbits(raw, axis=-1, bitorder="big")[..., 64 - bits:]
+        return torch.from_numpy(out).to(dtype)
     shifts = torch.arange(bits - 1, -1, -1, device=v.device, dtype=torch.int64)
     return ((v.unsqueeze(-1) >> shifts) & 1).to(dtype)
 
@@ -296,18 +301,20 @@ def _require_little_endian() -> None:
 def pack_zp(v: torch.Tensor) -> torch.Tensor:
     """Pack values in [0, 67) (any shape, flattened) five per 4 bytes; returns uint8."""
     _require_little_endian()
-    flat = v.reshape(-1).to(torch.int64)
+    flat = v.reshape(-1).to(torch.int32)
     words = -(-flat.numel() // _ZP_GROUP)
     pad = words * _ZP_GROUP - flat.numel()
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    powers = torch.tensor([P ** i for i in range(_ZP_GROUP)], dtype=torch.int64, device=v.device)
-    packed = (flat.view(words, _ZP_GROUP) * powers).sum(1).to(torch.int32)
+    g = flat.view(words, _ZP_GROUP)
+    packed = torch.empty(words, dtype=torch.int32, device=flat.device).copy_(g[:, 4])
+    for i in (3, 2, 1, 0):  # Horner: Σ v_i 67^i < 67^5 < 2^31
+        packed.mul_(P).add_(g[:, i])
     return packed.view(torch.uint8)
 
 
 def unpack_zp(data: torch.Tensor, count: int, *, source: str = "peer") -> torch.Tensor:
-    """Inverse of :func:`pack_zp` for ``count`` values (int32); refuses anything malformed."""
+    """Inverse of :func:`pack_zp` for ``count`` values (int16); refuses anything malformed."""
     _require_little_endian()
     words = -(-count // _ZP_GROUP)
     if data.dtype != torch.uint8 or data.numel() != words * _ZP_WORD_BYTES:
@@ -326,7 +333,7 @@ def unpack_zp(data: torch.Tensor, count: int, *, source: str = "peer") -> torch.
     flat = digits.view(-1)
     if bool((flat[count:] != 0).any()):
         raise ProtocolError(f"{source}: nonzero padding in packed Z_67 values")
-    return flat[:count]
+    return flat[:count].to(torch.int16)
 
 
 def pack_elements(v: torch.Tensor, bits: int) -> torch.Tensor:
@@ -365,7 +372,7 @@ def unpack_elements(data: torch.Tensor, count: int, bits: int, *, modn: bool,
 # --------------------------------------------------------------------------------------------
 
 def _pair_small(party: Party, other: int, count: int, high: int, tag: str) -> torch.Tensor:
-    """Exactly uniform ints in [0, high) (high ≤ 256), identical at both key holders (int32).
+    """Exactly uniform ints in [0, high) (high ≤ 256), identical at both key holders (int16).
 
     Bytes of the pair stream at or above the largest multiple of ``high`` below 256 are
     rejected; both holders reject the same bytes, and a shortfall draws again under the same
@@ -376,13 +383,14 @@ def _pair_small(party: Party, other: int, count: int, high: int, tag: str) -> to
     while have < count:
         need = count - have
         draw = party.pair_random(other, (need + need * (256 - limit) // limit + need // 16 + 64,),
-                                 tag=tag, dtype=torch.uint8)
+                                 tag=tag, dtype=torch.uint8).cpu().numpy()
         ok = draw[draw < limit][:need] if limit < 256 else draw[:need]
         parts.append(ok)
-        have += ok.numel()
-    out = parts[0] if len(parts) == 1 else torch.cat(parts)
-    out = out.to(torch.int32)
-    return out if high == 256 else torch.remainder(out, high)
+        have += ok.size
+    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if high < 256:
+        out = out % np.uint8(high)
+    return torch.from_numpy(out).to(device=party.device, dtype=torch.int16)
 
 
 def _pair_bits(party: Party, other: int, count: int, tag: str) -> torch.Tensor:
@@ -423,7 +431,7 @@ def _compare_randomness(party: Party, other: int, n: int, bits: int, tag: str) -
 
 def private_compare_message(role: int, xbits: torch.Tensor, r: torch.Tensor, beta: torch.Tensor,
                             rnd: _CompareRandomness | Any, bits: int) -> torch.Tensor:
-    """Party ``role``'s PrivateCompare message (int32 [n, ℓ] in [0, 67)).
+    """Party ``role``'s PrivateCompare message (int16 [n, ℓ] in [0, 67)).
 
     ``xbits`` [n, ℓ]: this party's shares (mod 67) of the bits of the secret X, in the order of
     :func:`bit_decompose` (MSB first);
@@ -433,21 +441,27 @@ def private_compare_message(role: int, xbits: torch.Tensor, r: torch.Tensor, bet
     j = int(role)
     n = r.numel()
     top = _all_ones(bits)
-    b = beta.reshape(n, 1).to(torch.int32)
-    q = torch.where(beta.reshape(n).bool(), (r + 1) & top, r)
-    qb = bit_decompose(q, bits)                       # MSB first: "higher bits" = prefix
-    w = xbits + qb * (j - 2 * xbits) if j else xbits - 2 * qb * xbits
-    c = torch.cumsum(w, 1, dtype=torch.int32) - w      # Σ of w over the higher bits
-    c += (1 - 2 * b) * (j * qb - xbits)
+    flip = beta.reshape(n).bool()
+    q = torch.where(flip, (r + 1) & top, r)
+    qb = bit_decompose(q, bits, torch.int16)          # MSB first: "higher bits" = prefix
+    x = xbits.to(torch.int16)
+    w = x * (1 - 2 * qb)                               # shares of x ⊕ q: x + j·q − 2qx
     if j:
-        c += j
-    special = beta.reshape(n).bool() & (r == top)
+        w += qb
+    c = torch.cumsum(w, 1, dtype=torch.int16)          # |Σ| ≤ 64·67: int16 is exact
+    c -= w                                             # Σ of w over the higher bits
+    term = (qb - x) if j else -x                       # j·q − x
+    c += torch.where(flip.view(n, 1), -term, term)     # σ(j·q − x), σ = 1 − 2β
+    if j:
+        c += 1
+    special = flip & (r == top)
     if bool(special.any()):  # β = 1, R = 2^ℓ − 1: X ≤ R always; exactly one zero
-        row = torch.full((bits,), j, dtype=torch.int32, device=c.device)
+        row = torch.full((bits,), j, dtype=torch.int16, device=c.device)
         row[0] = 0
         c[special] = row
-    c *= rnd.s
-    c += rnd.u if j == 0 else -rnd.u
+    c = torch.remainder(c, P)
+    c *= rnd.s.to(torch.int16)                         # ≤ 66·66 + 66: still int16
+    c += rnd.u.to(torch.int16) if j == 0 else P - rnd.u.to(torch.int16)
     d = torch.remainder(c, P)
     idx = torch.arange(bits, device=d.device) + rnd.shift.view(n, 1)   # cyclic rotation
     return torch.gather(torch.cat([d, d], 1), 1, idx)
@@ -455,7 +469,8 @@ def private_compare_message(role: int, xbits: torch.Tensor, r: torch.Tensor, bet
 
 def private_compare_decide(d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
     """P2's output of PrivateCompare: True where some d0_i + d1_i ≡ 0 (mod 67)."""
-    return (torch.remainder(d0 + d1, P) == 0).any(dim=1)
+    s = d0 + d1                       # both in [0, 67): the sum is 0 mod 67 iff it is 0 or 67
+    return ((s == 0) | (s == P)).any(dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,8 +495,8 @@ def _helper_core(party: Party, n: int, m: int, bits: int,
     x1 = _pair_modn(party, ROLE_SERVER, n, bits, "msb.X")
     xm = modn_add(x0, x1, bits)
     xbits0 = _pair_small(party, ROLE_CLIENT, n * bits, P, "msb.Xbits").view(n, bits)
-    bit_corr = torch.remainder(torch.cat([bit_decompose(r, bits) - rbits0,
-                                          bit_decompose(xm, bits) - xbits0]), P)
+    bit_corr = torch.remainder(torch.cat([bit_decompose(r, bits, torch.int16) - rbits0,
+                                          bit_decompose(xm, bits, torch.int16) - xbits0]), P)
     rho1 = modn_sub(modn_reduce(r, bits), rho0, bits)
     party.send(ROLE_SERVER, torch.cat([pack_zp(bit_corr), pack_elements(rho1, bits)]))
     del r0, r1, r, rbits0, bit_corr
