@@ -1,0 +1,299 @@
+"""Framing checks, failure handling (malformed frames, wrong sizes, stalled/killed peers, wrong
+certificates) and real three-process loopback runs over TLS."""
+import functools
+import os
+import shutil
+import socket
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from secure_inference.mpc import protocols as P
+from secure_inference.mpc.certs import create_certificates
+from secure_inference.mpc.ring import decode, encode
+from secure_inference.mpc.runtime import (ProtocolError, merge_stats, run_in_process,
+                                          run_local_processes)
+from secure_inference.mpc.transport import (SocketLink, TLSConfig, connect_links, decode_frame,
+                                            encode_frame, listen, scope_hash, split_prefix)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the process functions' module
+import mpc_process_fns as fns  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+HOSTS = {r: ["localhost", "127.0.0.1"] for r in range(3)}
+
+
+# --- frames -------------------------------------------------------------------------------
+
+def _decode(frame: bytes, dtype=torch.int64, shape=(2, 3), scope="s"):
+    body = split_prefix(frame, 1 << 20, peer=1)
+    return decode_frame(body, dtype=dtype, shape=shape, scope=scope_hash(scope), scope_name=scope,
+                        peer=1)
+
+
+def test_frame_roundtrip_and_header_checks():
+    x = torch.arange(6, dtype=torch.int64).reshape(2, 3) - 3
+    frame = encode_frame(x, scope_hash("s"), clock=7)
+    got = _decode(frame)
+    assert torch.equal(got.tensor, x) and got.clock == 7 and got.payload_bytes == 48
+    with pytest.raises(ProtocolError, match="expected torch.int64 \\[3, 2\\]"):
+        _decode(frame, shape=(3, 2))
+    with pytest.raises(ProtocolError, match="expected torch.uint8"):
+        _decode(frame, dtype=torch.uint8)
+    with pytest.raises(ProtocolError, match="different scope"):
+        _decode(frame, scope="t")
+    with pytest.raises(ProtocolError, match="length prefix says"):
+        _decode(frame[:-8])                                   # truncated payload
+    bad_len = struct.pack("<I", len(frame) - 4 - 8) + frame[4:-8]
+    with pytest.raises(ProtocolError, match="does not match shape"):
+        _decode(bad_len)                                      # header/payload disagree
+    with pytest.raises(ProtocolError, match="magic"):
+        _decode(frame[:4] + b"XX" + frame[6:])
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        split_prefix(struct.pack("<I", 1 << 30) + b"\0" * 10, 1 << 20, peer=2)
+    with pytest.raises(ValueError, match="exceeds"):
+        encode_frame(torch.zeros(1000, dtype=torch.int64), 0, 0, max_frame=100)
+    with pytest.raises(TypeError):
+        encode_frame(torch.zeros(3), 0, 0)                    # float32 is not a wire dtype
+
+
+# --- in-process failures ------------------------------------------------------------------
+
+def _wrong_size(p):
+    if p.role == 0:
+        p.send(1, torch.zeros(3, dtype=torch.int64))
+    elif p.role == 1:
+        p.recv(0, (4,))
+    else:
+        p.recv(1, (1,))          # never sent: must be released by the abort, not hang
+
+
+def test_wrong_size_is_an_error_and_nobody_hangs():
+    start = time.monotonic()
+    with pytest.raises(ProtocolError, match="expected torch.int64 \\[4\\], got torch.int64 \\[3\\]") \
+            as info:
+        run_in_process(_wrong_size, timeout=30)
+    assert time.monotonic() - start < 20  # released by the abort well before the 30 s timeout
+    assert set(info.value.party_errors) == {1, 2}
+
+
+def _stall(p):
+    if p.role == 1:
+        p.recv(0, (1,))   # P0 never sends and never finishes: P1 must time out
+
+
+def test_silent_peer_times_out_with_a_clear_error():
+    with pytest.raises(ProtocolError, match="no frame from party 0 within 0.5 s|closed the link"):
+        run_in_process(_stall, timeout=0.5)
+
+
+def _raises_in_party(p):
+    if p.role == 2:
+        raise KeyError("boom in the helper")
+    p.recv(2, (1,))
+
+
+def test_exception_in_one_party_propagates():
+    with pytest.raises(KeyError, match="boom"):
+        run_in_process(_raises_in_party, timeout=30)
+
+
+# --- socket links directly ----------------------------------------------------------------
+
+def _socket_link_pair():
+    a, b = socket.socketpair()
+    return SocketLink(a, 0, 1, max_frame=1 << 16, linger=1.0), b
+
+
+def test_socket_link_refuses_oversized_frame_and_reports_close():
+    link, raw = _socket_link_pair()
+    try:
+        raw.sendall(struct.pack("<I", 1 << 20))     # announces more than max_frame
+        with pytest.raises(ProtocolError, match="exceeds the limit"):
+            link.recv(5.0)
+    finally:
+        link.close()
+        raw.close()
+    link, raw = _socket_link_pair()
+    try:
+        good = encode_frame(torch.ones(2, dtype=torch.int64), scope_hash(""), 0)
+        raw.sendall(good)
+        raw.close()                                 # peer goes away after one frame
+        assert split_prefix(good, 1 << 16, 1)[:2] == link.recv(5.0)[:2]
+        with pytest.raises(ProtocolError, match="closed the link"):
+            link.recv(5.0)
+    finally:
+        link.close()
+
+
+def test_socket_link_stall_and_large_concurrent_exchange():
+    a, b = socket.socketpair()
+    la, lb = SocketLink(a, 0, 1, linger=1.0), SocketLink(b, 1, 0, linger=1.0)
+    try:
+        with pytest.raises(ProtocolError, match="within 0.2 s"):
+            la.recv(0.2)
+        big = encode_frame(torch.arange(2_000_000, dtype=torch.int64), 0, 0)
+        la.send(big)           # both send 16 MB before either receives: no deadlock
+        lb.send(big)
+        assert la.recv(30.0) == big[4:] and lb.recv(30.0) == big[4:]
+    finally:
+        la.close()
+        lb.close()
+
+
+def _connect_all(addresses, listeners, tls_for, allow_plaintext=False, timeout=5.0):
+    out, errs = {}, {}
+
+    def go(role):
+        try:
+            out[role] = connect_links(role, addresses, listeners.get(role), tls=tls_for(role),
+                                      allow_plaintext=allow_plaintext, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - inspected by the test
+            errs[role] = exc
+    threads = [threading.Thread(target=go, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    all_links = [link for links in out.values() for link in links.values()]
+    versions = {getattr(link._sock, "version", lambda: "plain")() for link in all_links}
+    closers = [threading.Thread(target=link.close) for link in all_links]  # as parties would
+    for t in closers:
+        t.start()
+    for t in closers:
+        t.join(30)
+    for s in listeners.values():
+        s.close()
+    return out, errs, versions
+
+
+def _listeners():
+    ls = {r: listen("127.0.0.1", 0) for r in (1, 2)}
+    addr = {0: ("127.0.0.1", 0), **{r: ("127.0.0.1", s.getsockname()[1]) for r, s in ls.items()}}
+    return ls, addr
+
+
+def test_tls_links_connect_with_matching_certificates(tmp_path):
+    create_certificates(tmp_path, HOSTS)
+    ls, addr = _listeners()
+    out, errs, versions = _connect_all(addr, ls, lambda r: TLSConfig.from_dir(tmp_path, r))
+    assert not errs and sorted(out) == [0, 1, 2]
+    assert versions == {"TLSv1.3"}
+
+
+def test_certificate_from_another_ca_is_refused(tmp_path):
+    good, other = tmp_path / "good", tmp_path / "other"
+    create_certificates(good, HOSTS)
+    create_certificates(other, HOSTS)
+    for ext in ("pem", "key"):   # the server presents a certificate signed by another CA
+        shutil.copy(other / f"server.{ext}", good / f"server.{ext}")
+    ls, addr = _listeners()
+    out, errs, _ = _connect_all(addr, ls, lambda r: TLSConfig.from_dir(good, r), timeout=3.0)
+    assert errs, "a certificate from another CA must be refused"
+    msgs = " | ".join(str(e) for e in errs.values())
+    assert "certificate" in msgs
+    assert all(isinstance(e, ProtocolError) for e in errs.values())
+
+
+def test_certificate_of_another_party_is_refused(tmp_path):
+    create_certificates(tmp_path, HOSTS)
+    for ext in ("pem", "key"):   # the server presents the client's (valid) certificate
+        shutil.copy(tmp_path / f"client.{ext}", tmp_path / f"server.{ext}")
+    ls, addr = _listeners()
+    out, errs, _ = _connect_all(addr, ls, lambda r: TLSConfig.from_dir(tmp_path, r), timeout=3.0)
+    assert any("certificate belongs to another party" in str(e) for e in errs.values())
+
+
+def test_plaintext_only_on_loopback_and_only_when_asked():
+    with pytest.raises(ValueError, match="refusing plaintext"):
+        connect_links(0, {0: ("127.0.0.1", 0), 1: ("127.0.0.1", 1), 2: ("127.0.0.1", 2)}, None,
+                      tls=None)
+    with pytest.raises(ValueError, match="only allowed on loopback"):
+        connect_links(0, {0: ("10.1.2.3", 0), 1: ("10.1.2.4", 1), 2: ("127.0.0.1", 2)}, None,
+                      tls=None, allow_plaintext=True)
+
+
+# --- three processes over loopback --------------------------------------------------------
+
+def test_protocols_over_tls_between_three_processes():
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 8, 8)
+    y = torch.randn(2, 3, 8, 8)
+    w, b = torch.randn(4, 3, 3, 3) * 0.3, torch.randn(4)
+    fn = functools.partial(fns.linear_pipeline, x=encode(x), y=encode(y), w=w, b=b)
+    res = run_local_processes(fn, tls=True, timeout=30, wall_timeout=240)
+    conv, prod, pooled = (decode(t) for t in res[0][0])
+    assert torch.allclose(conv, torch.nn.functional.conv2d(x.double(), w.double(), b.double(),
+                                                           padding=1), atol=2e-3)
+    assert torch.allclose(prod, (x * y).double(), atol=1e-3)
+    assert torch.allclose(pooled, x.double().mean((2, 3)), atol=1e-3)
+    assert res[1][0] is None and res[2][0] is None
+    stats = [r[1] for r in res]
+    n, out = x.numel(), 2 * 4 * 8 * 8
+    assert merge_stats(stats, "conv1")["bytes"] == 8 * (w.numel() + n + out)
+    assert merge_stats(stats, "mul")["bytes"] == 8 * n + 2 * 8 * 2 * n
+
+
+def test_killed_peer_gives_clear_errors_without_hanging():
+    start = time.monotonic()
+    with pytest.raises(ProtocolError, match="party 1 died") as info:
+        run_local_processes(fns.server_dies, tls=False, timeout=20, wall_timeout=120)
+    assert time.monotonic() - start < 60   # the survivors noticed the dead link, not a timeout
+    errs = info.value.party_errors
+    assert "closed the link" in errs[0] or "reset" in errs[0]
+    assert "closed the link" in errs[2] or "reset" in errs[2]
+
+
+def test_stalled_peer_in_processes_times_out():
+    with pytest.raises(ProtocolError, match="within 1 s") as info:
+        run_local_processes(fns.server_stalls, tls=False, timeout=1.0, wall_timeout=120)
+    assert "within 1 s" in info.value.party_errors[0]
+
+
+def test_wrong_certificate_in_processes(tmp_path):
+    good, other = tmp_path / "good", tmp_path / "other"
+    create_certificates(good, HOSTS)
+    create_certificates(other, HOSTS)
+    for ext in ("pem", "key"):
+        shutil.copy(other / f"helper.{ext}", good / f"helper.{ext}")
+    with pytest.raises(ProtocolError, match="certificate|TLS"):
+        run_local_processes(fns.noop, tls=True, certs_dir=good, timeout=5, wall_timeout=120)
+
+
+# --- certificates CLI ---------------------------------------------------------------------
+
+def _load_cli():
+    import importlib.util
+    script = ROOT / "research" / "secure_inference" / "make_certificates.py"
+    spec = importlib.util.spec_from_file_location("make_certificates", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_certificates_cli(tmp_path, capsys):
+    cli = _load_cli()
+    with pytest.raises(SystemExit) as ok:
+        cli.main(["--help"])
+    assert ok.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "copy" in help_text and "ca.key" in help_text and "--server-host" in help_text
+    out = tmp_path / "certs"
+    assert cli.main([str(out), "--server-host", "10.0.0.5", "--server-host", "server.example"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["ca.key", "ca.pem", "client.key", "client.pem", "helper.key", "helper.pem",
+                     "server.key", "server.pem"]
+    assert all((out / n).stat().st_mode & 0o077 == 0 for n in names if n.endswith(".key"))
+    from cryptography import x509
+    cert = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "server.example" in san.get_values_for_type(x509.DNSName)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as again:
+        cli.main([str(out)])
+    assert again.value.code != 0 and "already exist" in capsys.readouterr().err
