@@ -29,6 +29,7 @@ differences of two window elements.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -284,9 +285,10 @@ def max_pool2d(party: Party, x: torch.Tensor, kernel_size, stride=None, padding=
 # --------------------------------------------------------------------------------------------
 
 def run_on_shares(party: Party, shares: Sequence[torch.Tensor],
-                  ops: Sequence[tuple[Callable[..., Any], dict[str, Any]]]) -> tuple[list[Any], Any]:
-    """Apply each ``op(party, x, **kwargs)`` of ``ops`` to this party's share of x and return
-    (results, party.stats).
+                  ops: Sequence[tuple[Callable[..., Any], dict[str, Any]]]
+                  ) -> tuple[list[Any], Any, list[float]]:
+    """Apply each ``op(party, x, **kwargs)`` of ``ops`` to this party's share of x; return
+    (results, party.stats, wall seconds per op on this party).
 
     ``shares`` = (x0, x1); P2 gets a placeholder of the same shape. Picklable when the ops are
     library functions, so ``functools.partial(run_on_shares, shares=..., ops=...)`` is a body for
@@ -295,4 +297,9 @@ def run_on_shares(party: Party, shares: Sequence[torch.Tensor],
     if len(shares) != 2 or tuple(shares[0].shape) != tuple(shares[1].shape):
         raise ValueError("shares must be the two parties' tensors of one shape")
     x = shares[party.role] if party.role != ROLE_HELPER else party.placeholder(shares[0].shape)
-    return [op(party, x, **kwargs) for op, kwargs in ops], party.stats
+    results, seconds = [], []
+    for op, kwargs in ops:
+        start = time.perf_counter()
+        results.append(op(party, x, **kwargs))
+        seconds.append(time.perf_counter() - start)
+    return results, party.stats, seconds
