@@ -306,3 +306,38 @@ def test_cli_help(capsys):
             module.parse_args(["--help"])
         assert e.value.code == 0
         assert "--relu-spec-file" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- distortion data
+
+def test_distortion_inputs_classification(cls_cfg, tmp_path):
+    from PIL import Image
+    from secure_inference.mmlab.datasets import build_distortion_dataset, distortion_inputs
+    data = tt.make_cls_data(tmp_path / "data")
+    cfg = load_task_config(tt.cls_config(tmp_path / "tiny.py", data))
+    model = build_task_model(cfg).eval()
+    batches = list(distortion_inputs(cfg, model, num_samples=5, batch_size=2))
+    assert [tuple(b.shape) for b in batches] == [(2, 3, 32, 32), (2, 3, 32, 32), (1, 3, 32, 32)]
+    again = torch.cat(list(distortion_inputs(cfg, model, num_samples=5, batch_size=3)))
+    assert torch.equal(torch.cat(batches), again)                       # deterministic
+    # independent reference: the first training image, BGR as loaded, normalised by the config
+    first = build_distortion_dataset(cfg).get_data_info(0)["img_path"]
+    bgr = np.asarray(Image.open(first).convert("RGB"), dtype=np.float32)[..., ::-1]
+    mean = np.array(cfg.data_preprocessor["mean"], dtype=np.float32)
+    std = np.array(cfg.data_preprocessor["std"], dtype=np.float32)
+    ref = torch.from_numpy(((bgr - mean) / std).transpose(2, 0, 1).copy())
+    assert torch.allclose(batches[0][0], ref, atol=1e-5)
+    assert "train" in Path(first).parts
+
+
+def test_distortion_inputs_segmentation_match_input_shape(tmp_path):
+    from secure_inference.mmlab.datasets import distortion_inputs
+    data = tt.make_seg_data(tmp_path / "data", count=3, size=80)  # larger: resized + cropped
+    cfg = load_task_config(tt.seg_config(tmp_path / "tiny_seg.py", data))
+    model = build_task_model(cfg).eval()
+    batches = list(distortion_inputs(cfg, model, batch_size=2))
+    shape = tuple(cfg.secure_inference.input_shape)
+    assert [tuple(b.shape[1:]) for b in batches] == [shape, shape]
+    assert sum(b.shape[0] for b in batches) == 3                        # the training images
+    with torch.no_grad():
+        assert model(batches[0], mode="tensor").shape[1] == 150

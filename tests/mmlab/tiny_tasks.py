@@ -119,8 +119,14 @@ train_cfg = dict(type='IterBasedTrainLoop', max_iters={max_iters}, val_interval=
 default_hooks = dict(logger=dict(type='LoggerHook', interval=1, log_metric_by_epoch=False),
                      checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=2,
                                      save_best=None, max_keep_ckpts=-1))
-secure_inference = dict(input_shape=[3, {s}, {s}],
-                        distortion_data=dict(data_root={str(data_root)!r}))
+secure_inference = dict(
+    input_shape=[3, {s}, {s}],
+    distortion_data=dict(data_root={str(data_root)!r}, pipeline=[
+        dict(type='LoadImageFromFile'),
+        dict(type='Resize', scale=(8192, {s}), keep_ratio=True),
+        dict(type='CenterCrop', crop_size=crop),
+        dict(type='PackSegInputs'),
+    ]))
 """
     path.write_text(text)
     return path
