@@ -32,7 +32,7 @@ def _run_drelu(x0, x1, config=None, default=None):
         return D.drelu(party, inp, config), party.stats
 
     res = run_in_process(fn, timeout=60)
-    assert res[2][0] is None
+    assert res[2][0].device.type == "meta" and tuple(res[2][0].shape) == shape
     return res[0][0] + res[1][0], merge_stats([r[1] for r in res], "drelu")
 
 
@@ -277,6 +277,47 @@ def test_output_share_of_fixed_secret_looks_uniform():
             frac = float(((share >> bit) & 1).double().mean())
             assert abs(frac - 0.5) < 0.05  # ~6.3 standard deviations
         assert share.unique().numel() == n  # no repeated share
+
+
+def test_helper_learns_only_unbiased_masked_comparison_bits(monkeypatch):
+    """P2's two PrivateCompare outputs per DReLU are masked by P0-P1 random bits: for one fixed
+    secret they are balanced, and what P2 receives in the fused multiplication (z = v + m) is
+    uniform."""
+    n = 4000
+    x = torch.full((n,), 123456, dtype=torch.int64)
+    x0, x1 = _share(x)
+    seen = []
+    real = D.private_compare_decide
+
+    def spy(d0, d1):
+        out = real(d0, d1)
+        seen.append(out.clone())
+        return out
+
+    monkeypatch.setattr(D, "private_compare_decide", spy)
+    got_z = []
+
+    def fn(party):
+        if party.role == 2:
+            orig = party.recv
+
+            def recv(frm, shape, dtype=torch.int64):
+                t = orig(frm, shape, dtype)
+                if dtype == torch.int64 and tuple(shape) == (n,):
+                    got_z.append(t)
+                return t
+            party.recv = recv
+        inp = [x0, x1, party.placeholder((n,))][party.role]
+        return D.mul_drelu(party, inp, inp)
+
+    r0, r1, _ = run_in_process(fn, timeout=60)
+    assert torch.equal(r0 + r1, x)
+    assert len(seen) == 2
+    for bits in seen:
+        assert abs(float(bits.double().mean()) - 0.5) < 0.05
+    z = got_z[0] + got_z[1]
+    for bit in (0, 31, 63):
+        assert abs(float(((z >> bit) & 1).double().mean()) - 0.5) < 0.05
 
 
 def test_malformed_helper_message_is_refused():

@@ -35,7 +35,7 @@ def _run(op, x: torch.Tensor, scope: str, **kw):
         return out, party.stats
 
     res = run_in_process(fn, timeout=60)
-    assert res[2][0] is None
+    assert res[2][0].device.type == "meta" and res[2][0].shape == res[0][0].shape
     return res[0][0] + res[1][0], merge_stats([r[1] for r in res], scope)
 
 
@@ -75,8 +75,27 @@ def test_select_share():
         return R.select_share(party, *(s[party.role] for s in shares))
 
     r0, r1, r2 = run_in_process(fn, timeout=60)
-    assert r2 is None
+    assert r2.device.type == "meta"
     assert torch.equal(r0 + r1, torch.where(d >= 0, a, b))
+
+
+def test_select_bit_with_shared_drelu_bit():
+    n = 200
+    d = torch.randint(-1000, 1000, (n,))
+    a, b = torch.randint(I64_MIN, I64_MAX, (n,)), torch.randint(I64_MIN, I64_MAX, (n,))
+    shares = [_share(t) for t in (d, a, b)]
+
+    def fn(party):
+        if party.role == 2:
+            ph = party.placeholder((n,))
+            return R.select_bit(party, D.drelu(party, ph), ph, ph), party.stats
+        dd, aa, bb = (s[party.role] for s in shares)
+        return R.select_bit(party, D.drelu(party, dd), aa, bb), party.stats
+
+    res = run_in_process(fn, timeout=60)
+    assert torch.equal(res[0][0] + res[1][0], torch.where(d >= 0, a, b))
+    st = merge_stats([r[1] for r in res], "select_bit")
+    assert st["bytes"] == 40 * n and st["rounds"] == 1
 
 
 # ------------------------------------------------------------------ Block-ReLU

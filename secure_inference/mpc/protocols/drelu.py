@@ -624,10 +624,10 @@ def _shape_of(x: torch.Tensor | tuple | list) -> tuple[int, ...]:
 
 
 def drelu(party: Party, x: torch.Tensor, config: DReLUConfig | None = None, *,
-          scope: str = "drelu") -> torch.Tensor | None:
+          scope: str = "drelu") -> torch.Tensor:
     """Shares over Z_2^64 of DReLU(x) = [x ≥ 0] for shares ``x`` (int64, any shape).
 
-    P2 passes a shape-only tensor (``party.placeholder(shape)``) and gets None. ``config``
+    P2 passes a shape-only tensor (``party.placeholder(shape)``) and gets one back. ``config``
     selects the exact or an approximate DReLU (default: the session's, see
     :func:`set_default_config`). Cost: :func:`drelu_bytes`, :data:`ROUNDS` rounds.
     """
@@ -636,7 +636,7 @@ def drelu(party: Party, x: torch.Tensor, config: DReLUConfig | None = None, *,
     with party.scope(scope):
         if party.role == ROLE_HELPER:
             _drelu_core(party, torch.empty(shape, device="meta"), cfg, None, None, False)
-            return None
+            return party.placeholder(shape)
         out, _ = _drelu_core(party, x, cfg, None, None, True)
     return out.view(shape)
 
@@ -644,14 +644,14 @@ def drelu(party: Party, x: torch.Tensor, config: DReLUConfig | None = None, *,
 def mul_drelu(party: Party, d: torch.Tensor, v: torch.Tensor,
               index: torch.Tensor | None = None, config: DReLUConfig | None = None, *,
               want_drelu: bool = False, scope: str = "mul_drelu"
-              ) -> torch.Tensor | None | tuple[torch.Tensor | None, torch.Tensor | None]:
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Shares of v · DReLU(d[index]) in one DReLU (no extra round; 24 bytes per value of v).
 
     ``d``: shares of the decision values (any shape, flattened); ``v``: shares of the payload
     (any shape); ``index``: for each flattened payload value, the flattened decision it uses
     (int64, public; None: ``v`` has d's shape and uses its own element). Returns shares shaped
     like ``v`` (and the DReLU shares too when ``want_drelu``); P2 passes placeholders and gets
-    None. Used for ReLU (d = v = x), Block-ReLU (d = patch sums, v = pixels) and max (d = v = a − b).
+    placeholders back. Used for ReLU (d = v = x), Block-ReLU (d = patch sums, v = pixels) and max (d = v = a − b).
     """
     cfg = resolve_config(party, config)
     dshape, vshape = _shape_of(d), _shape_of(v)
@@ -671,7 +671,8 @@ def mul_drelu(party: Party, d: torch.Tensor, v: torch.Tensor,
         if party.role == ROLE_HELPER:
             _drelu_core(party, torch.empty(dshape, device="meta"), cfg,
                         torch.empty(vshape, device="meta"), index, False)
-            return (None, None) if want_drelu else None
+            out = party.placeholder(vshape)
+            return (party.placeholder(dshape), out) if want_drelu else out
         if d.dtype != torch.int64 or v.dtype != torch.int64:
             raise TypeError("mul_drelu expects int64 shares")
         bits_out, prod = _drelu_core(party, d, cfg, v, index, want_drelu)

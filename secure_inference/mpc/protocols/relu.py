@@ -43,7 +43,7 @@ from .drelu import EXACT, DReLUConfig, mul_drelu, mul_drelu_bytes, resolve_confi
 
 __all__ = ["relu", "relu_bytes", "select_share", "BlockReLUPlan", "block_relu_plan",
            "block_relu", "block_relu_bytes", "MaxPoolPlan", "max_pool_plan", "max_pool2d",
-           "max_pool_bytes", "run_on_shares"]
+           "max_pool_bytes", "run_on_shares", "select_bit"]
 
 
 def _shape(x: torch.Tensor) -> tuple[int, ...]:
@@ -63,8 +63,8 @@ def _check_shares(party: Party, *xs: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 
 def relu(party: Party, x: torch.Tensor, config: DReLUConfig | None = None, *,
-         scope: str = "relu") -> torch.Tensor | None:
-    """Shares of ReLU(x) = x·DReLU(x) for shares ``x`` (P2: a placeholder; returns None)."""
+         scope: str = "relu") -> torch.Tensor:
+    """Shares of ReLU(x) = x·DReLU(x) for shares ``x`` (P2: placeholder in, placeholder out)."""
     _check_shares(party, x)
     return mul_drelu(party, x, x, None, config, scope=scope)
 
@@ -75,7 +75,7 @@ def relu_bytes(n: int, config: DReLUConfig = EXACT) -> int:
 
 
 def select_share(party: Party, d: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                 config: DReLUConfig | None = None, *, scope: str = "select") -> torch.Tensor | None:
+                 config: DReLUConfig | None = None, *, scope: str = "select") -> torch.Tensor:
     """Shares of ``a`` where d ≥ 0 and ``b`` elsewhere (all three the same shape).
 
     Computed as b + (a − b)·DReLU(d): one DReLU and 24 bytes per element for the product.
@@ -85,9 +85,24 @@ def select_share(party: Party, d: torch.Tensor, a: torch.Tensor, b: torch.Tensor
                          f"{list(_shape(a))}, {list(_shape(b))}")
     _check_shares(party, d, a, b)
     if party.role == ROLE_HELPER:
-        mul_drelu(party, d, a, None, config, scope=scope)
-        return None
+        return mul_drelu(party, d, a, None, config, scope=scope)
     return b + mul_drelu(party, d, a - b, None, config, scope=scope)
+
+
+def select_bit(party: Party, bit: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
+               scope: str = "select_bit") -> torch.Tensor:
+    """SecureNN's SelectShare: shares of ``a`` where the shared bit is 1 and ``b`` where it is 0.
+
+    ``bit``: shares of 0/1 over Z_2^64 (e.g. from :func:`~.drelu.drelu`), broadcastable to
+    a and b. One Beaver multiplication b + bit·(a − b) (:func:`.linear.mul`, no truncation):
+    one round, 16 bytes per element of a plus 16 per bit plus 8 per element for the triple.
+    Prefer :func:`select_share` when the bit is a fresh DReLU: it needs no extra round.
+    """
+    from .linear import mul
+    _check_shares(party, bit, a, b)
+    if party.role == ROLE_HELPER:
+        return mul(party, bit, a, truncate=False, scope=scope)
+    return b + mul(party, bit, a - b, truncate=False, scope=scope)
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,8 +163,8 @@ def block_relu_bytes(shape, block_sizes, config: DReLUConfig = EXACT) -> int:
 
 
 def block_relu(party: Party, x: torch.Tensor, block_sizes, config: DReLUConfig | None = None,
-               *, scope: str = "block_relu") -> torch.Tensor | None:
-    """Shares of BlockReLU(block_sizes)(x) for shares ``x`` [N, C, H, W] (P2: placeholder → None).
+               *, scope: str = "block_relu") -> torch.Tensor:
+    """Shares of BlockReLU(block_sizes)(x) for shares ``x`` [N, C, H, W] (P2: placeholders).
 
     Semantics and cost in the module docstring; one DReLU call for the whole layer.
     """
@@ -161,7 +176,7 @@ def block_relu(party: Party, x: torch.Tensor, block_sizes, config: DReLUConfig |
         if plan.decisions:
             mul_drelu(party, party.placeholder((plan.decisions,)),
                       party.placeholder((plan.pixels,)), plan.index, cfg, scope=scope)
-        return None
+        return party.placeholder(plan.shape)
     if not plan.decisions:
         return x.clone()
     n = plan.shape[0]
@@ -252,11 +267,11 @@ def max_pool_bytes(shape, kernel_size, stride=None, padding=0,
 
 def max_pool2d(party: Party, x: torch.Tensor, kernel_size, stride=None, padding=0,
                config: DReLUConfig | None = None, *, scope: str = "max_pool"
-               ) -> torch.Tensor | None:
+               ) -> torch.Tensor:
     """Shares of ``max_pool2d(x, kernel_size, stride, padding)`` by a tree of comparisons.
 
     All windows are compared at once: ⌈log2 K⌉ levels (K = kernel area), each one batched
-    max(a, b) = b + ReLU(a − b) over half the remaining candidates. P2: placeholder → None.
+    max(a, b) = b + ReLU(a − b) over half the remaining candidates. P2: placeholders.
     """
     _check_shares(party, x)
     plan = max_pool_plan(_shape(x), kernel_size, stride, padding,
@@ -269,7 +284,7 @@ def max_pool2d(party: Party, x: torch.Tensor, kernel_size, stride=None, padding=
             for level, c in enumerate(plan.levels):
                 ph = party.placeholder((c * per,))
                 mul_drelu(party, ph, ph, None, cfg, scope=f"level{level}")
-            return None
+            return party.placeholder(plan.out_shape)
         flat = x.reshape(nb, ch, -1)
         cand = flat[:, :, plan.gather].permute(2, 0, 1, 3).reshape(plan.gather.shape[0], -1)
         for level, c in enumerate(plan.levels):
@@ -288,7 +303,7 @@ def run_on_shares(party: Party, shares: Sequence[torch.Tensor],
                   ops: Sequence[tuple[Callable[..., Any], dict[str, Any]]]
                   ) -> tuple[list[Any], Any, list[float]]:
     """Apply each ``op(party, x, **kwargs)`` of ``ops`` to this party's share of x; return
-    (results, party.stats, wall seconds per op on this party).
+    (results, party.stats, wall seconds per op on this party); P2's results are None.
 
     ``shares`` = (x0, x1); P2 gets a placeholder of the same shape. Picklable when the ops are
     library functions, so ``functools.partial(run_on_shares, shares=..., ops=...)`` is a body for
@@ -300,6 +315,7 @@ def run_on_shares(party: Party, shares: Sequence[torch.Tensor],
     results, seconds = [], []
     for op, kwargs in ops:
         start = time.perf_counter()
-        results.append(op(party, x, **kwargs))
+        out = op(party, x, **kwargs)
+        results.append(None if party.role == ROLE_HELPER else out)
         seconds.append(time.perf_counter() - start)
     return results, party.stats, seconds
