@@ -212,3 +212,29 @@ def test_all_nonlinear_protocols_over_loopback_tcp_processes():
     assert merge_stats(stats, "relu")["bytes"] == R.relu_bytes(x.numel())
     assert merge_stats(stats, "block_relu")["bytes"] == R.block_relu_bytes(shape, sizes)
     assert merge_stats(stats, "max_pool")["bytes"] == R.max_pool_bytes(shape, 3, 2, 1)
+
+
+# ------------------------------------------------------------------ CUDA (skipped without a GPU)
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nonlinear_protocols_on_cuda():
+    sizes = [[3, 3], [0, 1], [1, 1], [2, 5]]
+    shape = (2, 4, 7, 6)
+    x = _fixed_point_input(shape, seed=5)
+    x0, x1 = _share(x)
+    approx = D.DReLUConfig.approximate(30, 6)
+
+    def fn(party):
+        inp = [x0.cuda(), x1.cuda(), party.placeholder(shape)][party.role]
+        outs = (D.drelu(party, inp), R.relu(party, inp), R.block_relu(party, inp, sizes),
+                R.max_pool2d(party, inp, 3, 2, 1), D.drelu(party, inp, approx))
+        return [o.cpu() if o.device.type == "cuda" else None for o in outs]
+
+    res = run_in_process(fn, timeout=120, device="cuda")
+    d, r, b, m, a = (u + v for u, v in zip(res[0], res[1]))
+    assert torch.equal(d, D.plain_drelu(x))
+    assert torch.equal(r, torch.clamp(x, min=0))
+    assert torch.equal(b, _plain_block_relu(x, sizes))
+    assert torch.equal(m, F.max_pool2d(x.double(), 3, 2, 1).to(torch.int64))
+    assert bool(((a == d) | ((x >= 0) & (x < 64))).all())
