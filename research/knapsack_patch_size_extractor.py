@@ -68,12 +68,15 @@ def check_model(args, meta: dict, results: dict) -> str:
 
     target = args.config or args.model
     shape = tuple(int(s) for s in meta["input_shape"])
-    if args.config:
-        cfg_shape = input_shape_of(args.config, default=shape)
-        if tuple(cfg_shape) != shape[-3:]:
-            raise DistortionFileError(f"the distortion was recorded at input {list(shape)} but "
-                                      f"{args.config} declares input_shape {list(cfg_shape)}")
-    model = load_model(target)
+    try:
+        cfg_shape = input_shape_of(args.config, default=shape) if args.config else shape
+        model = load_model(target)
+    except Exception as e:  # config/registry/import problems: report, do not dump a traceback
+        raise ValueError(f"could not build the model from {target}: {type(e).__name__}: {e}") \
+            from None
+    if tuple(cfg_shape) != shape[-3:]:
+        raise DistortionFileError(f"the distortion was recorded at input {list(shape)} but "
+                                  f"{args.config} declares input_shape {list(cfg_shape)}")
     check_against_sites(results, find_relu_sites(model, shape))
     return target
 

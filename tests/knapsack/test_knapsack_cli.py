@@ -217,6 +217,9 @@ def test_bad_inputs_give_clear_errors(cli, folder, tmp_path, capsys, resnet18_si
     err = run_cli_error(cli, capsys, ["--model", "resnet18", "--channel_distortion_path",
                                       str(partial), "--ratio", "0.1"] + base)
     assert "not sites of the model" in err
+    err = run_cli_error(cli, capsys, ["--model", "no_such_model_xyz", "--channel_distortion_path",
+                                      str(partial), "--ratio", "0.1"] + base)
+    assert "could not build the model from no_such_model_xyz" in err
 
     # budget below the smallest achievable cost: no identity candidate, tiny budget
     noid = tmp_path / "noid"
