@@ -259,10 +259,11 @@ class Party:
 
     def _draw(self, stream: prg.KeyStream, shape, high: int | None, dtype: torch.dtype):
         if dtype == torch.uint8:
-            if high is not None:
-                return stream.below(shape, high, self.device).to(torch.uint8) if high <= 256 \
-                    else _raise(ValueError(f"high={high} does not fit uint8"))
-            return stream.bytes_tensor(shape, self.device)
+            if high is None:
+                return stream.bytes_tensor(shape, self.device)
+            if high > 256:
+                raise ValueError(f"high={high} does not fit uint8")
+            return stream.below(shape, high, self.device).to(torch.uint8)
         if dtype != torch.int64:
             raise TypeError(f"random tensors are int64 or uint8, not {dtype}")
         if high is None:
@@ -312,10 +313,6 @@ class Party:
         return torch.empty(tuple(shape), dtype=torch.int64, device="meta")
 
 
-def _raise(exc: BaseException):
-    raise exc
-
-
 # --- in-process harness -------------------------------------------------------------------
 
 def _pick_root(errors: dict[int, tuple[float, BaseException]]) -> BaseException:
@@ -348,7 +345,6 @@ def run_in_process(fn: Callable[[Party], T], *, frac_bits: int = DEFAULT_FRAC_BI
     errors: dict[int, tuple[float, BaseException]] = {}
 
     def body(role: int) -> None:
-        party = None
         try:
             party = Party(role, links[role], device=device, frac_bits=frac_bits,
                           timeout=timeout, max_frame=max_frame)
@@ -442,7 +438,7 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
         certs_dir = tmp.name
     cfg = dict(host=host, tls=tls, certs_dir=str(certs_dir) if certs_dir else None,
                timeout=timeout, frac_bits=frac_bits, device=device, max_frame=max_frame)
-    pipes, procs = {}, {}
+    pipes, procs, stuck = {}, {}, set()
     deadline = None if wall_timeout is None else time.monotonic() + wall_timeout
     try:
         for r in ROLES:
@@ -460,14 +456,19 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
                 ports[r] = msg[1]
             else:
                 outcomes[r] = msg
-        addresses = {r: (host, ports.get(r) or 0) for r in ROLES}
-        for r in ROLES:
-            if r in ports:
+        if len(ports) < len(ROLES):  # a party failed before listening: stop the others now
+            for r in ports:
+                procs[r].kill()
+                outcomes[r] = ("aborted",)
+        else:
+            addresses = {r: (host, ports[r] or 0) for r in ROLES}
+            for r in ROLES:
                 pipes[r].send(addresses)
         for r in ROLES:
             while r not in outcomes:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
+                    stuck.add(r)
                     outcomes[r] = ("error", pickle.dumps(ProtocolError(
                         f"party {r} did not finish within wall_timeout={wall_timeout:g} s")),
                         "", time.time())
@@ -475,7 +476,8 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
                 outcomes[r] = _wait_message(pipes[r], procs[r], left)
     finally:
         for r, p in procs.items():
-            p.join(timeout=5.0)
+            if r not in stuck:  # a party that reported exits by itself in a moment
+                p.join(timeout=5.0)
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5.0)
@@ -487,7 +489,10 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
     for r, msg in outcomes.items():
         if msg[0] == "ok":
             continue
-        if msg[0] == "died":
+        if msg[0] == "aborted":
+            errors[r] = (float("inf"), ProtocolError(
+                f"party {r} was stopped because another party failed at start-up", secondary=True))
+        elif msg[0] == "died":
             errors[r] = (0.0, ProtocolError(f"party {r} died (exit code {msg[1]}) without a result"))
         else:
             exc = pickle.loads(msg[1])

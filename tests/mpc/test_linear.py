@@ -241,9 +241,24 @@ def test_pooling_and_local_ops_match_plaintext():
 
 def test_sharing_helper_input_requires_shape_and_int64():
     def fn(p):
-        return P.share(p, torch.ones(3) if p.role == 0 else None, 0, None)
+        return P.share(p, torch.ones(3, dtype=torch.int64) if p.role == 0 else None, 0, None)
     with pytest.raises(ValueError, match="public shape"):
         run_in_process(fn, timeout=5)
     with pytest.raises(TypeError, match="int64"):
         run_in_process(lambda p: P.share(p, torch.ones(3) if p.role == 0 else None, 0, (3,)),
                        timeout=5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_protocols_on_cuda_match_cpu_ring_results():
+    x, w = with_edges(rand64(2, 16, 12, 12)), rand64(32, 16, 3, 3)
+
+    def fn(p):
+        xs = _inputs(p, x.to(p.device))
+        conv = P.conv2d(p, xs, w.to(p.device) if p.role == 1 else None, None,
+                        weight_shape=w.shape, padding=1, name="conv", truncate=False)
+        prod = P.mul(p, xs, xs, truncate=False)
+        return [None if t is None else t.cpu() for t in (_open(p, conv), _open(p, prod))]
+    got = run_in_process(fn, device="cuda")[0]
+    assert torch.equal(got[0], F.conv2d(x, w, padding=1)) and torch.equal(got[1], x * x)

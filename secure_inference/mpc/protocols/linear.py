@@ -147,12 +147,12 @@ def neg(x: Share) -> Share:
 
 def add_public(party: Party, x: Share, c: torch.Tensor | int) -> Share:
     """Shares of x + c for a public ring value c (P0 adds it)."""
+    shape = torch.broadcast_shapes(x.shape, c.shape if isinstance(c, torch.Tensor) else ())
     if party.role == ROLE_CLIENT:
         return x + (c.to(party.device) if isinstance(c, torch.Tensor) else c)
     if party.role == ROLE_HELPER:
-        c_shape = c.shape if isinstance(c, torch.Tensor) else ()
-        return party.placeholder(torch.broadcast_shapes(x.shape, c_shape))
-    return x + torch.zeros_like(c, device=party.device) if isinstance(c, torch.Tensor) else x
+        return party.placeholder(shape)
+    return x if x.shape == shape else x.expand(shape).contiguous()
 
 
 def mul_public(x: Share, c: torch.Tensor | int) -> Share:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ring import is_power_of_two, reciprocal_fixed
-from ..runtime import ROLE_HELPER, Party
+from ..runtime import Party
 from .linear import Share, mul_public, truncate
 
 __all__ = ["sum_pool2d", "div_public", "avg_pool2d", "global_avg_pool2d"]
@@ -70,8 +70,7 @@ def avg_pool2d(party: Party, x: Share, kernel_size, stride=None, padding=0, *,
     ones = torch.ones((1, 1, x.shape[2], x.shape[3]), dtype=torch.float64)
     counts = F.avg_pool2d(ones, k, stride if stride is not None else k, pad,
                           count_include_pad=False, divisor_override=1)
-    return div_public(party, sums, counts.round().to(torch.int64).to(
-        "cpu" if party.role == ROLE_HELPER else party.device))
+    return div_public(party, sums, counts.round().to(torch.int64).to(party.device))
 
 
 def global_avg_pool2d(party: Party, x: Share, keepdim: bool = False) -> Share:
