@@ -13,10 +13,11 @@ Default ``f`` = :data:`DEFAULT_FRAC_BITS` = 16. Why 16:
   (typically 1e-3..1 in magnitude) and activations far below the noise a network tolerates
   (CrypTen uses the same 16 bits in a 64-bit ring);
 * a product of two encoded values carries 2f = 32 fractional bits before truncation; for
-  real magnitudes below 2^10 that is a 43-bit signed value, so the local truncation error
-  probability is 2^(43+1-64) = 2^-20 per truncated element (see :func:`truncation_error_probability`);
-  with f = 12 it would be 2^-28. The lead fixes the final default from measured accuracy on the
-  reference models; ``f`` is a parameter of every session (``Party.frac_bits``).
+  real magnitudes below 2^10 its ring value satisfies |x| < 2^42, so the local truncation
+  failure probability is 2^(42+1-64) = 2^-21 per truncated element (see
+  :func:`truncation_error_probability`); with f = 12 it would be 2^-29, at 16× coarser
+  resolution. The final default is to be fixed from measured accuracy on the reference
+  models; ``f`` is a parameter of every session (``Party.frac_bits``).
 
 Local truncation (SecureML): with x = x0 + x1 mod 2^64, P0 computes ``x0 >> f`` (arithmetic)
 and P1 computes ``-((-x1) >> f)``. If |x| < 2^l and x0 is uniform, the result equals
