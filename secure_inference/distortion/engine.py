@@ -1,0 +1,509 @@
+"""The distortion engines: naive, exact (prefix cached, candidates batched) and linear.
+
+All three compute, for one activation site s, channel c and candidate block size b::
+
+    D[s][c, b] = mean over samples of mean((f_{s,c,b}(x) - f(x))**2)
+
+where ``f`` is the model output (``run_model``: logits, or decode-head logits) and
+``f_{s,c,b}`` the same network with only channel c of site s replaced by Block-ReLU(b).
+The functions here return *sums* over samples (float64); :func:`extract` divides by N.
+
+* **naive**: one forward of the whole network per (channel, size), Block-ReLU modules swapped
+  in; the reference the others are tested against.
+* **exact**: the network is run once per sample batch to capture (a) the site's input and
+  output and (b) the outputs of every module call that completed before the site's call
+  started. The remainder of the network is then re-run on a batch of *rows*, one row per
+  (sample, channel, size) whose perturbation is non-zero: module calls that completed before
+  the site return their cached output (rows gathered from it) instead of computing, the site
+  returns the perturbed activation, everything after runs normally. Because only the site's
+  *output* is substituted, skip connections that read the site's input, modules called at
+  several sites and in-place operations behave exactly as in the clean network. Rows whose
+  perturbation is zero (e.g. [1, 1] at a ReLU site) contribute exactly 0 and are not run.
+* **linear**: ``f(a + d) - f(a) ≈ J d``, so ``mean((J d)**2) = E_u[(u·J d)**2] / D`` for a
+  Rademacher vector u over the D outputs; ``u·J d = (Jᵀu)·d`` and ``Jᵀu`` at every site comes
+  from one vector-Jacobian product. R projections per sample give an unbiased estimate of the
+  first-order distortion for all sites, channels and sizes from R forward/backward passes.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..brelu import BlockReLU, block_sign_mask, is_identity
+from ..sites import ReluSite, run_model
+
+Progress = Callable[[int], None]
+
+#: activation kinds whose site can be replaced by a Block-ReLU
+REPLACEABLE_KINDS = ("ReLU", "BlockReLU", "MultiSiteActivation")
+
+
+class DistortionError(ValueError):
+    """Bad input for distortion extraction; the message says what was wrong and what to do."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _tree_map(fn, obj):
+    """Apply ``fn`` to every tensor in nested tuples/lists/dicts (other leaves unchanged)."""
+    if torch.is_tensor(obj):
+        return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_tree_map(fn, o) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_tree_map(fn, o) for o in obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, _tree_map(fn, v)) for k, v in obj.items())
+    return obj
+
+
+def output_matrix(out) -> torch.Tensor:
+    """The model output as a [B, D] float tensor (nested outputs are flattened and joined)."""
+    parts: list[torch.Tensor] = []
+    _tree_map(lambda t: parts.append(t), out)
+    if not parts:
+        raise DistortionError(f"the model returned {type(out).__name__} without tensors; "
+                              "distortion needs a tensor output (logits)")
+    b = parts[0].shape[0]
+    return torch.cat([p.reshape(b, -1).float() for p in parts], dim=1)
+
+
+def as_4d(t: torch.Tensor) -> torch.Tensor:
+    """[N, C] activations (after linear layers) as [N, C, 1, 1]; 4-D tensors unchanged."""
+    if t.dim() == 2:
+        return t[:, :, None, None]
+    if t.dim() != 4:
+        raise DistortionError(f"activation of shape {list(t.shape)} is neither [N, C, H, W] "
+                              "nor [N, C]")
+    return t
+
+
+def block_relu_all(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Block-ReLU of size ``size`` applied to every channel of x [N, C, H, W]."""
+    h, w = int(size[0]), int(size[1])
+    if is_identity(h, w):
+        return x.clone()
+    return x * block_sign_mask(x, h, w)
+
+
+def take_rows(t: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """``t[rows]`` along dim 0, as a new tensor.
+
+    On CPU this goes through ``numpy.take``: torch's multi-threaded gathers (index_select,
+    stack) were 10-100x slower on a busy 2-core machine.
+    """
+    if t.device.type == "cpu" and not t.requires_grad and t.dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(np.take(t.contiguous().numpy(), list(rows), axis=0))
+    return t.index_select(0, torch.as_tensor(list(rows), dtype=torch.long, device=t.device))
+
+
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32,
+                 torch.uint8, torch.bool)
+
+
+def check_finite(y: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(y).all()):
+        raise DistortionError(f"{what} contains NaN/inf values; check the checkpoint and the "
+                              "input normalisation (samples must be the model's real inputs)")
+
+
+def iter_batches(samples, batch_size: int | None) -> list[torch.Tensor]:
+    """Samples as a list of [n, C, H, W] batches (a tensor is split into ``batch_size`` rows)."""
+    if torch.is_tensor(samples):
+        if samples.dim() != 4:
+            raise DistortionError(f"samples must be [N, C, H, W], got {list(samples.shape)}")
+        if samples.shape[0] == 0:
+            raise DistortionError("no samples given")
+        bs = int(batch_size or samples.shape[0])
+        return list(samples.split(bs))
+    batches = [b for b in samples]
+    if not batches:
+        raise DistortionError("no samples given")
+    for b in batches:
+        if not torch.is_tensor(b) or b.dim() != 4:
+            raise DistortionError("samples must be a tensor [N, C, H, W] or an iterable of "
+                                  "such tensors")
+    return batches
+
+
+# --------------------------------------------------------------------------- call tracing
+
+@dataclass
+class _Call:
+    module: nn.Module
+    path: str
+    start: int     # position of the call in the forward (pre-order numbering)
+    end: int = -1  # first position after all calls nested in this one
+    parent: int = -1
+
+
+class _CallCounter:
+    """Pre/post hooks on every module numbering the module calls of one forward in pre-order."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.paths = [(p, m) for p, m in model.named_modules()]
+        self.counter = 0
+        self.stack: list[int] = []
+        self.handles: list = []
+        self.on_pre: Callable[[int, nn.Module, tuple], None] | None = None
+        self.on_post: Callable[[int, nn.Module, object], object] | None = None
+
+    def __enter__(self) -> "_CallCounter":
+        for _, m in self.paths:
+            self.handles.append(m.register_forward_pre_hook(self._pre))
+            self.handles.append(m.register_forward_hook(self._post))
+        self.counter = 0
+        self.stack = []
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _pre(self, module, args):
+        idx = self.counter
+        self.counter += 1
+        self.stack.append(idx)
+        if self.on_pre is not None:
+            self.on_pre(idx, module, args)
+
+    def _post(self, module, args, out):
+        idx = self.stack.pop()
+        if self.on_post is not None:
+            return self.on_post(idx, module, out)
+        return None
+
+
+def trace_calls(model: nn.Module, x: torch.Tensor) -> list[_Call]:
+    """Every module call of one forward of ``model`` on ``x``, in pre-order."""
+    counter = _CallCounter(model)
+    paths = {m: p for p, m in counter.paths}
+    calls: list[_Call] = []
+
+    def pre(idx, module, args):
+        parent = counter.stack[-2] if len(counter.stack) > 1 else -1
+        calls.append(_Call(module, paths[module], idx, parent=parent))
+
+    def post(idx, module, out):
+        calls[idx].end = counter.counter
+        return None
+
+    counter.on_pre, counter.on_post = pre, post
+    with torch.no_grad(), counter:
+        run_model(model, x)
+    return calls
+
+
+# --------------------------------------------------------------------------- site runner
+
+@dataclass
+class Capture:
+    """What the exact method keeps from one clean forward of a sample batch, for one site."""
+
+    y: torch.Tensor                       # clean output [n, D]
+    site_in: torch.Tensor                 # site input (pre-activation) [n, C, H, W]
+    site_out: torch.Tensor                # site output [n, C, H, W]
+    site_dim: int                         # 4, or 2 for [N, C] sites (after linear layers)
+    frozen: dict[int, object] = field(default_factory=dict)  # call -> cached output
+
+
+class SiteRunner:
+    """Re-runs the part of a model after one activation site with a substituted site output."""
+
+    def __init__(self, model: nn.Module, calls: list[_Call], site: ReluSite) -> None:
+        self.model = model
+        self.calls = calls
+        self.site = site
+        own = [c for c in calls if c.path == site.module_path]
+        if site.call_index >= len(own):
+            raise DistortionError(f"site '{site.name}': module '{site.module_path}' was called "
+                                  f"{len(own)} times, expected call {site.call_index}")
+        s = own[site.call_index].start
+        self.site_call = s
+        # outermost calls that completed before the site's call started
+        self.frozen = [c.start for c in calls
+                       if c.end <= s and (c.parent == -1 or calls[c.parent].end > s)]
+        self._patch_modules = {calls[i].module for i in self.frozen} | {calls[s].module}
+
+    def _check_call(self, idx: int, module: nn.Module) -> None:
+        if idx >= len(self.calls) or self.calls[idx].module is not module:
+            raise DistortionError("the model's forward calls its modules in a different order "
+                                  "from one run to the next; the exact method needs a static "
+                                  "forward (use method='naive')")
+
+    @torch.no_grad()
+    def capture(self, x: torch.Tensor) -> Capture:
+        """Clean forward on x: output, site input/output and the frozen calls' outputs."""
+        counter = _CallCounter(self.model)
+        frozen = set(self.frozen)
+        got: dict[str, object] = {}
+        cache: dict[int, object] = {}
+
+        def pre(idx, module, args):
+            self._check_call(idx, module)
+            if idx == self.site_call:
+                got["in"] = as_4d(args[0]).clone()
+
+        def post(idx, module, out):
+            if idx in frozen:
+                cache[idx] = _tree_map(lambda t: t.clone(), out)
+            elif idx == self.site_call:
+                got["out"] = as_4d(out).clone()
+                got["dim"] = out.dim()
+            return None
+
+        counter.on_pre, counter.on_post = pre, post
+        with counter:
+            y = output_matrix(run_model(self.model, x))
+        if "out" not in got:
+            raise DistortionError(f"site '{self.site.name}' was not reached in the forward")
+        check_finite(y, "the clean model output")
+        return Capture(y=y, site_in=got["in"], site_out=got["out"], site_dim=got["dim"],
+                       frozen=cache)
+
+    @torch.no_grad()
+    def run_rows(self, cap: Capture, x: torch.Tensor, rows: Sequence[int],
+                 activation: torch.Tensor) -> torch.Tensor:
+        """Output [R, D] of the network for rows (sample indices into the captured batch) with
+        the site's output replaced by ``activation`` [R, C, H, W]."""
+        from ..spec import MultiSiteActivation
+        counter = _CallCounter(self.model)
+        n = x.shape[0]
+        calls = self.calls
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() >= 1 and t.shape[0] == n:
+                return take_rows(t, rows)
+            return t
+
+        substitutes = {i: (lambda i=i: _tree_map(gather, cap.frozen[i])) for i in self.frozen}
+
+        value = activation if cap.site_dim == 4 else activation.reshape(activation.shape[0], -1)
+        substitutes[self.site_call] = lambda: value
+        originals = {}
+
+        def make(module, orig):
+            def forward(*args, **kwargs):
+                idx = counter.stack[-1]
+                fn = substitutes.get(idx)
+                if fn is None:
+                    return orig(*args, **kwargs)
+                counter.counter = calls[idx].end  # skip the calls nested in this one
+                if isinstance(module, MultiSiteActivation):
+                    # its forward would have advanced the call counter: keep later calls right
+                    module._next_call = (module._next_call + 1) % len(module.sites)
+                return fn()
+            return forward
+
+        def pre(idx, module, args):
+            self._check_call(idx, module)
+
+        counter.on_pre = pre
+        try:
+            for m in self._patch_modules:
+                originals[m] = m.__dict__.get("forward")
+                m.forward = make(m, m.forward)
+            with counter:
+                y = output_matrix(run_model(self.model, take_rows(x, rows)))
+        finally:
+            for m, orig in originals.items():
+                if orig is None:
+                    del m.forward
+                else:
+                    m.forward = orig
+        return y
+
+
+# --------------------------------------------------------------------------- exact
+
+def exact_site_sums(model: nn.Module, calls: list[_Call], site: ReluSite,
+                    batches: Iterable[torch.Tensor], channels: Sequence[int],
+                    sizes: np.ndarray, forward_batch: int = 64,
+                    progress: Progress | None = None) -> np.ndarray:
+    """Sum over samples of the per-sample output MSE, [len(channels), K] float64 (exact)."""
+    runner = SiteRunner(model, calls, site)
+    chans = torch.as_tensor(list(channels), dtype=torch.long)
+    k = len(sizes)
+    sums = torch.zeros(len(chans) * k, dtype=torch.float64)
+    for x in batches:
+        cap = runner.capture(x)
+        n = x.shape[0]
+        xin = cap.site_in[:, chans.to(cap.site_in.device)]
+        base = cap.site_out[:, chans.to(cap.site_out.device)]
+        # perturbed channel values for every size: [K, n, Cc, H, W]
+        pert = torch.stack([block_relu_all(xin, s) for s in sizes])
+        nonzero = (pert != base[None]).flatten(3).any(dim=3)  # [K, n, Cc]
+        kk, ii, cc = torch.nonzero(nonzero, as_tuple=True)
+        total = len(kk)
+        chan_list = chans.tolist()
+        for start in range(0, total, forward_batch):
+            k_i = kk[start:start + forward_batch].tolist()
+            s_i = ii[start:start + forward_batch].tolist()
+            c_i = cc[start:start + forward_batch].tolist()
+            act = take_rows(cap.site_out, s_i)
+            for j, (a, b, c) in enumerate(zip(k_i, s_i, c_i)):
+                act[j, chan_list[c]] = pert[a, b, c]
+            y = runner.run_rows(cap, x, s_i, act)
+            check_finite(y, f"the output with site '{site.name}' perturbed")
+            mse = (y.double() - take_rows(cap.y, s_i).double()).pow(2).mean(dim=1)
+            flat = torch.as_tensor([c * k + a for a, c in zip(k_i, c_i)], dtype=torch.long)
+            sums.index_add_(0, flat, mse.cpu())
+        if progress is not None:
+            progress(n * len(chans) * k)
+    return sums.reshape(len(chans), k).numpy()
+
+
+# --------------------------------------------------------------------------- naive
+
+def _site_holder(model: nn.Module, site: ReluSite):
+    """(container, key) such that container[key] / getattr is the Block-ReLU of the site."""
+    from ..spec import MultiSiteActivation
+    module = model.get_submodule(site.module_path)
+    if isinstance(module, MultiSiteActivation):
+        return module.sites, site.call_index
+    parent_path, _, attr = site.module_path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), attr
+
+
+class _BlockReLUAnyDim(nn.Module):
+    """BlockReLU that also takes [N, C] activations (sites after linear layers) as [N, C, 1, 1]."""
+
+    def __init__(self, block_sizes) -> None:
+        super().__init__()
+        self.inner = BlockReLU(block_sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return self.inner(x[:, :, None, None])[:, :, 0, 0]
+        return self.inner(x)
+
+
+def naive_site_sums(model: nn.Module, site: ReluSite, batches: Iterable[torch.Tensor],
+                    channels: Sequence[int], sizes: np.ndarray, input_shape: Sequence[int],
+                    progress: Progress | None = None) -> np.ndarray:
+    """Reference: one whole-network forward per (channel, size) with a Block-ReLU swapped in."""
+    from ..spec import apply_block_spec, extract_block_spec
+    net = copy.deepcopy(model).eval()
+    current = extract_block_spec(net, input_shape).get(site.name)
+    rows = (np.ones((site.channels, 2), np.int32) if current is None else current.copy())
+    apply_block_spec(net, {site.name: rows}, input_shape)
+    holder, key = _site_holder(net, site)
+    batches = list(batches)
+    device = batches[0].device
+
+    def install(spec: np.ndarray) -> None:
+        module = _BlockReLUAnyDim(spec).to(device)
+        if isinstance(key, int):
+            holder[key] = module
+        else:
+            setattr(holder, key, module)
+
+    with torch.no_grad():
+        install(rows)
+        clean = [output_matrix(run_model(net, x)).double() for x in batches]
+        out = np.zeros((len(channels), len(sizes)))
+        for ci, c in enumerate(channels):
+            for ki, size in enumerate(sizes):
+                spec = rows.copy()
+                spec[c] = size
+                install(spec)
+                total = 0.0
+                for x, y0 in zip(batches, clean):
+                    y = output_matrix(run_model(net, x)).double()
+                    total += float((y - y0).pow(2).mean(dim=1).sum())
+                out[ci, ki] = total
+            if progress is not None:
+                progress(sum(len(x) for x in batches) * len(sizes))
+    return out
+
+
+# --------------------------------------------------------------------------- linear
+
+def projection_seed(seed: int, first_sample: int) -> int:
+    """Seed of the projections of the batch starting at ``first_sample`` (not secret)."""
+    digest = hashlib.sha256(f"{int(seed)}:{int(first_sample)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def linear_sums(model: nn.Module, calls: list[_Call], sites: Sequence[ReluSite],
+                batches: Iterable[torch.Tensor], sizes: dict[str, np.ndarray],
+                num_projections: int = 8, seed: int = 0, first_sample: int = 0,
+                progress: Progress | None = None) -> dict[str, np.ndarray]:
+    """First-order estimate (sums over samples) of the distortion [C, K] of every site.
+
+    The projections of the batch starting at sample ``first_sample + offset`` come from a
+    generator seeded by :func:`projection_seed` (``seed``, that sample index), so results do
+    not depend on how samples are split between workers with the same batch size.
+    """
+    runners = {s.name: SiteRunner(model, calls, s) for s in sites}
+    by_call = {r.site_call: name for name, r in runners.items()}
+    sums = {s.name: np.zeros((s.channels, len(sizes[s.name]))) for s in sites}
+    r = int(num_projections)
+    if r < 1:
+        raise DistortionError("num_projections must be >= 1")
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    offset = int(first_sample)
+    try:
+        for x in batches:
+            n = x.shape[0]
+            generator = torch.Generator().manual_seed(projection_seed(seed, offset))
+            offset += n
+            counter = _CallCounter(model)
+            ins: dict[str, torch.Tensor] = {}
+            outs: dict[str, torch.Tensor] = {}
+            zs: dict[str, torch.Tensor] = {}
+
+            def pre(idx, module, args):
+                name = by_call.get(idx)
+                if name is not None:
+                    ins[name] = as_4d(args[0])[:n].detach().clone()
+
+            def post(idx, module, out):
+                name = by_call.get(idx)
+                if name is None:
+                    return None
+                outs[name] = as_4d(out)[:n].detach().clone()
+                z = torch.zeros_like(out, requires_grad=True)
+                zs[name] = z
+                return out + z
+
+            counter.on_pre, counter.on_post = pre, post
+            xr = x.repeat(r, *([1] * (x.dim() - 1)))  # projection-major rows: j*n + i
+            with torch.enable_grad(), counter:
+                y = output_matrix(run_model(model, xr))
+                check_finite(y.detach(), "the clean model output")
+                u = torch.randint(0, 2, y.shape, generator=generator,
+                                  device="cpu").to(y.device, y.dtype) * 2 - 1
+                missing = [s.name for s in sites if s.name not in zs]
+                if missing:
+                    raise DistortionError(f"sites {missing} were not reached in the forward")
+                names = [s.name for s in sites]
+                grads = torch.autograd.grad((u * y).sum(), [zs[nm] for nm in names],
+                                            allow_unused=True)
+            d_out = y.shape[1]
+            for site, g in zip(sites, grads):
+                name = site.name
+                if g is None:
+                    continue
+                g = as_4d(g.detach()).reshape(r, n, *outs[name].shape[1:]).double()
+                for ki, size in enumerate(sizes[name]):
+                    delta = (block_relu_all(ins[name], size) - outs[name]).double()
+                    proj = (g * delta[None]).sum(dim=(3, 4))           # [R, n, C]
+                    est = proj.pow(2).mean(dim=0) / d_out              # [n, C]
+                    sums[name][:, ki] += est.sum(dim=0).cpu().numpy()
+            if progress is not None:
+                progress(n * sum(s.channels * len(sizes[s.name]) for s in sites))
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    return sums

@@ -1,0 +1,161 @@
+"""The exact and linear engines against the naive one-candidate-at-a-time reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+
+from distortion.nets import tiny_resnet
+from secure_inference import apply_block_spec, find_relu_sites
+from secure_inference.brelu import BlockReLU
+from secure_inference.distortion import DistortionError, extract
+from secure_inference.distortion.engine import (exact_site_sums, naive_site_sums,
+                                                trace_calls)
+
+SMALL = dict(max_rect=2, max_block_size=3)  # 6 candidates per 8x8 site: fast naive reference
+
+
+def _samples(n=5, seed=1, hw=8):
+    return torch.randn(n, 3, hw, hw, generator=torch.Generator().manual_seed(seed))
+
+
+def _plain_reference(model, x, site_name, channel, size):
+    """Independent reference: rebuild the network with one Block-ReLU channel via
+    apply_block_spec and compare whole forwards (no engine code involved)."""
+    import copy
+    shape = tuple(x.shape[1:])
+    site = {s.name: s for s in find_relu_sites(model, shape)}[site_name]
+    rows = np.ones((site.channels, 2), np.int32)
+    rows[channel] = size
+    net = apply_block_spec(copy.deepcopy(model), {site_name: rows}, shape).eval()
+    with torch.no_grad():
+        y0, y1 = model(x).double(), net(x).double()
+    return float((y1 - y0).pow(2).mean(dim=1).mean())
+
+
+def test_exact_equals_naive_on_residual_net_with_shared_relu():
+    net = tiny_resnet(0)
+    x = _samples()
+    # batches of 3 and 2 samples; 5 rows per batched forward: row batches cross candidates
+    exact = extract(net, x, batch_size=3, forward_batch=5, **SMALL)
+    naive = extract(net, x, batch_size=2, method="naive", **SMALL)
+    assert list(exact) == list(naive)
+    assert {"layer1.relu#0", "layer1.relu#1", "layer2.relu#1", "pre.act", "fc_relu"} <= set(exact)
+    for name in exact:
+        a, b = exact[name].distortion, naive[name].distortion
+        assert a.shape == b.shape == (exact[name].channels, len(exact[name].block_sizes))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9, err_msg=name)
+        assert b.max() > 1e-6, name  # every site of this net is sensitive
+    # ordinary ReLU costs nothing; a non-trivial candidate does
+    assert np.all(exact["layer1.relu#0"].distortion[:, 0] == 0)
+    assert np.all(exact["layer1.relu#0"].distortion[:, -1] > 0)
+
+
+def test_exact_matches_independent_whole_network_reference():
+    net = tiny_resnet(3)
+    x = _samples(4, seed=2)
+    res = extract(net, x, sites=["layer1.relu#1", "pre.act", "layer2.relu#0"], **SMALL)
+    for name, ch, k in [("layer1.relu#1", 2, 3), ("pre.act", 1, 5), ("layer2.relu#0", 7, 2)]:
+        size = res[name].block_sizes[k]
+        ref = _plain_reference(net, x, name, ch, size)
+        assert ref > 0
+        assert res[name].distortion[ch, k] == pytest.approx(ref, rel=1e-5)
+
+
+def test_exact_on_model_with_applied_spec_multisite_module():
+    """Sites already Block-ReLUs, a MultiSiteActivation module: clean = current model."""
+    net = tiny_resnet(1)
+    shape = (3, 8, 8)
+    spec = {"layer1.relu#1": np.tile(np.array([[2, 2]], np.int32), (4, 1)),
+            "layer2.relu#0": np.tile(np.array([[1, 2]], np.int32), (8, 1))}
+    apply_block_spec(net, spec, shape)
+    x = _samples(3, seed=5)
+    names = ["layer1.relu#0", "layer1.relu#1", "layer2.relu#0", "layer2.relu#1"]
+    exact = extract(net, x, sites=names, forward_batch=7, **SMALL)
+    naive = extract(net, x, sites=names, method="naive", **SMALL)
+    for name in names:
+        np.testing.assert_allclose(exact[name].distortion, naive[name].distortion,
+                                   rtol=1e-5, atol=1e-9, err_msg=name)
+    # the candidate equal to the applied spec changes nothing
+    k22 = [tuple(s) for s in exact["layer1.relu#1"].block_sizes].index((2, 2))
+    assert np.all(exact["layer1.relu#1"].distortion[:, k22] == 0)
+
+
+def test_torchvision_basicblock_sites():
+    import torchvision
+    net = torchvision.models.resnet18(num_classes=3).eval()
+    x = _samples(2, seed=3, hw=16)
+    site = {s.name: s for s in find_relu_sites(net, (3, 16, 16))}["layer1.0.relu#1"]
+    sizes = np.array([[1, 1], [2, 2], [0, 1]], np.int32)
+    calls = trace_calls(net, x[:1])
+    a = exact_site_sums(net, calls, site, [x], [0, 5, 63], sizes, forward_batch=4)
+    b = naive_site_sums(net, site, [x], [0, 5, 63], sizes, (3, 16, 16))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+    assert a[:, 1:].max() > 0
+
+
+class _LinearTail(nn.Module):
+    """conv -> ReLU (site) -> conv -> flatten: the output is linear in the site's output."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(3, 2, 3, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, x):
+        return self.conv2(self.act(self.conv1(x))).flatten(1)
+
+
+def test_linear_is_unbiased_when_the_rest_is_linear():
+    net = _LinearTail().eval()
+    x = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(4))
+    exact = extract(net, x, **SMALL)["act"].distortion
+    lin = extract(net, x, method="linear", num_projections=3000, seed=7, **SMALL)["act"].distortion
+    assert exact.max() > 0
+    np.testing.assert_allclose(lin, exact, rtol=0.15, atol=1e-3 * exact.max())
+    # the seed is recorded and reproducible; another seed gives another estimate
+    again = extract(net, x, method="linear", num_projections=3000, seed=7, **SMALL)["act"]
+    assert np.array_equal(again.distortion, lin) and again.seed == 7
+
+
+def test_linear_ranks_like_exact_on_small_resnet():
+    net = tiny_resnet(0)
+    x = _samples(6, seed=9)
+    exact = extract(net, x, **SMALL)
+    lin = extract(net, x, method="linear", num_projections=64, batch_size=3, **SMALL)
+    rhos = []
+    for name in exact:
+        a, b = exact[name].distortion.ravel(), lin[name].distortion.ravel()
+        assert np.all(b >= 0)
+        if a.max() > 0:
+            rhos.append(spearmanr(a, b)[0])
+    assert np.median(rhos) > 0.8, rhos
+
+
+def test_bad_input_errors():
+    net = tiny_resnet(0)
+    x = _samples(2)
+    with pytest.raises(DistortionError, match="unknown site"):
+        extract(net, x, sites=["layer9.relu"])
+    with pytest.raises(DistortionError, match="unknown method"):
+        extract(net, x, method="fast")
+    bad = tiny_resnet(0)
+    with torch.no_grad():
+        bad.fc2.bias.fill_(float("nan"))
+    with pytest.raises(DistortionError, match="NaN"):
+        extract(bad, x, sites=["fc_relu"])
+    with pytest.raises(DistortionError, match=r"\[N, C, H, W\]"):
+        extract(net, torch.randn(3, 8, 8))
+
+
+def test_relu6_site_refused():
+    net = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU6(), nn.Flatten())
+    with pytest.raises(DistortionError, match="relu6_to_relu"):
+        extract(net, _samples(1))
