@@ -310,7 +310,7 @@ def solve_mckp(costs, distortions, budget: int, *, rel_tol: float = 1e-12,
     # t < number of segments because budget < max_useful
     lam = float(seg_eff[t])
     left = residual - (int(cum[t - 1]) if t else 0)
-    taken, left_after = _greedy_fill(seg_chan, seg_dc, t, left, n)
+    taken, _ = _greedy_fill(seg_chan, seg_dc, t, left, n)
     taken[:t] = True
     steps = np.bincount(seg_chan[taken], minlength=n)
     incumbent = hull[hull_off[:-1] + steps]
@@ -346,7 +346,7 @@ def solve_mckp(costs, distortions, budget: int, *, rel_tol: float = 1e-12,
     d_fix = float(d_all[fixed_choice].sum())
     free = np.flatnonzero(~single)
     bf = budget - c_fix
-    core = _CoreDP(free, kept_idx, kept_off, par, pc, pd, red, c_all, lam, lb, bf, d_fix,
+    core = _CoreDP(free, kept_idx, kept_off, par, pc, pd, red, lam, lb, bf, d_fix,
                    ub, tol, pruned_min, max_states)
     core.run()
     if core.best is None:
@@ -371,7 +371,7 @@ class _CoreDP:
     channel ``free[q]`` are ``kept_idx[kept_off[f]:kept_off[f+1]]`` with ``f = free[q]``.
     """
 
-    def __init__(self, free, kept_idx, kept_off, par, pc, pd, red, c_all, lam, lb, bf, d_fix,
+    def __init__(self, free, kept_idx, kept_off, par, pc, pd, red, lam, lb, bf, d_fix,
                  ub, tol, pruned_min, max_states):
         self.par, self.pc, self.pd, self.red = par, pc, pd, red
         self.lam, self.lb, self.bf, self.d_fix = lam, lb, bf, d_fix

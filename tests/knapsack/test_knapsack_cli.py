@@ -229,8 +229,16 @@ def test_bad_inputs_give_clear_errors(cli, folder, tmp_path, capsys, resnet18_si
     assert "below the smallest achievable total cost" in err
 
 
-def test_help_runs_as_a_script():
+def test_runs_as_a_script(folder, tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
                           text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0
     assert "--channel_distortion_path" in proc.stdout and "_<ratio>" in proc.stdout
+    out = tmp_path / "s.pickle"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--channel_distortion_path", str(folder),
+                           "--max_cost", "3000", "--block_size_spec_file_name", str(out),
+                           "--no_plot"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "budget cost3000: DReLUs" in proc.stdout and "(optimal)" in proc.stdout
+    assert si.load_spec(out)
