@@ -1,0 +1,174 @@
+"""Resumable runs on disk: chunks, fingerprint, collect, workers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distortion.nets import tiny_resnet
+from secure_inference.distortion import extract, load_results
+from secure_inference.distortion.jobs import (CHUNKS, FINGERPRINT, Job, ResultsExistError,
+                                              collect, pending_chunks, prepare_folder,
+                                              run_chunks, run_job)
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = dict(max_rect=2, max_block_size=3)
+
+
+def _samples(n=4, seed=1):
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _job(method="exact", model=None, samples=None, **kw):
+    return Job(model=model or tiny_resnet(0), model_id="tiny", seed=3,
+               samples=_samples() if samples is None else samples, method=method,
+               batch_size=kw.pop("batch_size", 3), chunk_channels=kw.pop("chunk_channels", 3),
+               **SMALL, **kw)
+
+
+def test_resume_after_interruption_equals_one_shot(tmp_path):
+    job = _job()
+    total = len(job.chunks())
+    assert total > 5
+    assert run_job(job, tmp_path / "run", max_chunks=2) is None       # "killed" after 2 chunks
+    assert len(pending_chunks(job, tmp_path / "run")) == total - 2
+    # a leftover temp file of the chunk in flight does not count as done
+    (tmp_path / "run" / CHUNKS / ".stem.2__00003-00004.npz.x.tmp").write_bytes(b"partial")
+    done = run_chunks(_job(), tmp_path / "run")                         # the rerun
+    assert len(done) == total - 2                                       # finished ones skipped
+    resumed = collect(job, tmp_path / "run")
+    oneshot = extract(tiny_resnet(0), _samples(), batch_size=3, **SMALL)
+    assert list(resumed) == list(oneshot)
+    for name in oneshot:
+        np.testing.assert_allclose(resumed[name].distortion, oneshot[name].distortion,
+                                   rtol=1e-4, atol=1e-10)
+
+
+def test_collect_format_readable_by_store(tmp_path):
+    job = _job()
+    results = run_job(job, tmp_path)
+    meta, loaded = load_results(tmp_path)
+    assert meta["model"] == "tiny" and meta["input_shape"] == [3, 8, 8]
+    assert meta["num_samples"] == 4 and meta["seed"] == 3 and meta["method"] == "exact"
+    assert meta["sites"] == [s.name for s in job.site_list]
+    for name, res in loaded.items():
+        assert res.distortion.shape == (res.channels, len(res.block_sizes))
+        np.testing.assert_array_equal(res.distortion, results[name].distortion)
+        assert res.num_samples == 4 and res.seed == 3
+        assert res.costs[0] == res.height * res.width and res.costs[-1] == 0  # ReLU / identity
+    # rerunning a complete folder reads it back and rewrites nothing
+    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    again = run_job(_job(), tmp_path)
+    assert set(again) == set(results)
+    assert stamp == {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+
+
+def test_other_model_or_input_size_is_refused(tmp_path):
+    run_job(_job(), tmp_path, max_chunks=1)
+    before = sorted(p.name for p in (tmp_path / CHUNKS).iterdir())
+    with pytest.raises(ResultsExistError, match="weights_sha256"):
+        prepare_folder(tmp_path, _job(model=tiny_resnet(1)))
+    with pytest.raises(ResultsExistError, match="input_shape"):
+        prepare_folder(tmp_path, _job(samples=torch.randn(4, 3, 12, 12)))
+    with pytest.raises(ResultsExistError, match="method"):
+        prepare_folder(tmp_path, _job(method="linear"))
+    assert sorted(p.name for p in (tmp_path / CHUNKS).iterdir()) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ResultsExistError, match="not empty"):
+        prepare_folder(other, _job())
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_linear_jobs_split_by_samples_match_library(tmp_path):
+    job = _job(method="linear", num_projections=4)
+    assert all(c.site is None for c in job.chunks())
+    res = run_job(job, tmp_path)
+    lib = extract(tiny_resnet(0), _samples(), method="linear", batch_size=3, num_projections=4,
+                  seed=3, **SMALL)
+    for name in lib:
+        np.testing.assert_allclose(res[name].distortion, lib[name].distortion, rtol=1e-6)
+
+
+def _cli(args, env_extra=None, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests"))
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, str(ROOT / "research" / "extract_block_sizes.py"),
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_two_workers_equal_one_worker(tmp_path, image_folder):
+    common = ["--model", "distortion.nets:factory", "--image-folder", str(image_folder),
+              "--input-shape", "3", "8", "8", "--num_samples", "4", "--max-rect", "2",
+              "--max-block-size", "3", "--chunk-channels", "3", "--no-progress",
+              "--sites", "layer1.relu#1", "pre.act", "layer2.relu#0"]
+    # one worker, in process (same library path the CLI uses)
+    one = tmp_path / "one"
+    from secure_inference.distortion.data import folder_samples, IMAGENET_MEAN, IMAGENET_STD
+    samples = folder_samples(image_folder, (3, 8, 8), 4, 0, IMAGENET_MEAN, IMAGENET_STD)
+    ref = run_job(Job(model=tiny_resnet(0), model_id="model:distortion.nets:factory",
+                      samples=samples, seed=0, sites=["layer1.relu#1", "pre.act",
+                                                      "layer2.relu#0"],
+                      chunk_channels=3, **SMALL), one)
+    # two workers (torchrun, gloo)
+    two = tmp_path / "two"
+    r = _cli(common + ["--output_path", str(two), "--num_gpus", "2", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 worker(s)" in r.stderr
+    meta, res = load_results(two)
+    assert meta["sites"] == list(ref)
+    for name in ref:
+        np.testing.assert_allclose(res[name].distortion, ref[name].distortion,
+                                   rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.slow  # test_resume_after_interruption_equals_one_shot covers resuming (chunk limit)
+def test_killed_worker_loses_only_chunk_in_flight(tmp_path, image_folder):
+    """A real kill: SIGKILL the CLI once chunks appear; the rerun completes the run."""
+    import signal
+    import time
+    out = tmp_path / "run"
+    args = ["--model", "distortion.nets:factory", "--image-folder", str(image_folder),
+            "--input-shape", "3", "8", "8", "--num_samples", "4", "--max-rect", "2",
+            "--max-block-size", "3", "--chunk-channels", "1", "--no-progress",
+            "--output_path", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests"))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "research" / "extract_block_sizes.py"),
+                             *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if len(list((out / CHUNKS).glob("*.npz"))) >= 3:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    done_before = {p.name: p.read_bytes() for p in (out / CHUNKS).glob("*.npz")}
+    assert done_before and not (out / "meta.json").exists()
+    r = _cli(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name, data in done_before.items():          # finished chunks were kept, not redone
+        assert (out / CHUNKS / name).read_bytes() == data
+    meta, res = load_results(out)
+    assert len(res) == 7 and all(np.isfinite(v.distortion).all() for v in res.values())
