@@ -1,0 +1,141 @@
+"""``run_local``: secure inference of a torch model with three local processes over loopback.
+
+The model is compiled here, in the calling process (so an unsupported operation fails before
+any party starts). Then each party's private input is written to its own file in a fresh
+0700 temporary folder and only that party's process reads it:
+
+* P0 (client) reads the images; P1 (server) reads the compiled weights;
+* P2 (helper) reads nothing: it gets only the public program (architecture and block spec).
+
+The three processes talk over real TCP on 127.0.0.1 (TLS 1.3 with a throw-away CA unless
+``tls=False``), exactly as the CLIs in ``research/secure_inference`` do across hosts.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .compile import Program, Weights, compile_model
+from .party import run_party
+from .protocols.drelu import DReLUConfig
+from .report import build_report, plot_report, save_report
+from .ring import DEFAULT_FRAC_BITS
+from .runtime import ROLE_CLIENT, ROLE_SERVER, Party, run_in_process, run_local_processes
+
+__all__ = ["LocalResult", "run_local", "run_program", "split_batches", "drelu_config"]
+
+
+@dataclass
+class LocalResult:
+    """Revealed outputs (what the client learns), the run report and the compiled program."""
+
+    outputs: torch.Tensor
+    report: dict[str, Any]
+    program: Program
+
+
+def split_batches(inputs: torch.Tensor | Sequence[torch.Tensor], batch_size: int | None
+                  ) -> list[torch.Tensor]:
+    """Images [N, C, H, W] (or a list of batches) as a list of batches of ``batch_size``."""
+    if isinstance(inputs, torch.Tensor):
+        if inputs.dim() == 3:
+            inputs = inputs.unsqueeze(0)
+        if inputs.dim() != 4:
+            raise ValueError(f"inputs must be [N, C, H, W] images, got shape {list(inputs.shape)}")
+        bs = inputs.shape[0] if batch_size is None else int(batch_size)
+        if bs < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return list(inputs.split(bs))
+    batches = [b.unsqueeze(0) if b.dim() == 3 else b for b in inputs]
+    if not batches:
+        raise ValueError("no input images")
+    return batches
+
+
+def drelu_config(drelu_bits: int | None = None, drop_bits: int = 0) -> DReLUConfig | None:
+    """None (exact DReLU) or the approximate DReLU comparing ``drelu_bits`` bits after
+    dropping ``drop_bits`` low bits (see :class:`~.protocols.drelu.DReLUConfig`)."""
+    if drelu_bits is None and not drop_bits:
+        return None
+    return DReLUConfig(ring_bits=64 - drop_bits if drelu_bits is None else int(drelu_bits),
+                       drop_bits=int(drop_bits))
+
+
+def _local_party(party: Party, program: Program, folder: str, drelu: DReLUConfig | None
+                 ) -> dict[str, Any]:
+    """Body of one local party process: read only this role's private file, run the program."""
+    images = weights = None
+    if party.role == ROLE_CLIENT:
+        images = torch.load(os.path.join(folder, "client.pt"), weights_only=True)["images"]
+    elif party.role == ROLE_SERVER:
+        weights = torch.load(os.path.join(folder, "server.pt"), weights_only=True)["weights"]
+    res = run_party(party, program, images=images, weights=weights, drelu=drelu)
+    return res
+
+
+def run_program(program: Program, weights: Weights, batches: list[torch.Tensor], *,
+                tls: bool = True, frac_bits: int = DEFAULT_FRAC_BITS,
+                drelu: DReLUConfig | None = None, timeout: float = 120.0,
+                in_process: bool = False, certs_dir: str | os.PathLike | None = None,
+                host: str = "127.0.0.1") -> list[dict[str, Any]]:
+    """Run a compiled program with three parties; returns their :func:`run_party` results.
+
+    ``in_process=True`` uses threads and in-memory links (fast tests); otherwise three
+    processes over loopback TCP, each reading only its own private input.
+    """
+    if in_process:
+        def fn(party: Party) -> dict[str, Any]:
+            return run_party(party, program,
+                             images=batches if party.role == ROLE_CLIENT else None,
+                             weights=weights if party.role == ROLE_SERVER else None, drelu=drelu)
+        return run_in_process(fn, frac_bits=frac_bits, timeout=timeout)
+    folder = tempfile.mkdtemp(prefix="si-run-")
+    try:
+        os.chmod(folder, 0o700)
+        torch.save({"images": [b.detach().cpu() for b in batches]}, os.path.join(folder, "client.pt"))
+        torch.save({"weights": weights}, os.path.join(folder, "server.pt"))
+        fn = functools.partial(_local_party, program=program, folder=folder, drelu=drelu)
+        return run_local_processes(fn, tls=tls, timeout=timeout, frac_bits=frac_bits,
+                                   certs_dir=certs_dir, host=host)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
+              spec: dict | None = None, *, batch_size: int | None = None, tls: bool = True,
+              frac_bits: int = DEFAULT_FRAC_BITS, drelu_bits: int | None = None,
+              drop_bits: int = 0, timeout: float = 120.0, in_process: bool = False,
+              report_path: str | os.PathLike | None = None,
+              plot_path: str | os.PathLike | None = None,
+              meta: dict[str, Any] | None = None) -> LocalResult:
+    """Secure inference of ``model`` (with the Block-ReLU ``spec`` applied, if given) on
+    ``inputs`` [N, C, H, W] by three local processes over loopback TCP (TLS by default).
+
+    Returns the revealed outputs [N, ...] (float64; what the client learns) and the run report
+    (:func:`~.report.build_report`); ``report_path``/``plot_path`` also write them to files.
+    ``drelu_bits``/``drop_bits`` select an approximate DReLU; ``frac_bits`` the fixed point.
+    """
+    batches = split_batches(inputs, batch_size)
+    shape = (batches[0].shape[0],) + tuple(batches[0].shape[1:])
+    program, weights = compile_model(model, shape, spec=spec)
+    cfg = drelu_config(drelu_bits, drop_bits)
+    results = run_program(program, weights, batches, tls=tls, frac_bits=frac_bits, drelu=cfg,
+                          timeout=timeout, in_process=in_process)
+    info = {"frac_bits": frac_bits, "drelu": str(cfg) if cfg else "exact", "tls": tls,
+            "transport": "in-process" if in_process else "loopback TCP, 3 processes"}
+    info.update(meta or {})
+    report = build_report(program, results, meta=info)
+    if report_path is not None:
+        save_report(report, report_path)
+    if plot_path is not None:
+        plot_report(report, plot_path)
+    outputs = torch.cat(results[ROLE_CLIENT]["outputs"], dim=0)
+    return LocalResult(outputs=outputs, report=report, program=program)

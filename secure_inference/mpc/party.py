@@ -1,0 +1,212 @@
+"""The per-role executor of a compiled :class:`~secure_inference.mpc.compile.Program`.
+
+:func:`run_party` is what each of the three processes runs once the links are up:
+
+* P0 (client) passes its images; they are encoded in fixed point and secret-shared (no
+  traffic: P1's share comes from the P0–P1 key), and only P0 receives the output;
+* P1 (server) passes the compiled :class:`~secure_inference.mpc.compile.Weights`; they are
+  masked and opened once per session (:func:`~.protocols.linear.open_weights`), then every
+  image uses them in one round per linear layer;
+* P2 (helper) passes neither: it runs the same program on shape-only placeholders.
+
+The public information all three share: the program (architecture, block sizes), the number
+of images per batch and the image size (announced by the client at the start), the
+fixed-point and DReLU settings.
+
+Every layer runs in a statistics scope named after it, so the bytes and rounds per layer can
+be read from ``party.stats`` (see :mod:`.report`).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Sequence
+
+import torch
+
+from .compile import Layer, Program, Weights
+import importlib
+
+from .protocols import relu as R
+from .protocols.drelu import DReLUConfig, set_default_config
+from .ring import decode, encode
+from .runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party, ProtocolError
+
+# the package re-exports a *function* named ``linear``, which shadows the submodule attribute
+L = importlib.import_module(".protocols.linear", __package__)
+PL = importlib.import_module(".protocols.pooling", __package__)
+
+__all__ = ["run_party", "run_layer", "layer_drelus", "SETUP_SCOPE", "HEADER_SCOPE",
+           "MAX_BATCHES", "MAX_BATCH"]
+
+SETUP_SCOPE = "open-weights"   # sub-scope (inside each linear layer's scope) of the set-up
+HEADER_SCOPE = "header"
+MAX_BATCHES = 1 << 20
+MAX_BATCH = 1 << 16
+
+
+def layer_drelus(layer: Layer, batch: int | None = None) -> int:
+    """DReLUs a layer costs for a batch of ``batch`` images (default: compile-time batch)."""
+    shape = tuple(layer.shape)
+    if batch is not None and shape:
+        shape = (int(batch),) + shape[1:]
+    if layer.op == "relu":
+        return math.prod(shape)
+    if layer.op == "block_relu":
+        return R.block_relu_plan(shape, layer.attrs["block_sizes"]).decisions
+    if layer.op == "max_pool":
+        a = layer.attrs
+        # output shape is the layer's shape; plan levels from the kernel area
+        k = a["kernel_size"][0] * a["kernel_size"][1]
+        per = math.prod(shape)
+        total, left = 0, k
+        while left > 1:
+            total += left // 2
+            left -= left // 2
+        return total * per
+    return 0
+
+
+def _public_matrix(party: Party, m: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A public real matrix as ring values: exact integers stay as they are (shift 0), others
+    get ``frac_bits`` fractional bits (shift frac_bits)."""
+    if bool(torch.all(m == torch.round(m))):
+        enc, shift = m.round().to(torch.int64), 0
+    else:
+        enc, shift = encode(m, party.frac_bits), party.frac_bits
+    return enc.to("meta" if like.is_meta else like.device), shift
+
+
+def run_layer(party: Party, layer: Layer, ins: list[torch.Tensor],
+              weights: Weights | None) -> torch.Tensor:
+    """This party's share of one layer's output (P2: a placeholder)."""
+    a, op, name = layer.attrs, layer.op, layer.name
+    server = party.role == ROLE_SERVER
+    if op in ("conv2d", "linear"):
+        w = b = None
+        if server:
+            try:
+                w, b = weights[name]["weight"], weights[name]["bias"]
+            except (KeyError, TypeError):
+                raise ValueError(f"the server has no weights for layer '{name}'") from None
+        if op == "conv2d":
+            return L.conv2d(party, ins[0], w, b, weight_shape=a["weight_shape"],
+                            stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
+                            groups=a["groups"], name=name)
+        return L.linear(party, ins[0], w, b, weight_shape=a["weight_shape"], name=name)
+    if op == "relu":
+        return R.relu(party, ins[0], scope=name)
+    if op == "block_relu":
+        return R.block_relu(party, ins[0], a["block_sizes"], scope=name)
+    if op == "max_pool":
+        return R.max_pool2d(party, ins[0], a["kernel_size"], a["stride"], a["padding"],
+                            scope=name)
+    with party.scope(name):
+        x = ins[0] if ins else None
+        if op == "avg_pool":
+            return PL.avg_pool2d(party, x, a["kernel_size"], a["stride"], a["padding"],
+                                 count_include_pad=a["count_include_pad"],
+                                 divisor_override=a["divisor_override"])
+        if op == "global_avg_pool":
+            return PL.global_avg_pool2d(party, x, keepdim=a["keepdim"])
+        if op == "add":
+            return L.add(ins[0], ins[1])
+        if op == "sub":
+            return L.sub(ins[0], ins[1])
+        if op == "concat":
+            return L.concat(ins, dim=1)
+        if op == "flatten":
+            return x.reshape(x.shape[0], -1)
+        if op == "add_public":
+            value = a["value"]
+            c = encode(value, party.frac_bits, device="cpu" if x.is_meta else x.device)
+            return L.add_public(party, x, c)
+        if op == "mul_public":
+            c, shift = _public_matrix(party, a["value"], x)
+            y = L.mul_public(x, c)
+            return L.truncate(party, y, shift) if shift else y
+        if op == "resize":
+            mh, sh = _public_matrix(party, a["mh"], x)
+            mw, sw = _public_matrix(party, a["mw"], x)
+            y = torch.matmul(mh, x)                 # public [Ho, H] @ shares [N, C, H, W]
+            if sh:
+                y = L.truncate(party, y, sh)
+            y = torch.matmul(y, mw.transpose(0, 1))
+            return L.truncate(party, y, sw) if sw else y
+    raise ValueError(f"layer '{name}' has an unknown op {op!r}")
+
+
+def _announce_batches(party: Party, batch_sizes: Sequence[int] | None) -> list[int]:
+    """The client tells the others how many images each batch holds (public)."""
+    with party.scope(HEADER_SCOPE):
+        if party.role == ROLE_CLIENT:
+            sizes = torch.tensor([int(b) for b in batch_sizes], dtype=torch.int64)
+            for p in (ROLE_SERVER, ROLE_HELPER):
+                party.send(p, torch.tensor([sizes.numel()], dtype=torch.int64))
+                party.send(p, sizes)
+            return sizes.tolist()
+        count = int(party.recv(ROLE_CLIENT, (1,))[0])
+        if not 0 < count <= MAX_BATCHES:
+            raise ProtocolError(f"party {party.role}: client announced {count} batches")
+        sizes = party.recv(ROLE_CLIENT, (count,)).tolist()
+        if any(not 0 < s <= MAX_BATCH for s in sizes):
+            raise ProtocolError(f"party {party.role}: client announced batch sizes outside "
+                                f"[1, {MAX_BATCH}]")
+        return sizes
+
+
+def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] | None = None,
+              weights: Weights | None = None, drelu: DReLUConfig | None = None
+              ) -> dict[str, Any]:
+    """Run the program for every batch in ``images`` (client) with ``weights`` (server).
+
+    Returns a dict: ``outputs`` (client: list of float64 tensors, one per batch; others:
+    None), ``stats`` (this party's :class:`~.runtime.CommStats`), ``layer_seconds`` (wall time
+    per layer summed over batches), ``setup_seconds``, ``online_seconds``, ``batch_sizes``.
+    """
+    if party.role == ROLE_CLIENT:
+        if not images:
+            raise ValueError("the client (P0) must pass at least one batch of images")
+        for img in images:
+            if img.dim() != 4 or tuple(img.shape[1:]) != tuple(program.input_shape[1:]):
+                raise ValueError(f"images must be batches [N, {', '.join(map(str, program.input_shape[1:]))}]"
+                                 f" (the compiled input size), got {list(img.shape)}")
+    elif images is not None:
+        raise ValueError(f"only the client passes images, party {party.role} got some")
+    if party.role == ROLE_SERVER and weights is None:
+        raise ValueError("the server (P1) must pass the weights")
+    if party.role != ROLE_SERVER and weights is not None:
+        raise ValueError(f"only the server holds weights, party {party.role} got some")
+    set_default_config(party, drelu)
+    sizes = _announce_batches(party, [im.shape[0] for im in images] if images else None)
+    # set-up: open every weight once for the session
+    t0 = time.perf_counter()
+    for layer in program.layers:
+        if layer.op in ("conv2d", "linear"):
+            w = weights[layer.name]["weight"] if party.role == ROLE_SERVER else None
+            L.open_weights(party, w, weight_shape=layer.attrs["weight_shape"], name=layer.name)
+    setup_seconds = time.perf_counter() - t0
+    layer_seconds = {layer.name: 0.0 for layer in program.layers}
+    outputs = []
+    t1 = time.perf_counter()
+    for b, n in enumerate(sizes):
+        shape = (int(n),) + tuple(program.input_shape[1:])
+        vals: list[torch.Tensor] = []
+        for layer in program.layers:
+            t = time.perf_counter()
+            if layer.op == "input":
+                x = None
+                if party.role == ROLE_CLIENT:
+                    x = encode(images[b].to(torch.float64), party.frac_bits, device=party.device)
+                y = L.share(party, x, ROLE_CLIENT, shape, scope=layer.name)
+            else:
+                y = run_layer(party, layer, [vals[j] for j in layer.inputs], weights)
+            layer_seconds[layer.name] += time.perf_counter() - t
+            vals.append(y)
+        out = L.reconstruct(party, vals[program.output], to=ROLE_CLIENT, scope="output")
+        if party.role == ROLE_CLIENT:
+            outputs.append(decode(out, party.frac_bits))
+    online_seconds = time.perf_counter() - t1
+    return {"outputs": outputs if party.role == ROLE_CLIENT else None, "stats": party.stats,
+            "layer_seconds": layer_seconds, "setup_seconds": setup_seconds,
+            "online_seconds": online_seconds, "batch_sizes": sizes, "role": party.role}

@@ -1,0 +1,132 @@
+"""Run reports of a secure inference: bytes sent by each party, rounds, wall time and DReLUs,
+per layer and in total, plus the time and bytes per image; JSON and a PNG of bytes per layer.
+
+Bytes are payload bytes (8 per ring element; frame headers are listed separately as
+``overhead_bytes``). The *set-up* (opening the server's masked weights once per session) is
+reported apart from the *online* per-image cost; ``total`` is their sum.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from .compile import Program
+from .party import HEADER_SCOPE, SETUP_SCOPE, layer_drelus
+from .runtime import CommStats
+
+__all__ = ["build_report", "save_report", "plot_report", "PARTY_KEYS"]
+
+PARTY_KEYS = ("client", "server", "helper")
+
+
+def _sent(stats: CommStats, scope: str) -> int:
+    return stats.total(scope).sent if _has(stats, scope) else 0
+
+
+def _has(stats: CommStats, scope: str) -> bool:
+    return any(p == scope or p.startswith(scope + "/") for p in stats.scopes)
+
+
+def _rounds(stats: Sequence[CommStats], scope: str) -> int:
+    return max((st.scopes[scope].rounds if scope in st.scopes else 0) for st in stats)
+
+
+def build_report(program: Program, results: Sequence[dict[str, Any]], *,
+                 meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report of one session from the three parties' :func:`~.party.run_party` results."""
+    stats: list[CommStats] = [r["stats"] for r in results]
+    sizes = list(results[0]["batch_sizes"])
+    images = int(sum(sizes))
+    layers = []
+    tot_online = [0, 0, 0]
+    tot_setup = [0, 0, 0]
+    drelus_total = 0
+    for layer in program.layers:
+        setup_scope = f"{layer.name}/{SETUP_SCOPE}"
+        setup = [_sent(st, setup_scope) for st in stats]
+        online = [_sent(st, layer.name) - s for st, s in zip(stats, setup)]
+        drelus = sum(layer_drelus(layer, b) for b in sizes)
+        drelus_total += drelus
+        rounds = _rounds(stats, layer.name) - _rounds(stats, setup_scope)
+        wall = max(r["layer_seconds"].get(layer.name, 0.0) for r in results)
+        for i in range(3):
+            tot_online[i] += online[i]
+            tot_setup[i] += setup[i]
+        layers.append({
+            "name": layer.name, "op": layer.op, "where": layer.where,
+            "output_shape": list(layer.shape[1:]),
+            "bytes_sent": dict(zip(PARTY_KEYS, online)), "bytes": sum(online),
+            "setup_bytes": sum(setup), "rounds": rounds, "wall_s": wall, "drelus": drelus})
+    out_bytes = [_sent(st, "output") for st in stats]
+    hdr_bytes = [_sent(st, HEADER_SCOPE) for st in stats]
+    key_bytes = [_sent(st, "session-keys") for st in stats]
+    online_total = [a + b for a, b in zip(tot_online, out_bytes)]
+    online_s = max(r["online_seconds"] for r in results)
+    setup_s = max(r["setup_seconds"] for r in results)
+    setup_rounds = max(st.total("").rounds for st in stats)  # overwritten below
+    online_rounds = sum(l["rounds"] for l in layers) + _rounds(stats, "output")
+    setup_rounds = max(max((st.scopes[p].rounds for p in st.scopes if p.endswith(SETUP_SCOPE)),
+                           default=0) for st in stats)
+    total_bytes = sum(online_total) + sum(tot_setup) + sum(hdr_bytes) + sum(key_bytes)
+    report = {
+        "meta": dict(meta or {}),
+        "images": images, "batch_sizes": sizes,
+        "layers": layers,
+        "output": {"bytes_sent": dict(zip(PARTY_KEYS, out_bytes)), "bytes": sum(out_bytes),
+                   "rounds": _rounds(stats, "output")},
+        "setup": {"bytes_sent": dict(zip(PARTY_KEYS, tot_setup)), "bytes": sum(tot_setup),
+                  "wall_s": setup_s, "rounds_max_per_layer": setup_rounds,
+                  "what": "server weights masked and opened once per session"},
+        "online": {"bytes_sent": dict(zip(PARTY_KEYS, online_total)),
+                   "bytes": sum(online_total), "rounds": online_rounds, "wall_s": online_s,
+                   "drelus": drelus_total},
+        "total": {"bytes_sent": {k: online_total[i] + tot_setup[i] + hdr_bytes[i] + key_bytes[i]
+                                 for i, k in enumerate(PARTY_KEYS)},
+                  "bytes": total_bytes,
+                  "rounds": max(st.total("").rounds for st in stats),
+                  "wall_s": online_s + setup_s, "drelus": drelus_total,
+                  "overhead_bytes": sum(st.total("").overhead_sent for st in stats)},
+        "per_image": {"online_seconds": online_s / images, "online_bytes": sum(online_total) / images,
+                      "drelus": drelus_total / images,
+                      "seconds_with_setup": (online_s + setup_s) / images,
+                      "bytes_with_setup": total_bytes / images},
+    }
+    return report
+
+
+def save_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write the report as indented JSON (creates the folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    return path
+
+
+def plot_report(report: dict[str, Any], path: str | os.PathLike, *, title: str | None = None
+                ) -> Path:
+    """A PNG bar chart of the online bytes per layer, stacked by sending party."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    layers = [l for l in report["layers"] if l["bytes"] > 0]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(layers) + 2), 4.5))
+    bottom = [0.0] * len(layers)
+    xs = range(len(layers))
+    for key in PARTY_KEYS:
+        vals = [l["bytes_sent"][key] / 1e6 for l in layers]
+        ax.bar(xs, vals, bottom=bottom, label=f"sent by {key}")
+        bottom = [a + b for a, b in zip(bottom, vals)]
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([l["name"] for l in layers], rotation=90, fontsize=5)
+    ax.set_ylabel("MB (online, all images)")
+    ax.set_title(title or f"bytes per layer: {report['online']['bytes'] / 1e6:.1f} MB online, "
+                 f"{report['images']} image(s)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
