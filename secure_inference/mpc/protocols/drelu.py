@@ -100,6 +100,8 @@ _ZP_WORD_BYTES = 4
 _ZP_WORD_LIMIT = P ** _ZP_GROUP
 _I64_MIN = -(1 << 63)
 _CACHE_KEY = "drelu_config"
+_PC_CHUNK = 8192            # rows of PrivateCompare arithmetic per block (cache-sized)
+_BLOCK = 1 << 18            # elements per block in packing and sampling loops
 
 
 def _i64(v: int) -> int:
@@ -301,15 +303,19 @@ def _require_little_endian() -> None:
 def pack_zp(v: torch.Tensor) -> torch.Tensor:
     """Pack values in [0, 67) (any shape, flattened) five per 4 bytes; returns uint8."""
     _require_little_endian()
-    flat = v.reshape(-1).to(torch.int32)
+    flat = v.reshape(-1)
     words = -(-flat.numel() // _ZP_GROUP)
     pad = words * _ZP_GROUP - flat.numel()
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     g = flat.view(words, _ZP_GROUP)
-    packed = torch.empty(words, dtype=torch.int32, device=flat.device).copy_(g[:, 4])
-    for i in (3, 2, 1, 0):  # Horner: Σ v_i 67^i < 67^5 < 2^31
-        packed.mul_(P).add_(g[:, i])
+    packed = torch.empty(words, dtype=torch.int32, device=flat.device)
+    for a in range(0, words, _BLOCK):
+        blk = g[a:a + _BLOCK].to(torch.int32)
+        acc = blk[:, 4].clone()
+        for i in (3, 2, 1, 0):  # Horner: Σ v_i 67^i < 67^5 < 2^31
+            acc.mul_(P).add_(blk[:, i])
+        packed[a:a + _BLOCK] = acc
     return packed.view(torch.uint8)
 
 
@@ -322,18 +328,31 @@ def unpack_zp(data: torch.Tensor, count: int, *, source: str = "peer") -> torch.
                             f"values, got {data.numel()} ({data.dtype})")
     if data.storage_offset() % _ZP_WORD_BYTES or not data.is_contiguous():
         data = data.clone()
-    w = data.view(torch.int32)
-    if bool(((w < 0) | (w >= _ZP_WORD_LIMIT)).any()):
+    w_all = data.view(torch.int32)
+    if bool(((w_all < 0) | (w_all >= _ZP_WORD_LIMIT)).any()):
         raise ProtocolError(f"{source}: packed Z_67 word out of range (malformed message)")
-    digits = torch.empty((words, _ZP_GROUP), dtype=torch.int32, device=data.device)
-    for i in range(_ZP_GROUP):
-        q = torch.div(w, P, rounding_mode="floor")
-        digits[:, i] = w - q * P
-        w = q
+    if w_all.device.type == "cpu":  # numpy divides by a constant much faster than torch
+        w_np = w_all.numpy()
+        digits_np = np.empty((words, _ZP_GROUP), dtype=np.int16)
+        for a in range(0, words, _BLOCK):
+            w = w_np[a:a + _BLOCK]
+            for i in range(_ZP_GROUP):
+                q = w // P
+                digits_np[a:a + _BLOCK, i] = w - q * P
+                w = q
+        digits = torch.from_numpy(digits_np)
+    else:
+        digits = torch.empty((words, _ZP_GROUP), dtype=torch.int16, device=data.device)
+        for a in range(0, words, _BLOCK):
+            w = w_all[a:a + _BLOCK]
+            for i in range(_ZP_GROUP):
+                q = torch.div(w, P, rounding_mode="floor")
+                digits[a:a + _BLOCK, i] = w - q * P
+                w = q
     flat = digits.view(-1)
     if bool((flat[count:] != 0).any()):
         raise ProtocolError(f"{source}: nonzero padding in packed Z_67 values")
-    return flat[:count].to(torch.int16)
+    return flat[:count]
 
 
 def pack_elements(v: torch.Tensor, bits: int) -> torch.Tensor:
@@ -374,23 +393,24 @@ def unpack_elements(data: torch.Tensor, count: int, bits: int, *, modn: bool,
 def _pair_small(party: Party, other: int, count: int, high: int, tag: str) -> torch.Tensor:
     """Exactly uniform ints in [0, high) (high ≤ 256), identical at both key holders (int16).
 
-    Bytes of the pair stream at or above the largest multiple of ``high`` below 256 are
-    rejected; both holders reject the same bytes, and a shortfall draws again under the same
-    tag (the next occurrence), so they stay in step.
+    Each value is a 16-bit word of the pair stream reduced mod ``high``; words at or above the
+    largest multiple of ``high`` below 2^16 (at most 0.4% of them, 0.015% for 67) are redrawn
+    from the next occurrence of the same stream, position by position, identically at both
+    holders. Every accepted word is uniform below that multiple, so the result is exactly
+    uniform.
     """
-    limit = (256 // high) * high
-    parts, have = [], 0
-    while have < count:
-        need = count - have
-        draw = party.pair_random(other, (need + need * (256 - limit) // limit + need // 16 + 64,),
-                                 tag=tag, dtype=torch.uint8).cpu().numpy()
-        ok = draw[draw < limit][:need] if limit < 256 else draw[:need]
-        parts.append(ok)
-        have += ok.size
-    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    if high < 256:
-        out = out % np.uint8(high)
-    return torch.from_numpy(out).to(device=party.device, dtype=torch.int16)
+    _require_little_endian()
+    limit = (65536 // high) * high
+    words = party.pair_random(other, (2 * count,), tag=tag, dtype=torch.uint8).cpu().numpy()
+    words = words.view(np.uint16)
+    out = (words % np.uint16(high)).astype(np.int16)
+    bad = np.flatnonzero(words >= limit)
+    while bad.size:
+        more = party.pair_random(other, (2 * bad.size,), tag=tag, dtype=torch.uint8).cpu()
+        more = more.numpy().view(np.uint16)
+        out[bad] = more % np.uint16(high)
+        bad = bad[more >= limit]
+    return torch.from_numpy(out).to(party.device)
 
 
 def _pair_bits(party: Party, other: int, count: int, tag: str) -> torch.Tensor:
@@ -438,10 +458,22 @@ def private_compare_message(role: int, xbits: torch.Tensor, r: torch.Tensor, bet
     ``r`` [n]: the public ℓ-bit value R; ``beta`` [n]: the common random bit. P2 decides
     β ⊕ [X > R] from both messages with :func:`private_compare_decide`.
     """
-    j = int(role)
+    n = r.numel()
+    out = torch.empty((n, bits), dtype=torch.int16, device=r.device)
+    beta = beta.reshape(n)
+    for a in range(0, n, _PC_CHUNK):  # row blocks keep the working set in cache
+        b = min(n, a + _PC_CHUNK)
+        out[a:b] = _pc_rows(int(role), xbits[a:b], r[a:b], beta[a:b], rnd.s[a:b], rnd.u[a:b],
+                            rnd.shift[a:b], bits)
+    return out
+
+
+def _pc_rows(j: int, xbits: torch.Tensor, r: torch.Tensor, beta: torch.Tensor, s: torch.Tensor,
+             u: torch.Tensor, shift: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`private_compare_message` on a block of rows."""
     n = r.numel()
     top = _all_ones(bits)
-    flip = beta.reshape(n).bool()
+    flip = beta.bool()
     q = torch.where(flip, (r + 1) & top, r)
     qb = bit_decompose(q, bits, torch.int16)          # MSB first: "higher bits" = prefix
     x = xbits.to(torch.int16)
@@ -460,10 +492,10 @@ def private_compare_message(role: int, xbits: torch.Tensor, r: torch.Tensor, bet
         row[0] = 0
         c[special] = row
     c = torch.remainder(c, P)
-    c *= rnd.s.to(torch.int16)                         # ≤ 66·66 + 66: still int16
-    c += rnd.u.to(torch.int16) if j == 0 else P - rnd.u.to(torch.int16)
+    c *= s.to(torch.int16)                             # ≤ 66·66 + 66: still int16
+    c += u.to(torch.int16) if j == 0 else P - u.to(torch.int16)
     d = torch.remainder(c, P)
-    idx = torch.arange(bits, device=d.device) + rnd.shift.view(n, 1)   # cyclic rotation
+    idx = torch.arange(bits, device=d.device) + shift.view(n, 1)   # cyclic rotation
     return torch.gather(torch.cat([d, d], 1), 1, idx)
 
 
