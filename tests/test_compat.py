@@ -68,6 +68,10 @@ def test_mmengine_checkpoint_loads_safely_and_unsafe_globals_stay_refused(tmp_pa
     torch.save(ckpt, path)
     bare = run_python(f"import torch; torch.load({str(path)!r}, weights_only=True)")
     assert bare.returncode != 0 and "HistoryBuffer" in bare.stderr
+    # a fresh process that has not created a HistoryBuffer yet loads it too
+    fresh = run_python(f"import secure_inference, torch; "
+                       f"print(torch.load({str(path)!r}, weights_only=True)['meta']['epoch'])")
+    assert fresh.returncode == 0 and fresh.stdout.strip() == "1", fresh.stderr
     loaded = torch.load(path, weights_only=True)
     assert loaded["meta"]["hist"].current() == 2.0
     torch.save({"evil": subprocess.Popen}, tmp_path / "evil.pth")

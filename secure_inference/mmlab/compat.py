@@ -159,7 +159,9 @@ def _statistics_getattr(obj, name: str):
     methods of allow-listed objects (e.g. ``ndarray.tofile``), so anything else is refused.
     """
     from mmengine.logging.history_buffer import HistoryBuffer
-    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+    # the defaults are registered lazily (at the first HistoryBuffer()), so name them here too
+    allowed = {"min", "max", "current", "mean"} | set(HistoryBuffer._statistics_methods)
+    if obj is HistoryBuffer and name in allowed:
         return getattr(obj, name)
     raise pickle.UnpicklingError(f"refusing getattr({obj!r}, {name!r}) in a checkpoint")
 
