@@ -3,6 +3,7 @@ a real model accepts, within budget, and equal to the DP optimum of the same ins
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -242,3 +243,26 @@ def test_runs_as_a_script(folder, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "budget cost3000: DReLUs" in proc.stdout and "(optimal)" in proc.stdout
     assert si.load_spec(out)
+
+
+def test_config_check(cli, tmp_path, capsys):
+    """--config builds the MMLab model and checks names, shapes and the declared input size."""
+    from secure_inference.models import load_model
+    config = str(ROOT / "configs" / "classification" / "resnet18_cifar100.py")
+    sites = si.find_relu_sites(load_model(config), SHAPE)
+    write_folder(tmp_path / "cfg", sites, seed=3)
+    out = tmp_path / "c.pickle"
+    assert cli.main(["--config", config, "--channel_distortion_path", str(tmp_path / "cfg"),
+                     "--ratio", "0.06", "--block_size_spec_file_name", str(out),
+                     "--no_plot"]) == 0
+    assert f"checked {len(sites)} sites against {config}" in capsys.readouterr().out
+    assert si.count_drelus(si.load_spec(out), sites)["total"] <= budget_from_ratio(
+        0.06, sum(s.num_relus for s in sites))
+    meta_path = tmp_path / "cfg" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["input_shape"] = [3, 64, 64]
+    meta_path.write_text(json.dumps(meta))
+    err = run_cli_error(cli, capsys, ["--config", config, "--channel_distortion_path",
+                                      str(tmp_path / "cfg"), "--ratio", "0.06",
+                                      "--block_size_spec_file_name", str(out)])
+    assert "declares input_shape [3, 32, 32]" in err
