@@ -266,3 +266,18 @@ def test_config_check(cli, tmp_path, capsys):
                                       str(tmp_path / "cfg"), "--ratio", "0.06",
                                       "--block_size_spec_file_name", str(out)])
     assert "declares input_shape [3, 32, 32]" in err
+
+
+def test_budget_and_site_table_by_hand():
+    assert budget_from_ratio(0.06, 557_056) == 33_423
+    assert budget_from_ratio(0.3, 10) == 3          # 0.3 * 10 = 2.9999999999999996 in floats
+    assert budget_from_ratio(1, 9_608_704) == 9_608_704
+    for bad in (0, -0.5, 1.0001, float("nan")):
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            budget_from_ratio(bad, 100)
+    sizes = np.array([[1, 1], [2, 2], [0, 1]], dtype=np.int32)
+    r = SiteDistortion("s", np.zeros((4, 3)), sizes, si.candidate_costs(sizes, 4, 6), 4, 4, 6, 1, 0)
+    spec = {"s": np.array([[2, 2], [0, 1], [0, 1], [1, 1]], dtype=np.int32)}
+    (row,) = site_table({"s": r}, spec)
+    assert row["drelus_before"] == 96 and row["drelus_after"] == 6 + 24
+    assert row["identity_share"] == 0.5 and row["common_sizes"].startswith("identity:2")
