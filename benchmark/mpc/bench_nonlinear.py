@@ -36,7 +36,8 @@ from tqdm import tqdm  # noqa: E402
 from secure_inference.mpc.protocols import drelu as D  # noqa: E402
 from secure_inference.mpc.protocols import relu as R  # noqa: E402
 from secure_inference.mpc.ring import encode  # noqa: E402
-from secure_inference.mpc.runtime import merge_stats, run_in_process, run_local_processes  # noqa: E402
+from secure_inference.mpc.runtime import (merge_stats, run_in_process,  # noqa: E402
+                                          run_local_processes)
 
 BASELINE = {"name": "original research code (SecureNN-based), measured",
             "drelu": 496.0, "relu": 536.0, "block_relu_3x3_pixel": 83.0}
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     approx = D.DReLUConfig.approximate(args.approx_max_bits, args.approx_drop_bits)
     configs = {"exact": D.EXACT, "approx": approx}
-    results: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    now = datetime.datetime.now(datetime.timezone.utc)
+    results: dict = {"date": now.isoformat(timespec="seconds"),
                      "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
                      "machine": f"{platform.processor() or platform.machine()}, "
                                 f"Python {platform.python_version()}, torch {torch.__version__}",

@@ -133,7 +133,7 @@ def test_private_compare_against_plaintext(bits):
     g = torch.Generator().manual_seed(100 + bits)
     top = D._all_ones(bits)
     rand = lambda n: _rand_ring((n,), g) & top  # noqa: E731
-    x = torch.cat([rand(400), torch.tensor([0, top, 0, top, 5, 5, 6, 4, 0, top], dtype=torch.int64)])
+    x = torch.cat([rand(400), torch.tensor([0, top, 0, top, 5, 5, 6, 4, 0, top])])
     r = torch.cat([rand(400), torch.tensor([0, top, top, 0, 5, 6, 5, 5, 1, top - 1])])
     x[100:150] = r[100:150]                       # equal values
     x[150:200] = (r[150:200] + 1) & top            # x = r + 1
@@ -178,7 +178,8 @@ def test_cost_formula_and_targets():
     assert D.drelu_bytes(0) == 0
     small = D.DReLUConfig(ring_bits=24, drop_bits=8)
     # 6 packed compare/deal vectors of 24 values, six 3-byte elements, one 8-byte output share
-    assert D.drelu_bytes(5, small) == D.zp_packed_bytes(240) + 4 * D.zp_packed_bytes(120) + 6 * 5 * 3 + 40
+    assert D.drelu_bytes(5, small) == (D.zp_packed_bytes(240) + 4 * D.zp_packed_bytes(120)
+                                       + 6 * 5 * 3 + 40)
 
 
 # ------------------------------------------------------------------ the protocol (in process)
@@ -237,7 +238,7 @@ def test_approximate_drelu_matches_its_exact_prediction(ring_bits, drop_bits):
     x0, x1 = _share(x)
     got, st = _run_drelu(x0, x1, cfg)
     low = span - 1
-    carry = ((x0 & low) + (x1 & low)) >= span if drop_bits else torch.zeros_like(x, dtype=torch.bool)
+    carry = ((x0 & low) + (x1 & low)) >= span if drop_bits else torch.zeros_like(x).bool()
     predicted = ((x >> drop_bits) - carry.to(torch.int64) >= 0).to(torch.int64)
     assert torch.equal(got, predicted)
     wrong = got != D.plain_drelu(x)

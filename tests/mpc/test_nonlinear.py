@@ -169,8 +169,8 @@ def test_block_relu_rejects_bad_block_sizes():
 
 # ------------------------------------------------------------------ max pooling
 
-@pytest.mark.parametrize("kernel,stride,padding,hw", [(3, 2, 1, (9, 8)), (2, 2, 0, (6, 6)),
-                                                      (3, 1, 0, (5, 7)), ((2, 3), (1, 2), (1, 1), (5, 6))])
+@pytest.mark.parametrize("kernel,stride,padding,hw", [
+    (3, 2, 1, (9, 8)), (2, 2, 0, (6, 6)), (3, 1, 0, (5, 7)), ((2, 3), (1, 2), (1, 1), (5, 6))])
 def test_max_pool_matches_torch(kernel, stride, padding, hw):
     shape = (2, 3, *hw)
     x = _fixed_point_input(shape, seed=sum(hw))

@@ -170,7 +170,9 @@ class DReLUConfig:
                            torch.zeros((), dtype=torch.float64))
 
     def __str__(self) -> str:
-        return "exact" if self.exact else f"approx(ring_bits={self.ring_bits}, drop_bits={self.drop_bits})"
+        if self.exact:
+            return "exact"
+        return f"approx(ring_bits={self.ring_bits}, drop_bits={self.drop_bits})"
 
 
 EXACT = DReLUConfig()
@@ -442,7 +444,8 @@ class _CompareRandomness:
     shift: torch.Tensor  # [n] rotation offsets in 0..ℓ−1
 
 
-def _compare_randomness(party: Party, other: int, n: int, bits: int, tag: str) -> _CompareRandomness:
+def _compare_randomness(party: Party, other: int, n: int, bits: int,
+                        tag: str) -> _CompareRandomness:
     s = _pair_small(party, other, n * bits, P - 1, f"{tag}.s").view(n, bits) + 1
     u = _pair_small(party, other, n * bits, P, f"{tag}.u").view(n, bits)
     shift = _pair_small(party, other, n, bits, f"{tag}.shift").to(torch.int64)
@@ -683,7 +686,8 @@ def mul_drelu(party: Party, d: torch.Tensor, v: torch.Tensor,
     (any shape); ``index``: for each flattened payload value, the flattened decision it uses
     (int64, public; None: ``v`` has d's shape and uses its own element). Returns shares shaped
     like ``v`` (and the DReLU shares too when ``want_drelu``); P2 passes placeholders and gets
-    placeholders back. Used for ReLU (d = v = x), Block-ReLU (d = patch sums, v = pixels) and max (d = v = a − b).
+    placeholders back. Used for ReLU (d = v = x), Block-ReLU (d = patch sums, v = pixels) and
+    max (d = v = a − b).
     """
     cfg = resolve_config(party, config)
     dshape, vshape = _shape_of(d), _shape_of(v)
