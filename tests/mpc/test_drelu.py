@@ -337,3 +337,31 @@ def test_malformed_helper_message_is_refused():
 
     with pytest.raises(ProtocolError, match="out of range"):
         run_in_process(fn, timeout=20)
+
+
+def test_parties_with_different_configs_fail_clearly():
+    """A party running another DReLU configuration is caught by the frame checks."""
+    x0, x1 = _share(torch.tensor([1, 2, 3]))
+
+    def fn(party):
+        cfg = D.DReLUConfig(ring_bits=32) if party.role == 1 else D.EXACT
+        return D.drelu(party, [x0, x1, party.placeholder((3,))][party.role], cfg)
+
+    with pytest.raises(ProtocolError, match="expected"):
+        run_in_process(fn, timeout=20)
+
+
+def test_mul_drelu_argument_checks():
+    def fn(party):
+        d = torch.zeros(4, dtype=torch.int64)
+        with pytest.raises(ValueError, match="same shape"):
+            D.mul_drelu(party, d, torch.zeros(5, dtype=torch.int64))
+        with pytest.raises(ValueError, match="one entry per payload"):
+            D.mul_drelu(party, d, torch.zeros(5, dtype=torch.int64), torch.zeros(4).long())
+        with pytest.raises(ValueError, match=r"lie in \[0, 4\)"):
+            D.mul_drelu(party, d, torch.zeros(2, dtype=torch.int64), torch.tensor([0, 4]))
+        with pytest.raises(TypeError, match="DReLUConfig"):
+            D.drelu(party, d, config="exact")
+        return True
+
+    assert run_in_process(fn, timeout=20) == [True, True, True]
