@@ -42,7 +42,7 @@ from ..brelu import BlockReLU, as_block_sizes
 from ..sites import find_relu_sites, run_model
 
 __all__ = ["Layer", "Program", "Weights", "UnsupportedOperationError", "compile_model",
-           "run_float", "fold_bn", "resize_matrices"]
+           "run_float", "fold_bn", "resize_matrices", "error_std"]
 
 
 class UnsupportedOperationError(ValueError):
@@ -142,7 +142,7 @@ class _Tracer(TorchFunctionMode):
 
     # --- bookkeeping ---
     def _where(self) -> str:
-        return self.paths[self.stack[-1]] if self.stack else "<model>"
+        return (self.paths[self.stack[-1]] if self.stack else "") or "<model>"
 
     def _in_leaf(self) -> bool:
         return any(isinstance(m, _LEAF_TYPES) for m in self.stack)
@@ -670,3 +670,107 @@ def run_float(program: Program, weights: Weights, x: torch.Tensor,
         vals.append(y)
     return vals[program.output]
 
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed-point error analysis
+# --------------------------------------------------------------------------------------------
+
+def error_std(program: Program, weights: Weights, x: torch.Tensor, frac_bits: int
+              ) -> tuple[torch.Tensor, int]:
+    """First-order fixed-point error analysis: per output value, the standard deviation of
+    (secure output − plaintext output) for input ``x``, and the number of Block-ReLU
+    decisions (patches of more than one pixel) whose plaintext input lies within 8 of its own standard deviations of zero
+    ("ambiguous": the secure run may decide them the other way).
+
+    Worst-case interval bounds grow like the product of the layers' weight L1 norms (useless:
+    above 10^17 for ResNet18), but the rounding errors are independent and zero-mean-ish, so
+    their *variances* propagate through the network linearised at ``x``:
+
+    * input encoding: uniform rounding, variance lsb²/12 (lsb = 2^-f);
+    * conv/linear: ``var_out = conv(var_in, W²) + conv(x², lsb²/12) + t``: the incoming error
+      through the weights, the weights' own encoding error, and the local truncation, which
+      is floor ± 1 lsb, taken as uniform in ±2 lsb (t = 4·lsb²/3, covers its bias too);
+    * (Block-)ReLU: the variance passes where the plaintext keeps the value, else 0 (a ReLU
+      is 1-Lipschitz anyway; a Block-ReLU patch decided the other way is an error of the
+      patch's size, which is why ambiguous decisions are counted);
+    * max pooling: the variance of the selected element; average pooling and resizing:
+      the weighted sum of variances plus truncation and reciprocal rounding; add: sum.
+
+    With the exact DReLU, no catastrophic truncation failure (probability 2^(l+1-64) per
+    truncated value of magnitude < 2^l, see :mod:`.ring`) and no ambiguous decision, the
+    error of a value exceeds 8 standard deviations with negligible probability; tests use
+    ``max|error| <= 8 · max std`` (+ the float32 rounding of the plaintext reference).
+    """
+    lsb = 2.0 ** -frac_bits
+    v_round = lsb * lsb / 12
+    v_trunc = 4 * lsb * lsb / 3
+    vars_: list[torch.Tensor] = []
+    ambiguous = [0]
+
+    def hook(layer: Layer, ins: list[torch.Tensor], y: torch.Tensor) -> None:
+        a, op = layer.attrs, layer.op
+        v_in = [vars_[j] for j in layer.inputs]
+        if op == "input":
+            v = torch.full_like(y, v_round)
+        elif op in ("conv2d", "linear"):
+            w = weights[layer.name]["weight"]
+            if op == "conv2d":
+                args = (a["stride"], a["padding"], a["dilation"], a["groups"])
+                v = F.conv2d(v_in[0], w * w, None, *args) + \
+                    F.conv2d(ins[0] * ins[0], torch.full_like(w, v_round), None, *args)
+            else:
+                v = F.linear(v_in[0], w * w) + F.linear(ins[0] * ins[0], torch.full_like(w, v_round))
+            v = v + v_trunc
+        elif op == "flatten":
+            v = v_in[0].reshape(y.shape)
+        elif op == "relu":
+            v = v_in[0] * (ins[0] > 0)
+        elif op == "block_relu":
+            v = v_in[0].clone()
+            for (h, w_), idx in BlockReLU(a["block_sizes"]).groups():
+                if h == 0 or w_ == 0:
+                    continue
+                xs, vs = ins[0].index_select(1, idx), v_in[0].index_select(1, idx)
+                hh, ww = min(h, xs.shape[2]), min(w_, xs.shape[3])
+                kw = dict(kernel_size=(hh, ww), stride=(hh, ww), ceil_mode=True, divisor_override=1)
+                s, sv = F.avg_pool2d(xs, **kw), F.avg_pool2d(vs, **kw)
+                cnt = F.avg_pool2d(torch.ones_like(xs), **kw)
+                if hh * ww > 1:  # a flipped ReLU errs by at most its input's error
+                    ambiguous[0] += int((s.abs() <= 8 * sv.sqrt() + cnt * lsb).sum())
+                keep = (s > 0).to(xs.dtype).repeat_interleave(hh, 2).repeat_interleave(ww, 3)
+                v.index_copy_(1, idx, vs * keep[:, :, :xs.shape[2], :xs.shape[3]])
+        elif op == "max_pool":
+            _, arg = F.max_pool2d(ins[0], a["kernel_size"], a["stride"], a["padding"],
+                                  return_indices=True)
+            v = v_in[0].flatten(2).gather(2, arg.flatten(2)).reshape(y.shape)
+        elif op in ("avg_pool", "global_avg_pool"):
+            if op == "avg_pool":
+                k = a["kernel_size"]
+                n = k[0] * k[1]
+                v = F.avg_pool2d(v_in[0], k, a["stride"], a["padding"],
+                                 count_include_pad=a["count_include_pad"],
+                                 divisor_override=a["divisor_override"]) / n
+            else:
+                n = ins[0].shape[2] * ins[0].shape[3]
+                v = v_in[0].mean(dim=(2, 3), keepdim=a["keepdim"]) / n
+            v = v + y * y * 2.0 ** -(2 * frac_bits + 2) + v_trunc
+        elif op in ("add", "sub"):
+            v = v_in[0] + v_in[1]
+        elif op == "concat":
+            v = torch.cat(v_in, dim=1)
+        elif op == "add_public":
+            v = v_in[0] + v_round
+        elif op == "mul_public":
+            v = v_in[0] * a["value"] ** 2 + ins[0] * ins[0] * v_round + v_trunc
+        elif op == "resize":
+            mh, mw = a["mh"], a["mw"]
+            v = torch.matmul(torch.matmul(mh * mh, v_in[0]), (mw * mw).T)
+            v = v + (ins[0] * ins[0]).amax(dim=(2, 3), keepdim=True) * v_round * \
+                (mh.shape[1] + mw.shape[1]) + 2 * v_trunc * (1 + (mw * mw).sum(1).max().item())
+        else:
+            raise UnsupportedOperationError(f"no error rule for op {op!r}")
+        vars_.append(v)
+
+    run_float(program, weights, x.double(), hook=hook)
+    return vars_[program.output].sqrt(), ambiguous[0]

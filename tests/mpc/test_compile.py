@@ -1,0 +1,279 @@
+"""The model compiler (secure_inference.mpc.compile) against the torch models it compiles:
+the compiled program run in float64 must reproduce the model (with its Block-ReLUs), on the
+four reference architectures (reduced width: same layer types and control flow), torchvision,
+and small models exercising every supported layer; unsupported operations are named."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import secure_inference as si
+from secure_inference.mpc.compile import (UnsupportedOperationError, compile_model, error_std,
+                                          resize_matrices, run_float)
+from secure_inference.sites import find_relu_sites, run_model
+
+
+# ---------------------------------------------------------------- reduced reference models
+
+def resnet18_cifar(width: int = 16, num_classes: int = 100) -> nn.Module:
+    """mmpretrain ResNet18-CIFAR (ImageClassifier, ResNet_CIFAR, GAP neck, linear head)."""
+    import mmpretrain.models  # noqa: F401
+    from mmpretrain.registry import MODELS
+    return MODELS.build(dict(
+        type="ImageClassifier",
+        backbone=dict(type="ResNet_CIFAR", depth=18, num_stages=4, out_indices=(3,),
+                      style="pytorch", stem_channels=width, base_channels=width),
+        neck=dict(type="GlobalAveragePooling"),
+        head=dict(type="LinearClsHead", num_classes=num_classes, in_channels=8 * width,
+                  loss=dict(type="CrossEntropyLoss", loss_weight=1.0)))).eval()
+
+
+def resnet50(width: int = 8, num_classes: int = 10) -> nn.Module:
+    """mmpretrain ResNet50 (bottlenecks, max-pool stem)."""
+    import mmpretrain.models  # noqa: F401
+    from mmpretrain.registry import MODELS
+    return MODELS.build(dict(
+        type="ImageClassifier",
+        backbone=dict(type="ResNet", depth=50, num_stages=4, out_indices=(3,), style="pytorch",
+                      stem_channels=width, base_channels=width),
+        neck=dict(type="GlobalAveragePooling"),
+        head=dict(type="LinearClsHead", num_classes=num_classes, in_channels=32 * width,
+                  loss=dict(type="CrossEntropyLoss", loss_weight=1.0)))).eval()
+
+
+def _deeplab(backbone: dict, in_channels: int, channels: int, num_classes: int) -> nn.Module:
+    import mmseg.models  # noqa: F401
+    from mmseg.registry import MODELS
+    return MODELS.build(dict(
+        type="EncoderDecoder", backbone=backbone,
+        decode_head=dict(type="ASPPHead", in_channels=in_channels, in_index=3, channels=channels,
+                         dilations=(1, 12, 24, 36), dropout_ratio=0.1, num_classes=num_classes,
+                         norm_cfg=dict(type="BN", requires_grad=True), align_corners=False,
+                         loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False)),
+        train_cfg=dict(), test_cfg=dict(mode="whole"))).eval()
+
+
+def deeplabv3_r50(width: int = 8, num_classes: int = 5) -> nn.Module:
+    """mmseg DeepLabV3 with ResNetV1c-50 (deep stem, dilated stages) and the ASPP head."""
+    bb = dict(type="ResNetV1c", depth=50, num_stages=4, out_indices=(0, 1, 2, 3),
+              dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), stem_channels=width,
+              base_channels=width, norm_cfg=dict(type="BN", requires_grad=True),
+              norm_eval=False, style="pytorch", contract_dilation=True)
+    return _deeplab(bb, 32 * width, 16, num_classes)
+
+
+def deeplabv3_mobilenetv2(widen: float = 0.25, num_classes: int = 5) -> nn.Module:
+    """mmseg DeepLabV3 with MobileNetV2 (depthwise convs, inverted residuals), ReLU6→ReLU."""
+    bb = dict(type="MobileNetV2", widen_factor=widen, strides=(1, 2, 2, 1, 1, 1, 1),
+              dilations=(1, 1, 1, 2, 2, 4, 4), out_indices=(1, 2, 4, 6),
+              norm_cfg=dict(type="BN", requires_grad=True))
+    model = _deeplab(bb, int(320 * widen), 16, num_classes)
+    return si.relu6_to_relu(model)
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics (fresh models have mean 0, var 1: folding would be a no-op)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+            m.weight.data.copy_(0.5 + torch.rand(c, generator=g))
+            m.bias.data.copy_(0.1 * torch.randn(c, generator=g))
+    return model
+
+
+def mixed_spec(model: nn.Module, input_shape, seed: int = 0) -> dict:
+    """A spec over every other site: per channel a random choice of ReLU, identity, 2×2,
+    1×3, 3×3 and 4×2 patches (what a knapsack solution looks like)."""
+    rng = np.random.default_rng(seed)
+    choices = np.array([[1, 1], [0, 1], [2, 2], [1, 3], [3, 3], [4, 2]], np.int32)
+    spec = {}
+    for i, site in enumerate(find_relu_sites(model, input_shape)):
+        if i % 2 == 0 and not site.functional:
+            spec[site.name] = choices[rng.integers(0, len(choices), site.channels)]
+    return spec
+
+
+REFERENCE = {
+    "resnet18_cifar": (resnet18_cifar, (3, 32, 32)),
+    "resnet50": (resnet50, (3, 32, 32)),
+    "deeplabv3_r50": (deeplabv3_r50, (3, 32, 32)),
+    "deeplabv3_mobilenetv2": (deeplabv3_mobilenetv2, (3, 32, 32)),
+}
+
+
+def build_reference(name: str, spec: bool = True, seed: int = 0):
+    """(plaintext Block-ReLU model, spec, input CHW) for a reduced reference architecture."""
+    torch.manual_seed(seed)
+    build, chw = REFERENCE[name]
+    model = randomize_bn(build(), seed)
+    sp = mixed_spec(model, chw, seed) if spec else {}
+    return model, sp, chw
+
+
+# ---------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_reference_architectures_compile_exactly(name):
+    model, spec, chw = build_reference(name)
+    shape = (2,) + chw
+    program, weights = compile_model(model, shape, spec=spec)
+    plain = si.apply_block_spec(model, spec, chw)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        ref = run_model(plain, x).double()
+    got = run_float(program, weights, x)
+    assert got.shape == ref.shape
+    assert float((got - ref).abs().max()) <= 1e-5 * (1 + float(ref.abs().max()))
+    # every non-identity site is one layer carrying its name; DReLUs match the spec's count
+    sites = find_relu_sites(plain, chw)
+    counts = si.count_drelus(spec, sites)
+    drelus = program.drelus(batch=1)
+    for site in sites:
+        layer = [l for l in program.layers if l.attrs.get("site") == site.name]
+        if counts[site.name] == 0:
+            assert not layer
+        else:
+            assert len(layer) == 1 and drelus[layer[0].name] == counts[site.name]
+    # BN is folded away, dropout removed
+    assert not {l.op for l in program.layers} & {"batchnorm", "activation"}
+    # a batch of a different size runs through the same program
+    x3 = torch.randn((3,) + chw)
+    with torch.no_grad():
+        ref3 = run_model(plain, x3).double()
+    assert float((run_float(program, weights, x3) - ref3).abs().max()) <= \
+        1e-5 * (1 + float(ref3.abs().max()))
+
+
+def test_torchvision_resnet_and_program_holds_no_weights():
+    import torchvision
+    model = randomize_bn(torchvision.models.resnet18(num_classes=7)).eval()
+    program, weights = compile_model(model, (1, 3, 40, 40))
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        ref = model(x).double()
+    assert torch.allclose(run_float(program, weights, x), ref, atol=1e-4, rtol=1e-4)
+    assert [l.op for l in program.layers].count("max_pool") == 1
+    # the public program (what the client and helper get) carries no weight values
+    blob = pickle.dumps(program)
+    for wt in weights.values():
+        raw = wt["weight"].numpy().tobytes()
+        assert raw[:64] not in blob
+    assert "weight" not in {k for l in program.layers for k in l.attrs}
+
+
+class _Glue(nn.Module):
+    """Functional glue between layers: F.relu, cat, mean, avg/adaptive pooling, resize,
+    standalone BN, a public scale and offset, flatten by view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=2, dilation=2, bias=False)
+        self.b = nn.Conv2d(3, 4, (3, 1), stride=(2, 1), padding=(1, 0))
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(8 * 2 * 2 + 8, 6)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        z = F.interpolate(self.b(x), size=y.shape[-2:], mode="bilinear", align_corners=True)
+        c = self.bn(torch.cat([y, z], dim=1))
+        c = F.avg_pool2d(self.dw(c), 2, count_include_pad=False, padding=1) * 0.5 + 0.25
+        c = F.interpolate(c, scale_factor=2, mode="nearest")
+        g = c.mean(dim=(2, 3))
+        return self.fc(torch.cat([self.pool(c).view(c.size(0), -1), g], dim=1))
+
+
+def test_functional_glue_and_standalone_bn():
+    torch.manual_seed(1)
+    model = randomize_bn(_Glue()).eval()
+    program, weights = compile_model(model, (2, 3, 9, 11))
+    ops = [l.op for l in program.layers]
+    for op in ("relu", "resize", "concat", "avg_pool", "mul_public", "add_public",
+               "global_avg_pool", "flatten", "linear"):
+        assert op in ops, op
+    assert ops.count("conv2d") == 4  # a, b, the BN as a depthwise 1x1 conv, dw
+    x = torch.randn(2, 3, 9, 11)
+    with torch.no_grad():
+        ref = model(x).double()
+    assert torch.allclose(run_float(program, weights, x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(size=(7, 5), mode="bilinear", align_corners=False),
+                                dict(size=(8, 12), mode="bilinear", align_corners=True),
+                                dict(scale_factor=2.5, mode="bilinear", align_corners=False),
+                                dict(size=(7, 9), mode="nearest"),
+                                dict(size=(6, 6), mode="bilinear", align_corners=False)])
+def test_resize_is_a_separable_public_map(kw):
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    mh, mw = resize_matrices((4, 6), kw)
+    assert torch.allclose(mh @ x @ mw.T, F.interpolate(x, **kw), atol=1e-12)
+
+
+def test_bn_folding_matches_conv_then_bn():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    bn = randomize_bn(nn.Sequential(nn.BatchNorm2d(6)))[0].eval()
+    from secure_inference.mpc.compile import fold_bn
+    w, b = fold_bn(conv.weight, conv.bias, bn)
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        ref = bn.double()(conv.double()(x))
+    assert torch.allclose(F.conv2d(x, w, b, padding=1), ref, atol=1e-12)
+
+
+class _Sigmoid(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.GELU())
+
+    def forward(self, x):
+        return self.head(self.conv(x))
+
+
+class _Mul(nn.Module):
+    def forward(self, x):
+        return x * x
+
+
+class _ReLU6(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU6())
+
+    def forward(self, x):
+        return self.block(x)
+
+
+@pytest.mark.parametrize("model,words", [
+    (_Sigmoid(), ["gelu", "head.1"]),
+    (_Mul(), ["products", "<model>"]),
+    (_ReLU6(), ["ReLU6", "block.1", "relu6_to_relu"]),
+    (nn.Sequential(nn.Conv2d(3, 3, 1), nn.MaxPool2d(2, ceil_mode=True)), ["MaxPool2d", "'1'"]),
+    (nn.Sequential(nn.Conv2d(3, 3, 1), nn.Upsample(scale_factor=2, mode="bicubic")),
+     ["bicubic", "'1'"]),
+])
+def test_unsupported_operations_are_named_with_their_place(model, words):
+    with pytest.raises(UnsupportedOperationError) as err:
+        compile_model(model.eval(), (1, 3, 8, 8))
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_error_analysis_is_small_and_scales_with_fractional_bits():
+    model, spec, chw = build_reference("resnet18_cifar")
+    program, weights = compile_model(model, (1,) + chw, spec=spec)
+    x = torch.randn((1,) + chw)
+    s16, _ = error_std(program, weights, x, 16)
+    s12, _ = error_std(program, weights, x, 12)
+    ratio = float(s12.max() / s16.max())
+    assert 12 < ratio < 20  # errors scale with 2^-f (16x), up to the weights' share
+    assert float(s16.max()) < 1e-3 * float(run_float(program, weights, x).abs().max()) + 1e-3
