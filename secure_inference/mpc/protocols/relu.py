@@ -20,7 +20,9 @@ exact or an approximate DReLU and is passed to every DReLU a function runs.
   one DReLU per patch: 64.4 bytes per pixel for 3×3 patches, exact DReLU).
 * :func:`max_pool2d`: a tree of comparisons over every window at once: max(a, b) =
   b + (a − b)·DReLU(a − b), ⌈log2 K⌉ levels for K-element windows, 6 rounds each.
-* :func:`select_share`: a if d ≥ 0 else b, as b + (a − b)·DReLU(d).
+* :func:`select_share`: a if d ≥ 0 else b, as b + (a − b)·DReLU(d) (fused, no extra round);
+  :func:`select_bit`: SecureNN's SelectShare for an already shared bit (one Beaver
+  multiplication from :mod:`.linear`).
 
 With an approximate DReLU the inputs of every DReLU must lie in its valid range: for
 Block-ReLU these are patch sums (up to h·w times the pixel magnitude), for max pooling the
