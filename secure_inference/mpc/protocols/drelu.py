@@ -398,20 +398,23 @@ def _pair_small(party: Party, other: int, count: int, high: int, tag: str) -> to
     Each value is a 16-bit word of the pair stream reduced mod ``high``; words at or above the
     largest multiple of ``high`` below 2^16 (at most 0.4% of them, 0.015% for 67) are redrawn
     from the next occurrence of the same stream, position by position, identically at both
-    holders. Every accepted word is uniform below that multiple, so the result is exactly
+    holders (which make the same sequence of draws). Every accepted word is uniform below that multiple, so the result is exactly
     uniform.
     """
     _require_little_endian()
     limit = (65536 // high) * high
-    words = party.pair_random(other, (2 * count,), tag=tag, dtype=torch.uint8).cpu().numpy()
-    words = words.view(np.uint16)
-    out = (words % np.uint16(high)).astype(np.int16)
-    bad = np.flatnonzero(words >= limit)
-    while bad.size:
-        more = party.pair_random(other, (2 * bad.size,), tag=tag, dtype=torch.uint8).cpu()
-        more = more.numpy().view(np.uint16)
-        out[bad] = more % np.uint16(high)
-        bad = bad[more >= limit]
+    out = np.empty(count, dtype=np.int16)
+    for a in range(0, count, _BLOCK):  # cache-sized draws (the same sequence at both holders)
+        size = min(_BLOCK, count - a)
+        words = party.pair_random(other, (2 * size,), tag=tag, dtype=torch.uint8).cpu().numpy()
+        words = words.view(np.uint16)
+        out[a:a + size] = words % np.uint16(high)
+        bad = np.flatnonzero(words >= limit)
+        while bad.size:
+            more = party.pair_random(other, (2 * bad.size,), tag=tag, dtype=torch.uint8).cpu()
+            more = more.numpy().view(np.uint16)
+            out[a + bad] = more % np.uint16(high)
+            bad = bad[more >= limit]
     return torch.from_numpy(out).to(party.device)
 
 
