@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..brelu import BlockReLU, block_sign_mask, is_identity
 from ..sites import ReluSite, run_model
@@ -213,6 +214,39 @@ class Capture:
     site_out: torch.Tensor                # site output [n, C, H, W]
     site_dim: int                         # 4, or 2 for [N, C] sites (after linear layers)
     frozen: dict[int, object] = field(default_factory=dict)  # call -> cached output
+    needed: set[int] = field(default_factory=set)  # frozen calls whose output is read later
+    leaf_out: torch.Tensor | None = None  # clean output of the conv right after the site
+
+
+class _UseTracker(TorchFunctionMode):
+    """Calls ``on_args((args, kwargs))`` for every torch function run during a forward."""
+
+    def __init__(self, on_args) -> None:
+        super().__init__()
+        self.on_args = on_args
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.on_args((args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _conv_incremental_ok(module: nn.Module) -> bool:
+    return (type(module) is nn.Conv2d and module.groups == 1
+            and module.padding_mode == "zeros" and not module._forward_hooks
+            and not module._forward_pre_hooks)
+
+
+def _conv_update(conv: nn.Conv2d, clean: torch.Tensor, channels: list[int],
+                 delta: torch.Tensor) -> torch.Tensor:
+    """clean [R, Cout, H', W'] + conv of delta [R, H, W] placed in input channel channels[r]
+    (no bias: it is already in ``clean``), as one grouped convolution over the R rows."""
+    r = delta.shape[0]
+    w = conv.weight[:, channels]                       # [Cout, R, kh, kw]
+    w = w.transpose(0, 1).reshape(r * conv.out_channels, 1, *conv.weight.shape[2:])
+    out = nn.functional.conv2d(delta.unsqueeze(0).to(w.dtype), w, None, conv.stride,
+                               conv.padding, conv.dilation, groups=r)
+    return clean + out.reshape(r, conv.out_channels, *out.shape[2:]).to(clean.dtype)
 
 
 class SiteRunner:
@@ -232,6 +266,15 @@ class SiteRunner:
         self.frozen = [c.start for c in calls
                        if c.end <= s and (c.parent == -1 or calls[c.parent].end > s)]
         self._patch_modules = {calls[i].module for i in self.frozen} | {calls[s].module}
+        # the first leaf module call after the site: incrementally updated when it is a plain
+        # Conv2d reading the site's output directly
+        end = calls[s].end
+        self.first_leaf = -1
+        for c in calls[end:]:
+            if c.end == c.start + 1:
+                if _conv_incremental_ok(c.module):
+                    self.first_leaf = c.start
+                break
 
     def _check_call(self, idx: int, module: nn.Module) -> None:
         if idx >= len(self.calls) or self.calls[idx].module is not module:
@@ -241,39 +284,76 @@ class SiteRunner:
 
     @torch.no_grad()
     def capture(self, x: torch.Tensor) -> Capture:
-        """Clean forward on x: output, site input/output and the frozen calls' outputs."""
+        """Clean forward on x: output, site input/output, the frozen calls' outputs (only
+        those used outside frozen calls: the others are never read when the rest re-runs)
+        and the clean output of the first layer after the site (incremental update)."""
         counter = _CallCounter(self.model)
         frozen = set(self.frozen)
         got: dict[str, object] = {}
         cache: dict[int, object] = {}
+        tracked: dict[int, int] = {}   # id(tensor returned by a frozen call) -> call
+        alive: list[torch.Tensor] = []  # keeps tracked ids valid during the forward
+        needed: set[int] = set()
+        depth = [0]                     # > 0 while a frozen call (or the site) runs
+        skip = frozen | {self.site_call}
 
         def pre(idx, module, args):
             self._check_call(idx, module)
+            if idx in skip:
+                depth[0] += 1
             if idx == self.site_call:
                 got["in"] = as_4d(args[0]).clone()
+            elif idx == self.first_leaf:
+                site_obj = got.get("site_obj")
+                got["leaf_in_is_site"] = (bool(args) and args[0] is site_obj
+                                          and site_obj._version == got["site_version"])
 
         def post(idx, module, out):
+            if idx in skip:
+                depth[0] -= 1
             if idx in frozen:
                 cache[idx] = _tree_map(lambda t: t.clone(), out)
+
+                def track(t, idx=idx):
+                    tracked[id(t)] = idx
+                    alive.append(t)
+                _tree_map(track, out)
             elif idx == self.site_call:
                 got["out"] = as_4d(out).clone()
                 got["dim"] = out.dim()
+                got["site_obj"] = out
+                got["site_version"] = out._version  # in-place changes before the conv: no update
+            elif idx == self.first_leaf:
+                got["leaf_out"] = out.clone() if torch.is_tensor(out) else None
             return None
 
+        def use(t):
+            i = tracked.get(id(t))
+            if i is not None:
+                needed.add(i)
+
+        mode = _UseTracker(lambda args: depth[0] == 0 and tracked and _tree_map(use, args))
         counter.on_pre, counter.on_post = pre, post
-        with counter:
+        with counter, mode:
             y = output_matrix(run_model(self.model, x))
         if "out" not in got:
             raise DistortionError(f"site '{self.site.name}' was not reached in the forward")
         check_finite(y, "the clean model output")
+        leaf = got.get("leaf_out") if got.get("leaf_in_is_site") else None
         return Capture(y=y, site_in=got["in"], site_out=got["out"], site_dim=got["dim"],
-                       frozen=cache)
+                       frozen=cache, needed=needed, leaf_out=leaf)
 
     @torch.no_grad()
     def run_rows(self, cap: Capture, x: torch.Tensor, rows: Sequence[int],
-                 activation: torch.Tensor) -> torch.Tensor:
+                 activation: torch.Tensor,
+                 delta: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
         """Output [R, D] of the network for rows (sample indices into the captured batch) with
-        the site's output replaced by ``activation`` [R, C, H, W]."""
+        the site's output replaced by ``activation`` [R, C, H, W].
+
+        ``delta = (channel per row, [R, H, W] change of that channel)`` enables the
+        incremental update of a Conv2d that directly consumes the site's output:
+        conv(clean + delta) = clean conv output + conv of the one changed channel.
+        """
         from ..spec import MultiSiteActivation
         counter = _CallCounter(self.model)
         n = x.shape[0]
@@ -284,15 +364,24 @@ class SiteRunner:
                 return take_rows(t, rows)
             return t
 
-        substitutes = {i: (lambda i=i: _tree_map(gather, cap.frozen[i])) for i in self.frozen}
-
+        substitutes = {}
+        for i in self.frozen:
+            if i in cap.needed:
+                substitutes[i] = (lambda i=i: _tree_map(gather, cap.frozen[i]))
+            else:  # never read by the computation that runs: no need to gather rows
+                substitutes[i] = (lambda i=i: cap.frozen[i])
         value = activation if cap.site_dim == 4 else activation.reshape(activation.shape[0], -1)
         substitutes[self.site_call] = lambda: value
+        version = value._version
+        incremental = delta is not None and cap.leaf_out is not None
         originals = {}
 
         def make(module, orig):
             def forward(*args, **kwargs):
                 idx = counter.stack[-1]
+                if (incremental and idx == self.first_leaf and args and args[0] is value
+                        and value._version == version and not kwargs):
+                    return _conv_update(module, take_rows(cap.leaf_out, rows), *delta)
                 fn = substitutes.get(idx)
                 if fn is None:
                     return orig(*args, **kwargs)
@@ -307,8 +396,11 @@ class SiteRunner:
             self._check_call(idx, module)
 
         counter.on_pre = pre
+        patch = set(self._patch_modules)
+        if incremental:
+            patch.add(calls[self.first_leaf].module)
         try:
-            for m in self._patch_modules:
+            for m in patch:
                 originals[m] = m.__dict__.get("forward")
                 m.forward = make(m, m.forward)
             with counter:
@@ -349,9 +441,14 @@ def exact_site_sums(model: nn.Module, calls: list[_Call], site: ReluSite,
             s_i = ii[start:start + forward_batch].tolist()
             c_i = cc[start:start + forward_batch].tolist()
             act = take_rows(cap.site_out, s_i)
+            rows_c = [chan_list[c] for c in c_i]
             for j, (a, b, c) in enumerate(zip(k_i, s_i, c_i)):
-                act[j, chan_list[c]] = pert[a, b, c]
-            y = runner.run_rows(cap, x, s_i, act)
+                act[j, rows_c[j]] = pert[a, b, c]
+            delta = None
+            if cap.leaf_out is not None:
+                delta = (rows_c, torch.stack([pert[a, b, c] - base[b, c]
+                                              for a, b, c in zip(k_i, s_i, c_i)]))
+            y = runner.run_rows(cap, x, s_i, act, delta)
             check_finite(y, f"the output with site '{site.name}' perturbed")
             mse = (y.double() - take_rows(cap.y, s_i).double()).pow(2).mean(dim=1)
             flat = torch.as_tensor([c * k + a for a, c in zip(k_i, c_i)], dtype=torch.long)

@@ -159,3 +159,39 @@ def test_relu6_site_refused():
     net = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU6(), nn.Flatten())
     with pytest.raises(DistortionError, match="relu6_to_relu"):
         extract(net, _samples(1))
+
+
+class _InplaceAfterSite(nn.Module):
+    """An in-place non-linear op between the site and the conv reading it: the incremental
+    conv update must not be used (conv(clamp(a + d)) != conv(clamp(a)) + conv(d))."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.conv0 = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv1 = nn.Conv2d(4, 3, 3, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, x):
+        a = self.act(self.conv0(x))
+        a.clamp_(max=0.5)
+        return self.conv1(a).flatten(1)
+
+
+def test_incremental_conv_update_guarded_against_inplace_changes():
+    from secure_inference.distortion.engine import SiteRunner
+    net = _InplaceAfterSite().eval()
+    x = _samples(3, seed=8)
+    exact = extract(net, x, **SMALL)["act"].distortion
+    naive = extract(net, x, method="naive", **SMALL)["act"].distortion
+    np.testing.assert_allclose(exact, naive, rtol=1e-5, atol=1e-9)
+    site = find_relu_sites(net, (3, 8, 8))[0]
+    cap = SiteRunner(net, trace_calls(net, x[:1]), site).capture(x)
+    assert cap.leaf_out is None
+    # without the in-place op the update is used (and the tiny resnet tests check its values)
+    plain = tiny_resnet(0)
+    s = {t.name: t for t in find_relu_sites(plain, (3, 8, 8))}["layer1.relu#0"]
+    assert SiteRunner(plain, trace_calls(plain, x[:1]), s).capture(x).leaf_out is not None
