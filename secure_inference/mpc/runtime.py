@@ -379,6 +379,7 @@ def _send(conn, msg: tuple) -> None:
 def _process_main(role: int, fn: Callable[[Party], Any], conn, cfg: dict) -> None:
     """Body of one party process: listen, report the port, connect, run, report the outcome."""
     try:
+        torch.set_num_threads(cfg["threads"])  # three busy parties share the machine's cores
         listener = listen(cfg["host"], 0) if role != ROLE_CLIENT else None
         _send(conn, ("port", listener.getsockname()[1] if listener else None))
         if not conn.poll(cfg["timeout"]):
@@ -417,13 +418,15 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
                         timeout: float = DEFAULT_TIMEOUT, frac_bits: int = DEFAULT_FRAC_BITS,
                         device: str = "cpu", certs_dir: str | os.PathLike | None = None,
                         host: str = "127.0.0.1", wall_timeout: float | None = None,
-                        max_frame: int = DEFAULT_MAX_FRAME) -> list[T]:
+                        max_frame: int = DEFAULT_MAX_FRAME, threads: int | None = None) -> list[T]:
     """Run ``fn(party)`` in three processes over real loopback TCP (TLS 1.3 unless ``tls=False``).
 
     ``fn`` must be picklable (a module-level function or a functools.partial of one) and its
     results too. Without ``certs_dir`` a throw-away CA and party certificates are created.
     ``timeout`` bounds every wait for a peer; ``wall_timeout`` (default: none) bounds the whole
     run, after which the processes are killed. Every child process is ended before returning.
+    ``threads``: torch threads per party (default: a third of the cores, at least one; with
+    torch's default every party would spin on every core and all three slow down ~10×).
     A failure re-raises the first primary error (``exc.party_errors`` lists every party's).
     """
     # forkserver: children fork from a clean server that has imported the runtime (and torch)
@@ -436,8 +439,11 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
         tmp = tempfile.TemporaryDirectory(prefix="si-certs-")
         create_certificates(tmp.name, hosts={r: ["localhost", host] for r in ROLES})
         certs_dir = tmp.name
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // 3)
     cfg = dict(host=host, tls=tls, certs_dir=str(certs_dir) if certs_dir else None,
-               timeout=timeout, frac_bits=frac_bits, device=device, max_frame=max_frame)
+               timeout=timeout, frac_bits=frac_bits, device=device, max_frame=max_frame,
+               threads=int(threads))
     pipes, procs, stuck = {}, {}, set()
     deadline = None if wall_timeout is None else time.monotonic() + wall_timeout
     try:
