@@ -42,7 +42,7 @@ from ..brelu import BlockReLU, as_block_sizes
 from ..sites import find_relu_sites, run_model
 
 __all__ = ["Layer", "Program", "Weights", "UnsupportedOperationError", "compile_model",
-           "run_float", "fold_bn", "resize_matrices", "error_std"]
+           "run_float", "fold_bn", "resize_matrices", "error_std", "error_bound"]
 
 
 class UnsupportedOperationError(ValueError):
@@ -616,11 +616,13 @@ def _lower(nodes: list[dict], out_node: int, sites, shape) -> tuple[Program, Wei
 # --------------------------------------------------------------------------------------------
 
 def run_float(program: Program, weights: Weights, x: torch.Tensor,
-              hook: Callable[[Layer, list[torch.Tensor], torch.Tensor], None] | None = None
-              ) -> torch.Tensor:
+              hook: Callable[[Layer, list[torch.Tensor], torch.Tensor], None] | None = None,
+              flips: Sequence[tuple[str, int, int, int, int]] = ()) -> torch.Tensor:
     """Run the compiled program in float64 on plaintext ``x``; should equal the torch model.
 
-    ``hook(layer, inputs, output)`` is called after every layer (used by the error analysis).
+    ``hook(layer, inputs, output)`` is called after every layer (used by the error analysis);
+    ``flips`` lists Block-ReLU decisions (layer name, image, channel, patch row, patch column)
+    to take the other way (how much a decision the secure run might flip can move the output).
     """
     from ..brelu import BlockReLU as _B
     vals: list[torch.Tensor] = []
@@ -640,7 +642,14 @@ def run_float(program: Program, weights: Weights, x: torch.Tensor,
         elif op == "relu":
             y = torch.relu(ins[0])
         elif op == "block_relu":
-            y = _B(a["block_sizes"])(ins[0])
+            mask = _B(a["block_sizes"]).mask(ins[0])
+            for name, n, c, i, j in flips:
+                if name == layer.name:
+                    h, w = (int(v) for v in a["block_sizes"][c])
+                    h, w = min(h, mask.shape[2]), min(w, mask.shape[3])
+                    patch = mask[n, c, i * h:(i + 1) * h, j * w:(j + 1) * w]
+                    patch.copy_(1 - patch)
+            y = ins[0] * mask
         elif op == "max_pool":
             y = F.max_pool2d(ins[0], a["kernel_size"], a["stride"], a["padding"])
         elif op == "avg_pool":
@@ -677,10 +686,10 @@ def run_float(program: Program, weights: Weights, x: torch.Tensor,
 # --------------------------------------------------------------------------------------------
 
 def error_std(program: Program, weights: Weights, x: torch.Tensor, frac_bits: int
-              ) -> tuple[torch.Tensor, int]:
+              ) -> tuple[torch.Tensor, list[tuple[str, int, int, int, int]]]:
     """First-order fixed-point error analysis: per output value, the standard deviation of
-    (secure output − plaintext output) for input ``x``, and the number of Block-ReLU
-    decisions (patches of more than one pixel) whose plaintext input lies within 8 of its own standard deviations of zero
+    (secure output − plaintext output) for input ``x``, and the Block-ReLU decisions
+    (patches of more than one pixel; as ``run_float`` flips) whose plaintext input lies within 8 of its own standard deviations of zero
     ("ambiguous": the secure run may decide them the other way).
 
     Worst-case interval bounds grow like the product of the layers' weight L1 norms (useless:
@@ -699,14 +708,14 @@ def error_std(program: Program, weights: Weights, x: torch.Tensor, frac_bits: in
 
     With the exact DReLU, no catastrophic truncation failure (probability 2^(l+1-64) per
     truncated value of magnitude < 2^l, see :mod:`.ring`) and no ambiguous decision, the
-    error of a value exceeds 8 standard deviations with negligible probability; tests use
-    ``max|error| <= 8 · max std`` (+ the float32 rounding of the plaintext reference).
+    error of a value exceeds 8 standard deviations with negligible probability. An ambiguous
+    decision may flip; :func:`error_bound` adds the effect of flipping each one.
     """
     lsb = 2.0 ** -frac_bits
     v_round = lsb * lsb / 12
     v_trunc = 4 * lsb * lsb / 3
     vars_: list[torch.Tensor] = []
-    ambiguous = [0]
+    ambiguous: list[tuple[str, int, int, int, int]] = []
 
     def hook(layer: Layer, ins: list[torch.Tensor], y: torch.Tensor) -> None:
         a, op = layer.attrs, layer.op
@@ -737,7 +746,8 @@ def error_std(program: Program, weights: Weights, x: torch.Tensor, frac_bits: in
                 s, sv = F.avg_pool2d(xs, **kw), F.avg_pool2d(vs, **kw)
                 cnt = F.avg_pool2d(torch.ones_like(xs), **kw)
                 if hh * ww > 1:  # a flipped ReLU errs by at most its input's error
-                    ambiguous[0] += int((s.abs() <= 8 * sv.sqrt() + cnt * lsb).sum())
+                    close = (s.abs() <= 8 * sv.sqrt() + cnt * lsb).nonzero().tolist()
+                    ambiguous.extend((layer.name, n, int(idx[c]), i, j) for n, c, i, j in close)
                 keep = (s > 0).to(xs.dtype).repeat_interleave(hh, 2).repeat_interleave(ww, 3)
                 v.index_copy_(1, idx, vs * keep[:, :, :xs.shape[2], :xs.shape[3]])
         elif op == "max_pool":
@@ -773,4 +783,27 @@ def error_std(program: Program, weights: Weights, x: torch.Tensor, frac_bits: in
         vars_.append(v)
 
     run_float(program, weights, x.double(), hook=hook)
-    return vars_[program.output].sqrt(), ambiguous[0]
+    return vars_[program.output].sqrt(), ambiguous
+
+
+def error_bound(program: Program, weights: Weights, x: torch.Tensor, frac_bits: int, *,
+                sigmas: float = 8.0, max_flips: int = 256) -> torch.Tensor:
+    """Elementwise bound on |secure − plaintext| output for input ``x``: ``sigmas`` standard
+    deviations of :func:`error_std`, plus, for every ambiguous Block-ReLU decision, the change
+    of the output when that decision alone is flipped (a union over flips, first order)."""
+    std, ambiguous = error_std(program, weights, x, frac_bits)
+    if len(ambiguous) > max_flips:
+        raise ValueError(f"{len(ambiguous)} ambiguous Block-ReLU decisions (more than "
+                         f"{max_flips}); use more fractional bits")
+    bound = sigmas * std
+    if ambiguous:
+        base = run_float(program, weights, x)
+        n = x.shape[0]
+        chunk = max(1, 64 // n)
+        for start in range(0, len(ambiguous), chunk):  # one flip per copy of the batch
+            part = ambiguous[start:start + chunk]
+            reps = run_float(program, weights, x.repeat(len(part), *([1] * (x.dim() - 1))),
+                             flips=[(name, k * n + i, c, r, q)
+                                    for k, (name, i, c, r, q) in enumerate(part)])
+            bound = bound + (reps.reshape(len(part), *base.shape) - base).abs().sum(0)
+    return bound

@@ -65,7 +65,6 @@ def build_report(program: Program, results: Sequence[dict[str, Any]], *,
     online_total = [a + b for a, b in zip(tot_online, out_bytes)]
     online_s = max(r["online_seconds"] for r in results)
     setup_s = max(r["setup_seconds"] for r in results)
-    setup_rounds = max(st.total("").rounds for st in stats)  # overwritten below
     online_rounds = sum(l["rounds"] for l in layers) + _rounds(stats, "output")
     setup_rounds = max(max((st.scopes[p].rounds for p in st.scopes if p.endswith(SETUP_SCOPE)),
                            default=0) for st in stats)
@@ -79,6 +78,9 @@ def build_report(program: Program, results: Sequence[dict[str, Any]], *,
         "setup": {"bytes_sent": dict(zip(PARTY_KEYS, tot_setup)), "bytes": sum(tot_setup),
                   "wall_s": setup_s, "rounds_max_per_layer": setup_rounds,
                   "what": "server weights masked and opened once per session"},
+        "session": {"bytes_sent": {k: hdr_bytes[i] + key_bytes[i] for i, k in enumerate(PARTY_KEYS)},
+                    "bytes": sum(hdr_bytes) + sum(key_bytes),
+                    "what": "key agreement and the client's batch-size header"},
         "online": {"bytes_sent": dict(zip(PARTY_KEYS, online_total)),
                    "bytes": sum(online_total), "rounds": online_rounds, "wall_s": online_s,
                    "drelus": drelus_total},

@@ -1,0 +1,126 @@
+"""End-to-end secure inference: three processes over real loopback TCP (TLS) run the compiled
+reference architectures (reduced width, mixed Block-ReLU specs) and must match the plaintext
+Block-ReLU model within the bound of the fixed-point error analysis; the report adds up;
+argmax agreement on a few hundred random inputs (in-process mode)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import secure_inference as si
+from secure_inference.mpc.compile import UnsupportedOperationError, compile_model, error_bound
+from secure_inference.mpc.local import run_local, run_program
+from secure_inference.mpc.runtime import merge_stats
+from secure_inference.sites import find_relu_sites, run_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_compile import build_reference, resnet18_cifar  # noqa: E402
+
+FRAC = 16
+SIGMAS = 8.0
+
+
+def _check_against_plaintext(model, spec, x, outputs):
+    """|secure − plaintext Block-ReLU model| <= the fixed-point analysis' bound (8 std of the
+    first-order error plus the effect of any Block-ReLU decision within 8 std of zero), plus
+    the float32 rounding of the plaintext reference."""
+    plain = si.apply_block_spec(model, spec, tuple(x.shape[1:]))
+    with torch.no_grad():
+        ref = run_model(plain, x).double()
+    program, weights = compile_model(model, tuple(x.shape), spec=spec)
+    bound = error_bound(program, weights, x, FRAC, sigmas=SIGMAS) + 1e-6 * (1 + ref.abs())
+    err = (outputs - ref).abs()
+    assert bool((err <= bound).all()), (float(err.max()), float(bound.max()))
+    assert float(err.max()) > 0  # fixed point is not exact: the comparison is not vacuous
+    return ref
+
+
+@pytest.mark.parametrize("name,batch", [("resnet18_cifar", 2), ("resnet50", 1),
+                                        ("deeplabv3_mobilenetv2", 1), ("deeplabv3_r50", 1)])
+def test_secure_matches_plaintext_over_tcp(name, batch, tmp_path):
+    model, spec, chw = build_reference(name, seed=3)
+    torch.manual_seed(4)
+    x = torch.randn((batch,) + chw)
+    res = run_local(model, x, spec, tls=True, report_path=tmp_path / "r.json",
+                    plot_path=tmp_path / "r.png", timeout=300)
+    ref = _check_against_plaintext(model, spec, x, res.outputs)
+    assert res.outputs.shape == ref.shape
+    # the report: DReLUs as the spec counts them, bytes per party add up, files written
+    rep = json.loads((tmp_path / "r.json").read_text())
+    sites = find_relu_sites(si.apply_block_spec(model, spec, chw), chw)
+    pool = sum(d for n, d in res.program.drelus(batch=batch).items()
+               if res.program.layers[res.program.layer_names().index(n)].op == "max_pool")
+    assert rep["online"]["drelus"] == batch * si.count_drelus(spec, sites)["total"] + pool
+    assert rep["images"] == batch
+    for part in ("online", "total"):
+        assert rep[part]["bytes"] == sum(rep[part]["bytes_sent"].values())
+    assert sum(l["bytes"] for l in rep["layers"]) + rep["output"]["bytes"] == rep["online"]["bytes"]
+    assert rep["total"]["bytes"] == rep["online"]["bytes"] + rep["setup"]["bytes"] + \
+        rep["session"]["bytes"]
+    assert rep["setup"]["bytes"] == 8 * sum(w["weight"].numel() for w in
+                                            compile_model(model, (1,) + chw, spec=spec)[1].values())
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_report_bytes_equal_runtime_counts_and_batches_share_weights():
+    """In process: per-layer bytes equal the runtime's counters; two batches open the
+    weights once; the second batch costs the same online bytes as the first."""
+    torch.manual_seed(5)
+    model = resnet18_cifar(width=4, num_classes=10).eval()
+    program, weights = compile_model(model, (1, 3, 16, 16))
+    xs = [torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)]
+    results = run_program(program, weights, xs, in_process=True, timeout=120)
+    stats = [r["stats"] for r in results]
+    from secure_inference.mpc.report import build_report
+    rep = build_report(program, results)
+    for layer in rep["layers"]:
+        merged = merge_stats(stats, layer["name"])
+        assert layer["bytes"] + layer["setup_bytes"] == merged["bytes"]
+    with torch.no_grad():
+        for x, out in zip(xs, results[0]["outputs"]):
+            assert torch.allclose(out, run_model(model, x).double(), atol=1e-3)
+    assert rep["setup"]["bytes"] == 8 * sum(w["weight"].numel() for w in weights.values())
+    assert results[1]["outputs"] is None and results[2]["outputs"] is None
+
+
+def test_argmax_agreement_on_hundreds_of_inputs():
+    """Classifier: secure argmax equals the plaintext Block-ReLU model's on >= 99% of 256
+    random inputs (in-process links; same protocols as over TCP)."""
+    torch.manual_seed(7)
+    model = resnet18_cifar(width=4, num_classes=10).eval()
+    chw = (3, 8, 8)
+    from test_compile import mixed_spec, randomize_bn
+    randomize_bn(model, 7)
+    spec = mixed_spec(model, chw, 7)
+    x = torch.randn((256,) + chw)
+    res = run_local(model, x, spec, batch_size=128, in_process=True, timeout=300)
+    plain = si.apply_block_spec(model, spec, chw)
+    with torch.no_grad():
+        ref = run_model(plain, x).double()
+    agree = float((res.outputs.argmax(1) == ref.argmax(1)).double().mean())
+    assert agree >= 0.99, agree
+    assert res.report["images"] == 256 and res.report["batch_sizes"] == [128, 128]
+
+
+def test_unsupported_model_fails_before_any_party_starts(monkeypatch):
+    import secure_inference.mpc.local as local
+
+    def boom(*a, **k):
+        raise AssertionError("parties must not start")
+    monkeypatch.setattr(local, "run_local_processes", boom)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Sigmoid()).eval()
+    with pytest.raises(UnsupportedOperationError, match="sigmoid"):
+        run_local(model, torch.randn(1, 3, 4, 4))
+
+
+def test_party_inputs_are_checked():
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU()).eval()
+    program, weights = compile_model(model, (1, 3, 4, 4))
+    with pytest.raises(Exception, match="images must be batches"):
+        run_program(program, weights, [torch.randn(1, 3, 5, 5)], in_process=True, timeout=10)
