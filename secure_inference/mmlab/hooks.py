@@ -33,3 +33,25 @@ class ReluSpecCheckpointHook(Hook):
     def after_load_checkpoint(self, runner, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_meta(checkpoint.get("meta"), self.spec, self.conversions,
                               source="the checkpoint being loaded (load_from/resume)")
+
+
+class SyncNormStatsHook(Hook):
+    """Averages floating-point buffers (BN running statistics) across processes every iteration.
+
+    With plain BN under DDP (SyncBN is reverted on CPU; mmpretrain uses BN), every process
+    keeps its own running statistics and only rank 0's reach the checkpoint, so the
+    validation metric seen during training (each rank with its own statistics) would differ
+    from the one of the saved model. Averaging after each iteration — before any checkpoint
+    or validation hook runs — makes all ranks, the validation and the checkpoint agree.
+    The cost is one small all-reduce per iteration (ResNet50: ~53k values).
+    """
+
+    priority = "NORMAL"  # before CheckpointHook (VERY_LOW) and validation
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        from mmengine.dist import all_reduce_params, is_distributed
+        if not is_distributed():
+            return
+        buffers = [b for b in runner.model.buffers() if b.is_floating_point()]
+        if buffers:
+            all_reduce_params(buffers, op="mean")

@@ -7,7 +7,10 @@ Runner, so the Runner trains, wraps (DDP) and checkpoints exactly that model.
 Distributed runs without CUDA (``torchrun`` on CPU) need three fixes, applied here: the gloo
 process group is initialised before the Runner exists (mmengine would otherwise call
 ``torch.cuda.set_device``), DDP is built with ``device_ids=None``, and SyncBN is reverted
-to BN (see :func:`~secure_inference.mmlab.finetune.build_task_model`).
+to BN (see :func:`~secure_inference.mmlab.finetune.build_task_model`). Distributed training
+also averages BN running statistics across processes after every iteration
+(:class:`~secure_inference.mmlab.hooks.SyncNormStatsHook`), so that validation during
+training and the saved checkpoint see the same network.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from .config_utils import conversions_of, load_task_config, task_options
 from .distill import distillation_hook_from_cfg
 from .finetune import (META_KEY, build_task_model, check_checkpoint_meta, drelu_count,
                        prepare_model, spec_from_meta)
-from .hooks import ReluSpecCheckpointHook
+from .hooks import ReluSpecCheckpointHook, SyncNormStatsHook
 
 LAUNCHERS = ("none", "pytorch")
 
@@ -141,6 +144,8 @@ def prepare_training(config: str | os.PathLike, *, spec=None, work_dir: str | No
     hooks: list = [ReluSpecCheckpointHook(spec, conversions_of(cfg),
                                           task_options(cfg).get("input_shape"),
                                           drelu_count(model, cfg, spec))]
+    if launcher != "none":
+        hooks.append(SyncNormStatsHook())
     distill = distillation_hook_from_cfg(cfg)
     if distill is not None:
         hooks.append(distill)

@@ -107,8 +107,9 @@ def test_cls_trains_evaluates_and_records_spec(cls_run):
     assert meta["iter"] == 2 and meta["epoch"] == 1       # 6 images, 2 processes x 2 per batch
     assert specs_equal(checkpoint_spec(ckpt), cls_run["spec"])
     entry = meta["secure_inference"]
-    assert entry["conversions"] == [] and entry["input_shape"] == [3, 32, 32]
-    assert 0 < entry["drelus"] < 32 * 32 * 3904          # fewer DReLUs than the all-ReLU net
+    n = tt.CLS_SIZE
+    assert entry["conversions"] == [] and entry["input_shape"] == [3, n, n]
+    assert 0 < entry["drelus"] < n * n * 3904            # fewer DReLUs than the all-ReLU net
     vals = val_metrics(cls_run["work"])
     assert len(vals) == 1 and "accuracy/top1" in vals[0]
 
@@ -120,6 +121,20 @@ def test_cls_test_py_reproduces_metric(cls_run, tmp_path):
     metrics = json.loads(out.read_text())
     train_val = val_metrics(cls_run["work"])[0]
     assert metrics["accuracy/top1"] == pytest.approx(train_val["accuracy/top1"], abs=1e-4)
+    # independent recount: the finetuned model (spec from the checkpoint) on the val images
+    import torch
+    from mmpretrain.registry import DATASETS
+    from secure_inference.mmlab.finetune import load_finetuned
+    cfg = load_task_config(cls_run["config"])
+    model = load_finetuned(cfg, cls_run["work"] / "epoch_1.pth")
+    dataset = DATASETS.build(cfg.val_dataloader.dataset)
+    samples = [dataset[i] for i in range(len(dataset))]
+    with torch.no_grad():
+        x = model.data_preprocessor({"inputs": [s["inputs"] for s in samples]})["inputs"]
+        pred = model(x, mode="tensor").argmax(dim=1)
+    labels = torch.tensor([int(s["data_samples"].gt_label) for s in samples])
+    accuracy = 100.0 * (pred == labels).float().mean().item()
+    assert metrics["accuracy/top1"] == pytest.approx(accuracy, abs=1e-4)
 
 
 def test_cls_test_refuses_other_spec(cls_run, tmp_path):

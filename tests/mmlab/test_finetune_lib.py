@@ -161,7 +161,7 @@ def test_distillation_hook_adds_kd_loss(cls_cfg):
                             loss_weight=0.5)
     hook.teacher = teacher
     hook.attach(student)
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, 3, tt.CLS_SIZE, tt.CLS_SIZE)
     from mmpretrain.structures import DataSample
     samples = [DataSample().set_gt_label(i % 3) for i in range(4)]
     losses = student(x, samples, mode="loss")
@@ -317,7 +317,8 @@ def test_distortion_inputs_classification(cls_cfg, tmp_path):
     cfg = load_task_config(tt.cls_config(tmp_path / "tiny.py", data))
     model = build_task_model(cfg).eval()
     batches = list(distortion_inputs(cfg, model, num_samples=5, batch_size=2))
-    assert [tuple(b.shape) for b in batches] == [(2, 3, 32, 32), (2, 3, 32, 32), (1, 3, 32, 32)]
+    n = tt.CLS_SIZE
+    assert [tuple(b.shape) for b in batches] == [(2, 3, n, n), (2, 3, n, n), (1, 3, n, n)]
     again = torch.cat(list(distortion_inputs(cfg, model, num_samples=5, batch_size=3)))
     assert torch.equal(torch.cat(batches), again)                       # deterministic
     # independent reference: the first training image, BGR as loaded, normalised by the config

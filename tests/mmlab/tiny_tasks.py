@@ -17,10 +17,11 @@ CLS_BASE = REPO / "configs" / "classification" / "resnet18_cifar100_brelu_finetu
 SEG_BASE = REPO / "configs" / "segmentation" / "deeplabv3_mnv2_ade20k_brelu_finetune.py"
 
 CLS_CLASSES = 3
-SEG_SIZE = 64
+CLS_SIZE = 16     # ResNet18-CIFAR runs at any multiple of 8; 16x16 keeps CPU tests fast
+SEG_SIZE = 32
 
 
-def make_cls_data(root: Path, per_class: int = 2, size: int = 32) -> Path:
+def make_cls_data(root: Path, per_class: int = 2, size: int = CLS_SIZE) -> Path:
     """``root/{train,val}/class_k/*.png``: class k images are brighter in channel k."""
     rng = np.random.default_rng()
     for split in ("train", "val"):
@@ -77,7 +78,8 @@ train_cfg = dict(by_epoch=True, max_epochs={max_epochs}, val_interval=1)
 default_hooks = dict(logger=dict(type='LoggerHook', interval=1),
                      checkpoint=dict(type='CheckpointHook', interval=1, save_best=None,
                                      max_keep_ckpts=-1))
-secure_inference = dict(distortion_data=dict(_delete_=True, type='CustomDataset',
+secure_inference = dict(input_shape=[3, {CLS_SIZE}, {CLS_SIZE}],
+                        distortion_data=dict(_delete_=True, type='CustomDataset',
                                              data_root={str(data_root)!r},
                                              data_prefix='train', pipeline=pipeline))
 """
