@@ -35,24 +35,6 @@ META_KEY = "secure_inference"
 _CONVERSIONS = {"maxpool_to_avgpool": maxpool_to_avgpool, "relu6_to_relu": relu6_to_relu}
 
 
-def _register_history_buffer_statistics() -> None:
-    """Populate ``HistoryBuffer._statistics_methods`` (mmengine fills it lazily per instance).
-
-    The compat layer's safe-loading allow-list only admits statistics methods registered
-    there, so a fresh process that has not yet created a HistoryBuffer could not read an
-    mmengine checkpoint (``refusing getattr(HistoryBuffer, 'min')``). Creating one buffer
-    registers the four built-in methods.
-    """
-    try:
-        from mmengine.logging.history_buffer import HistoryBuffer
-    except ImportError:  # pragma: no cover - mmengine is a dependency
-        return
-    HistoryBuffer()
-
-
-_register_history_buffer_statistics()
-
-
 class SpecMismatchError(SpecError):
     """A checkpoint's recorded spec/conversions differ from the ones the caller asked for."""
 

@@ -267,11 +267,18 @@ def test_reference_configs_build_offline(name):
 
 
 def test_package_config_lookup_without_pkg_resources():
+    """The pkg_resources-free replacements (used when setuptools >= 81 lacks it)."""
+    from secure_inference.mmlab import config_utils
     patch_mmengine_package_lookup()
-    from mmengine.config.config import get_installed_path, is_installed
-    assert is_installed("mmsegmentation") and is_installed("mmpretrain")
-    assert Path(get_installed_path("mmsegmentation")).name == "mmseg"
-    assert not is_installed("surely-not-an-installed-package")
+    for is_installed, get_installed_path in (
+            (config_utils._is_installed, config_utils._get_installed_path),
+            (__import__("mmengine.config.config", fromlist=["x"]).is_installed,
+             __import__("mmengine.config.config", fromlist=["x"]).get_installed_path)):
+        assert is_installed("mmsegmentation") and is_installed("mmpretrain")
+        assert Path(get_installed_path("mmsegmentation")).name == "mmseg"
+        assert (Path(get_installed_path("mmpretrain")) / ".mim" / "configs").is_dir()
+        assert not is_installed("surely-not-an-installed-package")
+    assert config_utils._module_of("mmsegmentation") == "mmseg"
 
 
 def test_configure_runtime_cpu_ddp_and_amp(cls_cfg):
