@@ -87,6 +87,25 @@ class Program:
         return {layer.name: layer_drelus(layer, batch) for layer in self.layers
                 if layer_drelus(layer, batch)}
 
+    def fingerprint(self) -> bytes:
+        """SHA-256 of the public program (ops, names, wiring, hyperparameters, shapes without
+        the batch): the three parties compare it before running."""
+        import hashlib
+        h = hashlib.sha256()
+        for layer in self.layers:
+            h.update(repr((layer.name, layer.op, layer.inputs, tuple(layer.shape[1:]))).encode())
+            for key in sorted(layer.attrs):
+                v = layer.attrs[key]
+                if isinstance(v, torch.Tensor):
+                    v = v.detach().cpu().numpy()
+                if isinstance(v, np.ndarray):
+                    h.update(key.encode() + str(v.dtype).encode() + repr(v.shape).encode())
+                    h.update(np.ascontiguousarray(v).tobytes())
+                else:
+                    h.update(repr((key, v)).encode())
+        h.update(repr((self.output, tuple(self.input_shape[1:]))).encode())
+        return h.digest()
+
     def describe(self) -> str:
         """One line per layer: name, op, inputs, output shape."""
         return "\n".join(f"{i:4d} {l.op:15s} {l.name:40s} <- {l.inputs} {list(l.shape)}"

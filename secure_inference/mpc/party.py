@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -36,7 +36,7 @@ from .runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party, ProtocolError
 L = importlib.import_module(".protocols.linear", __package__)
 PL = importlib.import_module(".protocols.pooling", __package__)
 
-__all__ = ["run_party", "run_layer", "layer_drelus", "SETUP_SCOPE", "HEADER_SCOPE",
+__all__ = ["run_party", "check_program", "gather_results", "run_layer", "layer_drelus", "SETUP_SCOPE", "HEADER_SCOPE",
            "MAX_BATCHES", "MAX_BATCH"]
 
 SETUP_SCOPE = "open-weights"   # sub-scope (inside each linear layer's scope) of the set-up
@@ -155,14 +155,31 @@ def _announce_batches(party: Party, batch_sizes: Sequence[int] | None) -> list[i
         return sizes
 
 
+def check_program(party: Party, program: Program) -> None:
+    """All three parties exchange the program's fingerprint (32 bytes each way) and stop with
+    a clear error if they compiled different programs (other config, spec or input size)."""
+    mine = torch.frombuffer(bytearray(program.fingerprint()), dtype=torch.uint8)
+    with party.scope(HEADER_SCOPE):
+        others = [p for p in (ROLE_CLIENT, ROLE_SERVER, ROLE_HELPER) if p != party.role]
+        for p in others:
+            party.send(p, mine)
+        for p in others:
+            theirs = party.recv(p, (32,), torch.uint8)
+            if not torch.equal(theirs, mine):
+                raise ProtocolError(f"party {party.role}: party {p} compiled a different program "
+                                    "(model config, block spec or input size differ); all three "
+                                    "parties must use the same architecture, spec and input shape")
+
+
 def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] | None = None,
-              weights: Weights | None = None, drelu: DReLUConfig | None = None
-              ) -> dict[str, Any]:
+              weights: Weights | None = None, drelu: DReLUConfig | None = None,
+              on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run the program for every batch in ``images`` (client) with ``weights`` (server).
 
     Returns a dict: ``outputs`` (client: list of float64 tensors, one per batch; others:
     None), ``stats`` (this party's :class:`~.runtime.CommStats`), ``layer_seconds`` (wall time
     per layer summed over batches), ``setup_seconds``, ``online_seconds``, ``batch_sizes``.
+    ``on_batch(n)`` is called after each batch of n images (progress bars).
     """
     if party.role == ROLE_CLIENT:
         if not images:
@@ -178,6 +195,7 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
     if party.role != ROLE_SERVER and weights is not None:
         raise ValueError(f"only the server holds weights, party {party.role} got some")
     set_default_config(party, drelu)
+    check_program(party, program)
     sizes = _announce_batches(party, [im.shape[0] for im in images] if images else None)
     # set-up: open every weight once for the session
     t0 = time.perf_counter()
@@ -206,7 +224,62 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
         out = L.reconstruct(party, vals[program.output], to=ROLE_CLIENT, scope="output")
         if party.role == ROLE_CLIENT:
             outputs.append(decode(out, party.frac_bits))
+        if on_batch is not None:
+            on_batch(int(n))
     online_seconds = time.perf_counter() - t1
     return {"outputs": outputs if party.role == ROLE_CLIENT else None, "stats": party.stats,
             "layer_seconds": layer_seconds, "setup_seconds": setup_seconds,
             "online_seconds": online_seconds, "batch_sizes": sizes, "role": party.role}
+
+
+_SUMMARY_LIMIT = 64 << 20
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    st = result["stats"]
+    return {"scopes": st.as_dict(), "clock": st.clock,
+            "layer_seconds": result["layer_seconds"], "setup_seconds": result["setup_seconds"],
+            "online_seconds": result["online_seconds"], "batch_sizes": result["batch_sizes"]}
+
+
+def _stats_from_summary(data: dict[str, Any]):
+    from .runtime import CommStats, ScopeStats
+    st = CommStats()
+    st.clock = int(data["clock"])
+    for path, d in data["scopes"].items():
+        s = ScopeStats()
+        for key in ("bytes_sent", "bytes_recv", "frames_sent", "frames_recv"):
+            for peer, v in d[key].items():
+                getattr(s, key)[int(peer)] = int(v)
+        s.overhead_sent, s.rounds, s.calls = int(d["overhead_sent"]), int(d["rounds"]), int(d["calls"])
+        st.scopes[str(path)] = s
+    return st
+
+
+def gather_results(party: Party, result: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """After a run, the server and helper send the client their traffic counters and timings
+    (no data: what an observer of the links sees anyway) so the client can write the full
+    report; returns the three results at the client, None elsewhere."""
+    import json
+    with party.scope("report"):
+        if party.role != ROLE_CLIENT:
+            blob = json.dumps(_summary(result)).encode()
+            party.send(ROLE_CLIENT, torch.tensor([len(blob)], dtype=torch.int64))
+            party.send(ROLE_CLIENT, torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+            return None
+        out = [result, None, None]
+        for p in (ROLE_SERVER, ROLE_HELPER):
+            n = int(party.recv(p, (1,))[0])
+            if not 0 < n <= _SUMMARY_LIMIT:
+                raise ProtocolError(f"party {p} announced a report of {n} bytes")
+            raw = party.recv(p, (n,), torch.uint8).numpy().tobytes()
+            try:
+                data = json.loads(raw)
+                out[p] = {"stats": _stats_from_summary(data),
+                          "layer_seconds": {str(k): float(v) for k, v in data["layer_seconds"].items()},
+                          "setup_seconds": float(data["setup_seconds"]),
+                          "online_seconds": float(data["online_seconds"]),
+                          "batch_sizes": [int(b) for b in data["batch_sizes"]], "role": p}
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ProtocolError(f"party {p} sent a malformed report: {exc}") from None
+        return out

@@ -1,0 +1,188 @@
+"""Shared command-line plumbing of server.py, client.py and crypto_provider.py.
+
+Every setting comes from a flag or from one YAML file shared by the three parties
+(``--config-file``; flags win). Keys of the YAML file (all optional):
+
+    model: configs/classification/resnet18_cifar100.py   # MMLab config or torchvision name
+    spec: work/spec.pickle          # Block-ReLU spec (public); none: all ReLUs
+    input_shape: [3, 32, 32]        # else the config's secure_inference.input_shape
+    cfg_options: {model.head.num_classes: 10}
+    server: 127.0.0.2:7001          # where the server listens (the client dials it)
+    helper: 127.0.0.3:7002          # where the helper listens (client and server dial it)
+    client: 127.0.0.1               # the client's host (for its certificate only)
+    certs: certs/                   # ca.pem + <role>.pem/.key from make_certificates.py
+    plaintext: false                # true only on loopback, for tests
+    frac_bits: 16
+    drelu_bits: null                # approximate DReLU: compare this many bits ...
+    drop_bits: 0                    # ... after dropping this many low bits
+    timeout: 120
+    batch_size: 8                   # client only
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import secure_inference  # noqa: E402,F401  (compat fixes first)
+
+KEYS = ("model", "spec", "input_shape", "cfg_options", "server", "helper", "client", "certs",
+        "plaintext", "frac_bits", "drelu_bits", "drop_bits", "timeout", "batch_size")
+DEFAULTS: dict[str, Any] = {"frac_bits": 16, "drop_bits": 0, "timeout": 120.0,
+                            "plaintext": False, "client": "127.0.0.1", "batch_size": 1}
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Flags every party understands (defaults come from --config-file, then DEFAULTS)."""
+    g = parser.add_argument_group("session (same for all three parties)")
+    g.add_argument("--config-file", type=Path, help="YAML file with any of the settings below")
+    g.add_argument("--model", help="MMLab config file (.py) or torchvision model name")
+    g.add_argument("--spec", help="Block-ReLU spec (.pickle or .json); omit for all ReLUs")
+    g.add_argument("--input-shape", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="image size (default: the config's secure_inference.input_shape)")
+    g.add_argument("--server", metavar="HOST:PORT", help="address the server listens on")
+    g.add_argument("--helper", metavar="HOST:PORT", help="address the helper listens on")
+    g.add_argument("--client", metavar="HOST", help="the client's host name/IP (certificates)")
+    g.add_argument("--certs", type=Path, help="folder with ca.pem and this party's .pem/.key")
+    g.add_argument("--plaintext", action="store_true", default=None,
+                   help="no TLS (loopback addresses only; for tests)")
+    g.add_argument("--frac-bits", type=int, help="fixed-point fractional bits (default 16)")
+    g.add_argument("--drelu-bits", type=int, help="approximate DReLU: bits compared")
+    g.add_argument("--drop-bits", type=int, help="approximate DReLU: low bits dropped first")
+    g.add_argument("--timeout", type=float, help="seconds to wait for a peer (default 120)")
+
+
+def resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings from flags, else the YAML file, else defaults; validated."""
+    import yaml
+    cfg: dict[str, Any] = {}
+    if args.config_file is not None:
+        if not args.config_file.exists():
+            raise SystemExit(f"config file not found: {args.config_file}")
+        loaded = yaml.safe_load(args.config_file.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"{args.config_file} must hold a mapping of settings")
+        unknown = sorted(set(loaded) - set(KEYS))
+        if unknown:
+            raise SystemExit(f"{args.config_file}: unknown keys {unknown}; known: {list(KEYS)}")
+        base = args.config_file.parent
+        for key in ("spec", "certs"):
+            if loaded.get(key) and not Path(loaded[key]).is_absolute():
+                loaded[key] = str(base / loaded[key])
+        if loaded.get("model") and str(loaded["model"]).endswith(".py") and \
+                not Path(loaded["model"]).is_absolute() and (base / loaded["model"]).exists():
+            loaded["model"] = str(base / loaded["model"])
+        cfg.update(loaded)
+    for key in KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            cfg[key] = value
+    for key, value in DEFAULTS.items():
+        cfg.setdefault(key, value)
+    if not cfg.get("model"):
+        raise SystemExit("no model: pass --model (config file or torchvision name) or set "
+                         "'model' in --config-file")
+    return cfg
+
+
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not port.isdigit():
+        raise SystemExit(f"--{what} must be HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def input_shape(cfg: dict[str, Any]) -> tuple[int, int, int]:
+    from secure_inference.models import input_shape_of
+    return input_shape_of(cfg["model"], cfg.get("input_shape"), cfg.get("cfg_options"))
+
+
+def load_spec(cfg: dict[str, Any]):
+    if not cfg.get("spec"):
+        return None
+    path = Path(cfg["spec"])
+    if path.suffix == ".json":
+        return secure_inference.spec_from_json(path.read_text())
+    return secure_inference.load_spec(path)
+
+
+def build_model(cfg: dict[str, Any], checkpoint: str | None = None):
+    """The model with the spec's Block-ReLUs: with the server's checkpoint, or (client and
+    helper) with random weights, which only fix the architecture: the compiled program
+    holds no weights."""
+    from secure_inference.models import is_config_path, load_model
+    spec = load_spec(cfg)
+    shape = input_shape(cfg)
+    if is_config_path(cfg["model"]):
+        from secure_inference.mmlab.config_utils import load_task_config
+        from secure_inference.mmlab.finetune import (build_task_model, load_finetuned,
+                                                     prepare_model)
+        task_cfg = load_task_config(cfg["model"], cfg.get("cfg_options"))
+        task_cfg.setdefault("secure_inference", {})
+        if not task_cfg.secure_inference.get("input_shape"):
+            task_cfg.secure_inference["input_shape"] = list(shape)
+        if checkpoint is not None:
+            model = load_finetuned(task_cfg, checkpoint, spec)
+        else:
+            model = prepare_model(build_task_model(task_cfg), task_cfg, spec).eval()
+    else:
+        model = load_model(cfg["model"], checkpoint)
+        if spec:
+            secure_inference.apply_block_spec(model, spec, shape)
+    return model.eval(), shape
+
+
+def drelu(cfg: dict[str, Any]):
+    from secure_inference.mpc.local import drelu_config
+    return drelu_config(cfg.get("drelu_bits"), int(cfg.get("drop_bits") or 0))
+
+
+def connect(role: int, cfg: dict[str, Any]):
+    """Listen (server, helper), dial (client, server), agree keys; returns the Party."""
+    from secure_inference.mpc.runtime import Party
+    from secure_inference.mpc.transport import TLSConfig, connect_links, listen
+    for key in ("server", "helper"):
+        if not cfg.get(key):
+            raise SystemExit(f"no address for the {key}: pass --{key} HOST:PORT or set "
+                             f"'{key}' in --config-file")
+    addresses = {0: (cfg["client"], 0), 1: parse_address(cfg["server"], "server"),
+                 2: parse_address(cfg["helper"], "helper")}
+    tls = None
+    if not cfg["plaintext"]:
+        if not cfg.get("certs"):
+            raise SystemExit("TLS needs --certs FOLDER (make it with make_certificates.py), or "
+                             "--plaintext on loopback")
+        tls = TLSConfig.from_dir(cfg["certs"], role)
+    listener = listen(*addresses[role]) if role != 0 else None
+    try:
+        links = connect_links(role, addresses, listener, tls=tls,
+                              allow_plaintext=bool(cfg["plaintext"]),
+                              timeout=float(cfg["timeout"]))
+    finally:
+        if listener is not None:
+            listener.close()
+    party = Party(role, links, frac_bits=int(cfg["frac_bits"]), timeout=float(cfg["timeout"]))
+    party.start()
+    return party
+
+
+def compile_for(model, shape, batch: int):
+    from secure_inference.mpc.compile import compile_model
+    return compile_model(model, (batch,) + tuple(shape))
+
+
+def run_role(role: int, cfg: dict[str, Any], program, *, weights=None, images=None):
+    """Connect, run the program, gather the report at the client; closes the links."""
+    from secure_inference.mpc.party import gather_results, run_party
+    party = connect(role, cfg)
+    try:
+        result = run_party(party, program, images=images, weights=weights, drelu=drelu(cfg))
+        results = gather_results(party, result)
+    finally:
+        party.close()
+    return result, results

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Run the three secure-inference parties on this machine, each on its own loopback address
+# (client 127.0.0.1, server 127.0.0.2, helper 127.0.0.3) with TLS and fresh certificates:
+# the same commands as on three hosts, tested locally.
+#
+# usage: research/secure_inference/run_local.sh MODEL CHECKPOINT IMAGES [SPEC] [-- CLIENT ARGS]
+#   MODEL       MMLab config (.py) or torchvision name
+#   CHECKPOINT  the server's weights
+#   IMAGES      .npy [N, C, H, W] or a folder of images (client)
+#   SPEC        Block-ReLU spec (.pickle/.json), optional ("" for all ReLUs)
+#   CLIENT ARGS e.g. --labels y.npy --report run.json --plot run.png --input-shape 3 32 32
+# Environment: WORK (default: a new temp folder) holds certs/, session.yaml and logs;
+#              PYTHON (default .venv/bin/python); SERVER_PORT/HELPER_PORT (7101/7102);
+#              SERVER_ARGS extra flags for the server and helper (e.g. "--frac-bits 14").
+set -euo pipefail
+if [[ $# -lt 3 ]]; then sed -n '2,14p' "$0"; exit 2; fi
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+MODEL="$1"; CHECKPOINT="$2"; IMAGES="$3"; SPEC="${4:-}"
+shift 3; [[ $# -gt 0 ]] && shift
+[[ "${1:-}" == "--" ]] && shift
+WORK="${WORK:-$(mktemp -d -t si-local-XXXXXX)}"
+mkdir -p "$WORK"
+SERVER_PORT="${SERVER_PORT:-7101}"; HELPER_PORT="${HELPER_PORT:-7102}"
+
+"$PYTHON" "$HERE/make_certificates.py" "$WORK/certs" --force \
+  --client-host 127.0.0.1 --server-host 127.0.0.2 --helper-host 127.0.0.3 > /dev/null
+{
+  echo "model: $MODEL"
+  [[ -n "$SPEC" ]] && echo "spec: $(realpath "$SPEC")"
+  echo "client: 127.0.0.1"
+  echo "server: 127.0.0.2:$SERVER_PORT"
+  echo "helper: 127.0.0.3:$HELPER_PORT"
+  echo "certs: $WORK/certs"
+} > "$WORK/session.yaml"
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+# shellcheck disable=SC2086
+"$PYTHON" "$HERE/crypto_provider.py" --config-file "$WORK/session.yaml" ${SERVER_ARGS:-} \
+  > "$WORK/helper.log" 2>&1 & pids+=($!)
+# shellcheck disable=SC2086
+"$PYTHON" "$HERE/server.py" --config-file "$WORK/session.yaml" --checkpoint "$CHECKPOINT" \
+  ${SERVER_ARGS:-} > "$WORK/server.log" 2>&1 & pids+=($!)
+status=0
+"$PYTHON" "$HERE/client.py" --config-file "$WORK/session.yaml" --images "$IMAGES" "$@" || status=$?
+for p in "${pids[@]}"; do wait "$p" || status=$?; done
+pids=()
+if [[ $status -ne 0 ]]; then
+  echo "a party failed (exit $status); logs in $WORK:" >&2
+  tail -n 20 "$WORK/server.log" "$WORK/helper.log" >&2
+fi
+exit $status
