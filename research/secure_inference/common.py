@@ -17,6 +17,7 @@ Every setting comes from a flag or from one YAML file shared by the three partie
     drop_bits: 0                    # ... after dropping this many low bits
     timeout: 120
     batch_size: 8                   # client only
+    threads: 1                      # torch threads of this party (default: torch's choice)
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ if str(ROOT) not in sys.path:
 import secure_inference  # noqa: E402,F401  (compat fixes first)
 
 KEYS = ("model", "spec", "input_shape", "cfg_options", "server", "helper", "client", "certs",
-        "plaintext", "frac_bits", "drelu_bits", "drop_bits", "timeout", "batch_size")
+        "plaintext", "frac_bits", "drelu_bits", "drop_bits", "timeout", "batch_size", "threads")
 DEFAULTS: dict[str, Any] = {"frac_bits": 16, "drop_bits": 0, "timeout": 120.0,
                             "plaintext": False, "client": "127.0.0.1", "batch_size": 1}
 
@@ -55,6 +56,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--drelu-bits", type=int, help="approximate DReLU: bits compared")
     g.add_argument("--drop-bits", type=int, help="approximate DReLU: low bits dropped first")
     g.add_argument("--timeout", type=float, help="seconds to wait for a peer (default 120)")
+    g.add_argument("--threads", type=int, help="torch threads for this party (parties sharing "
+                   "a machine: cores / 3; too many threads make OpenMP workers spin)")
 
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,6 +87,9 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
             cfg[key] = value
     for key, value in DEFAULTS.items():
         cfg.setdefault(key, value)
+    if cfg.get("threads"):
+        import torch
+        torch.set_num_threads(int(cfg["threads"]))
     if not cfg.get("model"):
         raise SystemExit("no model: pass --model (config file or torchvision name) or set "
                          "'model' in --config-file")

@@ -11,6 +11,7 @@
 #   CLIENT ARGS e.g. --labels y.npy --report run.json --plot run.png --input-shape 3 32 32
 # Environment: WORK (default: a new temp folder) holds certs/, session.yaml and logs;
 #              PYTHON (default .venv/bin/python); SERVER_PORT/HELPER_PORT (7101/7102);
+#              THREADS torch threads per party (default 1: three parties share the cores);
 #              SERVER_ARGS extra flags for the server and helper (e.g. "--frac-bits 14").
 set -euo pipefail
 if [[ $# -lt 3 ]]; then sed -n '2,14p' "$0"; exit 2; fi
@@ -33,6 +34,7 @@ SERVER_PORT="${SERVER_PORT:-7101}"; HELPER_PORT="${HELPER_PORT:-7102}"
   echo "server: 127.0.0.2:$SERVER_PORT"
   echo "helper: 127.0.0.3:$HELPER_PORT"
   echo "certs: $WORK/certs"
+  echo "threads: ${THREADS:-1}"
 } > "$WORK/session.yaml"
 
 pids=()

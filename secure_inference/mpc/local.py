@@ -30,7 +30,7 @@ from .report import build_report, plot_report, save_report
 from .ring import DEFAULT_FRAC_BITS
 from .runtime import ROLE_CLIENT, ROLE_SERVER, Party, run_in_process, run_local_processes
 
-__all__ = ["LocalResult", "run_local", "run_program", "split_batches", "drelu_config"]
+__all__ = ["LocalResult", "run_local", "run_program", "split_batches", "drelu_config", "default_threads"]
 
 
 @dataclass
@@ -69,9 +69,16 @@ def drelu_config(drelu_bits: int | None = None, drop_bits: int = 0) -> DReLUConf
                        drop_bits=int(drop_bits))
 
 
-def _local_party(party: Party, program: Program, folder: str, drelu: DReLUConfig | None
-                 ) -> dict[str, Any]:
+def default_threads() -> int:
+    """torch threads per party process: the cores shared by three parties (at least 1).
+    More threads than cores make OpenMP workers spin against each other."""
+    return max(1, (os.cpu_count() or 1) // 3)
+
+
+def _local_party(party: Party, program: Program, folder: str, drelu: DReLUConfig | None,
+                 threads: int | None = None) -> dict[str, Any]:
     """Body of one local party process: read only this role's private file, run the program."""
+    torch.set_num_threads(threads or default_threads())
     images = weights = None
     if party.role == ROLE_CLIENT:
         images = torch.load(os.path.join(folder, "client.pt"), weights_only=True)["images"]
@@ -85,11 +92,12 @@ def run_program(program: Program, weights: Weights, batches: list[torch.Tensor],
                 tls: bool = True, frac_bits: int = DEFAULT_FRAC_BITS,
                 drelu: DReLUConfig | None = None, timeout: float = 120.0,
                 in_process: bool = False, certs_dir: str | os.PathLike | None = None,
-                host: str = "127.0.0.1") -> list[dict[str, Any]]:
+                host: str = "127.0.0.1", threads: int | None = None) -> list[dict[str, Any]]:
     """Run a compiled program with three parties; returns their :func:`run_party` results.
 
     ``in_process=True`` uses threads and in-memory links (fast tests); otherwise three
-    processes over loopback TCP, each reading only its own private input.
+    processes over loopback TCP, each reading only its own private input, with ``threads``
+    torch threads each (default :func:`default_threads`).
     """
     if in_process:
         def fn(party: Party) -> dict[str, Any]:
@@ -102,7 +110,8 @@ def run_program(program: Program, weights: Weights, batches: list[torch.Tensor],
         os.chmod(folder, 0o700)
         torch.save({"images": [b.detach().cpu() for b in batches]}, os.path.join(folder, "client.pt"))
         torch.save({"weights": weights}, os.path.join(folder, "server.pt"))
-        fn = functools.partial(_local_party, program=program, folder=folder, drelu=drelu)
+        fn = functools.partial(_local_party, program=program, folder=folder, drelu=drelu,
+                               threads=threads)
         return run_local_processes(fn, tls=tls, timeout=timeout, frac_bits=frac_bits,
                                    certs_dir=certs_dir, host=host)
     finally:
@@ -113,6 +122,7 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
               spec: dict | None = None, *, batch_size: int | None = None, tls: bool = True,
               frac_bits: int = DEFAULT_FRAC_BITS, drelu_bits: int | None = None,
               drop_bits: int = 0, timeout: float = 120.0, in_process: bool = False,
+              threads: int | None = None,
               report_path: str | os.PathLike | None = None,
               plot_path: str | os.PathLike | None = None,
               meta: dict[str, Any] | None = None) -> LocalResult:
@@ -121,14 +131,15 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
 
     Returns the revealed outputs [N, ...] (float64; what the client learns) and the run report
     (:func:`~.report.build_report`); ``report_path``/``plot_path`` also write them to files.
-    ``drelu_bits``/``drop_bits`` select an approximate DReLU; ``frac_bits`` the fixed point.
+    ``drelu_bits``/``drop_bits`` select an approximate DReLU; ``frac_bits`` the fixed point;
+    ``threads`` the torch threads of each party process.
     """
     batches = split_batches(inputs, batch_size)
     shape = (batches[0].shape[0],) + tuple(batches[0].shape[1:])
     program, weights = compile_model(model, shape, spec=spec)
     cfg = drelu_config(drelu_bits, drop_bits)
     results = run_program(program, weights, batches, tls=tls, frac_bits=frac_bits, drelu=cfg,
-                          timeout=timeout, in_process=in_process)
+                          timeout=timeout, in_process=in_process, threads=threads)
     info = {"frac_bits": frac_bits, "drelu": str(cfg) if cfg else "exact", "tls": tls,
             "transport": "in-process" if in_process else "loopback TCP, 3 processes"}
     info.update(meta or {})

@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Secure inference benchmark: seconds and bytes per image, three processes on loopback TLS.
+
+ResNet18-CIFAR-100 (mmpretrain config, 32x32) with all ReLUs and with a 6% DReLU spec;
+optionally ResNet50 at 224x224 (--resnet50). Weights are random: cost does not depend on them.
+The 6% spec gives every channel 4x4 patches (6.25% of its ReLUs) and then makes channels of
+the largest sites identity until the DReLU count is <= 6% of the all-ReLU count: the same
+DReLU budget a knapsack solution at --ratio 0.06 has (its mix of patch sizes differs; the
+bytes follow the DReLU count plus 24 bytes per non-identity pixel).
+
+    .venv/bin/python benchmark/secure_inference/bench.py [--resnet50] [--out results.json]
+
+Compared with the published reference of the original research code (same model sizes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import secure_inference as si  # noqa: E402
+
+PUBLISHED = {  # seconds, GB per image (original research code)
+    ("resnet18_cifar100", "all"): (2.86, 0.49), ("resnet18_cifar100", "6%"): (1.51, 0.21),
+    ("resnet50_in1k", "all"): (31.6, 6.36), ("resnet50_in1k", "6%"): (5.83, 0.93),
+}
+
+
+def spec_at(model, chw, ratio: float) -> dict:
+    sites = si.find_relu_sites(model, chw)
+    total = si.total_relus(sites)
+    spec = {s.name: np.tile(np.array([[4, 4]], np.int32), (s.channels, 1)) for s in sites}
+    count = si.count_drelus(spec, sites)["total"]
+    for s in sorted(sites, key=lambda s: -s.height * s.width):
+        per = si.block_cost(4, 4, s.height, s.width)
+        for c in range(s.channels):
+            if count <= ratio * total:
+                break
+            spec[s.name][c] = (0, 1)
+            count -= per
+    assert count <= ratio * total
+    return spec
+
+
+def build(name: str):
+    from secure_inference.mmlab.config_utils import load_task_config
+    from secure_inference.mmlab.finetune import build_task_model
+    if name == "resnet18_cifar100":
+        cfg = load_task_config(ROOT / "configs/classification/resnet18_cifar100.py")
+        return build_task_model(cfg).eval(), (3, 32, 32)
+    import torchvision
+    return torchvision.models.resnet50().eval(), (3, 224, 224)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resnet50", action="store_true", help="also ResNet50 at 224x224")
+    parser.add_argument("--only-resnet50", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
+    args = parser.parse_args()
+    from secure_inference.mpc.local import run_local
+    names = [] if args.only_resnet50 else ["resnet18_cifar100"]
+    if args.resnet50 or args.only_resnet50:
+        names.append("resnet50_in1k")
+    rows = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for name in names:
+        model, chw = build(name)
+        total = si.total_relus(si.find_relu_sites(model, chw))
+        for label, spec in (("all", None), ("6%", spec_at(model, chw, 0.06))):
+            x = torch.randn((1,) + chw)
+            start = time.perf_counter()
+            res = run_local(model, x, spec, tls=True, timeout=600,
+                            report_path=args.out.with_name(f"report_{name}_{label.strip('%')}.json"),
+                            plot_path=args.out.with_name(f"bytes_{name}_{label.strip('%')}.png"))
+            wall = time.perf_counter() - start
+            rep = res.report
+            pub_s, pub_gb = PUBLISHED[(name, label)]
+            row = {"drelus": rep["online"]["drelus"], "relus_all": total,
+                   "online_s": rep["per_image"]["online_seconds"],
+                   "online_GB": rep["online"]["bytes"] / 1e9,
+                   "setup_GB": rep["setup"]["bytes"] / 1e9, "setup_s": rep["setup"]["wall_s"],
+                   "rounds": rep["online"]["rounds"], "run_local_wall_s": wall,
+                   "published_s": pub_s, "published_GB": pub_gb,
+                   "time_ratio_vs_published": rep["per_image"]["online_seconds"] / pub_s,
+                   "bytes_ratio_vs_published": rep["online"]["bytes"] / 1e9 / pub_gb}
+            rows[f"{name} {label}"] = row
+            print(f"{name:18s} {label:4s} DReLUs {row['drelus']:>10,d}  online "
+                  f"{row['online_s']:7.2f} s  {row['online_GB']:.3f} GB  (+ setup "
+                  f"{row['setup_GB']:.3f} GB)  published {pub_s} s / {pub_gb} GB", flush=True)
+            args.out.write_text(json.dumps(rows, indent=1))
+    print(f"machine: {platform.machine()} {platform.processor()} python {platform.python_version()}"
+          f" torch {torch.__version__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
