@@ -102,13 +102,26 @@ def _build(args, device):
     import torch
     from secure_inference.distortion.data import (IMAGENET_MEAN, IMAGENET_STD, config_samples,
                                                   folder_samples)
-    from secure_inference.models import input_shape_of, load_config, load_model
+    from secure_inference.models import ModelLoadError, load_model
     if args.config:
+        from secure_inference.mmlab.config_utils import load_task_config, task_options
+        from secure_inference.mmlab.finetune import (build_task_model, load_finetuned,
+                                                     prepare_model)
         cfg_path = str(Path(args.config).resolve())
-        model = load_model(cfg_path, args.checkpoint)
-        shape = input_shape_of(cfg_path, args.input_shape)
-        samples = config_samples(load_config(cfg_path), model, args.num_samples, args.seed,
-                                 shape, batch_size=args.batch_size)
+        cfg = load_task_config(cfg_path)
+        # built as the finetuning tools build it: top-level data_preprocessor merged in,
+        # secure_inference.convert applied, a spec recorded in the checkpoint applied
+        if args.checkpoint:
+            model = load_finetuned(cfg, args.checkpoint)
+        else:
+            model = prepare_model(build_task_model(cfg), cfg, None).eval()
+        shape = args.input_shape or task_options(cfg).get("input_shape")
+        if shape is None:
+            raise ModelLoadError("the config has no secure_inference.input_shape; pass "
+                                 "--input-shape C H W")
+        shape = tuple(int(v) for v in shape)
+        samples = config_samples(cfg, model, args.num_samples, args.seed, shape,
+                                 batch_size=args.batch_size)
         model_id = f"config:{cfg_path}"
     else:
         name = args.model
@@ -138,7 +151,7 @@ def main(argv=None) -> int:
     from secure_inference.distortion import jobs
     from secure_inference.distortion.engine import DistortionError
     from secure_inference.models import ModelLoadError
-    from secure_inference.spec import SpecError
+    from secure_inference.spec import SpecError  # SpecMismatchError (finetune) included
 
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -29,7 +29,8 @@ import torch  # noqa: E402
 
 import secure_inference  # noqa: E402,F401
 from secure_inference.distortion.api import resolve_sites, site_candidates  # noqa: E402
-from secure_inference.distortion.engine import (exact_site_sums, linear_sums,  # noqa: E402
+from secure_inference.distortion.engine import (SiteRunner, block_relu_all,  # noqa: E402
+                                                exact_site_sums, linear_sums,
                                                 naive_site_sums, trace_calls)
 from secure_inference.distortion.store import SiteDistortion  # noqa: E402
 
@@ -82,45 +83,70 @@ def main() -> None:
              for s in sites}
 
     # naive: a spread of sites (its cost does not depend on the site). Its set-up (model
-    # copy, one clean forward) is timed separately and left out of the rate.
+    # copy, one clean forward) is timed separately and left out of the rate. Timed before
+    # and after the exact runs (the machine is shared), wall clock and process CPU time.
     picks = [sites[i] for i in np.linspace(0, len(sites) - 1, 3).astype(int)]
-    per = max(1, args.naive_candidates // len(picks))
-    seconds, evals = 0.0, 0
+    per = max(2, args.naive_candidates // len(picks))
     naive_vals = {}
-    for s in picks:
-        sz = cands[s.name][-per:]
-        t0 = time.perf_counter()
-        naive_site_sums(model, s, [x], chans[s.name][:1], sz[:1], shape)
-        t1 = time.perf_counter()
-        vals = naive_site_sums(model, s, [x], chans[s.name][:1], sz, shape)
-        t2 = time.perf_counter()
-        naive_vals[s.name] = (sz, vals)
-        seconds += (t2 - t1) - (t1 - t0)   # (setup + per) - (setup + 1) candidates
-        evals += (len(sz) - 1) * args.samples
-    naive_rate = evals / seconds
-    print(f"naive: {naive_rate:.2f} evals/s", flush=True)
+
+    def time_naive():
+        wall, cpu, evals = 0.0, 0.0, 0
+        for s in picks:
+            sz = cands[s.name][-per:]
+            w0, c0 = time.perf_counter(), time.process_time()
+            naive_site_sums(model, s, [x], chans[s.name][:1], sz[:1], shape)
+            w1, c1 = time.perf_counter(), time.process_time()
+            vals = naive_site_sums(model, s, [x], chans[s.name][:1], sz, shape)
+            w2, c2 = time.perf_counter(), time.process_time()
+            naive_vals[s.name] = (sz, vals)
+            wall += (w2 - w1) - (w1 - w0)   # (setup + per) - (setup + 1) candidates
+            cpu += (c2 - c1) - (c1 - c0)
+            evals += (len(sz) - 1) * args.samples
+        return wall, cpu, evals
+
+    naive_wall, naive_cpu, naive_evals = time_naive()
+    print(f"naive (before): {naive_evals / naive_wall:.2f} evals/s", flush=True)
 
     # exact: every site, a few channels
-    exact, exact_rate, exact_seconds = {}, {}, 0.0
+    # Rows whose perturbation is zero (Block-ReLU(b) == ReLU on that channel and sample) are
+    # exact zeros and not run; their share depends on the model and data, so the projection
+    # uses the time per row actually run and each site's nonzero share over ALL its channels.
+    exact, exact_rate, exact_seconds, exact_cpu = {}, {}, 0.0, 0.0
+    row_seconds, nonzero_share, rows_run_total = {}, {}, 0
     for s in sites:
-        t0 = time.perf_counter()
+        st: dict = {}
+        t0, c0 = time.perf_counter(), time.process_time()
         exact[s.name] = exact_site_sums(model, calls, s, [x], chans[s.name], cands[s.name],
-                                        args.forward_batch) / args.samples
+                                        args.forward_batch, stats=st) / args.samples
         dt = time.perf_counter() - t0
+        exact_cpu += time.process_time() - c0
         exact_seconds += dt
+        rows_run_total += st["rows_run"]
+        row_seconds[s.name] = dt / max(1, st["rows_run"])
+        cap = SiteRunner(model, calls, s).capture(x)
+        pert = torch.stack([block_relu_all(cap.site_in, b) for b in cands[s.name]])
+        nonzero_share[s.name] = float((pert != cap.site_out[None]).flatten(3).any(3)
+                                      .double().mean())
         exact_rate[s.name] = len(chans[s.name]) * len(cands[s.name]) * args.samples / dt
-        print(f"exact {s.name}: {exact_rate[s.name]:.1f} evals/s", flush=True)
+        print(f"exact {s.name}: {exact_rate[s.name]:.1f} evals/s, "
+              f"{st['rows_run'] / dt:.1f} rows run/s ({st['rows_run']}/{st['rows_total']} "
+              f"rows run; all channels: {nonzero_share[s.name]:.2f} nonzero)", flush=True)
     for name, (sz, vals) in naive_vals.items():  # same numbers as the baseline
         k0 = len(cands[name]) - len(sz)
         np.testing.assert_allclose(exact[name][:1, k0:], vals / args.samples, rtol=1e-4,
                                    atol=1e-10)
     exact_evals = sum(len(chans[s.name]) * len(cands[s.name]) * args.samples for s in sites)
     exact_avg_rate = exact_evals / exact_seconds
+    w, c, e = time_naive()
+    print(f"naive (after): {e / w:.2f} evals/s", flush=True)
+    naive_wall, naive_cpu, naive_evals = naive_wall + w, naive_cpu + c, naive_evals + e
+    naive_rate = naive_evals / naive_wall
 
     # linear: all sites, all channels at once
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     lin = linear_sums(model, calls, sites, [x], cands, args.projections, seed=0)
     lin_seconds = time.perf_counter() - t0
+    lin_cpu = time.process_time() - c0
     lin_evals = sum(s.channels * len(cands[s.name]) for s in sites) * args.samples
     lin_rate = lin_evals / lin_seconds
     print(f"linear: {lin_rate:.0f} evals/s", flush=True)
@@ -166,7 +192,8 @@ def main() -> None:
 
     full = {
         "naive_s": sum(full_evals.values()) / naive_rate,
-        "exact_s": sum(full_evals[n] / exact_rate[n] for n in full_evals),
+        "exact_s": sum(full_evals[n] * nonzero_share[n] * row_seconds[n] for n in full_evals),
+        "exact_without_zero_skipping_s": sum(full_evals[n] * row_seconds[n] for n in full_evals),
         "linear_s": lin_seconds / args.samples * args.full_samples,
     }
     out = dict(samples=args.samples, channels_per_site=args.channels,
@@ -174,11 +201,18 @@ def main() -> None:
                threads=args.threads, naive_rate=naive_rate, exact_rate=exact_avg_rate,
                exact_rate_per_site=exact_rate, linear_rate=lin_rate,
                exact_over_naive=exact_avg_rate / naive_rate,
-               projected_exact_over_naive=(sum(full_evals.values()) / naive_rate) / sum(
-                   full_evals[n] / exact_rate[n] for n in full_evals),
+               cpu_time_exact_over_naive=(exact_evals / exact_cpu) / (naive_evals / naive_cpu),
+               cpu_time_linear_over_exact=(lin_evals / lin_cpu) / (exact_evals / exact_cpu),
+               exact_rows_run_rate=rows_run_total / exact_seconds,
+               exact_rows_run_over_naive=rows_run_total / exact_seconds / naive_rate,
+               nonzero_share=nonzero_share,
                linear_over_exact=lin_rate / exact_avg_rate, spearman=rho,
                spearman_median=float(np.nanmedian(list(rho.values()))), knapsack=knap,
-               projected_full_seconds=full)
+               projected_full_seconds=full,
+               projected_exact_over_naive=full["naive_s"] / full["exact_s"],
+               projected_exact_over_naive_without_zero_skipping=(
+                   full["naive_s"] / full["exact_without_zero_skipping_s"]),
+               projected_linear_over_exact=full["exact_s"] / full["linear_s"])
     print(json.dumps(out, indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

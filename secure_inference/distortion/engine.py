@@ -419,8 +419,12 @@ class SiteRunner:
 def exact_site_sums(model: nn.Module, calls: list[_Call], site: ReluSite,
                     batches: Iterable[torch.Tensor], channels: Sequence[int],
                     sizes: np.ndarray, forward_batch: int = 64,
-                    progress: Progress | None = None) -> np.ndarray:
-    """Sum over samples of the per-sample output MSE, [len(channels), K] float64 (exact)."""
+                    progress: Progress | None = None,
+                    stats: dict | None = None) -> np.ndarray:
+    """Sum over samples of the per-sample output MSE, [len(channels), K] float64 (exact).
+
+    ``stats`` (optional dict) is given ``rows_run`` (perturbed rows actually run) and
+    ``rows_total`` (all candidate×sample pairs; the rest had a zero perturbation)."""
     runner = SiteRunner(model, calls, site)
     chans = torch.as_tensor(list(channels), dtype=torch.long)
     k = len(sizes)
@@ -435,6 +439,9 @@ def exact_site_sums(model: nn.Module, calls: list[_Call], site: ReluSite,
         nonzero = (pert != base[None]).flatten(3).any(dim=3)  # [K, n, Cc]
         kk, ii, cc = torch.nonzero(nonzero, as_tuple=True)
         total = len(kk)
+        if stats is not None:
+            stats["rows_run"] = stats.get("rows_run", 0) + total
+            stats["rows_total"] = stats.get("rows_total", 0) + nonzero.numel()
         chan_list = chans.tolist()
         for start in range(0, total, forward_batch):
             k_i = kk[start:start + forward_batch].tolist()
