@@ -8,15 +8,21 @@ the largest sites identity until the DReLU count is <= 6% of the all-ReLU count:
 DReLU budget a knapsack solution at --ratio 0.06 has (its mix of patch sizes differs; the
 bytes follow the DReLU count plus 24 bytes per non-identity pixel).
 
-    .venv/bin/python benchmark/secure_inference/bench.py [--resnet50] [--out results.json]
+    .venv/bin/python benchmark/secure_inference/bench.py [--crypten] [--resnet50]
 
-Compared with the published reference of the original research code (same model sizes).
+Compared with the published reference of the original research code (same model sizes) and,
+with --crypten, with CrypTen 0.4.1 on the same machine in the same run: the script creates a
+separate virtual environment for it (--crypten-venv; CrypTen is not a project dependency),
+which reuses the project's torch through a .pth file and installs CrypTen and its real
+dependencies with pinned versions, then runs crypten_resnet18.py (ResNet18-CIFAR-100, all ReLUs).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,6 +57,41 @@ def spec_at(model, chw, ratio: float) -> dict:
     return spec
 
 
+CRYPTEN_PINS = ["crypten==0.4.1", "onnx==1.23.2", "protobuf==7.36.2", "ml_dtypes==0.6.0",
+                "omegaconf==2.4.0", "antlr4-python3-runtime==4.9.3"]
+
+
+def crypten_venv(path: Path) -> Path:
+    """A virtual environment with CrypTen 0.4.1 that borrows this project's torch/numpy/sklearn
+    (its metadata asks for the dead 'sklearn' package and unpinned torch: --no-deps)."""
+    python = path / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+        site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        import site as _site
+        Path(site, "secure_inference_project.pth").write_text(_site.getsitepackages()[0] + "\n")
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", *CRYPTEN_PINS],
+                       check=True)
+    return python
+
+
+def run_crypten(python: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(python), str(Path(__file__).with_name("crypten_resnet18.py"))],
+                          capture_output=True, text=True, env=env, timeout=1800,
+                          cwd=tempfile_dir())
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"CrypTen run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def tempfile_dir() -> str:
+    import tempfile
+    return tempfile.gettempdir()
+
+
 def build(name: str):
     from secure_inference.mmlab.config_utils import load_task_config
     from secure_inference.mmlab.finetune import build_task_model
@@ -67,17 +108,24 @@ def main() -> int:
     parser.add_argument("--resnet50", action="store_true", help="also ResNet50 at 224x224")
     parser.add_argument("--only-resnet50", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
+    parser.add_argument("--crypten", action="store_true", help="also CrypTen 0.4.1 (own venv)")
+    parser.add_argument("--crypten-venv", type=Path, default=Path(tempfile_dir()) / "si-crypten-venv")
+    parser.add_argument("--skip-ours", action="store_true", help="only the CrypTen run")
     args = parser.parse_args()
     from secure_inference.mpc.local import run_local
-    names = [] if args.only_resnet50 else ["resnet18_cifar100"]
+    names = [] if args.only_resnet50 or args.skip_ours else ["resnet18_cifar100"]
     if args.resnet50 or args.only_resnet50:
         names.append("resnet50_in1k")
     rows = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in names:
         model, chw = build(name)
         total = si.total_relus(si.find_relu_sites(model, chw))
-        for label, spec in (("all", None), ("6%", spec_at(model, chw, 0.06))):
+        cases = [("all", None), ("6%", spec_at(model, chw, 0.06))]
+        if name == "resnet50_in1k":
+            cases.reverse()  # the cheap one first
+        for label, spec in cases:
             x = torch.randn((1,) + chw)
+            load = os.getloadavg()[0]
             start = time.perf_counter()
             res = run_local(model, x, spec, tls=True, timeout=600,
                             report_path=args.out.with_name(f"report_{name}_{label.strip('%')}.json"),
@@ -86,10 +134,12 @@ def main() -> int:
             rep = res.report
             pub_s, pub_gb = PUBLISHED[(name, label)]
             row = {"drelus": rep["online"]["drelus"], "relus_all": total,
+                   "cpu_s_all_parties": sum(rep["cpu_seconds"].values()),
                    "online_s": rep["per_image"]["online_seconds"],
                    "online_GB": rep["online"]["bytes"] / 1e9,
                    "setup_GB": rep["setup"]["bytes"] / 1e9, "setup_s": rep["setup"]["wall_s"],
                    "rounds": rep["online"]["rounds"], "run_local_wall_s": wall,
+                   "load_average_before": load,
                    "published_s": pub_s, "published_GB": pub_gb,
                    "time_ratio_vs_published": rep["per_image"]["online_seconds"] / pub_s,
                    "bytes_ratio_vs_published": rep["online"]["bytes"] / 1e9 / pub_gb}
@@ -98,6 +148,25 @@ def main() -> int:
                   f"{row['online_s']:7.2f} s  {row['online_GB']:.3f} GB  (+ setup "
                   f"{row['setup_GB']:.3f} GB)  published {pub_s} s / {pub_gb} GB", flush=True)
             args.out.write_text(json.dumps(rows, indent=1))
+    if args.crypten:
+        load = os.getloadavg()[0]
+        ct = run_crypten(crypten_venv(args.crypten_venv))
+        rows["crypten resnet18_cifar100 all"] = {
+            "online_s": ct["seconds"], "online_GB": ct["bytes"] / 1e9, "rounds": ct["rounds"],
+            "cpu_s_computing_parties": ct["cpu_seconds"], "load_average": load,
+            "note": "CrypTen 0.4.1, 2 computing parties + TTP process; bytes/rounds from "
+                    "CrypTen's counters (computing parties; TTP traffic not counted)"}
+        print(f"crypten resnet18_cifar100 all: {ct['seconds']:.2f} s  {ct['bytes'] / 1e9:.3f} GB "
+              f" {ct['rounds']} rounds", flush=True)
+        ours = rows.get("resnet18_cifar100 all")
+        if ours:
+            rows["ratios vs crypten (resnet18 all)"] = {
+                "speedup_wall": ct["seconds"] / ours["online_s"],
+                "bytes_ratio": ours["online_GB"] / (ct["bytes"] / 1e9),
+                "rounds_ratio": ours["rounds"] / ct["rounds"],
+                "cpu_ratio": ours["cpu_s_all_parties"] / ct["cpu_seconds"]}
+            print(json.dumps(rows["ratios vs crypten (resnet18 all)"]))
+        args.out.write_text(json.dumps(rows, indent=1))
     print(f"machine: {platform.machine()} {platform.processor()} python {platform.python_version()}"
           f" torch {torch.__version__}")
     return 0

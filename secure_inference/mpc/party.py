@@ -179,6 +179,7 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
     Returns a dict: ``outputs`` (client: list of float64 tensors, one per batch; others:
     None), ``stats`` (this party's :class:`~.runtime.CommStats`), ``layer_seconds`` (wall time
     per layer summed over batches), ``setup_seconds``, ``online_seconds``, ``batch_sizes``.
+    ``cpu_seconds``: CPU time of this party's process (all threads) during the run.
     ``on_batch(n)`` is called after each batch of n images (progress bars).
     """
     if party.role == ROLE_CLIENT:
@@ -194,6 +195,7 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
         raise ValueError("the server (P1) must pass the weights")
     if party.role != ROLE_SERVER and weights is not None:
         raise ValueError(f"only the server holds weights, party {party.role} got some")
+    cpu0 = time.process_time()
     set_default_config(party, drelu)
     check_program(party, program)
     sizes = _announce_batches(party, [im.shape[0] for im in images] if images else None)
@@ -229,7 +231,8 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
     online_seconds = time.perf_counter() - t1
     return {"outputs": outputs if party.role == ROLE_CLIENT else None, "stats": party.stats,
             "layer_seconds": layer_seconds, "setup_seconds": setup_seconds,
-            "online_seconds": online_seconds, "batch_sizes": sizes, "role": party.role}
+            "online_seconds": online_seconds, "batch_sizes": sizes, "role": party.role,
+            "cpu_seconds": time.process_time() - cpu0}
 
 
 _SUMMARY_LIMIT = 64 << 20
@@ -239,7 +242,8 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     st = result["stats"]
     return {"scopes": st.as_dict(), "clock": st.clock,
             "layer_seconds": result["layer_seconds"], "setup_seconds": result["setup_seconds"],
-            "online_seconds": result["online_seconds"], "batch_sizes": result["batch_sizes"]}
+            "online_seconds": result["online_seconds"], "batch_sizes": result["batch_sizes"],
+            "cpu_seconds": result.get("cpu_seconds", 0.0)}
 
 
 def _stats_from_summary(data: dict[str, Any]):
@@ -279,6 +283,7 @@ def gather_results(party: Party, result: dict[str, Any]) -> list[dict[str, Any]]
                           "layer_seconds": {str(k): float(v) for k, v in data["layer_seconds"].items()},
                           "setup_seconds": float(data["setup_seconds"]),
                           "online_seconds": float(data["online_seconds"]),
+                          "cpu_seconds": float(data.get("cpu_seconds", 0.0)),
                           "batch_sizes": [int(b) for b in data["batch_sizes"]], "role": p}
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ProtocolError(f"party {p} sent a malformed report: {exc}") from None

@@ -71,6 +71,7 @@ def build_report(program: Program, results: Sequence[dict[str, Any]], *,
     total_bytes = sum(online_total) + sum(tot_setup) + sum(hdr_bytes) + sum(key_bytes)
     report = {
         "meta": dict(meta or {}),
+        "cpu_seconds": dict(zip(PARTY_KEYS, (float(r.get("cpu_seconds", 0.0)) for r in results))),
         "images": images, "batch_sizes": sizes,
         "layers": layers,
         "output": {"bytes_sent": dict(zip(PARTY_KEYS, out_bytes)), "bytes": sum(out_bytes),
