@@ -195,3 +195,35 @@ def test_incremental_conv_update_guarded_against_inplace_changes():
     plain = tiny_resnet(0)
     s = {t.name: t for t in find_relu_sites(plain, (3, 8, 8))}["layer1.relu#0"]
     assert SiteRunner(plain, trace_calls(plain, x[:1]), s).capture(x).leaf_out is not None
+
+
+def test_exact_equals_naive_on_tiny_mmseg_deeplabv3():
+    """Segmentation: decode-head logits, a backbone returning a tuple, ASPP branches that are
+    concatenated, an image-pool branch with a 1x1 site."""
+    import mmseg.models  # noqa: F401
+    from mmengine.registry import DefaultScope
+    from mmseg.registry import MODELS
+    norm = dict(type="BN", requires_grad=True)
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        model = MODELS.build(dict(
+            type="EncoderDecoder",
+            data_preprocessor=dict(type="SegDataPreProcessor", mean=[0.0] * 3, std=[1.0] * 3),
+            backbone=dict(type="ResNetV1c", depth=18, base_channels=8, stem_channels=8,
+                          num_stages=4, out_indices=(0, 1, 2, 3), dilations=(1, 1, 2, 4),
+                          strides=(1, 2, 1, 1), norm_cfg=norm, contract_dilation=True,
+                          init_cfg=None),
+            decode_head=dict(type="ASPPHead", in_channels=64, in_index=3, channels=8,
+                             dilations=(1, 2, 3, 4), dropout_ratio=0.1, num_classes=3,
+                             norm_cfg=norm, align_corners=False,
+                             loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False)),
+            train_cfg=dict(), test_cfg=dict(mode="whole"))).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    names = ["decode_head.image_pool.1.activate",
+             "decode_head.aspp_modules.2.activate", "decode_head.bottleneck.activate"]
+    exact = extract(model, x, sites=names, max_rect=2, max_block_size=2)
+    naive = extract(model, x, sites=names, max_rect=2, max_block_size=2, method="naive")
+    assert exact["decode_head.image_pool.1.activate"].height == 1
+    for name in names:
+        np.testing.assert_allclose(exact[name].distortion, naive[name].distortion, rtol=1e-4,
+                                   atol=1e-12, err_msg=name)
+        assert naive[name].distortion.max() > 0, name
