@@ -1,42 +1,186 @@
-"""End-to-end demo (work in progress): runs the pipeline stages that exist so far.
+"""The whole pipeline end to end on a small real data set (``make demo``).
 
-Today it loads scikit-learn's bundled handwritten digits (a real data set shipped inside an
-installed package), builds a small CIFAR-style ResNet, lists its ReLU sites, and applies a
-Block-ReLU spec to count the DReLUs saved. Distortion extraction, knapsack, finetuning and
-secure inference join as their issues land.
+Stages (each skips work already done when rerun; delete a stage's folder to redo it):
+
+1. data       scikit-learn's bundled handwritten digits written as 16×16 PNGs (train/val/test)
+2. baseline   a narrow ResNet18 (CIFAR variant) trained with mmlab_tools/dist_train.sh, 2 CPU
+              processes (or reuse --checkpoint)
+3. distortion research/extract_block_sizes.py on training images
+4. knapsack   research/knapsack_patch_size_extractor.py for every --budgets ratio
+5. finetune   mmlab_tools/dist_train.sh with each spec, from the baseline
+6. evaluate   plaintext accuracy on the held-out test images, then secure inference with all
+              three parties as separate processes over loopback TCP with TLS
+7. report     one table (printed), results.json and two plots in the output folder
+
+Point the same flow at your own task with --config/--finetune-config/--checkpoint (an MMLab
+classification config with a `secure_inference` entry, see configs/) and --device cuda.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-import numpy as np
-import torch
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo" / "digits_resnet18.py"
+DEMO_FINETUNE = REPO / "configs" / "demo" / "digits_resnet18_brelu_finetune.py"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.parse_args()
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", default="demo_output", help="output folder (default: demo_output)")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help="task config (baseline training)")
+    p.add_argument("--finetune-config", default=str(DEMO_FINETUNE),
+                   help="config for the Block-ReLU finetune")
+    p.add_argument("--checkpoint", default=None,
+                   help="trained baseline checkpoint; skips baseline training")
+    p.add_argument("--data-root", default=None,
+                   help="data folder of your own task (default: the demo writes the digits)")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.10, 0.20],
+                   help="DReLU budgets as shares of the all-ReLU count")
+    p.add_argument("--num-samples", type=int, default=64,
+                   help="training images averaged over by the distortion step")
+    p.add_argument("--method", default="linear", choices=["exact", "linear"],
+                   help="distortion method (default linear: on 2 CPU cores the exact method "
+                        "needs tens of minutes even for this small network)")
+    p.add_argument("--secure-images", type=int, default=100,
+                   help="held-out images run through secure inference per model")
+    p.add_argument("--nproc", type=int, default=2, help="training processes (CPU or GPUs)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--frac-bits", type=int, default=None, help="fixed-point fractional bits")
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(cmd: list[str], env: dict, logfile: Path) -> None:
+    """Run a pipeline CLI; its output goes to ``logfile`` (tail shown on failure)."""
+    log("$ " + " ".join(shlex.quote(c) for c in cmd) + f"   (log: {logfile})")
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(logfile, "w") as f:
+        proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = logfile.read_text().splitlines()[-30:]
+        print("\n".join(tail), file=sys.stderr)
+        raise SystemExit(f"demo: stage failed (exit {proc.returncode}); full log: {logfile}")
+
+
+def free_port() -> int:
+    """A free TCP port for torchrun's rendezvous (parallel runs must not collide)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def latest_checkpoint(work_dir: Path) -> Path | None:
+    last = work_dir / "last_checkpoint"
+    if last.is_file():
+        path = Path(last.read_text().strip())
+        if path.is_file():
+            return path
+    ckpts = sorted(work_dir.glob("epoch_*.pth"), key=lambda p: p.stat().st_mtime)
+    return ckpts[-1] if ckpts else None
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    t_start = time.time()
+    out = Path(args.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    env = dict(os.environ, PYTHON=py, PORT=str(free_port()))
+
     import secure_inference as si
-    from sklearn.datasets import load_digits
+    from secure_inference import demo
 
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    images = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear").repeat(1, 3, 1, 1)
-    print(f"data: scikit-learn digits, {len(images)} images, upscaled to 32x32")
-    import torchvision
-    model = torchvision.models.resnet18(num_classes=10).eval()
-    shape = (3, 32, 32)
-    sites = si.find_relu_sites(model, shape)
-    print(f"model: torchvision resnet18, {len(sites)} ReLU sites, {si.total_relus(sites):,} ReLUs/image")
-    spec = {s.name: np.tile([[2, 2]], (s.channels, 1)).astype(np.int32) for s in sites}
-    si.apply_block_spec(model, spec, shape)
-    counts = si.count_drelus(spec, sites)
-    print(f"with 2x2 Block-ReLUs everywhere: {counts['total']:,} DReLUs/image "
-          f"({counts['total'] / si.total_relus(sites):.1%} of all ReLUs)")
-    with torch.no_grad():
-        model(images[:8])
-    print("missing so far: distortion extraction, knapsack, finetuning, secure inference "
-          "(see the open issues)")
+    # 1. data
+    data_root = Path(args.data_root).resolve() if args.data_root else out / "data"
+    if args.data_root is None:
+        counts = demo.write_digits_dataset(data_root)
+        log(f"data: scikit-learn digits at 16x16 in {data_root} ({counts})")
+    env["DEMO_DATA"] = str(data_root)
+
+    # 2. baseline
+    base_dir = out / "baseline"
+    base_ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(base_dir)
+    if base_ckpt is None:
+        log("baseline: training (mmlab_tools/dist_train.sh, "
+            f"{args.nproc} {'GPU' if args.device == 'cuda' else 'CPU'} processes)")
+        run(["bash", "mmlab_tools/dist_train.sh", args.config, str(args.nproc),
+             "--work-dir", str(base_dir)], env, base_dir / "train.log")
+        base_ckpt = latest_checkpoint(base_dir)
+    log(f"baseline checkpoint: {base_ckpt}")
+
+    # 3. distortion
+    dist_dir = out / "distortion"
+    if not (dist_dir / "meta.json").is_file():
+        run([py, "research/extract_block_sizes.py", "--config", args.config,
+             "--checkpoint", str(base_ckpt), "--output_path", str(dist_dir),
+             "--num_samples", str(args.num_samples), "--method", args.method,
+             "--device", args.device, "--no-progress"], env, out / "logs" / "distortion.log")
+    log(f"distortion: {dist_dir}")
+
+    # 4. knapsack
+    spec_dir = out / "specs"
+    spec_paths = {r: spec_dir / f"spec_{r:g}.pickle" for r in args.budgets}
+    if not all(p.is_file() for p in spec_paths.values()):
+        for r, p in spec_paths.items():
+            run([py, "research/knapsack_patch_size_extractor.py", "--config", args.config,
+                 "--channel_distortion_path", str(dist_dir), "--ratio", str(r),
+                 "--block_size_spec_file_name", str(p)], env,
+                out / "logs" / f"knapsack_{r:g}.log")
+    log(f"knapsack: {len(spec_paths)} specs in {spec_dir}")
+
+    # 5. finetune
+    finetuned = {}
+    for r, spec in spec_paths.items():
+        work = out / f"finetune_{r:g}"
+        ckpt = latest_checkpoint(work)
+        if ckpt is None:
+            run(["bash", "mmlab_tools/dist_train.sh", args.finetune_config, str(args.nproc),
+                 "--work-dir", str(work), "--relu-spec-file", str(spec),
+                 "--load-from", str(base_ckpt)], env, work / "train.log")
+            ckpt = latest_checkpoint(work)
+        finetuned[r] = ckpt
+    log("finetune: " + ", ".join(f"{r:g} -> {p.name}" for r, p in finetuned.items()))
+
+    # 6. evaluate: plaintext on every test image, secure inference on an evenly spread subset
+    from secure_inference.mmlab.config_utils import load_task_config
+    from secure_inference.mmlab.finetune import build_task_model
+    os.environ["DEMO_DATA"] = env["DEMO_DATA"]
+    cfg = load_task_config(args.config)
+    batches = list(demo.split_inputs(cfg, build_task_model(cfg), "test"))
+    n_test = sum(len(b[1]) for b in batches)
+    secure_options = {"tls": True}
+    if args.frac_bits is not None:
+        secure_options["frac_bits"] = args.frac_bits
+    rows = []
+    for name, config, ckpt in [("all ReLUs", args.config, base_ckpt)] + [
+            (f"{100 * r:g}%", args.finetune_config, finetuned[r]) for r in args.budgets]:
+        log(f"evaluate {name}: plaintext on {n_test} test images, secure inference on "
+            f"{min(args.secure_images, n_test)} (3 processes, loopback TLS)")
+        rows.append(demo.evaluate_model(config, ckpt, name, batches, args.secure_images,
+                                        secure_options))
+
+    # 7. report
+    table = demo.format_table(rows)
+    print("\n" + table + "\n", flush=True)
+    (out / "results.txt").write_text(table + "\n")
+    demo.write_results(out, rows, {"budgets": args.budgets, "config": args.config,
+                                   "finetune_config": args.finetune_config,
+                                   "seconds_total": round(time.time() - t_start, 1)})
+    plots = demo.plot_results(out, rows)
+    log(f"done in {time.time() - t_start:.0f} s; results in {out}: results.txt, results.json, "
+        + ", ".join(p.name for p in plots))
+    del si
 
 
 if __name__ == "__main__":
