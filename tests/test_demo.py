@@ -1,0 +1,47 @@
+"""The demo's pieces: the digits data set on disk, the evaluation subset, table and plots."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from secure_inference.demo import (DemoRow, format_table, plot_results, secure_subset,
+                                   write_digits_dataset)
+
+
+def test_digits_dataset_is_complete_stratified_and_reused(tmp_path):
+    from sklearn.datasets import load_digits
+    counts = write_digits_dataset(tmp_path, size=16)
+    assert sum(counts.values()) == len(load_digits().target) == 1797
+    for split in ("train", "val", "test"):
+        per_class = [len(list((tmp_path / split / str(d)).glob("*.png"))) for d in range(10)]
+        assert sum(per_class) == counts[split]
+        assert min(per_class) > 0
+    assert counts["test"] == pytest.approx(0.15 * 1797, abs=10)
+    img = np.asarray(Image.open(next((tmp_path / "test" / "3").glob("*.png"))))
+    assert img.shape == (16, 16) and img.dtype == np.uint8 and img.max() > 100
+    names = {split: {p.name for p in (tmp_path / split).rglob("*.png")} for split in counts}
+    assert not (names["train"] & names["test"]) and not (names["val"] & names["test"])
+    stamp = (tmp_path / "dataset.json").stat().st_mtime_ns
+    assert write_digits_dataset(tmp_path, size=16) == counts
+    assert (tmp_path / "dataset.json").stat().st_mtime_ns == stamp  # not rewritten
+    assert json.loads((tmp_path / "dataset.json").read_text())["source"].startswith("sklearn")
+
+
+def test_secure_subset_spreads_over_the_test_set():
+    pick = secure_subset(269, 60)
+    assert len(pick) == 60 and pick[0] == 0 and pick[-1] == 268
+    assert torch.all(pick[1:] > pick[:-1])
+    assert secure_subset(5, 60).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_table_and_plots(tmp_path):
+    sites = {"a": 100, "b": 50}
+    rows = [DemoRow("all ReLUs", 150, 0.97, 60, 0.95, 0.95, 1.0, 0.001, 14e6, 1.2, 103, sites),
+            DemoRow("5%", 8, 0.92, 60, 0.9, 0.9, 1.0, 0.01, 2e6, 0.4, 103, {"a": 5, "b": 3})]
+    table = format_table(rows)
+    assert "secure@60" in table and "14.00" in table and "92.0%" in table
+    paths = plot_results(tmp_path, rows)
+    assert [p.name for p in paths] == ["accuracy_vs_drelus.png", "drelus_per_site.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
