@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import secure_inference  # noqa: E402,F401  (compatibility fixes before mmengine/torchvision)
 from mmengine.config import DictAction  # noqa: E402
 
-from secure_inference.mmlab.runner import LAUNCHERS, test  # noqa: E402
+from secure_inference.mmlab.runner import (  # noqa: E402
+    LAUNCHERS, evaluate, teardown_distributed)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,9 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    metrics = test(args.config, args.checkpoint, spec=args.relu_spec_file,
-                   work_dir=args.work_dir, out=args.out, cfg_options=args.cfg_options,
-                   launcher=args.launcher)
+    metrics = evaluate(args.config, args.checkpoint, spec=args.relu_spec_file,
+                       work_dir=args.work_dir, out=args.out, cfg_options=args.cfg_options,
+                       launcher=args.launcher)
+    teardown_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics, indent=1))
 

@@ -3,7 +3,8 @@
 
 Examples:
   python mmlab_tools/train.py configs/classification/resnet18_cifar100_brelu_finetune.py \\
-      --relu-spec-file specs/resnet18_cifar100_6pct.pickle --load-from work_dirs/resnet18_cifar100/epoch_200.pth
+      --relu-spec-file specs/resnet18_cifar100.pickle \\
+      --load-from work_dirs/resnet18_cifar100/epoch_200.pth
   bash mmlab_tools/dist_train.sh CONFIG 4 --relu-spec-file SPEC --load-from CKPT
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import secure_inference  # noqa: E402,F401  (compatibility fixes before mmengine/torchvision)
 from mmengine.config import DictAction  # noqa: E402
 
-from secure_inference.mmlab.runner import LAUNCHERS, train  # noqa: E402
+from secure_inference.mmlab.runner import (  # noqa: E402
+    LAUNCHERS, train, teardown_distributed)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     train(args.config, spec=args.relu_spec_file, work_dir=args.work_dir,
           load_from=args.load_from, resume=args.resume, amp=args.amp,
           cfg_options=args.cfg_options, launcher=args.launcher)
+    teardown_distributed()
 
 
 if __name__ == "__main__":

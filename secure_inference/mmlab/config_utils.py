@@ -10,7 +10,7 @@ import importlib.metadata
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 _patched = False
 
@@ -120,7 +120,3 @@ def input_shape_from_cfg(cfg) -> tuple[int, int, int]:
         raise ValueError("the config needs secure_inference = dict(input_shape=[C, H, W], ...) "
                          f"to place Block-ReLUs (got input_shape={shape!r})")
     return tuple(int(s) for s in shape)  # type: ignore[return-value]
-
-
-def as_cli_list(values: Sequence[str] | None) -> list[str]:
-    return list(values or [])

@@ -25,8 +25,9 @@ from mmengine.model import is_model_wrapper
 from torch import nn
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` over dim 1, averaged over the rest."""
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor,
+            temperature: float) -> torch.Tensor:
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))`` over dim 1, mean over the rest."""
     if student.shape != teacher.shape:
         raise ValueError(f"student logits {list(student.shape)} and teacher logits "
                          f"{list(teacher.shape)} differ in shape; distillation needs the same "

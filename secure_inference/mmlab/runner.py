@@ -1,6 +1,6 @@
 """Training and testing MMLab task configs with Block-ReLUs on the mmengine Runner.
 
-:func:`train` and :func:`test` are what ``mmlab_tools/train.py`` / ``test.py`` call. They
+:func:`train` and :func:`evaluate` are what ``mmlab_tools/train.py`` / ``test.py`` call. They
 build the model themselves (conversions, then the spec) and pass the prepared module to the
 Runner, so the Runner trains, wraps (DDP) and checkpoints exactly that model.
 
@@ -25,8 +25,7 @@ import torch
 from ..spec import load_spec
 from .config_utils import conversions_of, load_task_config, task_options
 from .distill import distillation_hook_from_cfg
-from .finetune import (META_KEY, build_task_model, check_checkpoint_meta, drelu_count,
-                       prepare_model, spec_from_meta)
+from .finetune import build_task_model, drelu_count, load_finetuned, prepare_model
 from .hooks import ReluSpecCheckpointHook, SyncNormStatsHook
 
 LAUNCHERS = ("none", "pytorch")
@@ -47,6 +46,18 @@ def setup_distributed(launcher: str) -> None:
         raise RuntimeError(f"--launcher pytorch needs the torchrun environment; missing "
                            f"{missing}. Start with mmlab_tools/dist_train.sh or torchrun.")
     dist.init_process_group(backend="gloo")
+
+
+def teardown_distributed() -> None:
+    """Wait for all processes, then destroy the process group (after a successful run).
+
+    Leaving a gloo group alive until interpreter exit can abort the process
+    ("terminate called without an active exception") after the work is done.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def configure_runtime(cfg, *, launcher: str = "none", work_dir: str | None = None,
@@ -168,28 +179,16 @@ def prepare_test(config: str | os.PathLike, checkpoint: str | os.PathLike, *, sp
     Without ``spec`` the checkpoint's recorded spec is applied; a different spec, or
     conversions that differ from the recorded ones, raise ``SpecMismatchError``.
     """
-    from ..models import ModelLoadError, read_checkpoint, state_dict_of
     setup_distributed(launcher)
     cfg = load_task_config(config, cfg_options)
     configure_runtime(cfg, launcher=launcher, work_dir=work_dir, config_path=config)
-    ckpt = read_checkpoint(checkpoint)
-    meta = dict(ckpt.get("meta") or {})
-    recorded = spec_from_meta(meta.get(META_KEY))
-    spec = _read_spec(spec)
-    use_spec = spec if spec is not None else recorded
-    check_checkpoint_meta(meta, use_spec, conversions_of(cfg), source=f"checkpoint {checkpoint}")
-    model = prepare_model(build_task_model(cfg), cfg, use_spec)
-    try:
-        model.load_state_dict(state_dict_of(ckpt), strict=True)
-    except RuntimeError as e:
-        raise ModelLoadError(f"checkpoint {checkpoint} does not fit the model of {config}: "
-                             f"{e}") from None
+    model = load_finetuned(cfg, checkpoint, _read_spec(spec))
     runner = build_runner(cfg, model, load_from=None)
     return cfg, model, runner
 
 
-def test(config: str | os.PathLike, checkpoint: str | os.PathLike, *,
-         out: str | os.PathLike | None = None, **kwargs) -> dict[str, float]:
+def evaluate(config: str | os.PathLike, checkpoint: str | os.PathLike, *,
+             out: str | os.PathLike | None = None, **kwargs) -> dict[str, float]:
     """Evaluate ``checkpoint`` on the config's test set; returns (and optionally saves) metrics."""
     _, _, runner = prepare_test(config, checkpoint, **kwargs)
     metrics = runner.test()

@@ -46,7 +46,10 @@ def run_script(script: str, *args: str, timeout: int = 300) -> str:
                           capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        raise AssertionError(f"{script} failed (rc={proc.returncode}):\n{out[-6000:]}")
+        noise = ("Warning", "warnings.warn", "_bootstrap._exec", "import pkg_resources")
+        lines = [ln for ln in out.splitlines() if not any(n in ln for n in noise)]
+        raise AssertionError(f"{script} failed (rc={proc.returncode}):\n"
+                             + "\n".join(lines)[-8000:])
     return out
 
 
