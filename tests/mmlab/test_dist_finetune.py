@@ -97,10 +97,15 @@ def cls_run(tmp_path_factory):
     config = tt.cls_config(root / "tiny_cls.py", data, max_epochs=1)
     spec_file = root / "spec.pickle"
     spec = make_spec(config, spec_file)
+    # a plain (all-ReLU) baseline checkpoint to finetune from
+    import torch
+    baseline = build_task_model(load_task_config(config))
+    torch.save({"state_dict": baseline.state_dict(), "meta": {}}, root / "baseline.pth")
     work = root / "work"
     log = run_script("dist_train.sh", config, 2, "--work-dir", work,
-                     "--relu-spec-file", spec_file)
-    return dict(root=root, config=config, spec=spec, spec_file=spec_file, work=work, log=log)
+                     "--relu-spec-file", spec_file, "--load-from", root / "baseline.pth")
+    return dict(root=root, config=config, spec=spec, spec_file=spec_file, work=work, log=log,
+                baseline=root / "baseline.pth")
 
 
 def test_cls_trains_evaluates_and_records_spec(cls_run):
@@ -115,6 +120,18 @@ def test_cls_trains_evaluates_and_records_spec(cls_run):
     assert 0 < entry["drelus"] < n * n * 3904            # fewer DReLUs than the all-ReLU net
     vals = val_metrics(cls_run["work"])
     assert len(vals) == 1 and "accuracy/top1" in vals[0]
+
+
+def test_cls_finetune_starts_from_load_from(cls_run):
+    """The baseline weights loaded into the Block-ReLU model (two small SGD steps away)."""
+    from secure_inference.models import read_checkpoint, state_dict_of
+    assert f"Load checkpoint from {cls_run['baseline']}" in cls_run["log"]
+    base = state_dict_of(read_checkpoint(cls_run["baseline"]))
+    tuned = state_dict_of(read_checkpoint(cls_run["work"] / "epoch_1.pth"))
+    assert set(base) == set(tuned)                      # Block-ReLUs add no state
+    for key in ("backbone.conv1.weight", "backbone.layer4.1.conv2.weight"):
+        scale = base[key].abs().max().item()
+        assert 0 < (tuned[key] - base[key]).abs().max().item() < 0.1 * scale
 
 
 def test_cls_test_py_reproduces_metric(cls_run, tmp_path):
