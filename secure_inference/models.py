@@ -30,14 +30,11 @@ def is_config_path(model: str) -> bool:
 
 
 def load_config(path: str | os.PathLike, cfg_options: dict | None = None):
-    """An mmengine Config with ``cfg_options`` merged in."""
-    from mmengine.config import Config
+    """An mmengine Config (``mmpretrain::``/``mmseg::`` bases resolved) with ``cfg_options``."""
+    from .mmlab.config_utils import load_task_config
     if not Path(path).is_file():
         raise ModelLoadError(f"config file not found: {path}")
-    cfg = Config.fromfile(str(path))
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    return cfg
+    return load_task_config(path, cfg_options)
 
 
 def build_from_config(cfg) -> nn.Module:
@@ -111,13 +108,24 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
 
 def load_model(model: str, checkpoint: str | None = None,
                cfg_options: dict | None = None) -> nn.Module:
-    """Build a model from a config path, torchvision name or factory; load ``checkpoint``."""
+    """Build a model from a config path, torchvision name or factory; load ``checkpoint``.
+
+    A config's model is built like the training tools build it (data preprocessor merged in,
+    the config's ``secure_inference.convert`` conversions applied) and a finetuned
+    checkpoint brings its recorded Block-ReLU spec
+    (:func:`secure_inference.mmlab.finetune.load_finetuned`).
+    """
     if is_config_path(model):
-        net = build_from_config(load_config(model, cfg_options))
-    elif str(model).endswith(".py"):
+        from .mmlab.finetune import build_task_model, load_finetuned, prepare_model
+        cfg = load_config(model, cfg_options)
+        if checkpoint is not None:
+            if not Path(checkpoint).is_file():
+                raise ModelLoadError(f"checkpoint file not found: {checkpoint}")
+            return load_finetuned(cfg, checkpoint)
+        return prepare_model(build_task_model(cfg), cfg, None).eval()
+    if str(model).endswith(".py"):
         raise ModelLoadError(f"config file not found: {model}")
-    else:
-        net = build_named_model(model)
+    net = build_named_model(model)
     if checkpoint is not None:
         load_weights(net, checkpoint)
     return net.eval()
