@@ -137,3 +137,33 @@ def test_party_inputs_are_checked():
     program, weights = compile_model(model, (1, 3, 4, 4))
     with pytest.raises(Exception, match="images must be batches"):
         run_program(program, weights, [torch.randn(1, 3, 5, 5)], in_process=True, timeout=10)
+
+
+@pytest.mark.parametrize("xs,ws,kw", [
+    ((2, 8, 9, 9), (6, 8, 3, 3), dict(stride=1, padding=1, dilation=1, groups=1)),
+    ((1, 8, 20, 18), (8, 8, 3, 3), dict(stride=2, padding=2, dilation=2, groups=1)),
+    ((1, 16, 12, 12), (4, 16, 1, 1), dict(stride=1, padding=0, dilation=1, groups=1)),
+    ((1, 8, 10, 10), (8, 2, 3, 3), dict(stride=1, padding=1, dilation=1, groups=4)),  # int64 path
+    ((1, 8, 4, 4), (8, 8, 3, 3), dict(stride=1, padding=1, dilation=1, groups=1)),    # int64 path
+])
+def test_limb_convolution_is_exact_mod_2_64(xs, ws, kw):
+    """The float64 limb convolution equals torch's int64 convolution (exact wrap-around) on
+    uniform 64-bit values and the edge values -2^63, 2^63-1, -1, 0."""
+    from secure_inference.mpc.backends import get_backend
+    from secure_inference.mpc.party import LimbConvBackend
+    base = get_backend(torch.device("cpu"))
+    fast = LimbConvBackend(base)
+    lo, hi = -(1 << 63), (1 << 63) - 1
+    x = torch.randint(lo, hi, xs)
+    w = torch.randint(lo, hi, ws)
+    x.view(-1)[:4] = torch.tensor([lo, hi, -1, 0])
+    w.view(-1)[:4] = torch.tensor([hi, lo, 0, -1])
+    args = (kw["stride"], kw["padding"], kw["dilation"], kw["groups"])
+    assert torch.equal(fast.conv2d(x, w, *args), base.conv2d(x, w, *args))
+    # one output element against Python integers
+    ref = sum(int(a) * int(b) for a, b in zip(x[0, :ws[1], :ws[2], :ws[3]].reshape(-1).tolist(),
+                                                w[0].reshape(-1).tolist())) if kw["padding"] == 0 \
+        and kw["groups"] == 1 and kw["dilation"] == 1 else None
+    if ref is not None:
+        ref = (ref + (1 << 63)) % (1 << 64) - (1 << 63)
+        assert int(fast.conv2d(x, w, *args)[0, 0, 0, 0]) == ref
