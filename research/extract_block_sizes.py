@@ -69,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     perf = p.add_argument_group("execution")
     perf.add_argument("--num_gpus", "--num-gpus", type=int, default=1,
                       help="worker processes (torchrun; gloo on CPU, nccl on CUDA); work is "
-                      "split by (site, channel chunk)")
+                      "split by (site, channel chunk) (linear: by sample chunk, as its cost "
+                      "does not depend on the channels)")
     perf.add_argument("--device", choices=("cpu", "cuda"), default=None,
                       help="default: cuda when available")
     perf.add_argument("--batch_size", "--batch-size", type=int, default=16,

@@ -25,6 +25,8 @@ def resolve_sites(model: nn.Module, input_shape: Sequence[int],
     and be replaceable; ReLU6 sites are refused (convert the model with ``relu6_to_relu``).
     """
     sites = find_relu_sites(model, input_shape)
+    if isinstance(names, str):
+        names = [names]
     if names is None:
         chosen = [s for s in sites if not s.functional]
     else:

@@ -14,11 +14,15 @@ The functions here return *sums* over samples (float64); :func:`extract` divides
   output and (b) the outputs of every module call that completed before the site's call
   started. The remainder of the network is then re-run on a batch of *rows*, one row per
   (sample, channel, size) whose perturbation is non-zero: module calls that completed before
-  the site return their cached output (rows gathered from it) instead of computing, the site
-  returns the perturbed activation, everything after runs normally. Because only the site's
-  *output* is substituted, skip connections that read the site's input, modules called at
-  several sites and in-place operations behave exactly as in the clean network. Rows whose
-  perturbation is zero (e.g. [1, 1] at a ReLU site) contribute exactly 0 and are not run.
+  the site return their cached output (rows gathered from it only when later code reads it)
+  instead of computing, the site returns the perturbed activation, everything after runs
+  normally. Because only the site's *output* is substituted, skip connections that read the
+  site's input, modules called at several sites and in-place operations behave exactly as
+  in the clean network. Rows whose perturbation is zero (e.g. [1, 1] at a ReLU site)
+  contribute exactly 0 and are not run. When the first module after the site is a plain
+  Conv2d reading the site's output unchanged, it is updated incrementally: clean conv
+  output + the convolution of the one changed channel (one grouped conv over all rows).
+  The forward must be static (same module call order every run); this is checked.
 * **linear**: ``f(a + d) - f(a) ≈ J d``, so ``mean((J d)**2) = E_u[(u·J d)**2] / D`` for a
   Rademacher vector u over the D outputs; ``u·J d = (Jᵀu)·d`` and ``Jᵀu`` at every site comes
   from one vector-Jacobian product. R projections per sample give an unbiased estimate of the
