@@ -65,11 +65,11 @@ def split_inputs(cfg, model: nn.Module, split: str = "test", limit: int | None =
     """Model-ready inputs and labels of a config's ``{split}_dataloader`` dataset, in order."""
     from mmengine.registry import DefaultScope
 
-    from .mmlab.datasets import _dataset_registry
+    from .mmlab.datasets import dataset_registry
 
     scope = cfg.get("default_scope", None)
     with DefaultScope.overwrite_default_scope(scope):
-        dataset = _dataset_registry(scope).build(dict(cfg[f"{split}_dataloader"]["dataset"]))
+        dataset = dataset_registry(scope).build(dict(cfg[f"{split}_dataloader"]["dataset"]))
     total = len(dataset) if limit is None else min(limit, len(dataset))
     for start in range(0, total, batch_size):
         samples = [dataset[i] for i in range(start, min(start + batch_size, total))]

@@ -16,7 +16,8 @@ from torch import nn
 from .config_utils import task_options
 
 
-def _dataset_registry(scope: str | None):
+def dataset_registry(scope: str | None):
+    """The DATASETS registry of an mmpretrain or mmseg config scope (datasets registered)."""
     if scope == "mmpretrain":
         import mmpretrain.datasets  # noqa: F401  (registers datasets and transforms)
         from mmpretrain.registry import DATASETS
@@ -35,7 +36,7 @@ def build_distortion_dataset(cfg):
         raise ValueError("the config has no secure_inference.distortion_data entry (an mmengine "
                          "dataset config of training images with a deterministic pipeline)")
     scope = cfg.get("default_scope", None)
-    registry = _dataset_registry(scope)
+    registry = dataset_registry(scope)
     from mmengine.registry import DefaultScope
     with DefaultScope.overwrite_default_scope(scope):
         return registry.build(dict(data_cfg))
