@@ -115,10 +115,12 @@ class BlockReLU(nn.Module):
 
     @torch.no_grad()
     def mask(self, x: torch.Tensor) -> torch.Tensor:
-        """The 0/1 keep-mask for x [N, C, H, W]."""
+        """The 0/1 keep-mask for x [N, C, H, W] (or [N, C]: a site after a Linear layer)."""
+        if x.dim() == 2 and x.shape[1] == self.num_channels:
+            return self.mask(x[:, :, None, None])[:, :, 0, 0]
         if x.dim() != 4 or x.shape[1] != self.num_channels:
-            raise ValueError(f"BlockReLU expects [N, {self.num_channels}, H, W] input, "
-                             f"got {list(x.shape)}")
+            raise ValueError(f"BlockReLU expects [N, {self.num_channels}, H, W] or "
+                             f"[N, {self.num_channels}] input, got {list(x.shape)}")
         if self._all_relu:
             return (x > 0).to(x.dtype)
         mask = torch.ones_like(x)

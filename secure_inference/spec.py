@@ -85,6 +85,10 @@ class MultiSiteActivation(nn.Module):
     def reset_calls(self) -> None:
         self._next_call = 0
 
+    def skip_call(self) -> None:
+        """Advance to the next site without computing (a caller that substitutes this call)."""
+        self._next_call = (self._next_call + 1) % len(self.sites)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self._next_call
         self._next_call = (k + 1) % len(self.sites)

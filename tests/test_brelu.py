@@ -110,6 +110,12 @@ def test_bad_block_sizes_are_refused(bad, msg):
         BlockReLU(bad)
 
 
+def test_two_dimensional_input_after_a_linear_layer():
+    x = torch.randn(5, 3)
+    got = BlockReLU(np.array([[1, 1], [0, 1], [2, 2]]))(x)
+    torch.testing.assert_close(got, torch.stack([x[:, 0].relu(), x[:, 1], x[:, 2].relu()], 1))
+
+
 def test_wrong_channel_count_at_forward():
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         BlockReLU(np.ones((3, 2), dtype=int))(torch.randn(1, 4, 5, 5))

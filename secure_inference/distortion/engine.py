@@ -392,7 +392,7 @@ class SiteRunner:
                 counter.counter = calls[idx].end  # skip the calls nested in this one
                 if isinstance(module, MultiSiteActivation):
                     # its forward would have advanced the call counter: keep later calls right
-                    module._next_call = (module._next_call + 1) % len(module.sites)
+                    module.skip_call()
                 return fn()
             return forward
 
@@ -481,19 +481,6 @@ def _site_holder(model: nn.Module, site: ReluSite):
     return (model.get_submodule(parent_path) if parent_path else model), attr
 
 
-class _BlockReLUAnyDim(nn.Module):
-    """BlockReLU that also takes [N, C] activations (sites after linear layers) as [N, C, 1, 1]."""
-
-    def __init__(self, block_sizes) -> None:
-        super().__init__()
-        self.inner = BlockReLU(block_sizes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:
-            return self.inner(x[:, :, None, None])[:, :, 0, 0]
-        return self.inner(x)
-
-
 def naive_site_sums(model: nn.Module, site: ReluSite, batches: Iterable[torch.Tensor],
                     channels: Sequence[int], sizes: np.ndarray, input_shape: Sequence[int],
                     progress: Progress | None = None) -> np.ndarray:
@@ -508,7 +495,7 @@ def naive_site_sums(model: nn.Module, site: ReluSite, batches: Iterable[torch.Te
     device = batches[0].device
 
     def install(spec: np.ndarray) -> None:
-        module = _BlockReLUAnyDim(spec).to(device)
+        module = BlockReLU(spec).to(device)
         if isinstance(key, int):
             holder[key] = module
         else:
