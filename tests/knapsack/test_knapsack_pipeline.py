@@ -11,26 +11,11 @@ import pytest
 import torch
 
 import secure_inference as si
+from tiny_configs import TINY_CLS_CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]
 
-CONFIG = """
-default_scope = 'mmpretrain'
-model = dict(
-    type='ImageClassifier',
-    data_preprocessor=dict(type='ClsDataPreprocessor', num_classes=10,
-                           mean=[125.0, 123.0, 114.0], std=[63.0, 62.0, 67.0], to_rgb=False),
-    backbone=dict(type='ResNet_CIFAR', depth=18, num_stages=4, out_indices=(3,),
-                  stem_channels=8, base_channels=8, style='pytorch', init_cfg=None),
-    neck=dict(type='GlobalAveragePooling'),
-    head=dict(type='LinearClsHead', num_classes=10, in_channels=64,
-              loss=dict(type='CrossEntropyLoss', loss_weight=1.0)))
-test_pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
-secure_inference = dict(
-    input_shape=[3, 16, 16],
-    distortion_data=dict(type='CustomDataset', data_prefix='{data}', with_label=False,
-                         pipeline=test_pipeline))
-"""
+CONFIG = TINY_CLS_CONFIG
 
 
 def load_script(name: str):
