@@ -9,7 +9,7 @@ import torch
 from mmengine.registry import DefaultScope
 
 
-def _classifier(backbone: dict, in_channels: int, num_classes: int) -> torch.nn.Module:
+def build_classifier(backbone: dict, in_channels: int, num_classes: int) -> torch.nn.Module:
     import mmpretrain.models  # noqa: F401
     from mmpretrain.registry import MODELS
     with DefaultScope.overwrite_default_scope("mmpretrain"):
@@ -20,16 +20,16 @@ def _classifier(backbone: dict, in_channels: int, num_classes: int) -> torch.nn.
 
 
 def mmpretrain_resnet18_cifar(num_classes: int = 100) -> torch.nn.Module:
-    return _classifier(dict(type="ResNet_CIFAR", depth=18, num_stages=4, out_indices=(3,),
+    return build_classifier(dict(type="ResNet_CIFAR", depth=18, num_stages=4, out_indices=(3,),
                             style="pytorch"), 512, num_classes)
 
 
 def mmpretrain_resnet50(num_classes: int = 1000) -> torch.nn.Module:
-    return _classifier(dict(type="ResNet", depth=50, num_stages=4, out_indices=(3,),
+    return build_classifier(dict(type="ResNet", depth=50, num_stages=4, out_indices=(3,),
                             style="pytorch"), 2048, num_classes)
 
 
-def _mmseg_build(backbone: dict, in_channels: int, channels: int, num_classes: int):
+def build_deeplabv3(backbone: dict, in_channels: int, channels: int, num_classes: int):
     import mmseg.models  # noqa: F401
     from mmseg.registry import MODELS
     norm = dict(type="BN", requires_grad=True)
@@ -49,11 +49,11 @@ def mmseg_deeplabv3_r50(num_classes: int = 21) -> torch.nn.Module:
                     dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1),
                     norm_cfg=dict(type="BN", requires_grad=True), norm_eval=False,
                     style="pytorch", contract_dilation=True)
-    return _mmseg_build(backbone, 2048, 512, num_classes)
+    return build_deeplabv3(backbone, 2048, 512, num_classes)
 
 
 def mmseg_deeplabv3_mobilenetv2(num_classes: int = 150) -> torch.nn.Module:
     backbone = dict(type="MobileNetV2", widen_factor=1.0, strides=(1, 2, 2, 1, 1, 1, 1),
                     dilations=(1, 1, 1, 2, 2, 4, 4), out_indices=(1, 2, 4, 6),
                     norm_cfg=dict(type="BN", requires_grad=True))
-    return _mmseg_build(backbone, 320, 512, num_classes)
+    return build_deeplabv3(backbone, 320, 512, num_classes)

@@ -131,7 +131,8 @@ def test_cls_finetune_starts_from_load_from(cls_run):
     assert set(base) == set(tuned)                      # Block-ReLUs add no state
     for key in ("backbone.conv1.weight", "backbone.layer4.1.conv2.weight"):
         scale = base[key].abs().max().item()
-        assert 0 < (tuned[key] - base[key]).abs().max().item() < 0.1 * scale
+        # a fresh random init would differ by about the scale itself
+        assert 0 < (tuned[key] - base[key]).abs().max().item() < 0.5 * scale
 
 
 def test_cls_test_py_reproduces_metric(cls_run, tmp_path):

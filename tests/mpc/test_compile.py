@@ -16,46 +16,27 @@ import secure_inference as si
 from secure_inference.mpc.compile import (UnsupportedOperationError, compile_model, error_std,
                                           resize_matrices, run_float)
 from secure_inference.sites import find_relu_sites, run_model
+from model_zoo import build_classifier, build_deeplabv3
 
 
 # ---------------------------------------------------------------- reduced reference models
 
 def resnet18_cifar(width: int = 16, num_classes: int = 100) -> nn.Module:
     """mmpretrain ResNet18-CIFAR (ImageClassifier, ResNet_CIFAR, GAP neck, linear head)."""
-    import mmpretrain.models  # noqa: F401
-    from mmpretrain.registry import MODELS
-    return MODELS.build(dict(
-        type="ImageClassifier",
-        backbone=dict(type="ResNet_CIFAR", depth=18, num_stages=4, out_indices=(3,),
-                      style="pytorch", stem_channels=width, base_channels=width),
-        neck=dict(type="GlobalAveragePooling"),
-        head=dict(type="LinearClsHead", num_classes=num_classes, in_channels=8 * width,
-                  loss=dict(type="CrossEntropyLoss", loss_weight=1.0)))).eval()
+    return build_classifier(dict(type="ResNet_CIFAR", depth=18, num_stages=4, out_indices=(3,),
+                                 style="pytorch", stem_channels=width, base_channels=width),
+                            8 * width, num_classes).eval()
 
 
 def resnet50(width: int = 8, num_classes: int = 10) -> nn.Module:
     """mmpretrain ResNet50 (bottlenecks, max-pool stem)."""
-    import mmpretrain.models  # noqa: F401
-    from mmpretrain.registry import MODELS
-    return MODELS.build(dict(
-        type="ImageClassifier",
-        backbone=dict(type="ResNet", depth=50, num_stages=4, out_indices=(3,), style="pytorch",
-                      stem_channels=width, base_channels=width),
-        neck=dict(type="GlobalAveragePooling"),
-        head=dict(type="LinearClsHead", num_classes=num_classes, in_channels=32 * width,
-                  loss=dict(type="CrossEntropyLoss", loss_weight=1.0)))).eval()
+    return build_classifier(dict(type="ResNet", depth=50, num_stages=4, out_indices=(3,),
+                                 style="pytorch", stem_channels=width, base_channels=width),
+                            32 * width, num_classes).eval()
 
 
 def _deeplab(backbone: dict, in_channels: int, channels: int, num_classes: int) -> nn.Module:
-    import mmseg.models  # noqa: F401
-    from mmseg.registry import MODELS
-    return MODELS.build(dict(
-        type="EncoderDecoder", backbone=backbone,
-        decode_head=dict(type="ASPPHead", in_channels=in_channels, in_index=3, channels=channels,
-                         dilations=(1, 12, 24, 36), dropout_ratio=0.1, num_classes=num_classes,
-                         norm_cfg=dict(type="BN", requires_grad=True), align_corners=False,
-                         loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False)),
-        train_cfg=dict(), test_cfg=dict(mode="whole"))).eval()
+    return build_deeplabv3(backbone, in_channels, channels, num_classes).eval()
 
 
 def deeplabv3_r50(width: int = 8, num_classes: int = 5) -> nn.Module:
