@@ -38,16 +38,11 @@ def sample_indices(length: int, num_samples: int, seed: int) -> np.ndarray:
 
 
 def _dataset_registry(scope: str | None):
-    if scope == "mmpretrain":
-        import mmpretrain.datasets  # noqa: F401  (registers datasets and transforms)
-        from mmpretrain.registry import DATASETS
-    elif scope == "mmseg":
-        import mmseg.datasets  # noqa: F401
-        from mmseg.registry import DATASETS
-    else:
-        raise DistortionError(f"config default_scope is {scope!r}; expected 'mmpretrain' or "
-                              "'mmseg'")
-    return DATASETS
+    from ..mmlab.datasets import dataset_registry
+    try:
+        return dataset_registry(scope)
+    except ValueError as e:
+        raise DistortionError(str(e)) from None
 
 
 def build_distortion_dataset(cfg):
