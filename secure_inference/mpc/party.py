@@ -36,7 +36,7 @@ from .runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party, ProtocolError
 L = importlib.import_module(".protocols.linear", __package__)
 PL = importlib.import_module(".protocols.pooling", __package__)
 
-__all__ = ["LimbConvBackend", "run_party", "check_program", "gather_results", "run_layer", "layer_drelus", "SETUP_SCOPE", "HEADER_SCOPE",
+__all__ = ["run_party", "check_program", "gather_results", "run_layer", "layer_drelus", "SETUP_SCOPE", "HEADER_SCOPE",
            "MAX_BATCHES", "MAX_BATCH"]
 
 SETUP_SCOPE = "open-weights"   # sub-scope (inside each linear layer's scope) of the set-up
@@ -65,50 +65,6 @@ def layer_drelus(layer: Layer, batch: int | None = None) -> int:
             left -= left // 2
         return total * per
     return 0
-
-
-class LimbConvBackend:
-    """CPU backend whose conv2d splits int64 operands into four 16-bit limbs and runs the
-    limb-pair convolutions (i + j < 4: the rest vanish mod 2^64) as float64 convolutions,
-    which are exact while the reduction K = C_in/groups · kh · kw satisfies
-    K · (2^16 − 1)^2 < 2^53 (K < 2^21; checked, else the int64 kernel runs). On this CPU a
-    float64 conv is up to ~18× faster than torch's int64 conv, so the 10 limb convs are 1.5–5×
-    faster for ungrouped convolutions with outputs of at least 8×8 pixels (measured; grouped
-    and small-output convolutions, matmul and meta tensors use the runtime's backend).
-    (An adapter: it belongs in :mod:`.backends`.)"""
-
-    name = "cpu-int64-limbs16"
-    MAX_REDUCTION = (1 << 53) // ((1 << 16) - 1) ** 2
-    MIN_OUTPUT_PIXELS = 64   # measured: below 8x8 outputs the float64 kernels lose
-
-    def __init__(self, base) -> None:
-        self.base = base
-
-    def __getattr__(self, item):
-        return getattr(self.base, item)
-
-    def conv2d(self, x, w, stride=1, padding=0, dilation=1, groups=1):
-        if x.is_meta or w.is_meta or x.device.type != "cpu":
-            return self.base.conv2d(x, w, stride, padding, dilation, groups)
-        if x.dtype != torch.int64 or w.dtype != torch.int64:
-            raise TypeError("conv2d on shares needs int64 ring tensors")
-        if groups != 1 or math.prod(w.shape[1:]) > self.MAX_REDUCTION:
-            return self.base.conv2d(x, w, stride, padding, dilation, groups)
-        out_meta = torch.nn.functional.conv2d(x.to("meta"), w.to("meta"), None, stride,
-                                              padding, dilation, groups)
-        if out_meta.shape[-1] * out_meta.shape[-2] < self.MIN_OUTPUT_PIXELS:
-            return self.base.conv2d(x, w, stride, padding, dilation, groups)
-        xl = [((x >> (16 * i)) & 0xFFFF).to(torch.float64) for i in range(4)]
-        wl = [((w >> (16 * j)) & 0xFFFF).to(torch.float64) for j in range(4)]
-        out = None
-        for i in range(4):
-            for j in range(4 - i):
-                part = torch.nn.functional.conv2d(xl[i], wl[j], None, stride, padding, dilation,
-                                                  groups).to(torch.int64)
-                if i + j:
-                    part = part << (16 * (i + j))
-                out = part if out is None else out + part
-        return out
 
 
 def _public_matrix(party: Party, m: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -240,8 +196,6 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
     if party.role != ROLE_SERVER and weights is not None:
         raise ValueError(f"only the server holds weights, party {party.role} got some")
     cpu0 = time.process_time()
-    if party.device.type == "cpu" and not isinstance(party.backend, LimbConvBackend):
-        party.backend = LimbConvBackend(party.backend)
     set_default_config(party, drelu)
     check_program(party, program)
     sizes = _announce_batches(party, [im.shape[0] for im in images] if images else None)
