@@ -63,22 +63,12 @@ def write_digits_dataset(root: str | os.PathLike, size: int = 16, val_fraction: 
 def split_inputs(cfg, model: nn.Module, split: str = "test", limit: int | None = None,
                  batch_size: int = 64) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Model-ready inputs and labels of a config's ``{split}_dataloader`` dataset, in order."""
-    from mmengine.registry import DefaultScope
+    from .mmlab.datasets import build_dataset, preprocessed_batches
 
-    from .mmlab.datasets import dataset_registry
-
-    scope = cfg.get("default_scope", None)
-    with DefaultScope.overwrite_default_scope(scope):
-        dataset = dataset_registry(scope).build(dict(cfg[f"{split}_dataloader"]["dataset"]))
+    dataset = build_dataset(cfg, cfg[f"{split}_dataloader"]["dataset"])
     total = len(dataset) if limit is None else min(limit, len(dataset))
-    for start in range(0, total, batch_size):
-        samples = [dataset[i] for i in range(start, min(start + batch_size, total))]
-        batch = {"inputs": [s["inputs"] for s in samples],
-                 "data_samples": [s["data_samples"] for s in samples]}
-        with torch.no_grad():
-            x = model.data_preprocessor(batch, training=False)["inputs"]
-        labels = torch.tensor([int(s["data_samples"].gt_label) for s in samples])
-        yield x, labels
+    for x, samples in preprocessed_batches(dataset, model, range(total), batch_size):
+        yield x, torch.tensor([int(s.gt_label) for s in samples])
 
 
 @dataclass

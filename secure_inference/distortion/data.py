@@ -37,14 +37,6 @@ def sample_indices(length: int, num_samples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(int(seed)).permutation(length)[:num_samples]
 
 
-def _dataset_registry(scope: str | None):
-    from ..mmlab.datasets import dataset_registry
-    try:
-        return dataset_registry(scope)
-    except ValueError as e:
-        raise DistortionError(str(e)) from None
-
-
 def build_distortion_dataset(cfg):
     """Build ``cfg.secure_inference.distortion_data`` with the config's registry."""
     si = cfg.get("secure_inference") or {}
@@ -54,12 +46,9 @@ def build_distortion_dataset(cfg):
                               "secure_inference = dict(input_shape=[C, H, W], distortion_data="
                               "dict(<dataset cfg: training images, test pipeline>)) or use "
                               "--model/--image-folder")
-    scope = cfg.get("default_scope", None)
-    registry = _dataset_registry(scope)
-    from mmengine.registry import DefaultScope
+    from ..mmlab.datasets import build_dataset
     try:
-        with DefaultScope.overwrite_default_scope(scope):
-            dataset = registry.build(data_cfg)
+        dataset = build_dataset(cfg, data_cfg)
     except Exception as e:  # dataset constructors raise many types (missing files, bad keys)
         raise DistortionError(f"cannot build secure_inference.distortion_data: "
                               f"{type(e).__name__}: {e}") from None
@@ -73,26 +62,21 @@ def config_samples(cfg, model: nn.Module, num_samples: int, seed: int,
                    input_shape: Sequence[int] | None = None, batch_size: int = 16,
                    progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """N preprocessed samples [N, C, H, W] (CPU float32) from the config's distortion data."""
-    from mmengine.dataset import pseudo_collate
+    from ..mmlab.datasets import preprocessed_batches
     dataset = build_distortion_dataset(cfg)
     idx = sample_indices(len(dataset), num_samples, seed)
-    pre = getattr(model, "data_preprocessor", None)
-    if pre is None:
+    if getattr(model, "data_preprocessor", None) is None:
         raise DistortionError("the model has no data_preprocessor; build it from an MMLab "
                               "config")
-    pre = pre.cpu()  # preprocess on CPU so the samples (and their hash) match on every device
+    model.data_preprocessor.cpu()  # on CPU: samples (and their hash) match on every device
     out = []
-    for start in range(0, len(idx), batch_size):
-        items = [dataset[int(i)] for i in idx[start:start + batch_size]]
-        with torch.no_grad():
-            data = pre(pseudo_collate(items), False)
-        inputs = data["inputs"] if isinstance(data, dict) else data[0]
+    for inputs, _ in preprocessed_batches(dataset, model, idx, batch_size):
         if not torch.is_tensor(inputs) or inputs.dim() != 4:
             raise DistortionError("the data_preprocessor did not return a [N, C, H, W] batch; "
                                   "the distortion pipeline must give same-size images")
         out.append(inputs.float().cpu())
         if progress is not None:
-            progress(len(items))
+            progress(len(inputs))
     samples = torch.cat(out)
     if input_shape is not None and tuple(samples.shape[1:]) != tuple(input_shape):
         raise DistortionError(f"secure_inference.distortion_data yields samples of shape "

@@ -8,7 +8,7 @@ test time and can go straight into ``model(x, mode='tensor')``.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -29,12 +29,8 @@ def dataset_registry(scope: str | None):
     return DATASETS
 
 
-def build_distortion_dataset(cfg):
-    """The dataset of ``cfg.secure_inference.distortion_data`` (built, not yet loaded)."""
-    data_cfg = task_options(cfg).get("distortion_data")
-    if not data_cfg:
-        raise ValueError("the config has no secure_inference.distortion_data entry (an mmengine "
-                         "dataset config of training images with a deterministic pipeline)")
+def build_dataset(cfg, data_cfg):
+    """Build the mmengine dataset config ``data_cfg`` with the registry of ``cfg``'s scope."""
     scope = cfg.get("default_scope", None)
     registry = dataset_registry(scope)
     from mmengine.registry import DefaultScope
@@ -42,24 +38,41 @@ def build_distortion_dataset(cfg):
         return registry.build(dict(data_cfg))
 
 
-def distortion_inputs(cfg, model: nn.Module, num_samples: int | None = None,
-                      batch_size: int = 8) -> Iterator[torch.Tensor]:
-    """Yield preprocessed input batches [B, C, H, W] of the distortion split, in order.
+def build_distortion_dataset(cfg):
+    """The dataset of ``cfg.secure_inference.distortion_data`` (built, not yet loaded)."""
+    data_cfg = task_options(cfg).get("distortion_data")
+    if not data_cfg:
+        raise ValueError("the config has no secure_inference.distortion_data entry (an mmengine "
+                         "dataset config of training images with a deterministic pipeline)")
+    return build_dataset(cfg, data_cfg)
 
-    ``num_samples`` limits how many images are used (the first ones; None: all). The
-    model's ``data_preprocessor`` (an mmengine BaseModel attribute) is applied in eval mode.
-    """
+
+def preprocessed_batches(dataset, model: nn.Module, indices: Sequence[int], batch_size: int
+                         ) -> Iterator[tuple[torch.Tensor, list]]:
+    """(inputs [B, C, H, W], data samples) of ``dataset[indices]`` through the model's own
+    ``data_preprocessor`` in eval mode: exactly what the network sees at test time."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dataset = build_distortion_dataset(cfg)
-    total = len(dataset) if num_samples is None else min(int(num_samples), len(dataset))
     preprocessor = getattr(model, "data_preprocessor", None)
     if preprocessor is None:
         raise ValueError(f"{type(model).__name__} has no data_preprocessor; build the model "
                          "with secure_inference.mmlab.finetune.build_task_model")
-    for start in range(0, total, batch_size):
-        samples = [dataset[i] for i in range(start, min(start + batch_size, total))]
-        batch = {"inputs": [s["inputs"] for s in samples],
-                 "data_samples": [s["data_samples"] for s in samples]}
+    from mmengine.dataset import pseudo_collate
+    indices = [int(i) for i in indices]
+    for start in range(0, len(indices), batch_size):
+        items = [dataset[i] for i in indices[start:start + batch_size]]
         with torch.no_grad():
-            yield preprocessor(batch, training=False)["inputs"]
+            data = preprocessor(pseudo_collate(items), False)
+        yield data["inputs"], data["data_samples"]
+
+
+def distortion_inputs(cfg, model: nn.Module, num_samples: int | None = None,
+                      batch_size: int = 8) -> Iterator[torch.Tensor]:
+    """Yield preprocessed input batches [B, C, H, W] of the distortion split, in order.
+
+    ``num_samples`` limits how many images are used (the first ones; None: all).
+    """
+    dataset = build_distortion_dataset(cfg)
+    total = len(dataset) if num_samples is None else min(int(num_samples), len(dataset))
+    for inputs, _ in preprocessed_batches(dataset, model, range(total), batch_size):
+        yield inputs
