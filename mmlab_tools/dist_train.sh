@@ -10,18 +10,4 @@ fi
 CONFIG=$1
 NGPUS=$2
 shift 2
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON=${PYTHON:-python}
-
-PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" \
-exec "$PYTHON" -m torch.distributed.run \
-    --nnodes="$NNODES" \
-    --node_rank="$NODE_RANK" \
-    --master_addr="$MASTER_ADDR" \
-    --nproc_per_node="$NGPUS" \
-    --master_port="$PORT" \
-    "$HERE/train.py" "$CONFIG" --launcher pytorch "$@"
+exec bash "$(dirname "${BASH_SOURCE[0]}")/torchrun.sh" "$NGPUS" train.py "$CONFIG" "$@"
