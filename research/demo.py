@@ -98,7 +98,6 @@ def main(argv=None) -> None:
     py = sys.executable
     env = dict(os.environ, PYTHON=py, PORT=str(free_port()))
 
-    import secure_inference as si
     from secure_inference import demo
 
     # 1. data
@@ -180,7 +179,6 @@ def main(argv=None) -> None:
     plots = demo.plot_results(out, rows)
     log(f"done in {time.time() - t_start:.0f} s; results in {out}: results.txt, results.json, "
         + ", ".join(p.name for p in plots))
-    del si
 
 
 if __name__ == "__main__":
