@@ -55,6 +55,22 @@ ROLES = (ROLE_CLIENT, ROLE_SERVER, ROLE_HELPER)
 DEFAULT_TIMEOUT = 60.0
 
 T = TypeVar("T")
+_WARM = False
+
+
+def warm_up() -> None:
+    """Load what torch imports lazily on the first operation on shape-only ('meta') tensors
+    (its Python meta kernels pull in sympy: about 1.6 s of CPU here). The helper computes on
+    such tensors throughout and the others for shapes, so without this a party pays that
+    inside the first image's timed run. Idempotent; called by :class:`Party` and preloaded by
+    the local process harness's fork server."""
+    global _WARM
+    if _WARM:
+        return
+    a = torch.empty((1, 1, 2, 2), dtype=torch.int64, device="meta")
+    torch.nn.functional.conv2d(a + a - a, a[:, :, :1, :1])
+    torch.matmul(a, a)
+    _WARM = True
 
 __all__ = ["ROLE_CLIENT", "ROLE_SERVER", "ROLE_HELPER", "Party", "ProtocolError", "ScopeStats",
            "CommStats", "merge_stats", "run_in_process", "run_local_processes"]
@@ -172,6 +188,7 @@ class Party:
         self._depth: list[list[int]] = [[0, 0]]  # per open scope: [parent depth at entry, depth]
         from .backends import get_backend
         self.backend = get_backend(self.device)
+        warm_up()
 
     # --- session --------------------------------------------------------------------------
     def start(self) -> None:
@@ -432,7 +449,7 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
     # forkserver: children fork from a clean server that has imported the runtime (and torch)
     # once, so they start fast and never inherit a parent's busy OpenMP/thread state.
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["secure_inference.mpc.runtime"])
+    ctx.set_forkserver_preload(["secure_inference.mpc.runtime", "secure_inference.mpc._preload"])
     tmp = None
     if tls and certs_dir is None:
         from .certs import create_certificates
