@@ -1,5 +1,5 @@
-"""SecureNN DReLU (ShareConvert, PrivateCompare mod 67, ComputeMSB) and its approximate variant,
-tested against plaintext on random and edge values, with exact byte and round counts."""
+"""DReLU (masked opening + one PrivateCompare mod 67) and its approximate variant, tested
+against plaintext on random and edge values, with exact byte and round counts."""
 from __future__ import annotations
 
 import math
@@ -42,32 +42,20 @@ def _to_int(v: int, bits: int) -> int:
 
 # ------------------------------------------------------------------ pure helpers
 
-@pytest.mark.parametrize("bits", [64, 63, 62, 33, 8, 3])
-def test_modn_arithmetic_matches_python_integers(bits):
-    n_mod = (1 << bits) - 1
+@pytest.mark.parametrize("bits", [64, 63, 9, 3])
+def test_msb_identity_of_the_masked_opening(bits):
+    """The identity step 1 rests on, checked with Python integers: for t, r in Z_2^l and
+    x̂ = t + r mod 2^l, MSB(t) = MSB(x̂) ⊕ MSB(r) ⊕ [r' > x̂'] (r', x̂' the low l-1 bits)."""
     g = torch.Generator().manual_seed(bits)
-    vals = [0, 1, 2, n_mod - 1, n_mod - 2, 1 << (bits - 1), (1 << (bits - 1)) - 1]
-    rnd = [int(v) for v in _rand_ring((200,), g)]
-    vals += [_to_int(v, 64) % n_mod for v in rnd]
-    a_py = vals
-    b_py = list(reversed(vals))
-    enc = lambda xs: torch.tensor([D._i64(v) for v in xs], dtype=torch.int64)  # noqa: E731
-    dec = lambda t: [_to_int(int(v), 64) for v in t]  # noqa: E731
-    a, b = enc(a_py), enc(b_py)
-    assert dec(D.modn_add(a, b, bits)) == [(x + y) % n_mod for x, y in zip(a_py, b_py)]
-    assert dec(D.modn_sub(a, b, bits)) == [(x - y) % n_mod for x, y in zip(a_py, b_py)]
-    assert dec(D.modn_neg(a, bits)) == [(-x) % n_mod for x in a_py]
-    assert dec(D.modn_double(a, bits)) == [(2 * x) % n_mod for x in a_py]
-    full = enc([n_mod, 0, 5 % n_mod])
-    assert dec(D.modn_reduce(full, bits)) == [0, 0, 5 % n_mod]
-
-
-def test_msb_equals_lsb_of_double_mod_n():
-    """The identity ComputeMSB rests on: MSB_l(y) = LSB(2y mod 2^l - 1) for y in [0, N)."""
-    for bits in (3, 5, 8):
-        n_mod = (1 << bits) - 1
-        for y in range(n_mod):
-            assert (y >> (bits - 1)) & 1 == ((2 * y) % n_mod) & 1
+    mod, half = 1 << bits, 1 << (bits - 1)
+    vals = [0, 1, half - 1, half, half + 1, mod - 1, mod - 2]
+    vals += [_to_int(int(v), bits) for v in _rand_ring((60,), g)]
+    for t in vals:
+        for r in vals:
+            xh = (t + r) % mod
+            want = t >> (bits - 1)
+            got = (xh >> (bits - 1)) ^ (r >> (bits - 1)) ^ int(r % half > xh % half)
+            assert got == want
 
 
 def test_bit_decompose_msb_first():
@@ -105,19 +93,17 @@ def test_zp_packing_roundtrip_and_hostile_input():
 def test_element_packing_roundtrip_and_checks(bits):
     top = D._all_ones(bits)
     v = _rand_ring((50,)) & top
-    v = D.modn_reduce(v, bits)
+    v[0] = top
     packed = D.pack_elements(v, bits)
-    assert packed.numel() == 50 * ((bits + 7) // 8)
-    assert torch.equal(D.unpack_elements(packed, 50, bits, modn=True), v)
-    bad = D.pack_elements(torch.full((50,), top, dtype=torch.int64), bits)
-    with pytest.raises(ProtocolError, match="not an element"):
-        D.unpack_elements(bad, 50, bits, modn=True)
-    D.unpack_elements(bad, 50, bits, modn=False)  # a valid element of Z_2^l
+    assert packed.numel() == 50 * ((bits + 7) // 8) == D.pack_bytes(50, bits)
+    assert torch.equal(D.unpack_elements(packed, 50, bits), v)
+    with pytest.raises(ProtocolError, match="expected"):
+        D.unpack_elements(packed[:-1], 50, bits)
     if bits % 8:
         wide = D.pack_elements(torch.full((50,), 1 << bits, dtype=torch.int64), 64)
         wide = wide.view(50, 8)[:, :(bits + 7) // 8].reshape(-1)
         with pytest.raises(ProtocolError, match="wider"):
-            D.unpack_elements(wide, 50, bits, modn=False)
+            D.unpack_elements(wide, 50, bits)
 
 
 class _Rnd:
@@ -156,9 +142,9 @@ def test_private_compare_against_plaintext(bits):
 
 
 def test_config_validation_and_ranges():
-    assert D.EXACT.exact and D.EXACT.valid_range() == (-(1 << 62), 1 << 62)
+    assert D.EXACT.exact and D.EXACT.valid_range() == (-(1 << 63), 1 << 63)
     cfg = D.DReLUConfig.approximate(max_abs_bits=24, drop_bits=6)
-    assert (cfg.ring_bits, cfg.drop_bits) == (20, 6) and not cfg.exact
+    assert (cfg.ring_bits, cfg.drop_bits) == (19, 6) and not cfg.exact
     assert cfg.valid_range() == (-(1 << 24) + 64, 1 << 24)
     p = cfg.error_probability(torch.tensor([-1, 0, 63, 64, 10]))
     assert p.tolist() == [0.0, 63 / 64, 0.0, 0.0, 53 / 64]
@@ -166,20 +152,21 @@ def test_config_validation_and_ranges():
                 dict(drop_bits=-1)):
         with pytest.raises(ValueError):
             D.DReLUConfig(**bad)
-    with pytest.raises(ValueError):
-        D.DReLUConfig.approximate(4, 4)
+    for bad_bits in ((4, 4), (5, 4)):
+        with pytest.raises(ValueError):
+            D.DReLUConfig.approximate(*bad_bits)
 
 
 def test_cost_formula_and_targets():
-    assert D.drelu_bytes(1) == 368
-    assert D.drelu_bytes(10) == 3632
-    assert D.drelu_bytes(10 ** 6) / 10 ** 6 == pytest.approx(363.2)
+    # 3 packed vectors of 63 values mod 67 (13 words), two 8-byte openings, one output share
+    assert D.drelu_bytes(1) == 3 * 52 + 16 + 8 == 180
+    assert D.drelu_bytes(10) == 3 * 4 * 126 + 240 == 1752
+    assert D.drelu_bytes(10 ** 6) / 10 ** 6 == pytest.approx(175.2)
     assert D.drelu_bytes(1) <= 496 and D.mul_drelu_bytes(1, 1) <= 536
     assert D.drelu_bytes(0) == 0
     small = D.DReLUConfig(ring_bits=24, drop_bits=8)
-    # 6 packed compare/deal vectors of 24 values, six 3-byte elements, one 8-byte output share
-    assert D.drelu_bytes(5, small) == (D.zp_packed_bytes(240) + 4 * D.zp_packed_bytes(120)
-                                       + 6 * 5 * 3 + 40)
+    # 3 packed vectors of 5·23 values, two 3-byte openings per element, one 8-byte output share
+    assert D.drelu_bytes(5, small) == 3 * D.zp_packed_bytes(115) + 2 * 5 * 3 + 40
 
 
 # ------------------------------------------------------------------ the protocol (in process)
@@ -196,7 +183,8 @@ def _edge_values(lo: int, hi: int) -> list[int]:
 def test_exact_drelu_random_and_edge_values_and_costs():
     lo, hi = D.EXACT.valid_range()
     edges = torch.tensor(_edge_values(lo, hi), dtype=torch.int64)
-    rand = torch.randint(lo, hi, (1500,), dtype=torch.int64)
+    assert (lo, hi) == (I64_MIN, I64_MAX + 1)  # every int64: the whole ring
+    rand = _rand_ring((1500,))
     small = torch.randint(-1000, 1000, (300,), dtype=torch.int64)
     x = torch.cat([edges, rand, small])
     # shares that wrap in every way: x0 random, x0 = 0, x0 = x, x0 = -1, x0 = 2^63 - 1, x0 = -2^63
@@ -211,19 +199,19 @@ def test_exact_drelu_random_and_edge_values_and_costs():
     n = x.numel()
     assert st["bytes"] == D.drelu_bytes(n)
     assert st["rounds"] == D.ROUNDS
-    nzp = D.zp_packed_bytes(n * 64)
-    assert st["bytes_0->2"] == st["bytes_1->2"] == 2 * nzp
-    assert st["bytes_0->1"] == st["bytes_1->0"] == 16 * n
-    assert st["bytes_2->1"] == D.zp_packed_bytes(2 * n * 64) + 24 * n
+    nzp = D.zp_packed_bytes(n * 63)
+    assert st["bytes_0->2"] == st["bytes_1->2"] == nzp
+    assert st["bytes_0->1"] == st["bytes_1->0"] == 8 * n
+    assert st["bytes_2->1"] == nzp + 8 * n
     assert "bytes_2->0" not in st  # everything P0 gets from the helper comes from the PRG
 
 
-def test_single_exact_drelu_costs_368_bytes():
+def test_single_exact_drelu_costs_180_bytes_in_3_rounds():
     for v in (5, -5):
         x0, x1 = _share(torch.tensor([v]))
         got, st = _run_drelu(x0, x1)
         assert int(got) == (v >= 0)
-        assert st["bytes"] == 368 and st["rounds"] == 6
+        assert st["bytes"] == 180 and st["rounds"] == 3
 
 
 @pytest.mark.parametrize("ring_bits,drop_bits", [(20, 0), (40, 0), (30, 8), (24, 12), (44, 20)])
@@ -234,7 +222,7 @@ def test_approximate_drelu_matches_its_exact_prediction(ring_bits, drop_bits):
     lo, hi = cfg.valid_range()
     span = 1 << drop_bits
     x = torch.cat([torch.tensor(_edge_values(lo, hi), dtype=torch.int64),
-                   torch.randint(lo, hi, (600,)), torch.randint(-3 * span, 3 * span, (600,))])
+                   torch.randint(lo, hi - 1, (600,)), torch.randint(-3 * span, 3 * span, (600,))])
     x0, x1 = _share(x)
     got, st = _run_drelu(x0, x1, cfg)
     low = span - 1
@@ -281,8 +269,8 @@ def test_output_share_of_fixed_secret_looks_uniform():
 
 
 def test_helper_learns_only_unbiased_masked_comparison_bits(monkeypatch):
-    """P2's two PrivateCompare outputs per DReLU are masked by P0-P1 random bits: for one fixed
-    secret they are balanced, and what P2 receives in the fused multiplication (z = v + m) is
+    """P2's PrivateCompare output per DReLU is masked by a P0-P1 random bit: for one fixed
+    secret it is balanced, and what P2 receives in the fused multiplication (z = v + m) is
     uniform."""
     n = 4000
     x = torch.full((n,), 123456, dtype=torch.int64)
@@ -313,7 +301,7 @@ def test_helper_learns_only_unbiased_masked_comparison_bits(monkeypatch):
 
     r0, r1, _ = run_in_process(fn, timeout=60)
     assert torch.equal(r0 + r1, x)
-    assert len(seen) == 2
+    assert len(seen) == 1
     for bits in seen:
         assert abs(float(bits.double().mean()) - 0.5) < 0.05
     z = got_z[0] + got_z[1]
@@ -329,9 +317,9 @@ def test_malformed_helper_message_is_refused():
     def fn(party):
         if party.role == 2:
             with party.scope("drelu"):
-                size = D.zp_packed_bytes(2 * n * 64) + 8 * n
+                size = D.zp_packed_bytes(n * 63)
                 party.send(1, torch.full((size,), 255, dtype=torch.uint8))
-                party.recv(0, (D.zp_packed_bytes(n * 64),), torch.uint8)
+                party.recv(0, (D.zp_packed_bytes(n * 63),), torch.uint8)
             return None
         return D.drelu(party, [x0, x1][party.role])
 

@@ -1,46 +1,53 @@
-"""SecureNN DReLU: ShareConvert to Z_(2^ℓ-1), PrivateCompare mod 67, ComputeMSB; approximate DReLU.
+"""DReLU from one masked opening and one PrivateCompare mod 67; approximate DReLU.
 
 DReLU(x) = 1 if x ≥ 0 else 0, computed on additive shares of x over Z_2^64 (P0, P1) with the
-helper P2, and returned as additive shares of the bit over Z_2^64. The structure is SecureNN's
-(Wagh, Gupta, Chandran, PETS 2019); the messages are compressed.
+helper P2, and returned as additive shares of the bit over Z_2^64. The comparison is
+SecureNN's PrivateCompare (Wagh, Gupta, Chandran, PETS 2019); the rest uses the fact that the
+helper deals the mask and may know it, which makes SecureNN's ShareConvert and its second
+comparison unnecessary.
 
-Notation: ℓ = ``config.ring_bits`` (64 for the exact DReLU), L = 2^ℓ, N = L − 1 (odd),
-p = 67. ``[v]`` are additive shares (P0 holds v0, P1 holds v1).
+Notation: ℓ = ``config.ring_bits`` (64 for the exact DReLU), L = 2^ℓ, p = 67. For an ℓ-bit
+value v, v' = v mod 2^(ℓ−1) are its low ℓ−1 bits and MSB(v) its top bit.
 
 Protocol (n DReLUs at once; every step is vectorised over the n elements)
 
-0. *Input.* t = x (exact) or t = ⌊x_j / 2^k⌋ mod L computed locally on each share (approximate,
-   below). c = 2t mod L is even, so c ≠ L − 1 (the one value ShareConvert cannot convert), and
-   MSB(c) = bit ℓ−2 of t = sign of t for t ∈ [−2^(ℓ−2), 2^(ℓ−2)).
-1. *ShareConvert* (Z_L → Z_N). P2 deals r = r0 + r1 mod L (r0, r1 drawn from the P0–P2 and
-   P1–P2 PRGs: free), the bits of r shared over Z_p and r shared over Z_N (P0's shares come from
-   the PRG; P2 sends P1 only the corrections). P0, P1 exchange c_j + r_j and learn
-   x̂ = c + r mod L (one round). Over the integers c + r = x̂ + η·L with η = [r > x̂], hence
-   c ≡ x̂ − r + η (mod N) because L ≡ 1 (mod N). PrivateCompare(bits of r, x̂, η'') gives P2
-   η' = η'' ⊕ η (η'' a P0–P1 random bit hides η from P2); P2 shares η' over Z_N (one element to
-   P1) and P_j computes η_j = η'_j + j·η'' − 2η''·η'_j and y_j = j·x̂ − r_j + η_j (mod N).
-2. *ComputeMSB.* For y ∈ [0, N): MSB_ℓ(y) = LSB(2y mod N) (2y < N when the MSB is 0; otherwise
-   2y − N is odd). P2 deals X uniform in Z_N (X0, X1 from the PRGs: free) and the bits of X over
-   Z_p. P0, P1 open R = 2y + X mod N (2y is a rotation by one bit). Then
-   2y mod N = R − X + N·[X > R], so LSB(2y) = R[0] ⊕ X[0] ⊕ [X > R].
-   PrivateCompare(bits of X, R, β) gives P2 β' = β ⊕ [X > R].
-3. *Output.* MSB(c) = R[0] ⊕ β ⊕ (X[0] ⊕ β'). P2 knows s = X[0] ⊕ β' and shares it over Z_2^64
-   (one element to P1); P0, P1 know g = 1 ⊕ R[0] ⊕ β and output DReLU = g ⊕ s, i.e. shares
-   j·g + (1 − 2g)·s_j. This replaces SecureNN's final multiplication (no triple, no round).
+0. *Input.* t = x (exact) or t = ⌊x_j / 2^k⌋ mod L computed locally on each share
+   (approximate, below). DReLU(x) = 1 − MSB(t) for t ∈ [−2^(ℓ−1), 2^(ℓ−1)).
+1. *Masked opening* (round 1). P2 deals r = r0 + r1 mod L (r0, r1 drawn from the P0–P2 and
+   P1–P2 PRGs: free) and the ℓ−1 low bits of r shared over Z_p (P0's shares from the PRG; P2
+   sends P1 only the corrections). P0 and P1 exchange t_j + r_j and both learn
+   x̂ = t + r mod L, uniform because r is. Over the integers (see the derivation below)
+   MSB(t) = MSB(x̂) ⊕ MSB(r) ⊕ [r' > x̂'].
+2. *PrivateCompare* (round 2). With a common random bit β of P0 and P1, each sends its
+   PrivateCompare message for (bits of r', public x̂', β); P2 learns β' = β ⊕ [r' > x̂'].
+3. *Output* (round 3). P2 knows s = MSB(r) ⊕ β' and shares it over Z_2^64 (one element to
+   P1; P0's share from the PRG); P0 and P1 know g = 1 ⊕ MSB(x̂) ⊕ β and output
+   DReLU = g ⊕ s, i.e. shares j·g + (1 − 2g)·s_j.
+
+Derivation of step 1: write x̂ = 2^(ℓ−1)·a + x̂' and r = 2^(ℓ−1)·b + r'. Then
+t ≡ x̂ − r = 2^(ℓ−1)·(a − b) + (x̂' − r') (mod L). If x̂' ≥ r' the low part lies in
+[0, 2^(ℓ−1)) and MSB(t) = a ⊕ b; otherwise x̂' − r' + 2^(ℓ−1) does, with one borrow from the
+top bit, and MSB(t) = a ⊕ b ⊕ 1.
 
 PrivateCompare (SecureNN Algorithm 3, P2 learns β ⊕ [X > R] for bits of X shared over Z_p and
 public R): with q = R (β = 0) or q = R + 1 (β = 1), w_i = X_i ⊕ q_i and
 c_i = σ(q_i − X_i) + 1 + Σ_{k>i} w_k (σ = 1 − 2β); some c_i is 0 iff X > R (β = 0) or X ≤ R
-(β = 1); for β = 1 and R = 2^ℓ − 1 exactly one c_i is set to 0. Each party sends
+(β = 1); for β = 1 and R = 2^b − 1 exactly one c_i is set to 0. Each party sends
 d_i = s_i·c_i^j ± u_i mod p (s_i uniform nonzero and u_i uniform, both from the P0–P1 PRG; the
 ±u_i re-randomisation keeps P2 from relating the two parties' messages), rotated by a random
 offset; P2 outputs whether some d_i^0 + d_i^1 = 0. At most one c_i is zero and the nonzero
 s_i·c_i are independent and uniform on Z_p \\ {0}, so a uniformly random cyclic rotation hides
 the zero's position exactly as a full permutation does.
 
+What each party learns (semi-honest, no two parties colluding): P0 and P1 see x̂ (uniform:
+masked by r, of which each knows only its own PRG half), P1 the bit-share corrections (uniform:
+masked by P0's PRG shares) and its output shares (masked by P0's PRG shares); P2 sees the two
+PrivateCompare messages, which reveal only β ⊕ [r' > x̂'] (uniform: β is a P0–P1 coin), and in
+the fused multiplication z = v + m (uniform: m is a P0–P1 mask).
+
 Encodings on the wire: values mod 67 are packed five per 4 bytes (67^5 < 2^31, 6.4 bits each),
-elements of Z_L and Z_N in ⌈ℓ/8⌉ bytes, the output shares as int64. Every received value is
-checked to lie in its field (:class:`ProtocolError` otherwise).
+elements of Z_L in ⌈ℓ/8⌉ bytes, the output shares as int64. Every received value is checked to
+lie in its field (:class:`ProtocolError` otherwise).
 
 Communication for n DReLUs (payload bytes summed over all parties, see :func:`drelu_bytes`),
 B = ⌈ℓ/8⌉, Zp(m) = 4·⌈m/5⌉:
@@ -48,17 +55,15 @@ B = ⌈ℓ/8⌉, Zp(m) = 4·⌈m/5⌉:
 =====  ===========  ===============================================  =====================
 round  direction    content                                          bytes
 =====  ===========  ===============================================  =====================
-1      P2→P1        bits of r and X over Z_p, r over Z_N             Zp(2nℓ) + nB
-1      P0↔P1        c_j + r_j                                        2nB
-2      P0,P1→P2     PrivateCompare 1                                 2·Zp(nℓ)
-3      P2→P1        η' over Z_N                                      nB
-4      P0↔P1        2y_j + X_j                                       2nB
-5      P0,P1→P2     PrivateCompare 2                                 2·Zp(nℓ)
-6      P2→P1        s over Z_2^64                                    8n
+1      P2→P1        bits of r' over Z_p                              Zp(n(ℓ−1))
+1      P0↔P1        t_j + r_j                                        2nB
+2      P0,P1→P2     PrivateCompare                                   2·Zp(n(ℓ−1))
+3      P2→P1        s over Z_2^64                                    8n
 =====  ===========  ===============================================  =====================
 
-Exact 64-bit DReLU: 363.2 bytes per element for large n (368 for n = 1), 6 rounds; the
-SecureNN reference implementation's measured cost is 496.
+Exact 64-bit DReLU: 175.2 bytes per element for large n (180 for n = 1), 3 rounds; SecureNN
+(ShareConvert, two PrivateCompares) needs 6 rounds, and its reference implementation's
+measured cost is 496 bytes.
 
 Fused multiplication (:func:`mul_drelu`): shares of v·DReLU(d) for payload values v that each
 belong to one decision (ReLU: v = x; Block-ReLU: v = pixel, d = patch sum; max: v = d = a − b).
@@ -66,14 +71,15 @@ In round 1 P0 sends v0 + m and P1 sends v1 to P2 (m from the P0–P1 PRG), so P2
 z = v + m; with the last message P2 also sends P1 a share of s·z. Then v·s = [s·z] − m·[s] and
 v·DReLU = v·s (g = 0) or v − v·s (g = 1): 24 more bytes per payload value and no extra round.
 
-Range. Exact (ℓ = 64, k = 0): correct for every x ∈ [−2^62, 2^62). Approximate DReLU
-(:meth:`DReLUConfig.approximate`): each party shifts its share right by k bits (logically) and
-keeps ℓ bits, so the comparison runs over ℓ-bit rings (every message shrinks with ℓ). The shares
-then sum to t = ⌊x/2^k⌋ − e mod 2^ℓ, e ∈ {0, 1} the carry of the two shares' low k bits. For x
-in ``config.valid_range()`` = [−2^(k+ℓ−2) + 2^k, 2^(k+ℓ−2)) (k > 0) the result is exact except
-for 0 ≤ x < 2^k, which is reported negative with probability (2^k − 1 − x)/2^k (exactly when
-e = 1; :meth:`DReLUConfig.error_probability`). A ReLU or max built on it is therefore off by less
-than 2^k (in fixed-point units) where it errs. Outside the range the result is unspecified.
+Range. Exact (ℓ = 64, k = 0): correct for every x ∈ Z_2^64 read as a signed 64-bit integer.
+Approximate DReLU (:meth:`DReLUConfig.approximate`): each party shifts its share right by k bits
+(logically) and keeps ℓ bits, so the comparison runs over ℓ-bit rings (every message shrinks
+with ℓ). The shares then sum to t = ⌊x/2^k⌋ − e mod 2^ℓ, e ∈ {0, 1} the carry of the two
+shares' low k bits. For x in ``config.valid_range()`` = [−2^(k+ℓ−1) + 2^k, 2^(k+ℓ−1)) (k > 0)
+the result is exact except for 0 ≤ x < 2^k, which is reported negative with probability
+(2^k − 1 − x)/2^k (exactly when e = 1; :meth:`DReLUConfig.error_probability`). A ReLU or max
+built on it is therefore off by less than 2^k (in fixed-point units) where it errs. Outside
+the range the result is unspecified.
 """
 from __future__ import annotations
 
@@ -91,10 +97,10 @@ __all__ = ["P", "ROUNDS", "DReLUConfig", "EXACT", "drelu", "mul_drelu", "drelu_b
            "mul_drelu_bytes", "zp_packed_bytes", "pack_zp", "unpack_zp", "pack_elements",
            "unpack_elements", "private_compare_message", "private_compare_decide",
            "plain_private_compare", "plain_drelu", "set_default_config", "resolve_config",
-           "modn_add", "modn_neg", "modn_sub", "modn_double", "modn_reduce", "bit_decompose"]
+           "bit_decompose"]
 
 P = 67                      # PrivateCompare field (a prime above ℓ + 2 for every ℓ ≤ 64)
-ROUNDS = 6                  # rounds of one (batched) DReLU or fused DReLU-multiplication
+ROUNDS = 3                  # rounds of one (batched) DReLU or fused DReLU-multiplication
 _ZP_GROUP = 5               # values mod 67 per packed word: 67^5 = 1,350,125,107 < 2^31
 _ZP_WORD_BYTES = 4
 _ZP_WORD_LIMIT = P ** _ZP_GROUP
@@ -143,10 +149,11 @@ class DReLUConfig:
     @classmethod
     def approximate(cls, max_abs_bits: int, drop_bits: int = 0) -> "DReLUConfig":
         """An approximate DReLU for inputs with |x| < 2^max_abs_bits that ignores ``drop_bits``
-        low bits (ring of ℓ = max_abs_bits − drop_bits + 2 bits)."""
-        if max_abs_bits <= drop_bits:
-            raise ValueError(f"max_abs_bits ({max_abs_bits}) must exceed drop_bits ({drop_bits})")
-        return cls(ring_bits=max_abs_bits - drop_bits + 2, drop_bits=drop_bits)
+        low bits (ring of ℓ = max_abs_bits − drop_bits + 1 bits)."""
+        if max_abs_bits <= drop_bits + 1:
+            raise ValueError(f"max_abs_bits ({max_abs_bits}) must exceed drop_bits + 1 "
+                             f"({drop_bits + 1})")
+        return cls(ring_bits=max_abs_bits - drop_bits + 1, drop_bits=drop_bits)
 
     @property
     def exact(self) -> bool:
@@ -155,7 +162,7 @@ class DReLUConfig:
 
     def valid_range(self) -> tuple[int, int]:
         """``(lo, hi)``: inputs lo ≤ x < hi (fixed-point integers) are handled as documented."""
-        top = 1 << (self.drop_bits + self.ring_bits - 2)
+        top = 1 << (self.drop_bits + self.ring_bits - 1)
         lo = -top + (1 << self.drop_bits) if self.drop_bits else -top
         return lo, top
 
@@ -214,9 +221,9 @@ def drelu_bytes(n: int, config: DReLUConfig = EXACT) -> int:
     if n == 0:
         return 0
     ell, nb = config.ring_bits, (config.ring_bits + 7) // 8
-    return (zp_packed_bytes(2 * n * ell) + 4 * zp_packed_bytes(n * ell)  # dealt bits, 2 compares
-            + 6 * n * nb                                    # r over Z_N, x̂ (2), η', R (2)
-            + 8 * n)                                        # output share s
+    return (3 * zp_packed_bytes(n * (ell - 1))     # dealt bits of r', two compare messages
+            + 2 * n * nb                           # the masked opening t_j + r_j, both ways
+            + 8 * n)                               # output share s
 
 
 def mul_drelu_bytes(n: int, m: int, config: DReLUConfig = EXACT) -> int:
@@ -233,38 +240,6 @@ def mul_drelu_bytes(n: int, m: int, config: DReLUConfig = EXACT) -> int:
 def _ult(a: torch.Tensor, b: torch.Tensor | int) -> torch.Tensor:
     """Unsigned a < b for int64 bit patterns."""
     return (a ^ _I64_MIN) < (b ^ _I64_MIN if isinstance(b, int) else b ^ _I64_MIN)
-
-
-def modn_reduce(v: torch.Tensor, bits: int) -> torch.Tensor:
-    """Map an ℓ-bit value (in [0, 2^ℓ)) to Z_N, N = 2^ℓ − 1 (only 2^ℓ − 1 itself changes, to 0)."""
-    return torch.where(v == _all_ones(bits), torch.zeros_like(v), v)
-
-
-def modn_add(a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
-    """a + b mod 2^ℓ − 1 for a, b in [0, N) (int64 bit patterns for ℓ ≥ 63)."""
-    s = a + b
-    if bits == 64:  # end-around carry: 2^64 ≡ 1 (mod 2^64 − 1)
-        s = s + _ult(s, a).to(torch.int64)
-        return torch.where(s == -1, torch.zeros_like(s), s)
-    n = _all_ones(bits)
-    if bits <= 62:
-        return torch.where(s >= n, s - n, s)
-    return torch.where(_ult(s, n), s, s - n)
-
-
-def modn_neg(a: torch.Tensor, bits: int) -> torch.Tensor:
-    """−a mod 2^ℓ − 1 (bitwise complement within ℓ bits, with 0 ↦ 0)."""
-    return modn_reduce(a ^ _all_ones(bits), bits)
-
-
-def modn_sub(a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
-    """a − b mod 2^ℓ − 1."""
-    return modn_add(a, modn_neg(b, bits), bits)
-
-
-def modn_double(a: torch.Tensor, bits: int) -> torch.Tensor:
-    """2a mod 2^ℓ − 1: a rotation left by one bit within ℓ bits."""
-    return ((a << 1) & _all_ones(bits)) | ((a >> (bits - 1)) & 1)
 
 
 def bit_decompose(v: torch.Tensor, bits: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
@@ -367,9 +342,14 @@ def pack_elements(v: torch.Tensor, bits: int) -> torch.Tensor:
     return raw.view(-1, 8)[:, :nb].reshape(-1)
 
 
-def unpack_elements(data: torch.Tensor, count: int, bits: int, *, modn: bool,
+def pack_bytes(count: int, bits: int) -> int:
+    """Bytes of ``count`` ℓ-bit ring elements on the wire."""
+    return count * ((bits + 7) // 8)
+
+
+def unpack_elements(data: torch.Tensor, count: int, bits: int, *,
                     source: str = "peer") -> torch.Tensor:
-    """Inverse of :func:`pack_elements`; checks each value is below 2^ℓ (and ≠ 2^ℓ − 1 in Z_N)."""
+    """Inverse of :func:`pack_elements`; checks each value is below 2^ℓ."""
     _require_little_endian()
     nb = (bits + 7) // 8
     if data.dtype != torch.uint8 or data.numel() != count * nb:
@@ -383,8 +363,6 @@ def unpack_elements(data: torch.Tensor, count: int, bits: int, *, modn: bool,
         v = full.view(torch.int64).view(count)
     if bits < 64 and bool(((v >> bits) != 0).any()):
         raise ProtocolError(f"{source}: element wider than {bits} bits (malformed message)")
-    if modn and bool((v == _all_ones(bits)).any()):
-        raise ProtocolError(f"{source}: value 2^{bits}-1 is not an element of Z_(2^{bits}-1)")
     return v
 
 
@@ -421,11 +399,6 @@ def _pair_small(party: Party, other: int, count: int, high: int, tag: str) -> to
 def _pair_bits(party: Party, other: int, count: int, tag: str) -> torch.Tensor:
     """Uniform bits (int64 0/1) identical at both key holders."""
     return (party.pair_random(other, (count,), tag=tag, dtype=torch.uint8) & 1).to(torch.int64)
-
-
-def _pair_modn(party: Party, other: int, count: int, bits: int, tag: str) -> torch.Tensor:
-    """Exactly uniform elements of Z_(2^ℓ − 1) identical at both key holders."""
-    return party.pair_random(other, (count,), tag=tag, high=(1 << bits) - 1)
 
 
 def _pair_ring(party: Party, other: int, count: int, bits: int, tag: str) -> torch.Tensor:
@@ -522,36 +495,23 @@ def _numel(shape) -> int:
 def _helper_core(party: Party, n: int, m: int, bits: int,
                  index: torch.Tensor | None) -> None:
     """P2's side of :func:`_drelu_core`."""
-    top = _all_ones(bits)
-    # deal: r = r0 + r1 (both free), bits of r and X, r over Z_N
-    r0 = _pair_ring(party, ROLE_CLIENT, n, bits, "sc.r")
-    r1 = _pair_ring(party, ROLE_SERVER, n, bits, "sc.r")
-    r = (r0 + r1) & top
-    rbits0 = _pair_small(party, ROLE_CLIENT, n * bits, P, "sc.rbits").view(n, bits)
-    rho0 = _pair_modn(party, ROLE_CLIENT, n, bits, "sc.rho")
-    x0 = _pair_modn(party, ROLE_CLIENT, n, bits, "msb.X")
-    x1 = _pair_modn(party, ROLE_SERVER, n, bits, "msb.X")
-    xm = modn_add(x0, x1, bits)
-    xbits0 = _pair_small(party, ROLE_CLIENT, n * bits, P, "msb.Xbits").view(n, bits)
-    bit_corr = torch.remainder(torch.cat([bit_decompose(r, bits, torch.int16) - rbits0,
-                                          bit_decompose(xm, bits, torch.int16) - xbits0]), P)
-    rho1 = modn_sub(modn_reduce(r, bits), rho0, bits)
-    party.send(ROLE_SERVER, torch.cat([pack_zp(bit_corr), pack_elements(rho1, bits)]))
-    del r0, r1, r, rbits0, bit_corr
+    low = bits - 1
+    # deal: r = r0 + r1 (both free); P1's shares of the bits of r' are corrections
+    r = (_pair_ring(party, ROLE_CLIENT, n, bits, "dr.r")
+         + _pair_ring(party, ROLE_SERVER, n, bits, "dr.r")) & _all_ones(bits)
+    rbits0 = _pair_small(party, ROLE_CLIENT, n * low, P, "dr.rbits").view(n, low)
+    corr = bit_decompose(r, low, torch.int16)
+    corr -= rbits0
+    party.send(ROLE_SERVER, pack_zp(torch.remainder(corr, P)))
+    msb_r = (r >> low) & 1
+    del corr, rbits0, r
     if m:
         z = party.recv(ROLE_CLIENT, (m,)) + party.recv(ROLE_SERVER, (m,))
-    cmp_bytes = zp_packed_bytes(n * bits)
-    # PrivateCompare 1 → η'
-    d0 = unpack_zp(party.recv(ROLE_CLIENT, (cmp_bytes,), torch.uint8), n * bits, source="P0")
-    d1 = unpack_zp(party.recv(ROLE_SERVER, (cmp_bytes,), torch.uint8), n * bits, source="P1")
-    eta = private_compare_decide(d0.view(n, bits), d1.view(n, bits)).to(torch.int64)
-    e0 = _pair_modn(party, ROLE_CLIENT, n, bits, "sc.eta")
-    party.send(ROLE_SERVER, pack_elements(modn_sub(eta, e0, bits), bits))
-    # PrivateCompare 2 → β'
-    d0 = unpack_zp(party.recv(ROLE_CLIENT, (cmp_bytes,), torch.uint8), n * bits, source="P0")
-    d1 = unpack_zp(party.recv(ROLE_SERVER, (cmp_bytes,), torch.uint8), n * bits, source="P1")
-    beta_p = private_compare_decide(d0.view(n, bits), d1.view(n, bits)).to(torch.int64)
-    s = (xm & 1) ^ beta_p
+    cmp_bytes = zp_packed_bytes(n * low)
+    d0 = unpack_zp(party.recv(ROLE_CLIENT, (cmp_bytes,), torch.uint8), n * low, source="P0")
+    d1 = unpack_zp(party.recv(ROLE_SERVER, (cmp_bytes,), torch.uint8), n * low, source="P1")
+    beta_p = private_compare_decide(d0.view(n, low), d1.view(n, low)).to(torch.int64)
+    s = msb_r ^ beta_p
     out = [s - party.pair_random(ROLE_CLIENT, (n,), tag="out.s")]
     if m:
         sz = (s if index is None else s[index]) * z
@@ -579,66 +539,34 @@ def _drelu_core(party: Party, x: torch.Tensor, config: DReLUConfig,
         empty = torch.zeros(0, dtype=torch.int64, device=dev)
         return (empty if want_bits else None), (torch.zeros(m, dtype=torch.int64, device=dev)
                                                  if payload is not None else None)
-    nb = (bits + 7) // 8
-    top = _all_ones(bits)
-    xf = x.reshape(-1)
     if x.dtype != torch.int64:
         raise TypeError(f"DReLU expects int64 shares, got {x.dtype}")
+    low, top = bits - 1, _all_ones(bits)
+    xf = x.reshape(-1)
     t = xf if (bits == 64 and k == 0) else (xf >> k) & top   # logical shift: top < 2^(64−k)
-    c = (t << 1) & top
-    # round 1: open x̂ = c + r mod L; send the masked payload to P2
-    rj = _pair_ring(party, ROLE_HELPER, n, bits, "sc.r")
-    a_mine = (c + rj) & top
+    # round 1: open x̂ = t + r mod L; send the masked payload to P2
+    a_mine = (t + _pair_ring(party, ROLE_HELPER, n, bits, "dr.r")) & top
     party.send(other, pack_elements(a_mine, bits))
     if m:
         mask = party.pair_random(other, (m,), tag="mul.m")
         v = payload.reshape(-1)
         party.send(ROLE_HELPER, v + mask if j == 0 else v)
-    cmp_bytes = zp_packed_bytes(n * bits)
     if j == 0:
-        rbits = _pair_small(party, ROLE_HELPER, n * bits, P, "sc.rbits").view(n, bits)
-        rho = _pair_modn(party, ROLE_HELPER, n, bits, "sc.rho")
-        xm = _pair_modn(party, ROLE_HELPER, n, bits, "msb.X")
-        xbits = _pair_small(party, ROLE_HELPER, n * bits, P, "msb.Xbits").view(n, bits)
+        rbits = _pair_small(party, ROLE_HELPER, n * low, P, "dr.rbits").view(n, low)
     else:
-        xm = _pair_modn(party, ROLE_HELPER, n, bits, "msb.X")
-        deal = party.recv(ROLE_HELPER, (zp_packed_bytes(2 * n * bits) + n * nb,), torch.uint8)
-        zb = zp_packed_bytes(2 * n * bits)
-        corr = unpack_zp(deal[:zb], 2 * n * bits, source="P2").view(2 * n, bits)
-        rbits, xbits = corr[:n], corr[n:]
-        rho = unpack_elements(deal[zb:], n, bits, modn=True, source="P2")
-    a_other = unpack_elements(party.recv(other, (n * nb,), torch.uint8), n, bits, modn=False,
+        deal = party.recv(ROLE_HELPER, (zp_packed_bytes(n * low),), torch.uint8)
+        rbits = unpack_zp(deal, n * low, source="P2").view(n, low)
+    a_other = unpack_elements(party.recv(other, (pack_bytes(n, bits),), torch.uint8), n, bits,
                               source=f"P{other}")
     xhat = (a_mine + a_other) & top
-    # round 2: PrivateCompare(bits of r, x̂, η'') → P2 learns η'' ⊕ [r > x̂]
-    eta2 = _pair_bits(party, other, n, "sc.eta2")
-    rnd = _compare_randomness(party, other, n, bits, "sc.pc")
-    party.send(ROLE_HELPER, pack_zp(private_compare_message(j, rbits, xhat, eta2, rnd, bits)))
-    del rbits, rnd
-    # round 3: shares of η' over Z_N (P0's from the PRG)
-    if j == 0:
-        e = _pair_modn(party, ROLE_HELPER, n, bits, "sc.eta")
-    else:
-        e = unpack_elements(party.recv(ROLE_HELPER, (n * nb,), torch.uint8), n, bits,
-                            modn=True, source="P2")
-    one = torch.full_like(e, j)
-    eta = torch.where(eta2.bool(), modn_sub(one, e, bits), e)
-    y = modn_add(modn_neg(rho, bits), eta, bits)
-    if j == 1:
-        y = modn_add(y, modn_reduce(xhat, bits), bits)
-    # round 4: open R = 2y + X mod N
-    r_mine = modn_add(modn_double(y, bits), xm, bits)
-    party.send(other, pack_elements(r_mine, bits))
-    r_other = unpack_elements(party.recv(other, (n * nb,), torch.uint8), n, bits, modn=True,
-                              source=f"P{other}")
-    big_r = modn_add(r_mine, r_other, bits)
-    # round 5: PrivateCompare(bits of X, R, β) → P2 learns β ⊕ [X > R]
-    beta = _pair_bits(party, other, n, "msb.beta")
-    rnd = _compare_randomness(party, other, n, bits, "msb.pc")
-    party.send(ROLE_HELPER, pack_zp(private_compare_message(j, xbits, big_r, beta, rnd, bits)))
-    del xbits, rnd
-    # round 6: shares of s = X[0] ⊕ β' over Z_2^64
-    g = 1 ^ (big_r & 1) ^ beta
+    # round 2: PrivateCompare(bits of r', x̂', β) → P2 learns β ⊕ [r' > x̂']
+    beta = _pair_bits(party, other, n, "dr.beta")
+    rnd = _compare_randomness(party, other, n, low, "dr.pc")
+    msg = private_compare_message(j, rbits, xhat & _all_ones(low), beta, rnd, low)
+    party.send(ROLE_HELPER, pack_zp(msg))
+    del rbits, rnd, msg
+    # round 3: shares of s = MSB(r) ⊕ β' over Z_2^64; DReLU = g ⊕ s
+    g = 1 ^ ((xhat >> low) & 1) ^ beta
     if j == 0:
         s = party.pair_random(ROLE_HELPER, (n,), tag="out.s")
         sz = party.pair_random(ROLE_HELPER, (m,), tag="out.sz") if m else None

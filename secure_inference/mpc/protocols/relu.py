@@ -7,7 +7,7 @@ The ``config`` argument (:class:`~secure_inference.mpc.protocols.drelu.DReLUConf
 the session's, see :func:`~secure_inference.mpc.protocols.drelu.set_default_config`) selects the
 exact or an approximate DReLU and is passed to every DReLU a function runs.
 
-* :func:`relu`: ReLU(x) = x·DReLU(x); 6 rounds, :func:`relu_bytes` (387.2 bytes per element
+* :func:`relu`: ReLU(x) = x·DReLU(x); 3 rounds, :func:`relu_bytes` (199.2 bytes per element
   exact, amortised).
 * :func:`block_relu`: the project's Block-ReLU (:class:`secure_inference.BlockReLU`): per
   channel a block size [h, w]; identity channels ([0, 1], any zero) pass unchanged at no cost;
@@ -17,9 +17,9 @@ exact or an approximate DReLU and is passed to every DReLU a function runs.
   on the integer fixed-point sum), and the 0/1 decision is multiplied into every pixel of the
   patch. [1, 1] channels are exactly ReLU. Channels are grouped by block size and the whole
   layer is one DReLU call; cost :func:`block_relu_bytes` (24 bytes per non-identity pixel plus
-  one DReLU per patch: 64.4 bytes per pixel for 3×3 patches, exact DReLU).
+  one DReLU per patch: 43.5 bytes per pixel for 3×3 patches, exact DReLU).
 * :func:`max_pool2d`: a tree of comparisons over every window at once: max(a, b) =
-  b + (a − b)·DReLU(a − b), ⌈log2 K⌉ levels for K-element windows, 6 rounds each.
+  b + (a − b)·DReLU(a − b), ⌈log2 K⌉ levels for K-element windows, 3 rounds each.
 * :func:`select_share`: a if d ≥ 0 else b, as b + (a − b)·DReLU(d) (fused, no extra round);
   :func:`select_bit`: SecureNN's SelectShare for an already shared bit (one Beaver
   multiplication from :mod:`.linear`).
