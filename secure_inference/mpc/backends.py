@@ -6,7 +6,8 @@ One interface (:class:`Backend`): ``conv2d(x, w, stride, padding, dilation, grou
 * :class:`CpuInt64Backend`: torch's int64 ``conv2d``/``matmul`` on CPU wrap around modulo
   2^64 exactly (tested against Python integers on random 64-bit values).
 * :class:`CpuHybridBackend` (the CPU default): the int64 kernels, with large ungrouped
-  convolutions routed through 16-bit limbs in float64 (faster on CPU, same exact result).
+  convolutions computed from float64 convolutions of balanced 22-bit limbs (faster on CPU,
+  same exact result; 3 convolutions when one operand is small plaintext weights, else 6).
 * :class:`LimbFloatBackend`: CUDA has no int64 convolution, so each operand is split into
   ``L`` unsigned limbs of ``b`` bits, ``x = Σ x_i 2^(b·i)``, and the product is
   ``Σ_{b(i+j) < 64} 2^(b(i+j)) · conv(x_i, w_j)`` mod 2^64. Each ``conv(x_i, w_j)`` runs in
@@ -168,33 +169,84 @@ class LimbFloatBackend(Backend):
         return out
 
 
+def balanced_limbs(t: torch.Tensor, bits: int, count: int) -> list[torch.Tensor]:
+    """``t`` (int64, read modulo 2^64) as ``count`` signed digits, ``t = Σ d_i 2^(bits·i)``
+    (mod 2^64): the first ``count − 1`` in [−2^(bits−1), 2^(bits−1)), the last whatever is
+    left of the 64 bits (below 2^(63 − bits·(count−1)) in magnitude). Balanced digits have half
+    the magnitude of unsigned ones, so float sums of their products stay exact for 4× longer
+    reductions."""
+    out, rest, half = [], t, 1 << (bits - 1)
+    for _ in range(count - 1):
+        d = torch.bitwise_and(rest + half, (1 << bits) - 1) - half
+        out.append(d)
+        rest = torch.bitwise_right_shift(rest - d, bits)   # exact: rest − d ≡ 0 (mod 2^bits)
+    out.append(rest)
+    return out
+
+
 class CpuHybridBackend(CpuInt64Backend):
-    """The CPU default: int64 kernels, except ungrouped convolutions with outputs of at least
-    8×8 pixels, which run as 16-bit limb-pair float64 convolutions (:class:`LimbFloatBackend`).
+    """The CPU default: exact convolutions from float64 convolutions of balanced limbs.
 
     On one thread here torch's int64 conv2d reaches only ~0.3 GMAC/s while float64 runs up to
-    ~18× faster, so the 10 limb-pair convolutions are 1.5–5× faster than one int64 conv for
-    such layers (measured); grouped and small-output convolutions, and matmul, lose and keep
-    the int64 kernels. 16-bit limbs are exact for reductions K < 2^21 (checked).
+    ~18× faster. Both operands are split into three balanced limbs of 22 bits
+    (:func:`balanced_limbs`; shifts 0, 22, 44) and only the 6 limb pairs whose shift is below
+    64 are convolved: |digit| ≤ 2^21, so a reduction of K < 2^11 products stays below 2^53 and
+    float64 is exact; longer reductions are split over input channels and summed in int64.
+    When one operand is small — the server's plaintext fixed-point weights, |w| < 2^21 — it
+    is one limb and only 3 convolutions run (measured here: 3–10× faster than the int64
+    kernel from 8×8 outputs up; 2.4× at 4×4). Grouped (depthwise) and small-output
+    convolutions, and matmul, keep the int64 kernels.
     """
 
     name = "cpu-hybrid"
-    LIMB_BITS = 16
-    MAX_REDUCTION = ((1 << 53) - 1) // ((1 << LIMB_BITS) - 1) ** 2
-    MIN_OUTPUT_PIXELS = 64
-
-    def __init__(self) -> None:
-        self._limbs = LimbFloatBackend(torch.float64, limb_bits=self.LIMB_BITS)
+    LIMB_BITS = 22
+    LIMBS = 3
+    SMALL_BITS = 21                  # an operand below 2^21 in magnitude is used as one limb
+    MAX_REDUCTION = 1 << 11          # (2^21)^2 · 2^11 = 2^53
+    MIN_OUTPUT_PIXELS = 64           # below these output sizes the int64 kernel wins (measured)
+    MIN_OUTPUT_PIXELS_SMALL = 16
 
     def conv2d(self, x, w, stride=1, padding=0, dilation=1, groups=1):
         _check_int64(x, w)
-        if (x.is_meta or w.is_meta or groups != 1
-                or w.shape[1] * w.shape[2] * w.shape[3] > self.MAX_REDUCTION):
+        if x.is_meta or w.is_meta or groups != 1:
             return super().conv2d(x, w, stride, padding, dilation, groups)
         out_hw = F.conv2d(x.to("meta"), w.to("meta"), None, stride, padding, dilation).shape[-2:]
-        if out_hw[0] * out_hw[1] < self.MIN_OUTPUT_PIXELS:
+        small = self._is_small(w)
+        min_pixels = self.MIN_OUTPUT_PIXELS_SMALL if small else self.MIN_OUTPUT_PIXELS
+        if (out_hw[0] * out_hw[1] < min_pixels
+                or w.shape[2] * w.shape[3] >= self.MAX_REDUCTION):
             return super().conv2d(x, w, stride, padding, dilation, groups)
-        return self._limbs.conv2d(x, w, stride, padding, dilation, groups)
+        return self._limb_conv(x, w, (stride, padding, dilation), small)
+
+    def _is_small(self, t: torch.Tensor) -> bool:
+        bound = 1 << self.SMALL_BITS
+        return bool(((t > -bound) & (t < bound)).all())
+
+    def _limb_conv(self, x: torch.Tensor, w: torch.Tensor, geom: tuple,
+                   small: bool) -> torch.Tensor:
+        bits, count = self.LIMB_BITS, self.LIMBS
+        xl = [d.to(torch.float64) for d in balanced_limbs(x, bits, count)]
+        if small:
+            pairs = [(i, 0) for i in range(count)]
+            wl = [w.to(torch.float64)]
+        else:
+            pairs = [(i, j) for i in range(count) for j in range(count) if bits * (i + j) < 64]
+            wl = [d.to(torch.float64) for d in balanced_limbs(w, bits, count)]
+        step = self.MAX_REDUCTION // (w.shape[2] * w.shape[3]) - 1  # channels per exact chunk
+        n = x.shape[0]
+        out = None
+        for c0 in range(0, x.shape[1], step):
+            xs = [t[:, c0:c0 + step] for t in xl]
+            for j in sorted({j for _, j in pairs}):
+                iis = [i for i, jj in pairs if jj == j]
+                prod = F.conv2d(torch.cat([xs[i] for i in iis], 0), wl[j][:, c0:c0 + step],
+                                None, *geom)             # all x limbs paired with w_j at once
+                for k, i in enumerate(iis):
+                    term = prod[k * n:(k + 1) * n].to(torch.int64)
+                    if i + j:
+                        term = torch.bitwise_left_shift(term, bits * (i + j))
+                    out = term if out is None else out.add_(term)
+        return out
 
 
 def get_backend(device: torch.device | str) -> Backend:

@@ -125,3 +125,63 @@ def test_cuda_limb_conv2d_matches_cpu_int64(case):
 def test_cuda_limb_matmul_matches_cpu_int64():
     x, y = rand64(64, 4096), rand64(4096, 32)
     assert torch.equal(get_backend("cuda").matmul(x.cuda(), y.cuda()).cpu(), torch.matmul(x, y))
+
+
+# ------------------------------------------------------------------ CPU balanced limbs
+
+_LO, _HI = -(1 << 63), (1 << 63) - 1
+
+
+def test_balanced_limbs_reconstruct_and_stay_in_range():
+    from secure_inference.mpc.backends import balanced_limbs
+    v = torch.cat([torch.tensor([_LO, _HI, -1, 0, 1, (1 << 21), -(1 << 21), (1 << 21) - 1,
+                                 (1 << 43) + (1 << 21)]),
+                   torch.randint(_LO, _HI, (2000,))])
+    d = balanced_limbs(v, 22, 3)
+    back = d[0] + (d[1] << 22) + (d[2] << 44)          # int64 arithmetic wraps mod 2^64
+    assert torch.equal(back, v)
+    for digit in d[:2]:
+        assert int(digit.min()) >= -(1 << 21) and int(digit.max()) < (1 << 21)
+    assert int(d[2].abs().max()) <= (1 << 19)          # what is left of 64 − 44 bits
+
+
+@pytest.mark.parametrize("xs,ws,geom", [
+    ((2, 8, 9, 9), (6, 8, 3, 3), (1, 1, 1)),
+    ((1, 300, 10, 10), (5, 300, 3, 3), (1, 1, 1)),      # K = 2700: split over input channels
+    ((1, 8, 20, 18), (8, 8, 3, 3), (2, 2, 2)),
+    ((1, 16, 12, 12), (4, 16, 1, 1), (1, 0, 1)),
+    ((1, 8, 4, 4), (8, 8, 3, 3), (1, 1, 1)),             # small output: int64 kernel
+])
+def test_cpu_hybrid_conv_is_exact_for_random_and_small_weights(xs, ws, geom):
+    """Random 64-bit weights (6 limb pairs) and small plaintext weights up to the 2^21 bound
+    (3 convolutions; one weight of 2^21 switches to 6 pairs) all equal the int64 kernel."""
+    from secure_inference.mpc.backends import CpuHybridBackend
+    fast, base = CpuHybridBackend(), CpuInt64Backend()
+    x = torch.randint(_LO, _HI, xs)
+    x.view(-1)[:4] = torch.tensor([_LO, _HI, -1, 0])
+    bound = 1 << 21
+    small = torch.randint(-bound + 1, bound, ws)
+    small.view(-1)[:2] = torch.tensor([bound - 1, -bound + 1])
+    edge = small.clone()
+    edge.view(-1)[0] = bound
+    big = torch.randint(_LO, _HI, ws)
+    big.view(-1)[:4] = torch.tensor([_HI, _LO, 0, -1])
+    for w in (small, edge, big):
+        assert torch.equal(fast.conv2d(x, w, *geom), base.conv2d(x, w, *geom))
+    assert fast._is_small(small) and not fast._is_small(edge)
+
+
+def test_cpu_hybrid_conv_worst_case_sums_stay_exact():
+    """Every digit at its largest odd magnitude and an odd reduction of 301·9 = 2709 products:
+    an unsplit float64 sum would reach 2^53.4 with its lowest bit set and round; the channel
+    split keeps every partial sum exact."""
+    from secure_inference.mpc.backends import CpuHybridBackend, balanced_limbs
+    d = -(1 << 21) + 1
+    v = (d + (d << 22) + (1 << 44)) % (1 << 64)
+    v = v - (1 << 64) if v >= 1 << 63 else v
+    assert [int(t) for t in balanced_limbs(torch.tensor([v]), 22, 3)] == [d, d, 1]
+    x = torch.full((1, 301, 10, 10), v, dtype=torch.int64)
+    fast, base = CpuHybridBackend(), CpuInt64Backend()
+    for w in (torch.full((2, 301, 3, 3), v, dtype=torch.int64),
+              torch.full((2, 301, 3, 3), -(1 << 21) + 1, dtype=torch.int64)):
+        assert torch.equal(fast.conv2d(x, w, 1, 1, 1), base.conv2d(x, w, 1, 1, 1))

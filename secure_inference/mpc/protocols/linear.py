@@ -293,9 +293,8 @@ def _server_weight_op(party: Party, x: Share, weight: torch.Tensor | None,
             return party.placeholder(out_shape)
         else:
             w = _open_weights(party, weight, weight_shape, name)
-            e = party.recv(ROLE_CLIENT, x.shape)
-            c1 = party.recv(ROLE_HELPER, out_shape)
-            z = op(x + e, w) + c1
+            z = op(x + party.recv(ROLE_CLIENT, x.shape), w)  # while the helper computes c1
+            z += party.recv(ROLE_HELPER, out_shape)
             if bias is not None:
                 b = to_ring(party, bias, 2 * party.frac_bits) if bias.is_floating_point() \
                     else to_ring(party, bias)
