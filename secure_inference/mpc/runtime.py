@@ -60,16 +60,19 @@ _WARM = False
 
 def warm_up() -> None:
     """Load what torch imports lazily on the first operation on shape-only ('meta') tensors
-    (its Python meta kernels pull in sympy: about 1.6 s of CPU here). The helper computes on
-    such tensors throughout and the others for shapes, so without this a party pays that
-    inside the first image's timed run. Idempotent; called by :class:`Party` and preloaded by
-    the local process harness's fork server."""
+    (its Python meta kernels pull in sympy: about 1.6 s of CPU here), and compile the DReLU's
+    numba kernels (or load them from numba's cache). The helper computes on meta tensors
+    throughout and the others for shapes, so without this a party pays that inside the first
+    image's timed run. Idempotent; called by :class:`Party` and preloaded by the local process
+    harness's fork server."""
     global _WARM
     if _WARM:
         return
     a = torch.empty((1, 1, 2, 2), dtype=torch.int64, device="meta")
     torch.nn.functional.conv2d(a + a - a, a[:, :, :1, :1])
     torch.matmul(a, a)
+    from .protocols import compare_kernels
+    compare_kernels.warm_up()
     _WARM = True
 
 __all__ = ["ROLE_CLIENT", "ROLE_SERVER", "ROLE_HELPER", "Party", "ProtocolError", "ScopeStats",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -141,6 +143,39 @@ def test_private_compare_against_plaintext(bits):
         assert int((torch.remainder(d0 + d1, 67) == 0).sum(1).max()) <= 1
 
 
+@pytest.mark.parametrize("bits", [63, 16, 3])
+def test_cpu_kernels_equal_the_torch_reference(bits):
+    """The fused CPU kernels (message + packing, unpacking + decision, dealt corrections, the
+    Z_67 packing) give exactly what the torch operations give, including the special row."""
+    g = torch.Generator().manual_seed(bits)
+    n = 777
+    top = D._all_ones(bits)
+    r = _rand_ring((n,), g) & top
+    r[:40] = top
+    beta = torch.randint(0, 2, (n,), generator=g)
+    xbits = torch.randint(0, 67, (n, bits), dtype=torch.int16, generator=g)
+    rnd = _Rnd(n, bits, g)
+    rnd.s, rnd.u = rnd.s.to(torch.int16), rnd.u.to(torch.int16)
+    for j in (0, 1):
+        want = D._pack_zp_torch(D.private_compare_message(j, xbits, r, beta, rnd, bits))
+        assert torch.equal(D.private_compare_packed(j, xbits, r, beta, rnd, bits), want)
+    d0 = D.private_compare_message(0, xbits, r, beta, rnd, bits)
+    d1 = D.private_compare_message(1, torch.randint(0, 67, (n, bits), dtype=torch.int16,
+                                                    generator=g), r, beta, rnd, bits)
+    d1[::3] = (67 - d0[::3]) % 67                    # rows with a zero sum somewhere
+    got = D.private_compare_decide_packed(D._pack_zp_torch(d0), D._pack_zp_torch(d1), n, bits)
+    assert torch.equal(got, D.private_compare_decide(d0, d1))
+    assert bool(got[::3].all())
+    shares0 = torch.randint(0, 67, (n * bits,), dtype=torch.int16, generator=g)
+    corr = D._unpack_zp_torch(D._deal_corrections(r, shares0, bits), n * bits)
+    assert torch.equal(torch.remainder(corr + shares0, 67).view(n, bits),
+                       D.bit_decompose(r, bits, torch.int16))
+    v = torch.randint(0, 67, (n * bits + 3,), dtype=torch.int16, generator=g)
+    assert torch.equal(D.pack_zp(v), D._pack_zp_torch(v))
+    assert torch.equal(D.unpack_zp(D.pack_zp(v), v.numel()), D._unpack_zp_torch(D.pack_zp(v),
+                                                                                v.numel()))
+
+
 def test_config_validation_and_ranges():
     assert D.EXACT.exact and D.EXACT.valid_range() == (-(1 << 63), 1 << 63)
     cfg = D.DReLUConfig.approximate(max_abs_bits=24, drop_bits=6)
@@ -276,14 +311,14 @@ def test_helper_learns_only_unbiased_masked_comparison_bits(monkeypatch):
     x = torch.full((n,), 123456, dtype=torch.int64)
     x0, x1 = _share(x)
     seen = []
-    real = D.private_compare_decide
+    real = D.private_compare_decide_packed
 
-    def spy(d0, d1):
-        out = real(d0, d1)
+    def spy(*args):
+        out = real(*args)
         seen.append(out.clone())
         return out
 
-    monkeypatch.setattr(D, "private_compare_decide", spy)
+    monkeypatch.setattr(D, "private_compare_decide_packed", spy)
     got_z = []
 
     def fn(party):
@@ -353,3 +388,15 @@ def test_mul_drelu_argument_checks():
         return True
 
     assert run_in_process(fn, timeout=20) == [True, True, True]
+
+
+def test_word_reduction_kernel_matches_numpy_for_every_word():
+    from secure_inference.mpc.protocols import compare_kernels as K
+    words = np.arange(65536, dtype=np.uint16)
+    for high in (2, 3, 63, 64, 66, 67, 255, 256):
+        out = np.empty(65536, dtype=np.int16)
+        bad = K.reduce_words(words, high, out)
+        assert np.array_equal(out, (words % high).astype(np.int16))
+        assert bad == 65536 - (65536 // high) * high
+    with pytest.raises(ValueError):
+        K.reduce_words(words, 257, np.empty(65536, dtype=np.int16))

@@ -92,10 +92,12 @@ import numpy as np
 import torch
 
 from ..runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party, ProtocolError
+from . import compare_kernels as K
 
 __all__ = ["P", "ROUNDS", "DReLUConfig", "EXACT", "drelu", "mul_drelu", "drelu_bytes",
            "mul_drelu_bytes", "zp_packed_bytes", "pack_zp", "unpack_zp", "pack_elements",
            "unpack_elements", "private_compare_message", "private_compare_decide",
+           "private_compare_packed", "private_compare_decide_packed",
            "plain_private_compare", "plain_drelu", "set_default_config", "resolve_config",
            "bit_decompose"]
 
@@ -280,6 +282,16 @@ def _require_little_endian() -> None:
 def pack_zp(v: torch.Tensor) -> torch.Tensor:
     """Pack values in [0, 67) (any shape, flattened) five per 4 bytes; returns uint8."""
     _require_little_endian()
+    if v.device.type != "cpu":
+        return _pack_zp_torch(v)
+    flat = v.reshape(-1).contiguous().numpy()
+    words = np.zeros(-(-flat.size // _ZP_GROUP), dtype=np.int32)
+    K.pack_values(flat, words)
+    return torch.from_numpy(words).view(torch.uint8)
+
+
+def _pack_zp_torch(v: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_zp` in torch operations (any device; the reference for the CPU kernel)."""
     flat = v.reshape(-1)
     words = -(-flat.numel() // _ZP_GROUP)
     pad = words * _ZP_GROUP - flat.numel()
@@ -296,8 +308,8 @@ def pack_zp(v: torch.Tensor) -> torch.Tensor:
     return packed.view(torch.uint8)
 
 
-def unpack_zp(data: torch.Tensor, count: int, *, source: str = "peer") -> torch.Tensor:
-    """Inverse of :func:`pack_zp` for ``count`` values (int16); refuses anything malformed."""
+def _zp_words(data: torch.Tensor, count: int, source: str) -> torch.Tensor:
+    """The int32 words of a packed message of ``count`` values, after the length check."""
     _require_little_endian()
     words = -(-count // _ZP_GROUP)
     if data.dtype != torch.uint8 or data.numel() != words * _ZP_WORD_BYTES:
@@ -305,7 +317,33 @@ def unpack_zp(data: torch.Tensor, count: int, *, source: str = "peer") -> torch.
                             f"values, got {data.numel()} ({data.dtype})")
     if data.storage_offset() % _ZP_WORD_BYTES or not data.is_contiguous():
         data = data.clone()
-    w_all = data.view(torch.int32)
+    return data.view(torch.int32)
+
+
+def _checked_cpu_words(data: torch.Tensor, count: int, source: str) -> np.ndarray:
+    words = _zp_words(data, count, source).numpy()
+    err = K.check_words(words, count)
+    if err == K.WORD_OUT_OF_RANGE:
+        raise ProtocolError(f"{source}: packed Z_67 word out of range (malformed message)")
+    if err == K.NONZERO_PADDING:
+        raise ProtocolError(f"{source}: nonzero padding in packed Z_67 values")
+    return words
+
+
+def unpack_zp(data: torch.Tensor, count: int, *, source: str = "peer") -> torch.Tensor:
+    """Inverse of :func:`pack_zp` for ``count`` values (int16); refuses anything malformed."""
+    if data.device.type != "cpu":
+        return _unpack_zp_torch(data, count, source=source)
+    words = _checked_cpu_words(data, count, source)
+    out = np.empty(count, dtype=np.int16)
+    K.unpack_words(words, out)
+    return torch.from_numpy(out)
+
+
+def _unpack_zp_torch(data: torch.Tensor, count: int, *, source: str = "peer") -> torch.Tensor:
+    """:func:`unpack_zp` in torch/numpy operations (the reference for the CPU kernel)."""
+    words = -(-count // _ZP_GROUP)
+    w_all = _zp_words(data, count, source)
     if bool(((w_all < 0) | (w_all >= _ZP_WORD_LIMIT)).any()):
         raise ProtocolError(f"{source}: packed Z_67 word out of range (malformed message)")
     if w_all.device.type == "cpu":  # numpy divides by a constant much faster than torch
@@ -386,8 +424,8 @@ def _pair_small(party: Party, other: int, count: int, high: int, tag: str) -> to
         size = min(_BLOCK, count - a)
         words = party.pair_random(other, (2 * size,), tag=tag, dtype=torch.uint8).cpu().numpy()
         words = words.view(np.uint16)
-        out[a:a + size] = words % np.uint16(high)
-        bad = np.flatnonzero(words >= limit)
+        rejected = K.reduce_words(words, high, out[a:a + size])
+        bad = np.flatnonzero(words >= limit) if rejected else words[:0].astype(np.int64)
         while bad.size:
             more = party.pair_random(other, (2 * bad.size,), tag=tag, dtype=torch.uint8).cpu()
             more = more.numpy().view(np.uint16)
@@ -478,6 +516,36 @@ def _pc_rows(j: int, xbits: torch.Tensor, r: torch.Tensor, beta: torch.Tensor, s
     return torch.gather(torch.cat([d, d], 1), 1, idx)
 
 
+def private_compare_packed(role: int, xbits: torch.Tensor, r: torch.Tensor, beta: torch.Tensor,
+                          rnd: _CompareRandomness | Any, bits: int) -> torch.Tensor:
+    """:func:`private_compare_message` packed for the wire (:func:`pack_zp`); one fused pass
+    per row on CPU (:mod:`.compare_kernels`)."""
+    if r.device.type != "cpu":
+        return pack_zp(private_compare_message(role, xbits, r, beta, rnd, bits))
+    n = r.numel()
+    words = np.zeros(-(-n * bits // _ZP_GROUP), dtype=np.int32)
+    K.pc_message_packed(int(role), xbits.to(torch.int16).contiguous().numpy(),
+                        r.reshape(n).contiguous().numpy(), beta.reshape(n).contiguous().numpy(),
+                        rnd.s.to(torch.int16).contiguous().numpy(),
+                        rnd.u.to(torch.int16).contiguous().numpy(),
+                        rnd.shift.to(torch.int64).contiguous().numpy(), int(bits), words)
+    return torch.from_numpy(words).view(torch.uint8)
+
+
+def private_compare_decide_packed(data0: torch.Tensor, data1: torch.Tensor, n: int,
+                                  bits: int) -> torch.Tensor:
+    """P2's output from the two packed messages (bool [n]); refuses malformed messages."""
+    if data0.device.type != "cpu":
+        d0 = unpack_zp(data0, n * bits, source="P0").view(n, bits)
+        d1 = unpack_zp(data1, n * bits, source="P1").view(n, bits)
+        return private_compare_decide(d0, d1)
+    w0 = _checked_cpu_words(data0, n * bits, "P0")
+    w1 = _checked_cpu_words(data1, n * bits, "P1")
+    out = np.zeros(n, dtype=np.bool_)
+    K.decide_packed(w0, w1, n, bits, out)
+    return torch.from_numpy(out)
+
+
 def private_compare_decide(d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
     """P2's output of PrivateCompare: True where some d0_i + d1_i ≡ 0 (mod 67)."""
     s = d0 + d1                       # both in [0, 67): the sum is 0 mod 67 iff it is 0 or 67
@@ -492,6 +560,17 @@ def _numel(shape) -> int:
     return int(math.prod(shape))
 
 
+def _deal_corrections(r: torch.Tensor, shares0: torch.Tensor, bits: int) -> torch.Tensor:
+    """P1's shares of the ``bits`` low bits of r over Z_67 (P0's are ``shares0``), packed."""
+    n = r.numel()
+    if r.device.type != "cpu":
+        corr = bit_decompose(r, bits, torch.int16) - shares0.view(n, bits)
+        return pack_zp(torch.remainder(corr, P))
+    words = np.zeros(-(-n * bits // _ZP_GROUP), dtype=np.int32)
+    K.deal_corrections_packed(r.contiguous().numpy(), shares0.contiguous().numpy(), bits, words)
+    return torch.from_numpy(words).view(torch.uint8)
+
+
 def _helper_core(party: Party, n: int, m: int, bits: int,
                  index: torch.Tensor | None) -> None:
     """P2's side of :func:`_drelu_core`."""
@@ -499,18 +578,16 @@ def _helper_core(party: Party, n: int, m: int, bits: int,
     # deal: r = r0 + r1 (both free); P1's shares of the bits of r' are corrections
     r = (_pair_ring(party, ROLE_CLIENT, n, bits, "dr.r")
          + _pair_ring(party, ROLE_SERVER, n, bits, "dr.r")) & _all_ones(bits)
-    rbits0 = _pair_small(party, ROLE_CLIENT, n * low, P, "dr.rbits").view(n, low)
-    corr = bit_decompose(r, low, torch.int16)
-    corr -= rbits0
-    party.send(ROLE_SERVER, pack_zp(torch.remainder(corr, P)))
+    rbits0 = _pair_small(party, ROLE_CLIENT, n * low, P, "dr.rbits")
+    party.send(ROLE_SERVER, _deal_corrections(r, rbits0, low))
     msb_r = (r >> low) & 1
-    del corr, rbits0, r
+    del rbits0, r
     if m:
         z = party.recv(ROLE_CLIENT, (m,)) + party.recv(ROLE_SERVER, (m,))
     cmp_bytes = zp_packed_bytes(n * low)
-    d0 = unpack_zp(party.recv(ROLE_CLIENT, (cmp_bytes,), torch.uint8), n * low, source="P0")
-    d1 = unpack_zp(party.recv(ROLE_SERVER, (cmp_bytes,), torch.uint8), n * low, source="P1")
-    beta_p = private_compare_decide(d0.view(n, low), d1.view(n, low)).to(torch.int64)
+    beta_p = private_compare_decide_packed(party.recv(ROLE_CLIENT, (cmp_bytes,), torch.uint8),
+                                           party.recv(ROLE_SERVER, (cmp_bytes,), torch.uint8),
+                                           n, low).to(torch.int64).to(party.device)
     s = msb_r ^ beta_p
     out = [s - party.pair_random(ROLE_CLIENT, (n,), tag="out.s")]
     if m:
@@ -562,8 +639,8 @@ def _drelu_core(party: Party, x: torch.Tensor, config: DReLUConfig,
     # round 2: PrivateCompare(bits of r', x̂', β) → P2 learns β ⊕ [r' > x̂']
     beta = _pair_bits(party, other, n, "dr.beta")
     rnd = _compare_randomness(party, other, n, low, "dr.pc")
-    msg = private_compare_message(j, rbits, xhat & _all_ones(low), beta, rnd, low)
-    party.send(ROLE_HELPER, pack_zp(msg))
+    msg = private_compare_packed(j, rbits, xhat & _all_ones(low), beta, rnd, low)
+    party.send(ROLE_HELPER, msg)
     del rbits, rnd, msg
     # round 3: shares of s = MSB(r) ⊕ β' over Z_2^64; DReLU = g ⊕ s
     g = 1 ^ ((xhat >> low) & 1) ^ beta
