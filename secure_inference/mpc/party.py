@@ -171,6 +171,17 @@ def check_program(party: Party, program: Program) -> None:
                                     "parties must use the same architecture, spec and input shape")
 
 
+def _barrier(party: Party) -> None:
+    """Every party tells both others it is ready and waits for theirs (one byte each way)."""
+    with party.scope(HEADER_SCOPE):
+        others = [p for p in (ROLE_CLIENT, ROLE_SERVER, ROLE_HELPER) if p != party.role]
+        for p in others:
+            party.send(p, torch.ones(1, dtype=torch.uint8))
+        for p in others:
+            if int(party.recv(p, (1,), torch.uint8)[0]) != 1:
+                raise ProtocolError(f"party {party.role}: bad ready message from party {p}")
+
+
 def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] | None = None,
               weights: Weights | None = None, drelu: DReLUConfig | None = None,
               on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -206,6 +217,7 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
             w = weights[layer.name]["weight"] if party.role == ROLE_SERVER else None
             L.open_weights(party, w, weight_shape=layer.attrs["weight_shape"], name=layer.name)
     setup_seconds = time.perf_counter() - t0
+    _barrier(party)  # the online clocks start together, not when each party's set-up ended
     layer_seconds = {layer.name: 0.0 for layer in program.layers}
     outputs = []
     t1 = time.perf_counter()

@@ -200,9 +200,20 @@ def _changed_weights(p, w):
     P.conv2d(p, xs, (w + 1) if p.role == 1 else None, None, weight_shape=w.shape, name="c")
 
 
+def _weights_changed_in_place(p, w):
+    xs = _inputs(p, encode(torch.ones(1, 1, 3, 3), FRAC))
+    P.conv2d(p, xs, w if p.role == 1 else None, None, weight_shape=w.shape, name="c")
+    if p.role == 1:
+        w.add_(1)  # the same tensor object, modified: must not pass as already opened
+    P.conv2d(p, xs, w if p.role == 1 else None, None, weight_shape=w.shape, name="c")
+
+
 def test_changed_weights_under_the_same_name_are_refused():
     with pytest.raises(ValueError, match="changed within the session"):
         run_in_process(functools.partial(_changed_weights, w=torch.ones(1, 1, 3, 3)), timeout=5)
+    with pytest.raises(ValueError, match="changed within the session"):
+        run_in_process(functools.partial(_weights_changed_in_place, w=torch.ones(1, 1, 3, 3)),
+                       timeout=5)
 
 
 # --- pooling and local ops ----------------------------------------------------------------

@@ -253,6 +253,10 @@ def _open_weights(party: Party, weight: torch.Tensor | None, weight_shape: Seque
     if party.role == ROLE_SERVER:
         if weight is None:
             raise ValueError("the server (P1) must pass its weights")
+        src = party.cache.get(("weights-source", name))
+        if key in party.cache and src is not None and src[0] is weight \
+                and src[1] == weight._version:
+            return party.cache[key]     # the very tensor opened before, unmodified: encoded
         w = to_ring(party, weight)
         if tuple(w.shape) != shape:
             raise ValueError(f"weights of '{name}' have shape {list(w.shape)}, public shape is "
@@ -269,6 +273,7 @@ def _open_weights(party: Party, weight: torch.Tensor | None, weight_shape: Seque
         elif party.role == ROLE_SERVER:
             party.send(ROLE_CLIENT, w - party.pair_random(ROLE_HELPER, shape, tag="B"))
             party.cache[key] = w
+            party.cache[("weights-source", name)] = (weight, weight._version)
         else:
             party.cache[key] = party.pair_random(ROLE_SERVER, shape, tag="B")
     return party.cache[key]
