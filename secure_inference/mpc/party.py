@@ -36,10 +36,12 @@ from .runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party, ProtocolError
 L = importlib.import_module(".protocols.linear", __package__)
 PL = importlib.import_module(".protocols.pooling", __package__)
 
-__all__ = ["run_party", "check_program", "gather_results", "run_layer", "layer_drelus", "SETUP_SCOPE", "HEADER_SCOPE",
-           "MAX_BATCHES", "MAX_BATCH"]
+__all__ = ["run_party", "check_program", "gather_results", "run_layer", "layer_drelus",
+           "preprocess_batch", "SETUP_SCOPE", "HEADER_SCOPE", "PREPROCESS_SCOPE", "MAX_BATCHES",
+           "MAX_BATCH"]
 
 SETUP_SCOPE = "open-weights"   # sub-scope (inside each linear layer's scope) of the set-up
+PREPROCESS_SCOPE = "preprocess"  # per batch, before its images enter
 HEADER_SCOPE = "header"
 MAX_BATCHES = 1 << 20
 MAX_BATCH = 1 << 16
@@ -78,8 +80,9 @@ def _public_matrix(party: Party, m: torch.Tensor, like: torch.Tensor) -> tuple[t
 
 
 def run_layer(party: Party, layer: Layer, ins: list[torch.Tensor],
-              weights: Weights | None) -> torch.Tensor:
-    """This party's share of one layer's output (P2: a placeholder)."""
+              weights: Weights | None, pre: dict | None = None) -> torch.Tensor:
+    """This party's share of one layer's output (P2: a placeholder). ``pre``: the batch's
+    :func:`preprocess_batch` output (server-weight layers then run their online half only)."""
     a, op, name = layer.attrs, layer.op, layer.name
     server = party.role == ROLE_SERVER
     if op in ("conv2d", "linear"):
@@ -89,11 +92,12 @@ def run_layer(party: Party, layer: Layer, ins: list[torch.Tensor],
                 w, b = weights[name]["weight"], weights[name]["bias"]
             except (KeyError, TypeError):
                 raise ValueError(f"the server has no weights for layer '{name}'") from None
+        p = pre.get(name) if pre else None
         if op == "conv2d":
             return L.conv2d(party, ins[0], w, b, weight_shape=a["weight_shape"],
                             stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
-                            groups=a["groups"], name=name)
-        return L.linear(party, ins[0], w, b, weight_shape=a["weight_shape"], name=name)
+                            groups=a["groups"], name=name, pre=p)
+        return L.linear(party, ins[0], w, b, weight_shape=a["weight_shape"], name=name, pre=p)
     if op == "relu":
         return R.relu(party, ins[0], scope=name)
     if op == "block_relu":
@@ -134,6 +138,22 @@ def run_layer(party: Party, layer: Layer, ins: list[torch.Tensor],
             y = torch.matmul(y, mw.transpose(0, 1))
             return L.truncate(party, y, sw) if sw else y
     raise ValueError(f"layer '{name}' has an unknown op {op!r}")
+
+
+def preprocess_batch(party: Party, program: Program, batch: int) -> dict:
+    """The input-independent half of every conv/linear layer for a batch of ``batch`` images
+    (:func:`~.protocols.linear.preprocess`), before the images enter."""
+    items = []
+    for layer in program.layers:
+        if layer.op not in ("conv2d", "linear"):
+            continue
+        a = layer.attrs
+        src = program.layers[layer.inputs[0]].shape
+        x_shape = (int(batch),) + tuple(src[1:])
+        op = (L.conv_op(party, a["stride"], a["padding"], a["dilation"], a["groups"])
+              if layer.op == "conv2d" else L.linear_op(party))
+        items.append((layer.name, x_shape, a["weight_shape"], op))
+    return L.preprocess(party, items, scope=PREPROCESS_SCOPE)
 
 
 def _announce_batches(party: Party, batch_sizes: Sequence[int] | None) -> list[int]:
@@ -189,7 +209,9 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
 
     Returns a dict: ``outputs`` (client: list of float64 tensors, one per batch; others:
     None), ``stats`` (this party's :class:`~.runtime.CommStats`), ``layer_seconds`` (wall time
-    per layer summed over batches), ``setup_seconds``, ``online_seconds``, ``batch_sizes``.
+    per layer summed over batches), ``setup_seconds``, ``preprocess_seconds`` (the
+    input-independent work of every batch, before its images enter), ``online_seconds`` (from
+    the images to the output, all batches), ``batch_sizes``.
     ``cpu_seconds``: CPU time of this party's process (all threads) during the run.
     ``on_batch(n)`` is called after each batch of n images (progress bars).
     """
@@ -220,8 +242,12 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
     _barrier(party)  # the online clocks start together, not when each party's set-up ended
     layer_seconds = {layer.name: 0.0 for layer in program.layers}
     outputs = []
-    t1 = time.perf_counter()
+    preprocess_seconds = online_seconds = 0.0
     for b, n in enumerate(sizes):
+        t = time.perf_counter()
+        pre = preprocess_batch(party, program, n)
+        t1 = time.perf_counter()
+        preprocess_seconds += t1 - t
         shape = (int(n),) + tuple(program.input_shape[1:])
         vals: list[torch.Tensor] = []
         for layer in program.layers:
@@ -232,18 +258,20 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
                     x = encode(images[b].to(torch.float64), party.frac_bits, device=party.device)
                 y = L.share(party, x, ROLE_CLIENT, shape, scope=layer.name)
             else:
-                y = run_layer(party, layer, [vals[j] for j in layer.inputs], weights)
+                y = run_layer(party, layer, [vals[j] for j in layer.inputs], weights, pre)
             layer_seconds[layer.name] += time.perf_counter() - t
             vals.append(y)
         out = L.reconstruct(party, vals[program.output], to=ROLE_CLIENT, scope="output")
         if party.role == ROLE_CLIENT:
             outputs.append(decode(out, party.frac_bits))
+        online_seconds += time.perf_counter() - t1
+        del pre
         if on_batch is not None:
             on_batch(int(n))
-    online_seconds = time.perf_counter() - t1
     return {"outputs": outputs if party.role == ROLE_CLIENT else None, "stats": party.stats,
             "layer_seconds": layer_seconds, "setup_seconds": setup_seconds,
-            "online_seconds": online_seconds, "batch_sizes": sizes, "role": party.role,
+            "online_seconds": online_seconds, "preprocess_seconds": preprocess_seconds,
+            "batch_sizes": sizes, "role": party.role,
             "cpu_seconds": time.process_time() - cpu0}
 
 
@@ -254,7 +282,9 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     st = result["stats"]
     return {"scopes": st.as_dict(), "clock": st.clock,
             "layer_seconds": result["layer_seconds"], "setup_seconds": result["setup_seconds"],
-            "online_seconds": result["online_seconds"], "batch_sizes": result["batch_sizes"],
+            "online_seconds": result["online_seconds"],
+            "preprocess_seconds": result.get("preprocess_seconds", 0.0),
+            "batch_sizes": result["batch_sizes"],
             "cpu_seconds": result.get("cpu_seconds", 0.0)}
 
 
@@ -295,6 +325,7 @@ def gather_results(party: Party, result: dict[str, Any]) -> list[dict[str, Any]]
                           "layer_seconds": {str(k): float(v) for k, v in data["layer_seconds"].items()},
                           "setup_seconds": float(data["setup_seconds"]),
                           "online_seconds": float(data["online_seconds"]),
+                          "preprocess_seconds": float(data.get("preprocess_seconds", 0.0)),
                           "cpu_seconds": float(data.get("cpu_seconds", 0.0)),
                           "batch_sizes": [int(b) for b in data["batch_sizes"]], "role": p}
             except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -2,8 +2,10 @@
 per layer and in total, plus the time and bytes per image; JSON and a PNG of bytes per layer.
 
 Bytes are payload bytes (8 per ring element; frame headers are listed separately as
-``overhead_bytes``). The *set-up* (opening the server's masked weights once per session) is
-reported apart from the *online* per-image cost; ``total`` is their sum.
+``overhead_bytes``). The *set-up* (opening the server's masked weights once per session), the
+*preprocessing* (the input-independent half of the conv/linear layers, per batch, before its
+images enter) and the *online* phase (from the images to the output) are reported apart;
+``total`` is their sum, and ``per_image`` gives each per image.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .compile import Program
-from .party import HEADER_SCOPE, SETUP_SCOPE, layer_drelus
+from .party import HEADER_SCOPE, PREPROCESS_SCOPE, SETUP_SCOPE, layer_drelus
 from .runtime import CommStats
 
 __all__ = ["build_report", "save_report", "plot_report", "PARTY_KEYS"]
@@ -61,6 +63,8 @@ def build_report(program: Program, results: Sequence[dict[str, Any]], *,
             "setup_bytes": sum(setup), "rounds": rounds, "wall_s": wall, "drelus": drelus})
     out_bytes = [_sent(st, "output") for st in stats]
     hdr_bytes = [_sent(st, HEADER_SCOPE) for st in stats]
+    pre_bytes = [_sent(st, PREPROCESS_SCOPE) for st in stats]
+    pre_s = max(float(r.get("preprocess_seconds", 0.0)) for r in results)
     key_bytes = [_sent(st, "session-keys") for st in stats]
     online_total = [a + b for a, b in zip(tot_online, out_bytes)]
     online_s = max(r["online_seconds"] for r in results)
@@ -68,7 +72,8 @@ def build_report(program: Program, results: Sequence[dict[str, Any]], *,
     online_rounds = sum(l["rounds"] for l in layers) + _rounds(stats, "output")
     setup_rounds = max(max((st.scopes[p].rounds for p in st.scopes if p.endswith(SETUP_SCOPE)),
                            default=0) for st in stats)
-    total_bytes = sum(online_total) + sum(tot_setup) + sum(hdr_bytes) + sum(key_bytes)
+    total_bytes = (sum(online_total) + sum(tot_setup) + sum(hdr_bytes) + sum(key_bytes)
+                   + sum(pre_bytes))
     report = {
         "meta": dict(meta or {}),
         "cpu_seconds": dict(zip(PARTY_KEYS, (float(r.get("cpu_seconds", 0.0)) for r in results))),
@@ -82,18 +87,25 @@ def build_report(program: Program, results: Sequence[dict[str, Any]], *,
         "session": {"bytes_sent": {k: hdr_bytes[i] + key_bytes[i] for i, k in enumerate(PARTY_KEYS)},
                     "bytes": sum(hdr_bytes) + sum(key_bytes),
                     "what": "key agreement and the client's batch-size header"},
+        "preprocess": {"bytes_sent": dict(zip(PARTY_KEYS, pre_bytes)), "bytes": sum(pre_bytes),
+                       "rounds": _rounds(stats, PREPROCESS_SCOPE), "wall_s": pre_s,
+                       "what": "input-independent half of the conv/linear layers, per batch"},
         "online": {"bytes_sent": dict(zip(PARTY_KEYS, online_total)),
                    "bytes": sum(online_total), "rounds": online_rounds, "wall_s": online_s,
                    "drelus": drelus_total},
         "total": {"bytes_sent": {k: online_total[i] + tot_setup[i] + hdr_bytes[i] + key_bytes[i]
-                                 for i, k in enumerate(PARTY_KEYS)},
+                                 + pre_bytes[i] for i, k in enumerate(PARTY_KEYS)},
                   "bytes": total_bytes,
                   "rounds": max(st.total("").rounds for st in stats),
-                  "wall_s": online_s + setup_s, "drelus": drelus_total,
+                  "wall_s": online_s + setup_s + pre_s, "drelus": drelus_total,
                   "overhead_bytes": sum(st.total("").overhead_sent for st in stats)},
         "per_image": {"online_seconds": online_s / images, "online_bytes": sum(online_total) / images,
                       "drelus": drelus_total / images,
-                      "seconds_with_setup": (online_s + setup_s) / images,
+                      "preprocess_seconds": pre_s / images,
+                      "preprocess_bytes": sum(pre_bytes) / images,
+                      "seconds_preprocess_and_online": (pre_s + online_s) / images,
+                      "bytes_preprocess_and_online": (sum(pre_bytes) + sum(online_total)) / images,
+                      "seconds_with_setup": (online_s + setup_s + pre_s) / images,
                       "bytes_with_setup": total_bytes / images},
     }
     return report

@@ -158,6 +158,49 @@ def test_conv2d_with_server_weights_exact_mod_2_64(cfg):
     assert st["bytes"] == 8 * (w.numel() + x.numel() + ref.numel()) and st["rounds"] == 1
 
 
+def _preprocessed_layers(p, x, w, b, lw, lb):
+    """conv2d then linear with their input-independent halves preprocessed first."""
+    P.open_weights(p, w if p.role == 1 else None, weight_shape=w.shape, name="conv")
+    P.open_weights(p, lw if p.role == 1 else None, weight_shape=lw.shape, name="fc")
+    conv_out = (x.shape[0], w.shape[0]) + x.shape[2:]
+    pre = P.preprocess(p, [("conv", x.shape, w.shape, P.conv_op(p, 1, 1, 1, 1)),
+                           ("fc", (x.shape[0], lw.shape[1]), lw.shape, P.linear_op(p))])
+    xs = _inputs(p, encode(x, FRAC))
+    with p.scope("online"):
+        y = P.conv2d(p, xs, w if p.role == 1 else None, b if p.role == 1 else None,
+                     weight_shape=w.shape, stride=1, padding=1, name="conv", pre=pre["conv"])
+        assert tuple(y.shape) == conv_out
+        z = P.linear(p, y.reshape(y.shape[0], -1), lw if p.role == 1 else None,
+                     lb if p.role == 1 else None, weight_shape=lw.shape, name="fc",
+                     pre=pre["fc"])
+        if p.role != 2:  # a preprocessed layer refuses an input of another shape
+            with pytest.raises(ValueError, match="another input shape"):
+                P.conv2d(p, xs[:, :, :4], w if p.role == 1 else None, None,
+                         weight_shape=w.shape, padding=1, name="conv", pre=pre["conv"])
+    return _open(p, y), _open(p, z), p.stats
+
+
+def test_preprocessed_conv_and_linear_match_plaintext_with_exact_costs():
+    """Preprocessing moves the helper's correction (8·|out| bytes, one round for all layers)
+    before the input; online each layer is E alone (8·|x| bytes, P0 → P1)."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 6, 6)
+    w, b = torch.randn(4, 3, 3, 3) * 0.3, torch.randn(4)
+    lw, lb = torch.randn(5, 4 * 36) * 0.1, torch.randn(5)
+    res = run_in_process(functools.partial(_preprocessed_layers, x=x, w=w, b=b, lw=lw, lb=lb))
+    y_ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    assert torch.allclose(decode(res[0][0], FRAC), y_ref, atol=2e-3)
+    z_ref = F.linear(y_ref.reshape(2, -1), lw.double(), lb.double())
+    assert torch.allclose(decode(res[0][1], FRAC), z_ref, atol=2e-2)
+    stats = [r[-1] for r in res]
+    pre = merge_stats(stats, "preprocess")
+    assert pre["bytes"] == pre["bytes_2->1"] == 8 * (y_ref.numel() + z_ref.numel())
+    assert pre["rounds"] == 1
+    conv, fc = merge_stats(stats, "online/conv"), merge_stats(stats, "online/fc")
+    assert conv["bytes"] == conv["bytes_0->1"] == 8 * x.numel() and conv["rounds"] == 1
+    assert fc["bytes"] == fc["bytes_0->1"] == 8 * y_ref.numel() and fc["rounds"] == 1
+
+
 def _conv_session(p, xs_plain, w, b, lw, lb):
     outs = []
     P.open_weights(p, lw if p.role == 1 else None, weight_shape=lw.shape, name="fc")

@@ -5,6 +5,7 @@ argmax agreement on a few hundred random inputs (in-process mode)."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -75,7 +76,11 @@ def test_secure_matches_plaintext(name, batch, in_process, tmp_path):
         assert rep[part]["bytes"] == sum(rep[part]["bytes_sent"].values())
     assert sum(l["bytes"] for l in rep["layers"]) + rep["output"]["bytes"] == rep["online"]["bytes"]
     assert rep["total"]["bytes"] == rep["online"]["bytes"] + rep["setup"]["bytes"] + \
-        rep["session"]["bytes"]
+        rep["session"]["bytes"] + rep["preprocess"]["bytes"]
+    # preprocessing: the helper's correction of every conv/linear output, in one round
+    assert rep["preprocess"]["bytes"] == rep["preprocess"]["bytes_sent"]["helper"] == 8 * sum(
+        math.prod(l.shape) for l in res.program.layers if l.op in ("conv2d", "linear"))
+    assert rep["preprocess"]["rounds"] == 1
     assert rep["setup"]["bytes"] == 8 * sum(w["weight"].numel() for w in
                                             compile_model(model, (1,) + chw, spec=spec)[1].values())
     assert (tmp_path / "r.png").stat().st_size > 1000

@@ -44,6 +44,7 @@ the fresh c0, z1 = result − z0.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -55,7 +56,8 @@ Share = torch.Tensor
 BilinearOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 __all__ = ["share", "reconstruct", "add", "sub", "neg", "add_public", "mul_public", "truncate",
-           "concat", "mul", "matmul", "open_weights", "conv2d", "linear", "to_ring"]
+           "concat", "mul", "matmul", "open_weights", "conv2d", "linear", "to_ring",
+           "Preprocessed", "preprocess", "conv_op", "linear_op"]
 
 
 def _meta(t: torch.Tensor) -> torch.Tensor:
@@ -279,13 +281,62 @@ def _open_weights(party: Party, weight: torch.Tensor | None, weight_shape: Seque
     return party.cache[key]
 
 
+@dataclass
+class Preprocessed:
+    """Input-independent half of one server-weight layer for one batch (see
+    :func:`preprocess`): P0 holds the mask ``a`` and its output share ``z0 = op(A, F) + c0``,
+    P1 the helper's correction ``c1 = op(A, B) − c0``; P2 keeps nothing."""
+
+    a: torch.Tensor | None = None
+    z0: torch.Tensor | None = None
+    c1: torch.Tensor | None = None
+
+
+def preprocess(party: Party, layers: Sequence[tuple[str, Sequence[int], Sequence[int],
+                                                    BilinearOp]],
+               *, scope: str = "preprocess") -> dict[str, Preprocessed]:
+    """The input-independent work of the server-weight layers ``(name, x_shape, weight_shape,
+    op)`` for one batch, done before the input exists: P0 and P2 draw each layer's A and c0
+    from their pair key and compute op(A, F) and op(A, B) (in parallel, one each), and P2 sends
+    P1 every c1 (8·|out| bytes per layer, all in one round). The online layer is then one
+    message, E = x0 − A (P0 → P1), and P1's own product. Same security argument as
+    :func:`conv2d`: A and c0 are fresh per layer and batch, and P1 only ever sees them masked.
+    Each layer's weights must have been opened (:func:`open_weights`)."""
+    out: dict[str, Preprocessed] = {}
+    with party.scope(scope):
+        for name, x_shape, weight_shape, op in layers:
+            x_shape = tuple(int(v) for v in x_shape)
+            out_shape = tuple(op(torch.empty(x_shape, dtype=torch.int64, device="meta"),
+                                 torch.empty(tuple(weight_shape), dtype=torch.int64,
+                                             device="meta")).shape)
+            key = ("weights", name)
+            if party.role != ROLE_SERVER and key not in party.cache:
+                raise ValueError(f"open the weights of '{name}' before preprocessing it")
+            if party.role == ROLE_CLIENT:
+                a = party.pair_random(ROLE_HELPER, x_shape, tag=f"A:{name}")
+                c0 = party.pair_random(ROLE_HELPER, out_shape, tag=f"C:{name}")
+                out[name] = Preprocessed(a=a, z0=op(a, party.cache[key]) + c0)
+            elif party.role == ROLE_HELPER:
+                a = party.pair_random(ROLE_CLIENT, x_shape, tag=f"A:{name}")
+                c0 = party.pair_random(ROLE_CLIENT, out_shape, tag=f"C:{name}")
+                party.send(ROLE_SERVER, op(a, party.cache[key]) - c0)
+                out[name] = Preprocessed()
+            else:
+                out[name] = Preprocessed(c1=party.recv(ROLE_HELPER, out_shape))
+    return out
+
+
 def _server_weight_op(party: Party, x: Share, weight: torch.Tensor | None,
                       bias: torch.Tensor | None, weight_shape: Sequence[int], op: BilinearOp,
-                      name: str, truncate_result: bool) -> Share:
+                      name: str, truncate_result: bool, pre: Preprocessed | None = None) -> Share:
     out_shape = op(_meta(x), torch.empty(tuple(weight_shape), dtype=torch.int64,
                                          device="meta")).shape
     with party.scope(name):
-        if party.role == ROLE_CLIENT:
+        if pre is not None:
+            z = _preprocessed_op(party, x, weight, weight_shape, op, name, pre, out_shape)
+            if z is None:
+                return party.placeholder(out_shape)
+        elif party.role == ROLE_CLIENT:
             a = party.pair_random(ROLE_HELPER, x.shape, tag="A")
             party.send(ROLE_SERVER, x - a)  # before waiting for F on the first call
             f = _open_weights(party, None, weight_shape, name)
@@ -300,11 +351,29 @@ def _server_weight_op(party: Party, x: Share, weight: torch.Tensor | None,
             w = _open_weights(party, weight, weight_shape, name)
             z = op(x + party.recv(ROLE_CLIENT, x.shape), w)  # while the helper computes c1
             z += party.recv(ROLE_HELPER, out_shape)
-            if bias is not None:
-                b = to_ring(party, bias, 2 * party.frac_bits) if bias.is_floating_point() \
-                    else to_ring(party, bias)
-                z = z + _bias_view(b, z)
+        if party.role == ROLE_SERVER and bias is not None:
+            b = to_ring(party, bias, 2 * party.frac_bits) if bias.is_floating_point() \
+                else to_ring(party, bias)
+            z = z + _bias_view(b, z)
         return truncate(party, z) if truncate_result else z
+
+
+def _preprocessed_op(party: Party, x: Share, weight: torch.Tensor | None,
+                     weight_shape: Sequence[int], op: BilinearOp, name: str, pre: Preprocessed,
+                     out_shape) -> torch.Tensor | None:
+    """The online half of a preprocessed layer: P0 sends E = x0 − A, P1 adds op(x1 + E, W)
+    to c1; P2 does nothing (returns None)."""
+    if party.role == ROLE_HELPER:
+        return None
+    if party.role == ROLE_CLIENT:
+        if pre.a is None or tuple(pre.a.shape) != tuple(x.shape):
+            raise ValueError(f"layer '{name}' was preprocessed for another input shape")
+        party.send(ROLE_SERVER, x - pre.a)
+        return pre.z0
+    if pre.c1 is None or tuple(pre.c1.shape) != tuple(out_shape):
+        raise ValueError(f"layer '{name}' was preprocessed for another input shape")
+    w = _open_weights(party, weight, weight_shape, name)
+    return op(x + party.recv(ROLE_CLIENT, x.shape), w) + pre.c1
 
 
 def _bias_view(b: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -314,26 +383,41 @@ def _bias_view(b: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return b
 
 
+def conv_op(party: Party, stride=1, padding=0, dilation=1, groups: int = 1) -> BilinearOp:
+    """The ring convolution of a layer with these hyperparameters (party's backend)."""
+    def op(a, w):
+        return party.backend.conv2d(a, w, stride, padding, dilation, groups)
+    return op
+
+
+def linear_op(party: Party) -> BilinearOp:
+    """The ring product ``a @ W.T`` of a linear layer (party's backend)."""
+    def op(a, w):
+        return party.backend.matmul(a, w.transpose(-1, -2))
+    return op
+
+
 def conv2d(party: Party, x: Share, weight: torch.Tensor | None, bias: torch.Tensor | None, *,
            weight_shape: Sequence[int], stride=1, padding=0, dilation=1, groups: int = 1,
-           name: str, truncate: bool = True) -> Share:
+           name: str, truncate: bool = True, pre: Preprocessed | None = None) -> Share:
     """Shares of conv2d(x, W) + bias with the server's plaintext weights (1 round per image).
 
     P1 passes ``weight`` [C_out, C_in/groups, kh, kw] and optional ``bias`` [C_out] (floats
     are encoded: weights with f fractional bits, the bias with 2f, the product's scale, so it is
     added before truncation; int64 tensors are taken as already encoded at those scales);
     P0 and P2 pass None. ``name`` identifies the layer for the once-per-session weight opening
-    and is its statistics scope.
+    and is its statistics scope. ``pre``: this layer's :func:`preprocess` output for the batch
+    (then the online step is only E, 8·|x| bytes).
     """
-    def op(a, w):
-        return party.backend.conv2d(a, w, stride, padding, dilation, groups)
-    return _server_weight_op(party, x, weight, bias, weight_shape, op, name, truncate)
+    return _server_weight_op(party, x, weight, bias, weight_shape,
+                             conv_op(party, stride, padding, dilation, groups), name, truncate,
+                             pre)
 
 
 def linear(party: Party, x: Share, weight: torch.Tensor | None, bias: torch.Tensor | None, *,
-           weight_shape: Sequence[int], name: str, truncate: bool = True) -> Share:
+           weight_shape: Sequence[int], name: str, truncate: bool = True,
+           pre: Preprocessed | None = None) -> Share:
     """Shares of ``x @ W.T + bias`` (torch.nn.functional.linear) with the server's weights
     [out, in]; same protocol and conventions as :func:`conv2d`."""
-    def op(a, w):
-        return party.backend.matmul(a, w.transpose(-1, -2))
-    return _server_weight_op(party, x, weight, bias, weight_shape, op, name, truncate)
+    return _server_weight_op(party, x, weight, bias, weight_shape, linear_op(party), name,
+                             truncate, pre)
