@@ -119,10 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             "drelu": str(drelu(cfg) or "exact"), "tls": not cfg["plaintext"],
             "server": cfg["server"], "helper": cfg["helper"]}
     report = build_report(program, results, meta=meta)
-    summary = {"images": report["images"], "online_seconds_per_image":
-               report["per_image"]["online_seconds"], "online_MB_per_image":
-               report["per_image"]["online_bytes"] / 1e6, "setup_MB": report["setup"]["bytes"] / 1e6,
-               "rounds": report["online"]["rounds"]}
+    per = report["per_image"]
+    summary = {"images": report["images"], "online_seconds_per_image": per["online_seconds"],
+               "preprocess_seconds_per_image": per["preprocess_seconds"],
+               "online_MB_per_image": per["online_bytes"] / 1e6,
+               "preprocess_MB_per_image": per["preprocess_bytes"] / 1e6,
+               "setup_MB": report["setup"]["bytes"] / 1e6, "rounds": report["online"]["rounds"]}
     if args.labels is not None:
         labels = np.load(args.labels, allow_pickle=False)
         if labels.shape[0] != logits.shape[0]:

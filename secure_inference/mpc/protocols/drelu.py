@@ -582,6 +582,8 @@ def _helper_core(party: Party, n: int, m: int, bits: int,
     party.send(ROLE_SERVER, _deal_corrections(r, rbits0, low))
     msb_r = (r >> low) & 1
     del rbits0, r
+    s0 = party.pair_random(ROLE_CLIENT, (n,), tag="out.s")    # drawn while P0, P1 work
+    sz0 = party.pair_random(ROLE_CLIENT, (m,), tag="out.sz") if m else None
     if m:
         z = party.recv(ROLE_CLIENT, (m,)) + party.recv(ROLE_SERVER, (m,))
     cmp_bytes = zp_packed_bytes(n * low)
@@ -589,10 +591,10 @@ def _helper_core(party: Party, n: int, m: int, bits: int,
                                            party.recv(ROLE_SERVER, (cmp_bytes,), torch.uint8),
                                            n, low).to(torch.int64).to(party.device)
     s = msb_r ^ beta_p
-    out = [s - party.pair_random(ROLE_CLIENT, (n,), tag="out.s")]
+    out = [s - s0]
     if m:
         sz = (s if index is None else s[index]) * z
-        out.append(sz - party.pair_random(ROLE_CLIENT, (m,), tag="out.sz"))
+        out.append(sz - sz0)
     party.send(ROLE_SERVER, torch.cat(out) if len(out) > 1 else out[0])
 
 
@@ -628,6 +630,9 @@ def _drelu_core(party: Party, x: torch.Tensor, config: DReLUConfig,
         mask = party.pair_random(other, (m,), tag="mul.m")
         v = payload.reshape(-1)
         party.send(ROLE_HELPER, v + mask if j == 0 else v)
+    # the comparison's randomness does not depend on x̂: draw it while the messages travel
+    beta = _pair_bits(party, other, n, "dr.beta")
+    rnd = _compare_randomness(party, other, n, low, "dr.pc")
     if j == 0:
         rbits = _pair_small(party, ROLE_HELPER, n * low, P, "dr.rbits").view(n, low)
     else:
@@ -637,8 +642,6 @@ def _drelu_core(party: Party, x: torch.Tensor, config: DReLUConfig,
                               source=f"P{other}")
     xhat = (a_mine + a_other) & top
     # round 2: PrivateCompare(bits of r', x̂', β) → P2 learns β ⊕ [r' > x̂']
-    beta = _pair_bits(party, other, n, "dr.beta")
-    rnd = _compare_randomness(party, other, n, low, "dr.pc")
     msg = private_compare_packed(j, rbits, xhat & _all_ones(low), beta, rnd, low)
     party.send(ROLE_HELPER, msg)
     del rbits, rnd, msg
