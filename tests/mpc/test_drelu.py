@@ -44,14 +44,17 @@ def _to_int(v: int, bits: int) -> int:
 
 # ------------------------------------------------------------------ pure helpers
 
-@pytest.mark.parametrize("bits", [64, 63, 9, 3])
+@pytest.mark.parametrize("bits", [64, 63, 9, 5, 3])
 def test_msb_identity_of_the_masked_opening(bits):
     """The identity step 1 rests on, checked with Python integers: for t, r in Z_2^l and
-    x̂ = t + r mod 2^l, MSB(t) = MSB(x̂) ⊕ MSB(r) ⊕ [r' > x̂'] (r', x̂' the low l-1 bits)."""
+    x̂ = t + r mod 2^l, MSB(t) = MSB(x̂) ⊕ MSB(r) ⊕ [r' > x̂'] (r', x̂' the low l-1 bits);
+    every pair for l ≤ 5, edge and random values above."""
     g = torch.Generator().manual_seed(bits)
     mod, half = 1 << bits, 1 << (bits - 1)
     vals = [0, 1, half - 1, half, half + 1, mod - 1, mod - 2]
     vals += [_to_int(int(v), bits) for v in _rand_ring((60,), g)]
+    if bits <= 5:
+        vals = list(range(mod))
     for t in vals:
         for r in vals:
             xh = (t + r) % mod
