@@ -151,8 +151,12 @@ def main() -> int:
                    "rounds": rep["online"]["rounds"], "run_local_wall_s": wall,
                    "load_average_before": load,
                    "published_s": pub_s, "published_GB": pub_gb,
-                   "time_ratio_vs_published": rep["per_image"]["online_seconds"] / pub_s,
-                   "bytes_ratio_vs_published": rep["online"]["bytes"] / 1e9 / pub_gb}
+                   # ours: preprocessing + online (the published runs generate their
+                   # correlated randomness during the inference too)
+                   "time_ratio_vs_published":
+                       rep["per_image"]["seconds_preprocess_and_online"] / pub_s,
+                   "bytes_ratio_vs_published":
+                       rep["per_image"]["bytes_preprocess_and_online"] / 1e9 / pub_gb}
             rows[f"{name} {label}"] = row
             print(f"{name:18s} {label:4s} DReLUs {row['drelus']:>10,d}  preprocess "
                   f"{row['preprocess_s']:6.2f} s {row['preprocess_GB']:.3f} GB  online "

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """CrypTen 0.4.1 side of the benchmark (runs in its own virtual environment, made by
-crypten_bench.sh): one 32x32 image through a CIFAR-style ResNet18 (3x3 stem, no max pool,
+bench.py --crypten): one 32x32 image through a CIFAR-style ResNet18 (3x3 stem, no max pool,
 BasicBlocks 64-512, global average pooling, 100 classes: the same network as mmpretrain's
 ResNet18-CIFAR-100), all ReLUs, private weights and input.
 
