@@ -235,6 +235,7 @@ class Capture:
     frozen: dict[int, object] = field(default_factory=dict)  # call -> cached output
     needed: set[int] = field(default_factory=set)  # frozen calls whose output is read later
     leaf_out: torch.Tensor | None = None  # clean output of the conv right after the site
+    folds: dict[int, int] = field(default_factory=dict)  # conv call -> BN call it feeds alone
 
     def to_channels_last(self) -> "Capture":
         """The same capture with its 4-D activations (site, cached outputs read later, the
@@ -244,7 +245,7 @@ class Capture:
         return Capture(y=self.y, site_in=self.site_in, site_out=to_channels_last(self.site_out),
                        site_dim=self.site_dim, frozen=frozen, needed=self.needed,
                        leaf_out=None if self.leaf_out is None
-                       else to_channels_last(self.leaf_out))
+                       else to_channels_last(self.leaf_out), folds=self.folds)
 
 
 class _UseTracker(TorchFunctionMode):
@@ -319,6 +320,32 @@ def _conv_update_grouped(conv: nn.Conv2d, clean: torch.Tensor, channels: list[in
     return clean + out.reshape(r, conv.out_channels, *out.shape[2:]).to(clean.dtype)
 
 
+def _bn_foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    """A plain Conv2d followed by an eval-mode BatchNorm2d with running statistics, neither
+    hooked: BN(conv(x)) is then one convolution with scaled weights and a new bias."""
+    return (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and not bn.training
+            and bn.running_mean is not None and bn.running_var is not None
+            and bn.num_features == conv.out_channels
+            and not (conv._forward_hooks or conv._forward_pre_hooks
+                     or bn._forward_hooks or bn._forward_pre_hooks))
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the convolution equal to BN(conv(x)) in eval mode, computed in
+    float64 and rounded once: w * g / sqrt(var + eps), (b - mean) * g / sqrt(var + eps) + beta.
+    """
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    bias = -bn.running_mean.double() * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias.double() * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias.double()
+    weight = conv.weight.double() * scale.reshape(-1, 1, 1, 1)
+    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
+
+
 class SiteRunner:
     """Re-runs the part of a model after one activation site with a substituted site output."""
 
@@ -345,6 +372,22 @@ class SiteRunner:
                 if _conv_incremental_ok(c.module):
                     self.first_leaf = c.start
                 break
+        # (conv, BN) leaf call pairs after the site that may run as one folded conv; capture()
+        # keeps those where the BN's input is the conv's output and nothing else reads it
+        self.fold_candidates = {
+            c.start: c.start + 1 for c in calls[end:-1]
+            if c.end == c.start + 1 and calls[c.start + 1].end == c.start + 2
+            and c.start != self.first_leaf
+            and _bn_foldable(c.module, calls[c.start + 1].module)}
+        self._folded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _folded_weights(self, conv_call: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Folded (weight, bias) of a (conv, BN) pair, computed once per runner."""
+        if conv_call not in self._folded:
+            conv = self.calls[conv_call].module
+            bn = self.calls[self.fold_candidates[conv_call]].module
+            self._folded[conv_call] = fold_bn(conv, bn)
+        return self._folded[conv_call]
 
     def _check_call(self, idx: int, module: nn.Module) -> None:
         if idx >= len(self.calls) or self.calls[idx].module is not module:
@@ -366,6 +409,12 @@ class SiteRunner:
         needed: set[int] = set()
         depth = [0]                     # > 0 while a frozen call (or the site) runs
         skip = frozen | {self.site_call}
+        pairs = self.fold_candidates
+        bn_of = {b: c for c, b in pairs.items()}
+        conv_obj: dict[int, tuple[torch.Tensor, int]] = {}  # conv call -> (output, version)
+        conv_ids: dict[int, int] = {}    # id(conv output) -> conv call
+        fold_ok: set[int] = set()
+        fold_bad: set[int] = set()
 
         def pre(idx, module, args):
             self._check_call(idx, module)
@@ -377,6 +426,10 @@ class SiteRunner:
                 site_obj = got.get("site_obj")
                 got["leaf_in_is_site"] = (bool(args) and args[0] is site_obj
                                           and site_obj._version == got["site_version"])
+            elif idx in bn_of:
+                obj, version = conv_obj.get(bn_of[idx], (None, -1))
+                if len(args) == 1 and args[0] is obj and obj._version == version:
+                    fold_ok.add(bn_of[idx])
 
         def post(idx, module, out):
             # bookkeeping (clones) runs before depth drops: it is no read by the forward
@@ -394,6 +447,9 @@ class SiteRunner:
                 got["site_version"] = out._version  # in-place changes before the conv: no update
             elif idx == self.first_leaf:
                 got["leaf_out"] = out.clone() if torch.is_tensor(out) else None
+            elif idx in pairs and torch.is_tensor(out):
+                conv_obj[idx] = (out, out._version)
+                conv_ids[id(out)] = idx
             if idx in skip:
                 depth[0] -= 1
             return None
@@ -403,7 +459,18 @@ class SiteRunner:
             if i is not None:
                 needed.add(i)
 
-        mode = _UseTracker(lambda args: depth[0] == 0 and tracked and _tree_map(use, args))
+        def conv_use(t):  # a conv output read anywhere but inside its own BN: no folding
+            i = conv_ids.get(id(t))
+            if i is not None and counter.stack[-1:] != [pairs[i]]:
+                fold_bad.add(i)
+
+        def on_args(args) -> None:
+            if depth[0] == 0 and tracked:
+                _tree_map(use, args)
+            if conv_ids:
+                _tree_map(conv_use, args)
+
+        mode = _UseTracker(on_args)
         counter.on_pre, counter.on_post = pre, post
         with counter, mode:
             y = output_matrix(run_model(self.model, x))
@@ -411,8 +478,9 @@ class SiteRunner:
             raise DistortionError(f"site '{self.site.name}' was not reached in the forward")
         check_finite(y, "the clean model output")
         leaf = got.get("leaf_out") if got.get("leaf_in_is_site") else None
+        folds = {c: pairs[c] for c in sorted(fold_ok - fold_bad)}
         return Capture(y=y, site_in=got["in"], site_out=got["out"], site_dim=got["dim"],
-                       frozen=cache, needed=needed, leaf_out=leaf)
+                       frozen=cache, needed=needed, leaf_out=leaf, folds=folds)
 
     @torch.no_grad()
     def run_rows(self, cap: Capture, x: torch.Tensor, rows: Sequence[int],
@@ -446,6 +514,8 @@ class SiteRunner:
         version = value._version
         incremental = delta is not None and cap.leaf_out is not None
         originals = {}
+        bn_calls = {b: c for c, b in cap.folds.items()}
+        folded_out: dict[int, torch.Tensor] = {}  # conv call -> its folded output
 
         def make(module, orig):
             def forward(*args, **kwargs):
@@ -453,6 +523,13 @@ class SiteRunner:
                 if (incremental and idx == self.first_leaf and args and args[0] is value
                         and value._version == version and not kwargs):
                     return _conv_update(module, take_rows(cap.leaf_out, rows), *delta)
+                if idx in cap.folds and len(args) == 1 and not kwargs:
+                    folded_out[idx] = module._conv_forward(args[0], *self._folded_weights(idx))
+                    return folded_out[idx]
+                if idx in bn_calls and len(args) == 1 and not kwargs:
+                    out = folded_out.pop(bn_calls[idx], None)
+                    if out is not None and args[0] is out:
+                        return out  # BN already applied by the folded conv
                 fn = substitutes.get(idx)
                 if fn is None:
                     return orig(*args, **kwargs)
@@ -470,6 +547,8 @@ class SiteRunner:
         patch = set(self._patch_modules)
         if incremental:
             patch.add(calls[self.first_leaf].module)
+        for c, b in cap.folds.items():
+            patch |= {calls[c].module, calls[b].module}
         try:
             for m in patch:
                 originals[m] = m.__dict__.get("forward")
@@ -566,8 +645,10 @@ def _row_batch(cap: Capture, plan: RowPlan, pert: torch.Tensor, base: torch.Tens
     return sample.tolist(), act, (rows_c, new - base[sample_d, chan_d])
 
 
-def _use_channels_last(choice: bool | None, cap: Capture) -> bool:
-    """Whether the rows run NHWC: ``choice``, or for None a 4-D site with >= 16 channels."""
+def _fast_path(choice: bool | None, cap: Capture) -> bool:
+    """Whether an optional speed-up (NHWC rows, BN folding) is used for this site: ``choice``,
+    or for None a 4-D site with >= 16 channels (on a few channels neither gains anything,
+    and both change the float rounding of the rest of the network)."""
     if cap.site_dim != 4:
         return False
     return bool(choice) if choice is not None else cap.site_out.shape[1] >= 16
@@ -578,12 +659,13 @@ def exact_site_sums(model: nn.Module, calls: list[_Call], site: ReluSite,
                     sizes: np.ndarray, forward_batch: int = 64,
                     progress: Progress | None = None,
                     stats: dict | None = None, channels_last: bool | None = None,
-                    dedupe: bool = True) -> np.ndarray:
+                    fold_bn: bool | None = None, dedupe: bool = True) -> np.ndarray:
     """Sum over samples of the per-sample output MSE, [len(channels), K] float64 (exact).
 
-    ``channels_last``: run the rest of the network on NHWC activations (4-D sites; faster
-    convolutions on CPU); None: only where the site has >= 16 channels (NHWC kernels gain
-    nothing on a few channels and change the float rounding). ``dedupe``: run identical perturbations of a (sample, channel)
+    ``channels_last``: run the rest of the network on NHWC activations (faster convolutions
+    on CPU). ``fold_bn``: run each eval-mode BatchNorm2d that only reads a Conv2d's output
+    after the site as part of that conv (weights scaled once; one pass over the activations
+    fewer). None for either: only at 4-D sites with >= 16 channels. ``dedupe``: run identical perturbations of a (sample, channel)
     once. ``stats`` (optional dict) is given ``rows_run`` (rows actually run),
     ``rows_nonzero`` (candidate×sample pairs with a non-zero perturbation) and ``rows_total``
     (all candidate×sample pairs)."""
@@ -593,7 +675,9 @@ def exact_site_sums(model: nn.Module, calls: list[_Call], site: ReluSite,
     sums = torch.zeros(k, len(chan_list), dtype=torch.float64)
     for x in batches:
         cap = runner.capture(x)
-        if _use_channels_last(channels_last, cap):
+        if not _fast_path(fold_bn, cap):
+            cap.folds = {}
+        if _fast_path(channels_last, cap):
             cap = cap.to_channels_last()
         n = x.shape[0]
         idx = torch.as_tensor(chan_list, dtype=torch.long, device=cap.site_in.device)
