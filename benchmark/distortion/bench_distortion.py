@@ -38,6 +38,7 @@ from secure_inference.distortion.store import SiteDistortion  # noqa: E402
 def resnet18_cifar(num_classes: int = 100) -> torch.nn.Module:
     import mmpretrain.models  # noqa: F401
     from mmpretrain.registry import MODELS
+    torch.manual_seed(0)  # conv/linear weights: torch's default init, same in every run
     model = MODELS.build(dict(
         type="ImageClassifier",
         backbone=dict(type="ResNet_CIFAR", depth=18, num_stages=4, out_indices=(3,),

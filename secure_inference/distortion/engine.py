@@ -21,8 +21,13 @@ The functions here return *sums* over samples (float64); :func:`extract` divides
   in the clean network. Rows whose perturbation is zero (e.g. [1, 1] at a ReLU site)
   contribute exactly 0 and are not run. When the first module after the site is a plain
   Conv2d reading the site's output unchanged, it is updated incrementally: clean conv
-  output + the convolution of the one changed channel (one grouped conv over all rows).
-  The forward must be static (same module call order every run); this is checked.
+  output + the convolution of the one changed channel (one batched matmul over all rows).
+  Candidates of one (sample, channel) whose perturbed channels are equal share one row.
+  At sites with >= 16 channels the rows run NHWC (faster CPU convolutions) and each
+  eval-mode BatchNorm2d reading only a conv's output runs folded into that conv; the clean
+  reference output is computed by the same runner, so both sides of every difference are
+  rounded alike. The forward must be static (same module call order every run); this is
+  checked.
 * **linear**: ``f(a + d) - f(a) ≈ J d``, so ``mean((J d)**2) = E_u[(u·J d)**2] / D`` for a
   Rademacher vector u over the D outputs; ``u·J d = (Jᵀu)·d`` and ``Jᵀu`` at every site comes
   from one vector-Jacobian product. R projections per sample give an unbiased estimate of the
@@ -432,7 +437,7 @@ class SiteRunner:
                     fold_ok.add(bn_of[idx])
 
         def post(idx, module, out):
-            # bookkeeping (clones) runs before depth drops: it is no read by the forward
+            # bookkeeping (clones) runs before depth drops: not a read by the forward
             if idx in frozen:
                 cache[idx] = _tree_map(lambda t: t.clone(), out)
 
@@ -665,10 +670,10 @@ def exact_site_sums(model: nn.Module, calls: list[_Call], site: ReluSite,
     ``channels_last``: run the rest of the network on NHWC activations (faster convolutions
     on CPU). ``fold_bn``: run each eval-mode BatchNorm2d that only reads a Conv2d's output
     after the site as part of that conv (weights scaled once; one pass over the activations
-    fewer). None for either: only at 4-D sites with >= 16 channels. ``dedupe``: run identical perturbations of a (sample, channel)
-    once. ``stats`` (optional dict) is given ``rows_run`` (rows actually run),
-    ``rows_nonzero`` (candidate×sample pairs with a non-zero perturbation) and ``rows_total``
-    (all candidate×sample pairs)."""
+    fewer). None for either: only at 4-D sites with >= 16 channels. ``dedupe``: run identical
+    perturbations of a (sample, channel) once. ``stats`` (optional dict) is given
+    ``rows_run`` (rows actually run), ``rows_nonzero`` (candidate×sample pairs with a
+    non-zero perturbation) and ``rows_total`` (all candidate×sample pairs)."""
     runner = SiteRunner(model, calls, site)
     chan_list = [int(c) for c in channels]
     k = len(sizes)
