@@ -587,6 +587,7 @@ class RowPlan:
 
     @property
     def rows(self) -> int:
+        """Number of rows to run (U)."""
         return int(self.size.numel())
 
 
