@@ -60,10 +60,10 @@ class TinyResNet(nn.Module):
         return self.fc2(self.fc_relu(self.fc1(x)))
 
 
-def tiny_resnet(seed: int = 0, width: int = 4) -> TinyResNet:
-    """Deterministically initialised TinyResNet with non-trivial BN statistics, in eval mode."""
+def init_net(net: nn.Module, seed: int) -> nn.Module:
+    """Deterministic weights and non-trivial BN statistics (so BN is not the identity); eval
+    mode."""
     g = torch.Generator().manual_seed(seed)
-    net = TinyResNet(width)
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -76,6 +76,11 @@ def tiny_resnet(seed: int = 0, width: int = 4) -> TinyResNet:
                 if m.bias is not None:
                     m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     return net.eval()
+
+
+def tiny_resnet(seed: int = 0, width: int = 4) -> TinyResNet:
+    """Deterministically initialised TinyResNet with non-trivial BN statistics, in eval mode."""
+    return init_net(TinyResNet(width), seed)
 
 
 def factory() -> TinyResNet:

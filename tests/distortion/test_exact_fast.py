@@ -10,28 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from distortion.nets import init_net
 from secure_inference import apply_block_spec, find_relu_sites
 from secure_inference.distortion.api import site_candidates
 from secure_inference.distortion.engine import (SiteRunner, _conv_update, exact_site_sums,
                                                 naive_site_sums, plan_rows, trace_calls)
-
-
-def _init(net: nn.Module, seed: int) -> nn.Module:
-    """Deterministic weights and non-trivial BN statistics; eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            elif isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g)
-                               / m.weight[0].numel() ** 0.5)
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return net.eval()
 
 
 class WideNet(nn.Module):
@@ -134,7 +117,7 @@ def test_plan_rows_skips_zero_and_merges_equal_perturbations():
 
 
 def test_fast_paths_equal_naive_and_float64_on_wide_net():
-    net = _init(WideNet(), 0)
+    net = init_net(WideNet(), 0)
     x = _samples()
     shape = tuple(x.shape[1:])
     sites = find_relu_sites(net, shape)
@@ -165,7 +148,7 @@ def test_fast_paths_equal_naive_and_float64_on_wide_net():
 def test_merging_finds_duplicates_with_large_blocks():
     """Large blocks that keep (or zero) a whole small map give equal perturbations: they run
     once and get the same distortion."""
-    net = _init(WideNet(), 1)
+    net = init_net(WideNet(), 1)
     x = _samples(2, hw=6, seed=3)
     site = find_relu_sites(net, tuple(x.shape[1:]))[2]  # act2: 3x3 map
     sizes = np.array([[1, 1], [3, 3], [3, 4], [4, 3], [0, 1], [2, 2]], np.int32)
