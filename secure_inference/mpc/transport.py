@@ -160,10 +160,21 @@ def split_prefix(data: bytes, max_frame: int, peer: int) -> bytes:
 class Link:
     """One direction-pair between this party and ``peer``: send whole frames, receive bodies."""
 
+    me: int
     peer: int
 
     def send(self, frame: bytes) -> None:
         raise NotImplementedError
+
+    def _closed_error(self) -> ProtocolError:
+        """The peer ended the link while this party still expected a frame."""
+        return ProtocolError(f"party {self.me}: party {self.peer} closed the link (it finished "
+                             "or died) while a frame was expected")
+
+    def _timeout_error(self, timeout: float) -> ProtocolError:
+        """No frame arrived within ``timeout`` seconds."""
+        return ProtocolError(f"party {self.me}: no frame from party {self.peer} within "
+                             f"{timeout:g} s (peer stalled, dead or out of step)")
 
     def recv(self, timeout: float) -> bytes:
         raise NotImplementedError
@@ -205,12 +216,10 @@ class QueueLink(Link):
                 raise ProtocolError(f"party {self.me}: session aborted by another party's "
                                     "failure", secondary=True)
             if self._peer_closed:
-                raise ProtocolError(f"party {self.me}: party {self.peer} closed the link "
-                                    "(it finished or died) while a frame was expected")
+                raise self._closed_error()
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ProtocolError(f"party {self.me}: no frame from party {self.peer} within "
-                                    f"{timeout:g} s (peer stalled, dead or out of step)")
+                raise self._timeout_error(timeout)
             try:
                 item = self._inbox.get(timeout=min(left, 0.05))
             except queue.Empty:
@@ -276,12 +285,10 @@ class SocketLink(Link):
                 if self._error is not None:
                     raise self._error
                 if self._eof or self._peer_bye:
-                    raise ProtocolError(f"party {self.me}: party {self.peer} closed the link "
-                                        "(it finished or died) while a frame was expected")
+                    raise self._closed_error()
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ProtocolError(f"party {self.me}: no frame from party {self.peer} "
-                                        f"within {timeout:g} s (peer stalled, dead or out of step)")
+                    raise self._timeout_error(timeout)
                 self._cond.wait(left)
             return self._frames.popleft()
 
