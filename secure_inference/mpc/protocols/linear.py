@@ -305,75 +305,75 @@ def preprocess(party: Party, layers: Sequence[tuple[str, Sequence[int], Sequence
     out: dict[str, Preprocessed] = {}
     with party.scope(scope):
         for name, x_shape, weight_shape, op in layers:
-            x_shape = tuple(int(v) for v in x_shape)
-            out_shape = tuple(op(torch.empty(x_shape, dtype=torch.int64, device="meta"),
-                                 torch.empty(tuple(weight_shape), dtype=torch.int64,
-                                             device="meta")).shape)
-            key = ("weights", name)
-            if party.role != ROLE_SERVER and key not in party.cache:
+            if party.role != ROLE_SERVER and ("weights", name) not in party.cache:
                 raise ValueError(f"open the weights of '{name}' before preprocessing it")
-            if party.role == ROLE_CLIENT:
-                a = party.pair_random(ROLE_HELPER, x_shape, tag=f"A:{name}")
-                c0 = party.pair_random(ROLE_HELPER, out_shape, tag=f"C:{name}")
-                out[name] = Preprocessed(a=a, z0=op(a, party.cache[key]) + c0)
-            elif party.role == ROLE_HELPER:
-                a = party.pair_random(ROLE_CLIENT, x_shape, tag=f"A:{name}")
-                c0 = party.pair_random(ROLE_CLIENT, out_shape, tag=f"C:{name}")
-                party.send(ROLE_SERVER, op(a, party.cache[key]) - c0)
-                out[name] = Preprocessed()
-            else:
-                out[name] = Preprocessed(c1=party.recv(ROLE_HELPER, out_shape))
+            w = party.cache.get(("weights", name))
+            out[name] = _mask_products(party, name, x_shape, _out_shape(op, x_shape,
+                                                                        weight_shape), op, w)
     return out
+
+
+def _out_shape(op: BilinearOp, x_shape: Sequence[int], weight_shape: Sequence[int]
+               ) -> tuple[int, ...]:
+    meta = {"dtype": torch.int64, "device": "meta"}
+    return tuple(op(torch.empty(tuple(int(v) for v in x_shape), **meta),
+                    torch.empty(tuple(int(v) for v in weight_shape), **meta)).shape)
+
+
+def _mask_products(party: Party, name: str, x_shape: Sequence[int], out_shape: Sequence[int],
+                   op: BilinearOp, weight_side: torch.Tensor | None) -> Preprocessed:
+    """The input-independent half of one server-weight layer in the current scope: P0 and P2
+    draw the layer's A and c0 from their pair key; P0 keeps z0 = op(A, F) + c0, P2 sends P1
+    c1 = op(A, B) − c0. ``weight_side`` is this party's opened weight tensor (P0: F, P2: B)."""
+    if party.role == ROLE_SERVER:
+        return Preprocessed(c1=party.recv(ROLE_HELPER, tuple(out_shape)))
+    a, c0 = _masks(party, name, x_shape, out_shape)
+    if party.role == ROLE_CLIENT:
+        return Preprocessed(a=a, z0=op(a, weight_side) + c0)
+    party.send(ROLE_SERVER, op(a, weight_side) - c0)
+    return Preprocessed()
+
+
+def _masks(party: Party, name: str, x_shape: Sequence[int], out_shape: Sequence[int]
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (input shape) and c0 (output shape) of one layer, from the P0–P2 key."""
+    other = ROLE_HELPER if party.role == ROLE_CLIENT else ROLE_CLIENT
+    return (party.pair_random(other, tuple(int(v) for v in x_shape), tag=f"A:{name}"),
+            party.pair_random(other, tuple(out_shape), tag=f"C:{name}"))
 
 
 def _server_weight_op(party: Party, x: Share, weight: torch.Tensor | None,
                       bias: torch.Tensor | None, weight_shape: Sequence[int], op: BilinearOp,
                       name: str, truncate_result: bool, pre: Preprocessed | None = None) -> Share:
-    out_shape = op(_meta(x), torch.empty(tuple(weight_shape), dtype=torch.int64,
-                                         device="meta")).shape
+    """One server-weight layer: its mask products (``pre``, or computed here in the layer's
+    scope when None), then the online step."""
+    out_shape = _out_shape(op, x.shape, weight_shape)
     with party.scope(name):
-        if pre is not None:
-            z = _preprocessed_op(party, x, weight, weight_shape, op, name, pre, out_shape)
-            if z is None:
-                return party.placeholder(out_shape)
-        elif party.role == ROLE_CLIENT:
-            a = party.pair_random(ROLE_HELPER, x.shape, tag="A")
-            party.send(ROLE_SERVER, x - a)  # before waiting for F on the first call
-            f = _open_weights(party, None, weight_shape, name)
-            z = op(a, f) + party.pair_random(ROLE_HELPER, out_shape, tag="C")
-        elif party.role == ROLE_HELPER:
-            b = _open_weights(party, None, weight_shape, name)
-            a = party.pair_random(ROLE_CLIENT, x.shape, tag="A")
-            c0 = party.pair_random(ROLE_CLIENT, out_shape, tag="C")
-            party.send(ROLE_SERVER, op(a, b) - c0)
+        if party.role == ROLE_CLIENT:
+            if pre is None:   # E goes out before P0 waits for F (first call: still 1 round)
+                a, c0 = _masks(party, name, x.shape, out_shape)
+                party.send(ROLE_SERVER, x - a)
+                z = op(a, _open_weights(party, None, weight_shape, name)) + c0
+            else:
+                if pre.a is None or tuple(pre.a.shape) != tuple(x.shape):
+                    raise ValueError(f"layer '{name}' was preprocessed for another input shape")
+                party.send(ROLE_SERVER, x - pre.a)
+                z = pre.z0
+            return truncate(party, z) if truncate_result else z
+        w = _open_weights(party, weight, weight_shape, name)   # P1: W, P2: B
+        if party.role == ROLE_HELPER:
+            if pre is None:
+                _mask_products(party, name, x.shape, out_shape, op, w)
             return party.placeholder(out_shape)
-        else:
-            w = _open_weights(party, weight, weight_shape, name)
-            z = op(x + party.recv(ROLE_CLIENT, x.shape), w)  # while the helper computes c1
-            z += party.recv(ROLE_HELPER, out_shape)
-        if party.role == ROLE_SERVER and bias is not None:
+        if pre is not None and (pre.c1 is None or tuple(pre.c1.shape) != out_shape):
+            raise ValueError(f"layer '{name}' was preprocessed for another input shape")
+        z = op(x + party.recv(ROLE_CLIENT, x.shape), w)   # while the helper computes c1
+        z += (pre or _mask_products(party, name, x.shape, out_shape, op, w)).c1
+        if bias is not None:
             b = to_ring(party, bias, 2 * party.frac_bits) if bias.is_floating_point() \
                 else to_ring(party, bias)
             z = z + _bias_view(b, z)
         return truncate(party, z) if truncate_result else z
-
-
-def _preprocessed_op(party: Party, x: Share, weight: torch.Tensor | None,
-                     weight_shape: Sequence[int], op: BilinearOp, name: str, pre: Preprocessed,
-                     out_shape) -> torch.Tensor | None:
-    """The online half of a preprocessed layer: P0 sends E = x0 − A, P1 adds op(x1 + E, W)
-    to c1; P2 does nothing (returns None)."""
-    if party.role == ROLE_HELPER:
-        return None
-    if party.role == ROLE_CLIENT:
-        if pre.a is None or tuple(pre.a.shape) != tuple(x.shape):
-            raise ValueError(f"layer '{name}' was preprocessed for another input shape")
-        party.send(ROLE_SERVER, x - pre.a)
-        return pre.z0
-    if pre.c1 is None or tuple(pre.c1.shape) != tuple(out_shape):
-        raise ValueError(f"layer '{name}' was preprocessed for another input shape")
-    w = _open_weights(party, weight, weight_shape, name)
-    return op(x + party.recv(ROLE_CLIENT, x.shape), w) + pre.c1
 
 
 def _bias_view(b: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
