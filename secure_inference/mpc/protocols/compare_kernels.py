@@ -18,7 +18,6 @@ P = 67
 GROUP = 5
 WORD_LIMIT = P ** GROUP
 _POW = np.array([P ** i for i in range(GROUP)], dtype=np.int64)
-_POWU = _POW.astype(np.uint64)
 
 OK, WORD_OUT_OF_RANGE, NONZERO_PADDING = 0, 1, 2
 
@@ -55,15 +54,13 @@ def pc_message_packed(j: int, xbits: np.ndarray, r: np.ndarray, beta: np.ndarray
                       words: np.ndarray) -> None:
     """Party ``j``'s PrivateCompare message for rows of (bit shares ``xbits`` [n, bits] mod 67,
     public ``r`` [n], bits ``beta`` [n], masks ``s``, ``u`` [n, bits], rotations ``shift`` [n])
-    packed into ``words`` (int32, ⌈n·bits/5⌉). Same values as
+    packed into ``words`` (int32, ⌈n·bits/5⌉, zeroed). Same values as
     :func:`.drelu.private_compare_message` followed by :func:`.drelu.pack_zp`."""
     n = r.shape[0]
     top = np.int64(-1) if bits == 64 else (np.int64(1) << bits) - 1
     offset = np.int64(P * 200)        # keeps every intermediate positive: |c| < 65·67 + 67
     d = np.empty(bits, dtype=np.uint64)
-    acc = np.uint64(0)                # the word being filled, Σ v_i 67^i (Horner from the top)
-    pos = 0
-    w = 0
+    packer = np.zeros(3, dtype=np.int64)
     for row in range(n):
         flip = beta[row] != 0
         q = (r[row] + 1) & top if flip else r[row]
@@ -85,20 +82,28 @@ def pc_message_packed(j: int, xbits: np.ndarray, r: np.ndarray, beta: np.ndarray
             idx = k + off
             if idx >= bits:
                 idx -= bits
-            acc += d[idx] * _POWU[pos]
-            pos += 1
-            if pos == GROUP:
-                words[w] = np.int32(np.int64(acc))
-                w += 1
-                acc = np.uint64(0)
-                pos = 0
-    if pos:
-        words[w] = np.int32(np.int64(acc))
+            _push(words, packer, np.int64(d[idx]))
+    _flush(words, packer)
 
 
 @numba.njit(cache=True)
-def _put(words: np.ndarray, flat: int, value: int) -> None:
-    words[flat // GROUP] += value * _POW[flat % GROUP]
+def _push(words: np.ndarray, packer: np.ndarray, value: int) -> None:
+    """Append one value in [0, 67) to the packed stream; ``packer`` = [word being filled
+    (Σ v_i 67^i), values in it, index of that word], zeros at the start."""
+    packer[0] += value * _POW[packer[1]]
+    packer[1] += 1
+    if packer[1] == GROUP:
+        words[packer[2]] = packer[0]
+        packer[0] = 0
+        packer[1] = 0
+        packer[2] += 1
+
+
+@numba.njit(cache=True)
+def _flush(words: np.ndarray, packer: np.ndarray) -> None:
+    """Write the last, partly filled word (its missing values are the zero padding)."""
+    if packer[1]:
+        words[packer[2]] = packer[0]
 
 
 @numba.njit(cache=True)
@@ -134,9 +139,11 @@ def unpack_words(words: np.ndarray, out: np.ndarray) -> None:
 
 @numba.njit(cache=True)
 def pack_values(values: np.ndarray, words: np.ndarray) -> None:
-    """Values in [0, 67) (flat) into zeroed int32 ``words`` (same layout as pack_zp)."""
+    """Values in [0, 67) (flat) into int32 ``words`` (same layout as pack_zp)."""
+    packer = np.zeros(3, dtype=np.int64)
     for flat in range(values.size):
-        _put(words, flat, np.int64(values[flat]))
+        _push(words, packer, np.int64(values[flat]))
+    _flush(words, packer)
 
 
 @numba.njit(cache=True)
@@ -168,11 +175,12 @@ def deal_corrections_packed(r: np.ndarray, shares0: np.ndarray, bits: int,
                             words: np.ndarray) -> None:
     """(bit_i(r) − shares0) mod 67 for the ``bits`` low bits of each r (MSB first), packed:
     P1's shares of the bits of r when P0's are ``shares0`` [n·bits]."""
+    packer = np.zeros(3, dtype=np.int64)
     for row in range(r.shape[0]):
         for i in range(bits):
             bit = (r[row] >> (bits - 1 - i)) & 1
-            flat = row * bits + i
-            _put(words, flat, (bit - np.int64(shares0[flat])) % P)
+            _push(words, packer, (bit - np.int64(shares0[row * bits + i])) % P)
+    _flush(words, packer)
 
 
 def warm_up() -> None:
