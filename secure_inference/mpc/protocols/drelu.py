@@ -414,8 +414,8 @@ def _pair_small(party: Party, other: int, count: int, high: int, tag: str) -> to
     Each value is a 16-bit word of the pair stream reduced mod ``high``; words at or above the
     largest multiple of ``high`` below 2^16 (at most 0.4% of them, 0.015% for 67) are redrawn
     from the next occurrence of the same stream, position by position, identically at both
-    holders (which make the same sequence of draws). Every accepted word is uniform below that multiple, so the result is exactly
-    uniform.
+    holders (which make the same sequence of draws). Every accepted word is uniform below that
+    multiple, so the result is exactly uniform.
     """
     _require_little_endian()
     limit = (65536 // high) * high
@@ -424,8 +424,9 @@ def _pair_small(party: Party, other: int, count: int, high: int, tag: str) -> to
         size = min(_BLOCK, count - a)
         words = party.pair_random(other, (2 * size,), tag=tag, dtype=torch.uint8).cpu().numpy()
         words = words.view(np.uint16)
-        rejected = K.reduce_words(words, high, out[a:a + size])
-        bad = np.flatnonzero(words >= limit) if rejected else words[:0].astype(np.int64)
+        if not K.reduce_words(words, high, out[a:a + size]):
+            continue
+        bad = np.flatnonzero(words >= limit)   # rare: redraw these positions
         while bad.size:
             more = party.pair_random(other, (2 * bad.size,), tag=tag, dtype=torch.uint8).cpu()
             more = more.numpy().view(np.uint16)
