@@ -105,6 +105,34 @@ def _exact_float_mode(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
+def _pairs_below_64(bits: int, count_x: int, count_w: int) -> list[tuple[int, int]]:
+    """Limb pairs (i, j) whose product still matters modulo 2^64 (shift bits·(i+j) < 64)."""
+    return [(i, j) for j in range(count_w) for i in range(count_x) if bits * (i + j) < 64]
+
+
+def _limb_combine(xl: list[torch.Tensor], wl: list[torch.Tensor], pairs, bits: int,
+                  products) -> torch.Tensor:
+    """Σ over ``pairs`` of 2^(bits·(i+j)) · (x_i ⋆ w_j), mod 2^64, from float limb products:
+    ``products(xs, w_j)`` returns the (exact, integer-valued) products of several x limbs with
+    one w limb, batched where the operation allows."""
+    out = None
+    for j in sorted({j for _, j in pairs}):
+        iis = [i for i, jj in pairs if jj == j]
+        for i, prod in zip(iis, products([xl[i] for i in iis], wl[j])):
+            term = prod.to(torch.int64)
+            if i + j:
+                term = torch.bitwise_left_shift(term, bits * (i + j))
+            out = term if out is None else out.add_(term)
+    return out
+
+
+def _conv_products(n: int, geom: tuple):
+    """Products of x limbs [n, C, H, W] with one weight limb: all limbs in one batched conv."""
+    def products(xs, w):
+        return F.conv2d(torch.cat(xs, 0), w, None, *geom).split(n)
+    return products
+
+
 class LimbFloatBackend(Backend):
     """Exact mod-2^64 products from float64/float32 products of b-bit limbs (for CUDA)."""
 
@@ -134,20 +162,9 @@ class LimbFloatBackend(Backend):
         bits = self._bits(reduction)
         count = math.ceil(64 / bits)
         xl, wl = self._limbs(x, bits, count), self._limbs(w, bits, count)
-        n = x.shape[0]
-        out = None
         with _exact_float_mode(x.device):
-            for j in range(count):
-                imax = min(count - 1, (63 // bits) - j)  # pairs with b(i+j) < 64
-                if imax < 0:
-                    break
-                stacked = torch.cat(xl[:imax + 1], dim=0)  # all x limbs in one batch
-                prod = F.conv2d(stacked, wl[j], None, stride, padding, dilation, groups)
-                for i in range(imax + 1):
-                    term = torch.bitwise_left_shift(prod[i * n:(i + 1) * n].to(torch.int64),
-                                                    bits * (i + j))
-                    out = term if out is None else out + term
-        return out
+            return _limb_combine(xl, wl, _pairs_below_64(bits, count, count), bits,
+                                 _conv_products(x.shape[0], (stride, padding, dilation, groups)))
 
     def matmul(self, x, y):
         _check_int64(x, y)
@@ -157,16 +174,9 @@ class LimbFloatBackend(Backend):
         bits = self._bits(reduction)
         count = math.ceil(64 / bits)
         xl, yl = self._limbs(x, bits, count), self._limbs(y, bits, count)
-        out = None
         with _exact_float_mode(x.device):
-            for i in range(count):
-                for j in range(count):
-                    if bits * (i + j) >= 64:
-                        break
-                    term = torch.bitwise_left_shift(torch.matmul(xl[i], yl[j]).to(torch.int64),
-                                                    bits * (i + j))
-                    out = term if out is None else out + term
-        return out
+            return _limb_combine(xl, yl, _pairs_below_64(bits, count, count), bits,
+                                 lambda xs, yj: [torch.matmul(t, yj) for t in xs])
 
 
 def balanced_limbs(t: torch.Tensor, bits: int, count: int) -> list[torch.Tensor]:
@@ -226,26 +236,16 @@ class CpuHybridBackend(CpuInt64Backend):
                    small: bool) -> torch.Tensor:
         bits, count = self.LIMB_BITS, self.LIMBS
         xl = [d.to(torch.float64) for d in balanced_limbs(x, bits, count)]
-        if small:
-            pairs = [(i, 0) for i in range(count)]
-            wl = [w.to(torch.float64)]
-        else:
-            pairs = [(i, j) for i in range(count) for j in range(count) if bits * (i + j) < 64]
-            wl = [d.to(torch.float64) for d in balanced_limbs(w, bits, count)]
+        wl = [w.to(torch.float64)] if small else \
+            [d.to(torch.float64) for d in balanced_limbs(w, bits, count)]
+        pairs = _pairs_below_64(bits, count, len(wl))
         step = self.MAX_REDUCTION // (w.shape[2] * w.shape[3]) - 1  # channels per exact chunk
-        n = x.shape[0]
+        products = _conv_products(x.shape[0], geom)
         out = None
-        for c0 in range(0, x.shape[1], step):
-            xs = [t[:, c0:c0 + step] for t in xl]
-            for j in sorted({j for _, j in pairs}):
-                iis = [i for i, jj in pairs if jj == j]
-                prod = F.conv2d(torch.cat([xs[i] for i in iis], 0), wl[j][:, c0:c0 + step],
-                                None, *geom)             # all x limbs paired with w_j at once
-                for k, i in enumerate(iis):
-                    term = prod[k * n:(k + 1) * n].to(torch.int64)
-                    if i + j:
-                        term = torch.bitwise_left_shift(term, bits * (i + j))
-                    out = term if out is None else out.add_(term)
+        for c0 in range(0, x.shape[1], step):    # int64 sum of exact partial convolutions
+            part = _limb_combine([t[:, c0:c0 + step] for t in xl],
+                                 [t[:, c0:c0 + step] for t in wl], pairs, bits, products)
+            out = part if out is None else out.add_(part)
         return out
 
 
