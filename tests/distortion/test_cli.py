@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from secure_inference.distortion import load_results
-from tiny_configs import TINY_CLS_CONFIG
+from tiny_configs import TINY_CLS_CONFIG, write_tiny_cls_setup
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "research" / "extract_block_sizes.py"
@@ -18,26 +18,8 @@ CONFIG = TINY_CLS_CONFIG
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from PIL import Image
-    import secure_inference  # noqa: F401
-    from secure_inference.models import load_model
     tmp = tmp_path_factory.mktemp("cli")
-    data = tmp / "train"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / f"{i}.png")
-    cfg = tmp / "tiny_r18.py"
-    cfg.write_text(CONFIG.replace("{data}", str(data)))
-    model = load_model(str(cfg))
-    torch.manual_seed(0)
-    with torch.no_grad():  # non-trivial BN statistics
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    ckpt = tmp / "tiny.pth"
-    torch.save({"state_dict": model.state_dict(), "meta": {}}, ckpt)
+    cfg, ckpt, data = write_tiny_cls_setup(tmp, 8, bn_stats=True)
     return tmp, cfg, ckpt, data
 
 

@@ -6,16 +6,13 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import secure_inference as si
-from tiny_configs import TINY_CLS_CONFIG
+from tiny_configs import write_tiny_cls_setup
 
 ROOT = Path(__file__).resolve().parents[2]
-
-CONFIG = TINY_CLS_CONFIG
 
 
 def load_script(name: str):
@@ -27,18 +24,8 @@ def load_script(name: str):
 
 @pytest.mark.slow
 def test_distortion_to_spec_pipeline(tmp_path):
-    from PIL import Image
     from secure_inference.models import load_model
-    data = tmp_path / "train"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / f"{i}.png")
-    cfg = tmp_path / "tiny.py"
-    cfg.write_text(CONFIG.replace("{data}", str(data)))
-    model = load_model(str(cfg))
-    ckpt = tmp_path / "tiny.pth"
-    torch.save({"state_dict": model.state_dict(), "meta": {}}, ckpt)
+    cfg, ckpt, _ = write_tiny_cls_setup(tmp_path, 4)
     dist = tmp_path / "dist"
     assert load_script("extract_block_sizes").main(
         ["--config", str(cfg), "--checkpoint", str(ckpt), "--output_path", str(dist),
