@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from secure_inference.distortion import load_results
 from tiny_configs import TINY_CLS_CONFIG, write_tiny_cls_setup
