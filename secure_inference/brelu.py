@@ -22,20 +22,32 @@ from torch import nn
 IDENTITY = (0, 1)
 
 
+INT32_MAX = int(np.iinfo(np.int32).max)
+
+
 def as_block_sizes(block_sizes, channels: int | None = None) -> np.ndarray:
-    """Validate and return block sizes as an int32 array of shape [C, 2]."""
+    """Validate and return block sizes as an int32 array of shape [C, 2].
+
+    Every value must be an integer (integral floats are accepted) in ``[0, INT32_MAX]``: a
+    larger value would wrap when cast to int32 (2**32 + 2 became 2), silently changing the
+    network, so it is refused with the channel and the value instead.
+    """
     arr = np.asarray(block_sizes.detach().cpu() if torch.is_tensor(block_sizes) else block_sizes)
-    if arr.dtype.kind not in "iu":
-        if arr.dtype.kind == "f" and arr.size and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
-        else:
-            raise ValueError(f"block sizes must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"block sizes must be integers, got dtype {arr.dtype}")
     if arr.ndim != 2 or arr.shape[1] != 2:
         raise ValueError(f"block sizes must have shape [C, 2], got {list(arr.shape)}")
     if channels is not None and arr.shape[0] != channels:
         raise ValueError(f"block sizes have {arr.shape[0]} rows but the site has {channels} channels")
-    if np.any(arr < 0):
-        raise ValueError("block sizes must be >= 0 ([0, 1] marks identity)")
+    # compared in the array's own dtype (no cast that could wrap); NaN and inf fail both tests
+    bad = ~((arr >= 0) & (arr <= INT32_MAX))
+    if arr.dtype.kind == "f":
+        bad |= arr != np.round(arr)
+    if bad.any():
+        c, j = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"channel {c} has block size {arr[c, j].item()!r} (row {arr[c].tolist()}); "
+                         f"block sizes must be integers >= 0 and <= {INT32_MAX} "
+                         "([0, 1] marks identity)")
     return arr.astype(np.int32)
 
 

@@ -3,7 +3,9 @@
 A spec is a plain dict ``{site_name: np.ndarray int32 [C, 2]}`` (the pickle format the
 original research code used). Sites absent from the dict keep their ordinary activation.
 Pickles are read with a restricted unpickler: only numpy arrays/dtypes, dicts, lists,
-strings and numbers are rebuilt; any other global is refused before it can run.
+strings and numbers are rebuilt; any other global is refused before it can run, and every
+array's shape and dtype are checked from the pickle before its memory is allocated (limits:
+:func:`load_spec`).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .brelu import BlockReLU, as_block_sizes, block_costs
+from .brelu import INT32_MAX, BlockReLU, as_block_sizes, block_costs
 from .sites import ReluSite, find_relu_sites, sites_by_name
 
 Spec = dict[str, np.ndarray]
@@ -181,50 +183,218 @@ def extract_block_spec(model: nn.Module, input_shape: Sequence[int]) -> Spec:
 
 # --------------------------------------------------------------------------- files
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Rebuilds only numpy arrays, dtypes and scalars; every other global is refused."""
+# Limits of a spec file, checked before anything of the announced size is allocated. A block
+# spec holds one [h, w] row per channel; real networks have a few thousand channels per site.
+MAX_SPEC_FILE_BYTES = 64 * 2**20
+"""Largest spec file (pickle or JSON) :func:`load_spec` reads."""
+MAX_SPEC_CHANNELS = 2**20
+"""Most rows (channels) one site's array may have."""
+MAX_SPEC_TOTAL_CHANNELS = 2**21
+"""Most rows all arrays of one spec file may have together."""
+_MAX_PICKLE_OPCODES = 2**20  # bounds the unpickler's stack and memo (a memo index sizes it)
+_MAX_NESTING = 32
 
-    _ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("_codecs", "encode"),  # protocol-2 pickles carry array bytes as latin-1 text
-    }
+
+class _NdarrayToken:
+    """Stands for ``numpy.ndarray`` in a pickle: the type argument of ``_reconstruct``.
+
+    Called directly (``ndarray(shape, dtype)`` would allocate the shape at once), it only
+    records the request; the size is checked when the spec is finished.
+    """
+
+    def __call__(self, shape=None, dtype=None, buffer=None, offset=0, strides=None, order=None):
+        if offset or strides is not None:
+            raise SpecError("refusing numpy.ndarray(...) with an offset or strides in a block spec")
+        return _PendingArray(shape=shape, dtype=dtype, data=buffer, fortran=order == "F")
+
+
+_NDARRAY = _NdarrayToken()
+
+
+class _PendingArray:
+    """An array a pickle asked for, kept as its header (shape, dtype, data) until checked.
+
+    Nothing of the announced shape is allocated while unpickling; :meth:`build` checks the
+    header against the spec limits and only then makes the array from the file's bytes.
+    """
+
+    def __init__(self, shape=None, dtype=None, data=None, fortran: bool = False) -> None:
+        self.shape, self.dtype, self.data, self.fortran = shape, dtype, data, fortran
+
+    def __setstate__(self, state) -> None:  # ndarray.__setstate__'s arguments, only recorded
+        if isinstance(state, tuple) and len(state) == 5:
+            state = state[1:]  # (version, shape, dtype, is_fortran, rawdata)
+        if not (isinstance(state, tuple) and len(state) == 4):
+            raise SpecError("not a valid block-spec pickle: malformed array state")
+        self.shape, self.dtype, self.fortran, self.data = state
+
+    def build(self, where: str, rows_so_far: int) -> np.ndarray:
+        """Check the header (``where`` names the site in errors), then make the array."""
+        dtype, shape = self.dtype, self.shape
+        if not isinstance(dtype, np.dtype) or dtype.kind not in "iu" or dtype.itemsize > 8 \
+                or dtype.subdtype is not None or dtype.names is not None:
+            raise SpecError(f"{where}: array of dtype {dtype} is not allowed; a block spec holds "
+                            "integer arrays [C, 2]")
+        if not (isinstance(shape, tuple)
+                and all(isinstance(n, (int, np.integer)) and n >= 0 for n in shape)):
+            raise SpecError(f"{where}: array shape {shape!r} is not a tuple of sizes")
+        if len(shape) != 2 or shape[1] != 2:
+            raise SpecError(f"{where}: array of shape {tuple(int(n) for n in shape)} is not "
+                            "[C, 2] (one [h, w] row per channel)")
+        rows = int(shape[0])
+        if rows > MAX_SPEC_CHANNELS:
+            raise SpecError(f"{where}: array announces {rows} channels, more than the limit of "
+                            f"{MAX_SPEC_CHANNELS} channels per site (MAX_SPEC_CHANNELS); refused "
+                            "before allocating it")
+        if rows_so_far + rows > MAX_SPEC_TOTAL_CHANNELS:
+            raise SpecError(f"{where}: the spec's arrays announce more than the limit of "
+                            f"{MAX_SPEC_TOTAL_CHANNELS} channels in all sites together "
+                            "(MAX_SPEC_TOTAL_CHANNELS); refused before allocating them")
+        if self.data is None:
+            raise SpecError(f"{where}: array of shape {(rows, 2)} carries no data")
+        if not isinstance(self.data, (bytes, bytearray)):
+            raise SpecError(f"{where}: array data is a {type(self.data).__name__}, not bytes")
+        need = rows * 2 * dtype.itemsize
+        if len(self.data) != need:
+            raise SpecError(f"{where}: array data has {len(self.data)} bytes, shape {(rows, 2)} "
+                            f"of {dtype} needs {need}")
+        flat = np.frombuffer(self.data, dtype=dtype, count=rows * 2)
+        return flat.reshape((rows, 2), order="F" if self.fortran else "C").copy()
+
+
+def _reconstruct(subtype, shape, typecode) -> _PendingArray:
+    """``numpy ... _reconstruct``: numpy's pickles start every array as an empty one."""
+    if subtype is not _NDARRAY:
+        raise SpecError(f"refusing to rebuild an array of type {subtype!r} in a block spec")
+    if not (isinstance(shape, tuple) and 0 in shape):
+        raise SpecError(f"refusing numpy _reconstruct of a non-empty shape {shape!r} "
+                        "(numpy pickles start from an empty array)")
+    return _PendingArray()
+
+
+def _frombuffer(buffer, dtype, shape, order) -> _PendingArray:
+    """``numpy ... _frombuffer`` (protocol-5 pickles): recorded, checked when finished."""
+    if isinstance(buffer, pickle.PickleBuffer):
+        buffer = bytes(buffer)
+    return _PendingArray(shape=shape, dtype=dtype, data=buffer, fortran=order == "F")
+
+
+def _latin1_encode(text, encoding="utf-8", errors="strict") -> bytes:
+    """``_codecs.encode`` as numpy's protocol-2 pickles use it: array bytes as latin-1 text."""
+    if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in (
+            "latin1", "latin-1", "iso-8859-1"):
+        raise SpecError("refusing _codecs.encode other than of text to latin-1 in a block spec")
+    return text.encode("latin-1", errors)
+
+
+def _empty_bytes(*args) -> bytes:
+    """``bytes()`` as protocols 0-2 write empty bytes; ``bytes(n)`` would allocate n zeros."""
+    if args:
+        raise SpecError("refusing bytes(...) with arguments in a block spec")
+    return b""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Rebuilds only numpy arrays, dtypes and scalars; every other global is refused.
+
+    Arrays come out as :class:`_PendingArray` headers; :func:`safe_unpickle` checks and builds
+    them, so an announced shape never allocates memory before it is checked.
+    """
+
+    _RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"),
+                    ("numpy._core.multiarray", "_reconstruct")}
+    _FROMBUFFER = {("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+    _SCALAR = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
 
     def find_class(self, module: str, name: str):
-        if (module, name) in self._ALLOWED or (
-                module == "numpy.dtypes" and name.endswith("DType")):
+        key = (module, name)
+        if key == ("numpy", "ndarray"):
+            return _NDARRAY
+        if key in self._RECONSTRUCT:
+            return _reconstruct
+        if key in self._FROMBUFFER:
+            return _frombuffer
+        if key == ("_codecs", "encode"):
+            return _latin1_encode
+        if key in (("builtins", "bytes"), ("__builtin__", "bytes")):
+            return _empty_bytes
+        if key in self._SCALAR:
+            return _checked_scalar(super().find_class(module, name))
+        if key == ("numpy", "dtype") or (module == "numpy.dtypes" and name.endswith("DType")):
             return super().find_class(module, name)
         raise SpecError(f"refusing to unpickle {module}.{name}: a block spec holds only "
                         "arrays, dicts, lists, strings and numbers")
 
 
-def _check_plain(obj, where: str = "spec") -> None:
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind not in "iufb":
-            raise SpecError(f"{where}: array of dtype {obj.dtype} is not allowed")
-    elif isinstance(obj, dict):
+def _checked_scalar(scalar):
+    """numpy's ``scalar(dtype, bytes)`` for plain numbers only (bytes from the file)."""
+    def make(dtype, data=None):
+        if not (isinstance(dtype, np.dtype) and dtype.kind in "biuf" and dtype.itemsize <= 16
+                and isinstance(data, bytes) and len(data) == dtype.itemsize):
+            raise SpecError(f"refusing a numpy scalar of dtype {dtype} in a block spec")
+        return scalar(dtype, data)
+    return make
+
+
+def _scan_opcodes(data: bytes) -> None:
+    """Bound the unpickler's own memory before it runs: opcode count and memo indices."""
+    import pickletools
+    try:
+        for count, (op, arg, _) in enumerate(pickletools.genops(data)):
+            if count >= _MAX_PICKLE_OPCODES:
+                raise SpecError(f"not a valid block-spec pickle: more than {_MAX_PICKLE_OPCODES} "
+                                "pickle operations")
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= arg < _MAX_PICKLE_OPCODES:
+                raise SpecError(f"not a valid block-spec pickle: memo index {arg} is beyond "
+                                f"{_MAX_PICKLE_OPCODES}")
+    except SpecError:
+        raise
+    except Exception as e:  # pickletools raises ValueError (and others) on malformed input
+        raise SpecError(f"not a valid block-spec pickle: {type(e).__name__}: {e}") from None
+
+
+def _finish(obj, where: str, depth: int, counts: list[int]):
+    """Check the unpickled object is plain data and build its arrays (rows counted)."""
+    counts[1] += 1
+    if depth > _MAX_NESTING or counts[1] > _MAX_PICKLE_OPCODES:
+        raise SpecError(f"{where}: nested or repeated too deeply for a block spec")
+    if isinstance(obj, _PendingArray):
+        arr = obj.build(where, counts[0])
+        counts[0] += arr.shape[0]
+        return arr
+    if isinstance(obj, dict):
+        out = {}
         for k, v in obj.items():
-            _check_plain(k, where)
-            _check_plain(v, f"{where}[{k!r}]")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _check_plain(v, f"{where}[{i}]")
-    elif not isinstance(obj, (str, int, float, bool, np.generic, type(None))):
-        raise SpecError(f"{where}: {type(obj).__name__} is not allowed in a block spec")
+            if not isinstance(k, (str, int, float, bool, type(None))):
+                raise SpecError(f"{where}: key {type(k).__name__} is not allowed in a block spec")
+            sub = f"site {k!r}" if depth == 0 else f"{where}[{k!r}]"
+            out[k] = _finish(v, sub, depth + 1, counts)
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [_finish(v, f"{where}[{i}]", depth + 1, counts) for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    if isinstance(obj, (str, int, float, bool, np.generic, type(None))):
+        return obj
+    raise SpecError(f"{where}: {type(obj).__name__} is not allowed in a block spec")
 
 
 def safe_unpickle(data: bytes):
-    """Unpickle ``data`` allowing only plain containers and numpy arrays."""
+    """Unpickle ``data`` allowing only plain containers, numbers and integer arrays [C, 2].
+
+    Every array's shape and dtype are checked against :data:`MAX_SPEC_CHANNELS` and
+    :data:`MAX_SPEC_TOTAL_CHANNELS` from the pickle's header before its memory is allocated.
+    """
+    if len(data) > MAX_SPEC_FILE_BYTES:
+        raise SpecError(f"block-spec pickle of {len(data)} bytes is larger than the limit of "
+                        f"{MAX_SPEC_FILE_BYTES} bytes (MAX_SPEC_FILE_BYTES)")
+    _scan_opcodes(data)
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data)).load()
     except SpecError:
         raise
     except Exception as e:  # malformed pickles raise many exception types
         raise SpecError(f"not a valid block-spec pickle: {type(e).__name__}: {e}") from None
-    _check_plain(obj)
-    return obj
+    return _finish(obj, "spec", 0, [0, 0])
 
 
 def _as_spec_dict(obj, source: str) -> Spec:
@@ -268,13 +438,35 @@ def save_spec(spec: Mapping[str, object], path: str | os.PathLike) -> None:
 
 
 def load_spec(path: str | os.PathLike) -> Spec:
-    """Read a spec file (pickle via the restricted unpickler, or JSON)."""
+    """Read a spec file (pickle via the restricted unpickler, or JSON).
+
+    Limits, checked before memory of the announced size is spent: the file is at most
+    :data:`MAX_SPEC_FILE_BYTES` (64 MiB); each site's array is integer [C, 2] with
+    C <= :data:`MAX_SPEC_CHANNELS` (2**20), all sites together <= :data:`MAX_SPEC_TOTAL_CHANNELS`
+    (2**21) rows; every block size is an integer in [0, 2**31 - 1] (no silent int32 wrap).
+    Anything else is a :class:`SpecError` naming the site (and channel and value).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"block spec file not found: {path}")
-    data = path.read_bytes()
+    too_big = (f"{path}: more than {MAX_SPEC_FILE_BYTES} bytes, the limit for a block spec "
+               "file (MAX_SPEC_FILE_BYTES); is this the right file?")
+    if path.stat().st_size > MAX_SPEC_FILE_BYTES:
+        raise SpecError(too_big)
+    chunks, total = [], 0
+    with path.open("rb") as f:  # in pieces: read(n) would reserve n bytes up front
+        while chunk := f.read(2**20):
+            total += len(chunk)
+            if total > MAX_SPEC_FILE_BYTES:  # the file grew since stat
+                raise SpecError(too_big)
+            chunks.append(chunk)
+    data = b"".join(chunks)
     if path.suffix == ".json":
-        return spec_from_json(data.decode())
+        try:
+            text = data.decode()
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{path}: a JSON block spec must be UTF-8 text ({e})") from None
+        return spec_from_json(text)
     return _as_spec_dict(safe_unpickle(data), str(path))
 
 
@@ -283,11 +475,44 @@ def spec_to_json(spec: Mapping[str, np.ndarray]) -> str:
     return json.dumps({k: np.asarray(v).astype(int).tolist() for k, v in spec.items()}, indent=1)
 
 
+def _json_rows(name: str, rows) -> np.ndarray:
+    """One site's ``[[h, w], ...]`` from JSON, checked row by row (ragged rows named)."""
+    where = f"JSON spec: site '{name}'"
+    if not isinstance(rows, list):
+        raise SpecError(f"{where}: expected a list of [h, w] rows, got {type(rows).__name__}")
+    if len(rows) > MAX_SPEC_CHANNELS:
+        raise SpecError(f"{where}: {len(rows)} rows is more than the limit of "
+                        f"{MAX_SPEC_CHANNELS} channels per site (MAX_SPEC_CHANNELS)")
+    for c, row in enumerate(rows):
+        if not (isinstance(row, list) and len(row) == 2):
+            shown = json.dumps(row) if not isinstance(row, (list, dict)) or len(row) < 8 \
+                else f"a {type(row).__name__} of {len(row)} items"
+            raise SpecError(f"{where}: channel {c}: expected a row [h, w] of two integers, "
+                            f"got {shown}")
+        for v in row:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v \
+                    or not 0 <= v <= INT32_MAX or (isinstance(v, float) and not v.is_integer()):
+                shown = json.dumps(v) if not isinstance(v, (list, dict)) else type(v).__name__
+                raise SpecError(f"{where}: channel {c} has block size {shown}; block sizes must "
+                                f"be integers >= 0 and <= {INT32_MAX} ([0, 1] marks identity)")
+    return np.array(rows, dtype=np.int64).reshape(-1, 2)
+
+
 def spec_from_json(text: str) -> Spec:
-    """Inverse of :func:`spec_to_json`."""
+    """Inverse of :func:`spec_to_json`; malformed, ragged or nested input is a SpecError."""
+    if len(text) > MAX_SPEC_FILE_BYTES:
+        raise SpecError(f"block spec JSON of {len(text)} characters is larger than the limit of "
+                        f"{MAX_SPEC_FILE_BYTES} (MAX_SPEC_FILE_BYTES)")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise SpecError(f"block spec JSON is malformed: {e}") from None
-    return _as_spec_dict({k: np.asarray(v) for k, v in obj.items()}
-                         if isinstance(obj, dict) else obj, "JSON spec")
+    except RecursionError:
+        raise SpecError("block spec JSON is nested too deeply to read; a block spec is "
+                        '{"site": [[h, w], ...]} (three levels)') from None
+    except ValueError as e:  # e.g. an integer literal longer than Python's digit limit
+        raise SpecError(f"block spec JSON has a value that cannot be read: {e}") from None
+    if not isinstance(obj, dict):
+        raise SpecError(f"JSON spec: expected a dict of site name -> [C, 2] array, "
+                        f"got {type(obj).__name__}")
+    return _as_spec_dict({k: _json_rows(k, v) for k, v in obj.items()}, "JSON spec")

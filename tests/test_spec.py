@@ -177,3 +177,178 @@ def test_json_errors_and_text():
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="block spec file not found"):
         load_spec(tmp_path / "nope.pickle")
+
+
+# --------------------------------------------------------------------------- hostile spec files
+# (issue 13 items 3, 4 and 7): sizes are checked from the pickle's header before any memory of
+# the announced size is spent, values beyond int32 are refused instead of wrapping, and
+# malformed JSON is a SpecError that says what is wrong.
+
+import tracemalloc
+
+from secure_inference.spec import (MAX_SPEC_CHANNELS, MAX_SPEC_FILE_BYTES,
+                                   MAX_SPEC_TOTAL_CHANNELS)
+
+HUGE = (2**27, 2)  # 2**27 int32 rows: 1 GiB if it were allocated
+
+
+class _Reduce:
+    """Pickles as ``func(*args)`` (plus ``state`` for BUILD): a hand-made pickle payload."""
+
+    def __init__(self, func, args, state=None):
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self):
+        return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
+
+
+def _hostile_arrays():
+    from numpy._core.multiarray import _reconstruct
+    from numpy._core.numeric import _frombuffer
+    i4 = np.dtype("int32")
+    return {
+        "ndarray(shape, dtype)": _Reduce(np.ndarray, (HUGE, i4)),
+        "_reconstruct + state": _Reduce(_reconstruct, (np.ndarray, (0,), b"b"),
+                                        (1, HUGE, i4, False, b"\0" * 16)),
+        "_frombuffer": _Reduce(_frombuffer, (b"\0" * 16, i4, HUGE, "C")),
+    }
+
+
+def _peak_bytes(fn):
+    """(result or exception, tracemalloc peak) of ``fn()``."""
+    tracemalloc.start()
+    try:
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - returned for the caller to check
+            out = e
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("kind", list(_hostile_arrays()))
+def test_huge_announced_array_is_refused_before_allocation(kind, tmp_path):
+    payload = pickle.dumps({"relu": _hostile_arrays()[kind]}, protocol=4)
+    assert len(payload) < 250
+    err, peak = _peak_bytes(lambda: safe_unpickle(payload))
+    assert isinstance(err, SpecError), err
+    assert "site 'relu'" in str(err) and str(MAX_SPEC_CHANNELS) in str(err)
+    assert peak < 4 * 2**20  # vs 1 GiB announced
+    path = tmp_path / "small.pickle"
+    path.write_bytes(payload)
+    err, peak = _peak_bytes(lambda: load_spec(path))
+    assert isinstance(err, SpecError) and "site 'relu'" in str(err), err
+    assert peak < 4 * 2**20
+
+
+def test_memo_index_cannot_size_the_unpickler():
+    # LONG_BINPUT 2**26: the C unpickler would grow (and zero) a 1 GiB memo table for it
+    payload = b"\x80\x04N" + b"r" + (2**26).to_bytes(4, "little") + b"."
+    err, peak = _peak_bytes(lambda: safe_unpickle(payload))
+    assert isinstance(err, SpecError) and "memo index" in str(err), err
+    assert peak < 4 * 2**20
+
+
+def test_all_sites_together_are_capped_even_when_one_array_is_reused():
+    rows = np.ones((MAX_SPEC_CHANNELS, 2), dtype=np.int8)  # pickled once, referenced 3 times
+    payload = pickle.dumps({"a": rows, "b": rows, "c": rows}, protocol=4)
+    assert len(payload) < 3 * 2**20
+    with pytest.raises(SpecError, match=f"site 'c'.*{MAX_SPEC_TOTAL_CHANNELS}"):
+        safe_unpickle(payload)
+
+
+@pytest.mark.parametrize("array,msg", [
+    (np.ones((4, 2), dtype=np.float32), "site 'relu'.*dtype float32"),
+    (np.ones((4, 2), dtype=bool), "site 'relu'.*dtype bool"),
+    (np.ones((4, 3), dtype=np.int32), r"site 'relu'.*\(4, 3\) is not \[C, 2\]"),
+    (np.ones((4, 2, 1), dtype=np.int32), r"site 'relu'.*\(4, 2, 1\)"),
+    (np.ones(8, dtype=np.int32), r"site 'relu'.*\(8,\)"),
+])
+def test_spec_arrays_must_be_integer_rows_of_two(array, msg):
+    with pytest.raises(SpecError, match=msg):
+        safe_unpickle(pickle.dumps({"relu": array}))
+
+
+def test_oversized_file_is_refused_without_reading_it(tmp_path):
+    path = tmp_path / "big.pickle"
+    with path.open("wb") as f:
+        f.truncate(MAX_SPEC_FILE_BYTES + 1)  # sparse: no disk, no memory
+    err, peak = _peak_bytes(lambda: load_spec(path))
+    assert isinstance(err, SpecError) and "MAX_SPEC_FILE_BYTES" in str(err), err
+    assert peak < 2**20
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_plain_integer_arrays_of_every_layout_still_load(tmp_path, protocol):
+    base = np.array([[2, 3], [0, 1], [7, 1], [1, 1]])
+    spec = {"le8": base.astype(np.int8), "be4": base.astype(">i4"), "u2": base.astype(np.uint16),
+            "fortran": np.asfortranarray(base.astype(np.int64)), "empty": np.zeros((0, 2), int)}
+    path = tmp_path / "spec.pickle"
+    path.write_bytes(pickle.dumps(spec, protocol=protocol))
+    got = load_spec(path)
+    assert list(got) == list(spec)
+    for name in ("le8", "be4", "u2", "fortran"):
+        assert got[name].dtype == np.int32 and got[name].tolist() == base.tolist()
+    assert got["empty"].shape == (0, 2)
+
+
+WRAPPING = [  # each once wrapped to int32 silently (issue 13 item 4)
+    (np.array([[4294967298, 2]], dtype=np.int64), "4294967298"),
+    (np.array([[2**63, 2**63]], dtype=np.uint64), str(2**63)),
+    (np.array([[3, 2**31]], dtype=np.int64), str(2**31)),
+    (np.array([[-1, 1]], dtype=np.int64), "-1"),
+]
+
+
+@pytest.mark.parametrize("array,value", WRAPPING)
+def test_block_sizes_beyond_int32_are_refused_in_pickles(tmp_path, array, value):
+    path = tmp_path / "spec.pickle"
+    path.write_bytes(pickle.dumps({"relu": np.concatenate([[[1, 1]], array]).astype(array.dtype)}))
+    with pytest.raises(SpecError, match=f"site 'relu'.*channel 1 has block size {value}"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("value", ["4294967298", "1e10", "9223372036854775808", "1e400", "-1",
+                                   "2.5", "true", '"2"'])
+def test_block_sizes_beyond_int32_are_refused_in_json(value):
+    text = '{"relu": [[1, 1], [2, %s]]}' % value
+    with pytest.raises(SpecError, match="site 'relu'.*channel 1 has block size"):
+        spec_from_json(text)
+
+
+@pytest.mark.parametrize("values,shown", [
+    (np.full((64, 2), 4294967298, dtype=np.int64), "4294967298"),
+    (np.full((64, 2), 1e10), "10000000000.0"),
+    (np.full((64, 2), 2**63, dtype=np.uint64), str(2**63)),
+    (np.full((64, 2), np.inf), "inf"),
+    (torch.full((64, 2), 2**40, dtype=torch.int64), str(2**40)),
+])
+def test_block_sizes_beyond_int32_are_refused_in_users_arrays(tmp_path, values, shown):
+    with pytest.raises(SpecError, match=f"site 'relu'.*channel 0 has block size {shown}"):
+        apply_block_spec(resnet18(), {"relu": values}, SHAPE)
+    with pytest.raises(SpecError, match=f"site 'relu'.*channel 0 has block size {shown}"):
+        save_spec({"relu": values}, tmp_path / "spec.pickle")
+    assert not (tmp_path / "spec.pickle").exists()
+
+
+@pytest.mark.parametrize("text,msg", [
+    ('{"x": [[1, 2], [3]]}', r"site 'x': channel 1: expected a row \[h, w\].*got \[3\]"),
+    ('{"x": [[1, 2], [3, 4, 5]]}', r"site 'x': channel 1: expected a row"),
+    ('{"x": [[1, 2], 3]}', r"site 'x': channel 1: expected a row.*got 3"),
+    ('{"x": [[[1], [2]]]}', r"site 'x': channel 0 has block size list"),
+    ('{"x": 5}', r"site 'x': expected a list of \[h, w\] rows"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ('{"x": [[1, ' + "9" * 5000 + ']]}', "cannot be read"),
+])
+def test_ragged_and_deep_json_is_a_spec_error(text, msg):
+    with pytest.raises(SpecError, match=msg):
+        spec_from_json(text)
+
+
+def test_json_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "spec.json"
+    path.write_bytes(b'{"x": [[1, 1]]}\xff')
+    with pytest.raises(SpecError, match="UTF-8"):
+        load_spec(path)
