@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -126,10 +127,15 @@ class Job:
                 "max_rect": self.max_rect,
                 "max_block_size": self.max_block_size,
             }
+            # batching changes the float sums in their last bits (which samples share a
+            # batched forward, how many perturbed rows share one): a resumed run must use the
+            # same values to be bit-identical, so every setting a method reads is recorded
             if self.method == "linear":
                 fp.update(num_projections=self.num_projections, batch_size=self.batch_size)
             else:
-                fp.update(chunk_channels=self.chunk_channels)
+                fp.update(chunk_channels=self.chunk_channels, batch_size=int(self.batch_size))
+                if self.method == "exact":
+                    fp.update(forward_batch=int(self.forward_batch))
             self._fingerprint = fp
         return self._fingerprint
 
@@ -193,6 +199,13 @@ def _diff(old: dict, new: dict) -> list[str]:
     return out
 
 
+# fingerprint entries a user sets on the extraction command line (named in refusals)
+_OPTIONS = {"batch_size": "--batch_size", "forward_batch": "--forward-batch",
+            "chunk_channels": "--chunk-channels", "num_projections": "--num-projections",
+            "max_rect": "--max-rect", "max_block_size": "--max-block-size", "seed": "--seed",
+            "method": "--method", "num_samples": "--num_samples"}
+
+
 def prepare_folder(folder: str | os.PathLike, job: Job, create: bool = True) -> bool:
     """Check (and with ``create``, initialise) a run folder; True when results are complete.
 
@@ -210,10 +223,15 @@ def prepare_folder(folder: str | os.PathLike, job: Job, create: bool = True) -> 
                                   "use another --output_path") from None
         diffs = _diff(old, fp)
         if diffs:
+            rerun = [f"{_OPTIONS[k]} {json.dumps(old[k])}" for k in sorted(set(old) | set(fp))
+                     if k in _OPTIONS and k in old and old.get(k) != fp.get(k)]
+            hint = (f"To resume that run, rerun with the folder's setting(s) {' '.join(rerun)}; "
+                    "for a new run use another --output_path" if rerun else
+                    "Use another --output_path")
             raise ResultsExistError(
                 f"output folder {folder} holds distortion results of a different run "
                 f"(model, input size, samples or settings differ):\n  " + "\n  ".join(diffs)
-                + "\nUse another --output_path (existing results are never overwritten).")
+                + f"\n{hint} (existing results are never overwritten).")
         return (folder / META).is_file()
     if folder.exists() and any(folder.iterdir()):
         raise ResultsExistError(f"output folder {folder} is not empty and holds no "
@@ -245,13 +263,15 @@ def _load_chunk(folder, job: Job, chunk: Chunk) -> dict[str, np.ndarray]:
     path = chunk_path(folder, chunk)
     try:
         with np.load(path, allow_pickle=False) as z:
-            if str(z["chunk"]) != chunk.name or str(z["fingerprint"]) != _fp_hash(job):
-                raise DistortionError(f"{path} belongs to another run or chunk; delete it and "
-                                      "rerun")
+            ids = str(z["chunk"]), str(z["fingerprint"])
             out = {s.name: z[f"site_{i}"] for i, s in enumerate(job.site_list)
                    if f"site_{i}" in z.files}
-    except (OSError, KeyError, ValueError) as e:
-        raise DistortionError(f"{path}: damaged chunk file ({e}); delete it and rerun") from None
+    # a truncated or corrupted .npz is a BadZipFile (not an OSError) or an EOFError
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DistortionError(f"{path}: damaged chunk file ({type(e).__name__}: {e}); delete "
+                              "it and rerun") from None
+    if ids != (chunk.name, _fp_hash(job)):
+        raise DistortionError(f"{path} belongs to another run or chunk; delete it and rerun")
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -90,8 +91,12 @@ def load_site(path: str | os.PathLike) -> SiteDistortion:
                 block_sizes=z["block_sizes"].astype(np.int32), costs=z["costs"].astype(np.int64),
                 channels=int(z["channels"]), height=int(z["height"]), width=int(z["width"]),
                 num_samples=int(z["num_samples"]), seed=int(z["seed"]))
-    except (OSError, KeyError, ValueError) as e:
-        raise DistortionFileError(f"{path}: not a distortion site file ({e})") from None
+    # a truncated or corrupted .npz is a BadZipFile (not an OSError) or an EOFError
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DistortionFileError(f"{path}: not a distortion site file or damaged "
+                                  f"({type(e).__name__}: {e}); delete it and {META} next to it "
+                                  "and rerun the extraction command: the collect step rewrites "
+                                  "them from the chunks") from None
     result.check()
     return result
 

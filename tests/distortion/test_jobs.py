@@ -172,3 +172,58 @@ def test_killed_worker_loses_only_chunk_in_flight(tmp_path, image_folder):
         assert (out / CHUNKS / name).read_bytes() == data
     meta, res = load_results(out)
     assert len(res) == 7 and all(np.isfinite(v.distortion).all() for v in res.values())
+
+
+@pytest.mark.parametrize("setting,flag", [("batch_size", "--batch_size"),
+                                          ("forward_batch", "--forward-batch")])
+def test_resume_with_other_batching_is_refused(tmp_path, setting, flag):
+    # both change the float sums of an exact run in their last bits, so chunks of two runs
+    # with different values are no uninterrupted run: the folder refuses the resume
+    run_job(_job(forward_batch=5), tmp_path, max_chunks=1)
+    other = {"batch_size": 2, "forward_batch": 5} if setting == "batch_size" else \
+        {"batch_size": 3, "forward_batch": 7}
+    before = sorted(p.name for p in (tmp_path / CHUNKS).iterdir())
+    with pytest.raises(ResultsExistError) as err:
+        prepare_folder(tmp_path, _job(**other))
+    old_value = 3 if setting == "batch_size" else 5
+    assert f"{setting}: folder has {old_value}, this run has {other[setting]}" in str(err.value)
+    assert f"rerun with the folder's setting(s) {flag} {old_value}" in str(err.value)
+    assert "another --output_path" in str(err.value)
+    with pytest.raises(ResultsExistError):  # run_job (the library entry point) refuses too
+        run_job(_job(**other), tmp_path)
+    assert sorted(p.name for p in (tmp_path / CHUNKS).iterdir()) == before
+    assert run_job(_job(forward_batch=5), tmp_path, max_chunks=1) is None  # same values resume
+
+
+def test_forward_batch_is_not_recorded_where_it_is_unused(tmp_path):
+    for method in ("naive", "linear"):
+        run_job(_job(method=method, forward_batch=5), tmp_path / method, max_chunks=1)
+        assert prepare_folder(tmp_path / method, _job(method=method, forward_batch=9)) is False
+        with pytest.raises(ResultsExistError, match="batch_size: folder has 3, this run has 2"):
+            prepare_folder(tmp_path / method, _job(method=method, batch_size=2))
+
+
+def test_truncated_chunk_file_is_named_at_collect(tmp_path):
+    job = _job()
+    run_job(job, tmp_path, max_chunks=2)
+    victim = sorted((tmp_path / CHUNKS).iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    run_chunks(_job(), tmp_path)
+    from secure_inference.distortion.engine import DistortionError
+    with pytest.raises(DistortionError, match=f"{victim.name}: damaged chunk file.*BadZipFile"
+                                              ".*delete it and rerun"):
+        collect(job, tmp_path)
+    victim.unlink()  # what the message says to do
+    assert run_job(_job(), tmp_path) is not None
+
+
+def test_truncated_site_file_is_named_when_read(tmp_path):
+    run_job(_job(), tmp_path)
+    victim = next(p for p in tmp_path.iterdir() if p.suffix == ".npz")
+    victim.write_bytes(victim.read_bytes()[:100])
+    from secure_inference.distortion.store import DistortionFileError
+    with pytest.raises(DistortionFileError, match=f"{victim.name}: .*damaged.*delete it"):
+        load_results(tmp_path)
+    victim.unlink()
+    (tmp_path / "meta.json").unlink()
+    assert set(run_job(_job(), tmp_path)) == {s.name for s in _job().site_list}
