@@ -189,6 +189,7 @@ class Party:
         self._pair_keys: dict[int, bytes] = {}
         self._draws: dict[tuple[int, str, str], int] = defaultdict(int)
         self._depth: list[list[int]] = [[0, 0]]  # per open scope: [parent depth at entry, depth]
+        self._view: PartyView | None = None      # test hook: what this party receives and draws
         from .backends import get_backend
         self.backend = get_backend(self.device)
         warm_up()
@@ -241,6 +242,8 @@ class Party:
         st = self.stats.scopes[self._scope_path]
         st.bytes_recv[frm] += frame.payload_bytes
         st.frames_recv[frm] += 1
+        if self._view is not None:
+            self._view.received.append((self._scope_path, frm, frame.tensor.detach().cpu().clone()))
         return frame.tensor
 
     def exchange(self, other: int, x: torch.Tensor) -> torch.Tensor:
@@ -270,7 +273,10 @@ class Party:
         n = self._draws[key]
         self._draws[key] = n + 1
         stream = prg.derive_stream(self._pair_keys[other], f"{self._scope_path}\x00{tag}\x00{n}")
-        return self._draw(stream, shape, high, dtype)
+        out = self._draw(stream, shape, high, dtype)
+        if self._view is not None:
+            self._view.draws.append((other, self._scope_path, tag, n, out.detach().cpu().clone()))
+        return out
 
     def private_random(self, shape, *, high: int | None = None,
                        dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -356,6 +362,50 @@ def run_in_process(fn: Callable[[Party], T], *, frac_bits: int = DEFAULT_FRAC_BI
     their next send/receive and the first primary exception is re-raised (all parties' errors
     are attached as ``exc.party_errors``). ``timeout`` bounds every wait for a frame.
     """
+    return _run_threads(fn, Party.start, frac_bits=frac_bits, timeout=timeout, device=device,
+                        max_frame=max_frame)
+
+
+@dataclass
+class PartyView:
+    """Everything one party received (scope path, sender, tensor) and every pair-key draw it
+    made (peer, scope path, tag, occurrence, tensor), in order. Test instrumentation only."""
+
+    received: list[tuple[str, int, torch.Tensor]] = field(default_factory=list)
+    draws: list[tuple[int, str, str, int, torch.Tensor]] = field(default_factory=list)
+
+
+def _run_in_process_with_keys(fn: Callable[[Party], T], pair_keys: dict[tuple[int, int], bytes],
+                              *, frac_bits: int = DEFAULT_FRAC_BITS, timeout: float = 30.0
+                              ) -> tuple[list[T], list[PartyView]]:
+    """TEST HOOK, deliberately not reachable from the CLIs, ``run_local`` or any public option:
+    run ``fn`` in three threads with the given pair keys (``{(0, 1): k01, (0, 2): k02,
+    (1, 2): k12}``) instead of agreeing fresh ones, and record every party's view.
+
+    The view tests use it to hold a receiver's own keys fixed while the key of the other two
+    parties changes: every message the receiver gets must change with it (it is masked by
+    randomness the receiver does not hold). Protocols draw no other randomness, so with all
+    three keys fixed a run is deterministic.
+    """
+    if sorted(pair_keys) != [(0, 1), (0, 2), (1, 2)]:
+        raise ValueError("pair_keys needs exactly the keys (0, 1), (0, 2) and (1, 2)")
+    if any(not isinstance(k, bytes) or len(k) != prg.KEY_BYTES for k in pair_keys.values()):
+        raise ValueError(f"pair keys are {prg.KEY_BYTES}-byte strings")
+    views = [PartyView() for _ in ROLES]
+
+    def begin(party: Party) -> None:
+        party._pair_keys = {p: pair_keys[tuple(sorted((party.role, p)))]
+                            for p in ROLES if p != party.role}
+        party._view = views[party.role]
+
+    results = _run_threads(fn, begin, frac_bits=frac_bits, timeout=timeout, device="cpu",
+                           max_frame=DEFAULT_MAX_FRAME)
+    return results, views
+
+
+def _run_threads(fn: Callable[[Party], T], begin: Callable[[Party], None], *, frac_bits: int,
+                 timeout: float, device: torch.device | str, max_frame: int) -> list[T]:
+    """Body of :func:`run_in_process`; ``begin(party)`` starts each party's session."""
     abort = threading.Event()
     links: dict[int, dict[int, Link]] = {r: {} for r in ROLES}
     for a, b in ((0, 1), (0, 2), (1, 2)):
@@ -368,7 +418,7 @@ def run_in_process(fn: Callable[[Party], T], *, frac_bits: int = DEFAULT_FRAC_BI
         try:
             party = Party(role, links[role], device=device, frac_bits=frac_bits,
                           timeout=timeout, max_frame=max_frame)
-            party.start()
+            begin(party)
             results[role] = fn(party)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
             errors[role] = (time.monotonic(), exc)

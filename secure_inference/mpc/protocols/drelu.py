@@ -39,11 +39,18 @@ offset; P2 outputs whether some d_i^0 + d_i^1 = 0. At most one c_i is zero and t
 s_i·c_i are independent and uniform on Z_p \\ {0}, so a uniformly random cyclic rotation hides
 the zero's position exactly as a full permutation does.
 
-What each party learns (semi-honest, no two parties colluding): P0 and P1 see x̂ (uniform:
-masked by r, of which each knows only its own PRG half), P1 the bit-share corrections (uniform:
-masked by P0's PRG shares) and its output shares (masked by P0's PRG shares); P2 sees the two
-PrivateCompare messages, which reveal only β ⊕ [r' > x̂'] (uniform: β is a P0–P1 coin), and in
-the fused multiplication z = v + m (uniform: m is a P0–P1 mask).
+What each party learns (semi-honest, no two parties colluding). Every message is masked by
+randomness its receiver neither holds nor dealt (the view table of docs/secure_inference.md;
+tests/mpc/test_views.py checks it by holding the receiver's keys fixed): P0 receives
+t1 + r1 (r1: P1–P2 key), P1 receives t0 + r0 (r0: P0–P2 key), the bit-share corrections and
+its output shares (masked by P0's shares from the P0–P2 key); P2 receives the two
+PrivateCompare messages, masked by s and u from the P0–P1 key, which together reveal only
+β ⊕ [r' > x̂'] (uniform: β is a P0–P1 coin), and in the fused multiplication
+v0 + m + ζ and v1 − ζ (m, ζ: P0–P1 key), whose sum z = v + m is uniform to it.
+P2 dealt the masks of the shares v0, v1 (the previous linear layer's A, B, c0, c1), so a raw
+share sent to P2 would be a function of the secrets and P2's own keys: ζ is what prevents
+that (this was a real leak, fixed; tests/mpc/test_helper_attack.py recovers the server's
+weights by lattice reduction from the old message and finds nothing in the new one).
 
 Encodings on the wire: values mod 67 are packed five per 4 bytes (67^5 < 2^31, 6.4 bits each),
 elements of Z_L in ⌈ℓ/8⌉ bytes, the output shares as int64. Every received value is checked to
@@ -67,8 +74,8 @@ measured cost is 496 bytes.
 
 Fused multiplication (:func:`mul_drelu`): shares of v·DReLU(d) for payload values v that each
 belong to one decision (ReLU: v = x; Block-ReLU: v = pixel, d = patch sum; max: v = d = a − b).
-In round 1 P0 sends v0 + m and P1 sends v1 to P2 (m from the P0–P1 PRG), so P2 learns only
-z = v + m; with the last message P2 also sends P1 a share of s·z. Then v·s = [s·z] − m·[s] and
+In round 1 P0 sends v0 + m + ζ and P1 sends v1 − ζ to P2 (m and ζ from the P0–P1 PRG), so
+P2 learns only z = v + m; with the last message P2 also sends P1 a share of s·z. Then v·s = [s·z] − m·[s] and
 v·DReLU = v·s (g = 0) or v − v·s (g = 1): 24 more bytes per payload value and no extra round.
 
 Range. Exact (ℓ = 64, k = 0): correct for every x ∈ Z_2^64 read as a signed 64-bit integer.
@@ -628,9 +635,13 @@ def _drelu_core(party: Party, x: torch.Tensor, config: DReLUConfig,
     a_mine = (t + _pair_ring(party, ROLE_HELPER, n, bits, "dr.r")) & top
     party.send(other, pack_elements(a_mine, bits))
     if m:
+        # z = v + m reaches P2 as two messages, v0 + m + ζ and v1 − ζ: m and ζ come from the
+        # P0–P1 key, which P2 does not hold. Without ζ, P1's message would be its raw share,
+        # whose masks P2 dealt (docs/secure_inference.md, "View table").
         mask = party.pair_random(other, (m,), tag="mul.m")
+        zeta = party.pair_random(other, (m,), tag="mul.zeta")
         v = payload.reshape(-1)
-        party.send(ROLE_HELPER, v + mask if j == 0 else v)
+        party.send(ROLE_HELPER, v + mask + zeta if j == 0 else v - zeta)
     # the comparison's randomness does not depend on x̂: draw it while the messages travel
     beta = _pair_bits(party, other, n, "dr.beta")
     rnd = _compare_randomness(party, other, n, low, "dr.pc")
