@@ -14,6 +14,7 @@ Outputs, for OUT = --block_size_spec_file_name:
                    or <OUT stem>_cost<M><OUT suffix> for --max_cost
   next to each spec: <spec stem>.sites.csv, <spec stem>.sites.md (per-site table: DReLUs
   before/after, identity share, most common sizes) and <spec stem>.drelus.png (plot).
+  Existing output files are not overwritten without --force (checked before solving).
 
 Example:
   python research/knapsack_patch_size_extractor.py --model resnet18 \\
@@ -43,6 +44,23 @@ def spec_paths(out: Path, labels: list[str]) -> list[Path]:
     return [out.with_name(f"{out.stem}_{lab}{suffix}") for lab in labels]
 
 
+def output_files(spec_path: Path, plot: bool) -> list[Path]:
+    """Every file one budget writes: the spec, its site tables and (with ``plot``) the plot."""
+    stem = spec_path.with_suffix("")
+    files = [spec_path, Path(f"{stem}.sites.csv"), Path(f"{stem}.sites.md")]
+    return (files + [Path(f"{stem}.drelus.png")]) if plot else files
+
+
+def refuse_overwrite(paths: list[Path], plot: bool) -> None:
+    """Raise FileExistsError naming the output files that already exist (nothing is written)."""
+    existing = [f for path in paths for f in output_files(path, plot) if f.exists()]
+    if existing:
+        shown = ", ".join(str(f) for f in existing[:6]) + (", ..." if len(existing) > 6 else "")
+        raise FileExistsError(f"{shown} already exist{'s' if len(existing) == 1 else ''}; pass "
+                              "--force to overwrite, or choose another "
+                              "--block_size_spec_file_name")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", help="torchvision name or package.module:factory of the "
                                        "model, for the same check")
     ap.add_argument("--no_plot", "--no-plot", action="store_true", help="skip the PNG plot")
+    ap.add_argument("--force", action="store_true",
+                    help="overwrite existing output files (spec, .sites.csv/.md, plot); "
+                         "without it an existing one stops the run before anything is written")
     return ap
 
 
@@ -111,13 +132,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"checked {len(results)} sites against {target}")
         else:
             print("note: no --config/--model given; the sites are not checked against a model")
-    except (DistortionFileError, ValueError) as e:
+        paths = spec_paths(args.block_size_spec_file_name, labels)
+        if not args.force:
+            refuse_overwrite(paths, plot=not args.no_plot)
+    except (DistortionFileError, ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     channels = sum(r.channels for r in results.values())
     print(f"{args.channel_distortion_path}: {len(results)} sites, {channels:,} channels, "
           f"all-ReLU DReLUs {total:,} at input {meta.get('input_shape')}")
-    paths = spec_paths(args.block_size_spec_file_name, labels)
     # load/compile the numba kernels outside the timings (a binding budget runs both)
     solve_mckp([[0, 1], [0, 1]], [[1.0, 0.0], [1.0, 0.0]], 1)
     status = 0

@@ -281,3 +281,33 @@ def test_budget_and_site_table_by_hand():
     (row,) = site_table({"s": r}, spec)
     assert row["drelus_before"] == 96 and row["drelus_after"] == 6 + 24
     assert row["identity_share"] == 0.5 and row["common_sizes"].startswith("identity:2")
+
+
+def test_existing_outputs_are_not_overwritten_without_force(cli, folder, tmp_path, capsys):
+    out = tmp_path / "spec.pickle"
+    argv = ["--channel_distortion_path", str(folder), "--max_cost", "5000",
+            "--block_size_spec_file_name", str(out), "--no_plot"]
+    assert cli.main(argv) == 0
+    md = tmp_path / "spec.sites.md"
+    mine = {out: b"my spec", md: b"my notes"}
+    for path, data in mine.items():
+        path.write_bytes(data)
+    capsys.readouterr()
+    err = run_cli_error(cli, capsys, argv)
+    assert f"{out}" in err and f"{md}" in err and "--force" in err
+    assert "Traceback" not in err
+    assert {p: p.read_bytes() for p in mine} == mine           # nothing touched
+    # only the .sites.md left over (spec and csv deleted): still refused, naming that file
+    out.unlink()
+    (tmp_path / "spec.sites.csv").unlink()
+    err = run_cli_error(cli, capsys, argv)
+    assert f"{md} already exists" in err and not out.exists()
+    # several budgets: each derived name is checked before any budget is solved
+    (tmp_path / "multi_cost7000.pickle").write_bytes(b"keep")
+    multi = ["--channel_distortion_path", str(folder), "--max_cost", "5000", "7000",
+             "--block_size_spec_file_name", str(tmp_path / "multi.pickle"), "--no_plot"]
+    err = run_cli_error(cli, capsys, multi)
+    assert "multi_cost7000.pickle" in err and not (tmp_path / "multi_cost5000.pickle").exists()
+    # --force overwrites
+    assert cli.main(argv + ["--force"]) == 0
+    assert si.load_spec(out) and md.read_bytes() != b"my notes"
