@@ -28,7 +28,7 @@ from .compile import Layer, Program, Weights
 import importlib
 
 from .protocols import relu as R
-from .protocols.drelu import DReLUConfig, set_default_config
+from .protocols.drelu import DReLUConfig, resolve_config, set_default_config
 from .ring import decode, encode
 from .runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party, ProtocolError
 
@@ -38,7 +38,7 @@ PL = importlib.import_module(".protocols.pooling", __package__)
 
 __all__ = ["run_party", "check_program", "gather_results", "run_layer", "layer_drelus",
            "preprocess_batch", "SETUP_SCOPE", "HEADER_SCOPE", "PREPROCESS_SCOPE", "MAX_BATCHES",
-           "MAX_BATCH"]
+           "MAX_BATCH", "PROTOCOL_VERSION", "SESSION_SETTINGS", "session_settings"]
 
 SETUP_SCOPE = "open-weights"   # sub-scope (inside each linear layer's scope) of the set-up
 PREPROCESS_SCOPE = "preprocess"  # per batch, before its images enter
@@ -175,20 +175,51 @@ def _announce_batches(party: Party, batch_sizes: Sequence[int] | None) -> list[i
         return sizes
 
 
+PROTOCOL_VERSION = 2   # wire protocol: 2 = fused multiplication re-masked with ζ (issue 12)
+
+# The public settings that change the computation, besides the program itself, in the order
+# they travel: (name, how the user sets it).
+SESSION_SETTINGS = (("protocol_version", "the same secure-inference release on all three hosts"),
+                    ("frac_bits", "the same --frac-bits (session file: frac_bits)"),
+                    ("drelu_ring_bits", "the same --drelu-bits (session file: drelu_bits)"),
+                    ("drelu_drop_bits", "the same --drop-bits (session file: drop_bits)"))
+
+
+def session_settings(party: Party) -> list[int]:
+    """This party's values of :data:`SESSION_SETTINGS` (after :func:`set_default_config`)."""
+    cfg = resolve_config(party, None)
+    return [PROTOCOL_VERSION, party.frac_bits, cfg.ring_bits, cfg.drop_bits]
+
+
 def check_program(party: Party, program: Program) -> None:
-    """All three parties exchange the program's fingerprint (32 bytes each way) and stop with
-    a clear error if they compiled different programs (other config, spec or input size)."""
-    mine = torch.frombuffer(bytearray(program.fingerprint()), dtype=torch.uint8)
+    """All three parties exchange the program's fingerprint and every public setting that
+    changes the computation (fixed point, DReLU, protocol version: 64 bytes each way) and stop
+    with an error naming what differs if they do not all agree: a mismatch would otherwise
+    give a silently wrong answer (a server at f = 12 against f = 16 elsewhere returns 1.7e10
+    where the plaintext gives 0.29)."""
+    values = session_settings(party)
+    mine = torch.cat([torch.frombuffer(bytearray(program.fingerprint()), dtype=torch.uint8),
+                      torch.tensor(values, dtype=torch.int64).view(torch.uint8)])
+    size = mine.numel()
     with party.scope(HEADER_SCOPE):
         others = [p for p in (ROLE_CLIENT, ROLE_SERVER, ROLE_HELPER) if p != party.role]
         for p in others:
             party.send(p, mine)
         for p in others:
-            theirs = party.recv(p, (32,), torch.uint8)
-            if not torch.equal(theirs, mine):
-                raise ProtocolError(f"party {party.role}: party {p} compiled a different program "
-                                    "(model config, block spec or input size differ); all three "
-                                    "parties must use the same architecture, spec and input shape")
+            theirs = party.recv(p, (size,), torch.uint8)
+            if torch.equal(theirs, mine):
+                continue
+            got = theirs[32:].clone().view(torch.int64).tolist()
+            diff = [(name, fix, a, b) for (name, fix), a, b in zip(SESSION_SETTINGS, values, got)
+                    if a != b]
+            if diff:
+                raise ProtocolError(f"party {party.role}: party {p} runs " + ", ".join(
+                    f"{name}={b}" for name, _, _, b in diff) + ", this party " + ", ".join(
+                    f"{name}={a}" for name, _, a, _ in diff) + "; all three parties need "
+                    + "; ".join(fix for _, fix, _, _ in diff))
+            raise ProtocolError(f"party {party.role}: party {p} compiled a different program "
+                                "(model config, block spec or input size differ); all three "
+                                "parties must use the same architecture, spec and input shape")
 
 
 def _barrier(party: Party) -> None:

@@ -16,7 +16,7 @@ import torch
 
 import secure_inference as si
 from secure_inference.mpc.compile import compile_model
-from secure_inference.mpc.party import check_program
+from secure_inference.mpc.party import check_program, run_party
 from secure_inference.mpc.runtime import ProtocolError, run_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,3 +85,31 @@ def test_cli_help_and_missing_settings():
     proc = subprocess.run([sys.executable, str(ROOT / "research/secure_inference/crypto_provider.py")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "no model" in proc.stderr
+
+
+@pytest.mark.parametrize("setting,values", [("frac_bits", (16, 12)),
+                                            ("drelu_ring_bits", (None, 40)),
+                                            ("drelu_drop_bits", (None, 8))])
+def test_parties_with_different_settings_stop_naming_the_setting(setting, values):
+    """The server at f = 12 (or another DReLU) while the others use f = 16 used to complete and
+    hand the client 1.7e10 for a plaintext 0.289: every public setting that changes the
+    computation is compared at the start."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    program, weights = compile_model(net, (1, 3, 8, 8))
+    x = torch.randn(1, 3, 8, 8)
+    from secure_inference.mpc.protocols.drelu import DReLUConfig
+
+    def fn(party):
+        mine, other = values
+        if setting == "frac_bits":
+            party.frac_bits = other if party.role == 1 else mine
+            cfg = None
+        elif setting == "drelu_ring_bits":
+            cfg = DReLUConfig(ring_bits=40) if party.role == 1 else None
+        else:
+            cfg = DReLUConfig(ring_bits=56, drop_bits=8) if party.role == 1 else None
+        return run_party(party, program, images=[x] if party.role == 0 else None,
+                         weights=weights if party.role == 1 else None, drelu=cfg)
+    with pytest.raises(ProtocolError, match=setting):
+        run_in_process(fn, timeout=10)
