@@ -42,7 +42,10 @@ class Backend:
     name = "abstract"
 
     def conv2d(self, x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1, padding: IntPair = 0,
-               dilation: IntPair = 1, groups: int = 1) -> torch.Tensor:
+               dilation: IntPair = 1, groups: int = 1, *,
+               small_weight: bool = False) -> torch.Tensor:
+        """``small_weight``: the caller declares |w| < 2^21 (a backend may use fewer limbs;
+        the choice must never depend on the values themselves)."""
         raise NotImplementedError
 
     def matmul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -60,7 +63,7 @@ class CpuInt64Backend(Backend):
 
     name = "cpu-int64"
 
-    def conv2d(self, x, w, stride=1, padding=0, dilation=1, groups=1):
+    def conv2d(self, x, w, stride=1, padding=0, dilation=1, groups=1, *, small_weight=False):
         _check_int64(x, w)
         return F.conv2d(x, w, None, stride, padding, dilation, groups)
 
@@ -154,7 +157,7 @@ class LimbFloatBackend(Backend):
         return [torch.bitwise_and(torch.bitwise_right_shift(t, bits * i), mask).to(self.dtype)
                 for i in range(count)]
 
-    def conv2d(self, x, w, stride=1, padding=0, dilation=1, groups=1):
+    def conv2d(self, x, w, stride=1, padding=0, dilation=1, groups=1, *, small_weight=False):
         _check_int64(x, w)
         if x.is_meta or w.is_meta:
             return F.conv2d(x, w, None, stride, padding, dilation, groups)
@@ -194,6 +197,16 @@ def balanced_limbs(t: torch.Tensor, bits: int, count: int) -> list[torch.Tensor]
     return out
 
 
+SMALL_WEIGHT_BITS = 21   # server weights below 2^21 (encoded) are one limb of the CPU backend
+
+
+def fits_small(t: torch.Tensor) -> bool:
+    """True if every element of int64 ``t`` lies strictly within ±2^21 (one balanced limb).
+    Reads every element: its time depends only on the size of ``t``."""
+    bound = 1 << SMALL_WEIGHT_BITS
+    return bool(((t > -bound) & (t < bound)).all())
+
+
 class CpuHybridBackend(CpuInt64Backend):
     """The CPU default: exact convolutions from float64 convolutions of balanced limbs.
 
@@ -202,8 +215,8 @@ class CpuHybridBackend(CpuInt64Backend):
     (:func:`balanced_limbs`; shifts 0, 22, 44) and only the 6 limb pairs whose shift is below
     64 are convolved: |digit| ≤ 2^21, so a reduction of K < 2^11 products stays below 2^53 and
     float64 is exact; longer reductions are split over input channels and summed in int64.
-    When one operand is small — the server's plaintext fixed-point weights, |w| < 2^21 — it
-    is one limb and only 3 convolutions run (measured here: 3–10× faster than the int64
+    When the caller declares the weights small — the server's plaintext fixed-point weights,
+    |w| < 2^21, checked when they are opened — they are one limb and only 3 convolutions run (measured here: 3–10× faster than the int64
     kernel from 8×8 outputs up; 2.4× at 4×4). Grouped (depthwise) and small-output
     convolutions, and matmul, keep the int64 kernels.
     """
@@ -211,26 +224,30 @@ class CpuHybridBackend(CpuInt64Backend):
     name = "cpu-hybrid"
     LIMB_BITS = 22
     LIMBS = 3
-    SMALL_BITS = 21                  # an operand below 2^21 in magnitude is used as one limb
+    SMALL_BITS = SMALL_WEIGHT_BITS   # an operand declared below 2^21 is used as one limb
     MAX_REDUCTION = 1 << 11          # (2^21)^2 · 2^11 = 2^53
     MIN_OUTPUT_PIXELS = 64           # below these output sizes the int64 kernel wins (measured)
     MIN_OUTPUT_PIXELS_SMALL = 16
 
-    def conv2d(self, x, w, stride=1, padding=0, dilation=1, groups=1):
+    def conv2d(self, x, w, stride=1, padding=0, dilation=1, groups=1, *,
+               small_weight: bool = False):
+        """``small_weight`` declares that every |w| < 2^21 (the server's plaintext weights,
+        checked once when they are opened): 3 limb convolutions instead of 6. The path is
+        chosen from this declaration and the public shapes only, never from the values:
+        the server's timings reach the client, so a value-dependent path would reveal one
+        bit per layer about the weights. A declaration that is false raises."""
         _check_int64(x, w)
         if x.is_meta or w.is_meta or groups != 1:
             return super().conv2d(x, w, stride, padding, dilation, groups)
         out_hw = F.conv2d(x.to("meta"), w.to("meta"), None, stride, padding, dilation).shape[-2:]
-        small = self._is_small(w)
-        min_pixels = self.MIN_OUTPUT_PIXELS_SMALL if small else self.MIN_OUTPUT_PIXELS
+        min_pixels = self.MIN_OUTPUT_PIXELS_SMALL if small_weight else self.MIN_OUTPUT_PIXELS
         if (out_hw[0] * out_hw[1] < min_pixels
                 or w.shape[2] * w.shape[3] >= self.MAX_REDUCTION):
             return super().conv2d(x, w, stride, padding, dilation, groups)
-        return self._limb_conv(x, w, (stride, padding, dilation), small)
-
-    def _is_small(self, t: torch.Tensor) -> bool:
-        bound = 1 << self.SMALL_BITS
-        return bool(((t > -bound) & (t < bound)).all())
+        if small_weight and not fits_small(w):
+            raise ValueError(f"conv2d was told the weights are below 2^{self.SMALL_BITS} in "
+                             "magnitude, and they are not")
+        return self._limb_conv(x, w, (stride, padding, dilation), small_weight)
 
     def _limb_conv(self, x: torch.Tensor, w: torch.Tensor, geom: tuple,
                    small: bool) -> torch.Tensor:

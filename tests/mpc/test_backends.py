@@ -168,7 +168,57 @@ def test_cpu_hybrid_conv_is_exact_for_random_and_small_weights(xs, ws, geom):
     big.view(-1)[:4] = torch.tensor([_HI, _LO, 0, -1])
     for w in (small, edge, big):
         assert torch.equal(fast.conv2d(x, w, *geom), base.conv2d(x, w, *geom))
-    assert fast._is_small(small) and not fast._is_small(edge)
+    assert torch.equal(fast.conv2d(x, small, *geom, small_weight=True), base.conv2d(x, small, *geom))
+    from secure_inference.mpc.backends import fits_small
+    assert fits_small(small) and not fits_small(edge)
+
+
+def _float_convs(backend, x, w, **kw) -> int:
+    """How many float64 convolutions the backend runs for one ring convolution."""
+    calls = 0
+    real = torch.nn.functional.conv2d
+
+    def counting(inp, *args, **kwargs):
+        nonlocal calls
+        calls += inp.dtype == torch.float64
+        return real(inp, *args, **kwargs)
+    torch.nn.functional.conv2d = counting
+    try:
+        backend.conv2d(x, w, 1, 1, 1, **kw)
+    finally:
+        torch.nn.functional.conv2d = real
+    return calls
+
+
+def test_cpu_hybrid_path_never_depends_on_the_weights_values():
+    """The server's per-layer timings reach the client: a path chosen from the values of W
+    (3 limb convolutions when every |w| < 2^21, else 6) told it one bit per layer. The path
+    now follows only the caller's declaration and the shapes."""
+    from secure_inference.mpc.backends import CpuHybridBackend
+    fast = CpuHybridBackend()
+    x = torch.randint(_LO, _HI, (1, 8, 12, 12))
+    small = torch.randint(-100, 100, (4, 8, 3, 3))
+    large = small.clone()
+    large.view(-1)[0] = 1 << 30
+    assert _float_convs(fast, x, small) == _float_convs(fast, x, large)
+    assert (_float_convs(fast, x, small, small_weight=True)
+            < _float_convs(fast, x, small, small_weight=False))
+    with pytest.raises(ValueError, match="not"):
+        fast.conv2d(x, large, 1, 1, 1, small_weight=True)
+
+
+def test_server_refuses_weights_beyond_the_public_bound_when_opening_them():
+    from secure_inference.mpc import protocols as P
+    from secure_inference.mpc.runtime import run_in_process
+    w = torch.full((2, 1, 3, 3), 0.25, dtype=torch.float64)
+    w[0, 0, 0, 0] = 40.0             # 40 · 2^16 > 2^21
+
+    def fn(party):
+        P.open_weights(party, w if party.role == 1 else None, weight_shape=w.shape, name="conv")
+    with pytest.raises(ValueError, match="layer 'conv' has a weight of magnitude 40.*--frac-bits"):
+        run_in_process(fn, timeout=10)
+    w[0, 0, 0, 0] = 31.0             # below 2^21 / 2^16 = 32: fine
+    run_in_process(fn, timeout=10)
 
 
 def test_cpu_hybrid_conv_worst_case_sums_stay_exact():

@@ -49,6 +49,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..backends import SMALL_WEIGHT_BITS, fits_small
 from ..ring import encode, truncate_share
 from ..runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party
 
@@ -263,6 +264,14 @@ def _open_weights(party: Party, weight: torch.Tensor | None, weight_shape: Seque
         if tuple(w.shape) != shape:
             raise ValueError(f"weights of '{name}' have shape {list(w.shape)}, public shape is "
                              f"{list(shape)}")
+        if not fits_small(w):
+            biggest = float(w.abs().max()) / 2 ** party.frac_bits
+            raise ValueError(
+                f"layer '{name}' has a weight of magnitude {biggest:.4g}; encoded with "
+                f"{party.frac_bits} fractional bits it reaches 2^{SMALL_WEIGHT_BITS}, the bound "
+                f"the secure convolution is built for (|w| < "
+                f"{2.0 ** (SMALL_WEIGHT_BITS - party.frac_bits):g} at f = {party.frac_bits}). Use fewer fractional bits (--frac-bits) or rescale "
+                "this layer (e.g. move the factor into the next layer)")
         if key in party.cache:
             if not torch.equal(party.cache[key], w):
                 raise ValueError(f"weights of '{name}' changed within the session; use a new name")
@@ -367,7 +376,9 @@ def _server_weight_op(party: Party, x: Share, weight: torch.Tensor | None,
             return party.placeholder(out_shape)
         if pre is not None and (pre.c1 is None or tuple(pre.c1.shape) != out_shape):
             raise ValueError(f"layer '{name}' was preprocessed for another input shape")
-        z = op(x + party.recv(ROLE_CLIENT, x.shape), w)   # while the helper computes c1
+        # while the helper computes c1; the weights were checked below 2^21 when opened, so
+        # the backend's path follows from that public bound, never from the weights' values
+        z = op(x + party.recv(ROLE_CLIENT, x.shape), w, small_weight=True)
         z += (pre or _mask_products(party, name, x.shape, out_shape, op, w)).c1
         if bias is not None:
             b = to_ring(party, bias, 2 * party.frac_bits) if bias.is_floating_point() \
@@ -384,15 +395,17 @@ def _bias_view(b: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 def conv_op(party: Party, stride=1, padding=0, dilation=1, groups: int = 1) -> BilinearOp:
-    """The ring convolution of a layer with these hyperparameters (party's backend)."""
-    def op(a, w):
-        return party.backend.conv2d(a, w, stride, padding, dilation, groups)
+    """The ring convolution of a layer with these hyperparameters (party's backend).
+    ``small_weight=True`` declares |w| < 2^21 (only the server's own encoded weights)."""
+    def op(a, w, small_weight: bool = False):
+        return party.backend.conv2d(a, w, stride, padding, dilation, groups,
+                                    small_weight=small_weight)
     return op
 
 
 def linear_op(party: Party) -> BilinearOp:
     """The ring product ``a @ W.T`` of a linear layer (party's backend)."""
-    def op(a, w):
+    def op(a, w, small_weight: bool = False):
         return party.backend.matmul(a, w.transpose(-1, -2))
     return op
 
