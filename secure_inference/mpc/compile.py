@@ -42,7 +42,8 @@ from ..brelu import BlockReLU, as_block_sizes
 from ..sites import find_relu_sites, run_model
 
 __all__ = ["Layer", "Program", "Weights", "UnsupportedOperationError", "compile_model",
-           "run_float", "fold_bn", "resize_matrices", "error_std", "error_bound"]
+           "run_float", "fold_bn", "resize_matrices", "error_std", "error_bound",
+           "truncation_failures"]
 
 
 class UnsupportedOperationError(ValueError):
@@ -805,11 +806,78 @@ def error_std(program: Program, weights: Weights, x: torch.Tensor, frac_bits: in
     return vars_[program.output].sqrt(), ambiguous
 
 
+def _shift_bits(value: torch.Tensor, frac_bits: int) -> int:
+    """Scale of a public real multiplier on the ring: 0 for integers, else frac_bits."""
+    return 0 if bool(torch.all(value == torch.round(value))) else frac_bits
+
+
+def truncation_failures(program: Program, weights: Weights, x: torch.Tensor, frac_bits: int
+                        ) -> dict[str, float]:
+    """Expected number of catastrophic local-truncation failures per image for input ``x``.
+
+    Local truncation of a value whose ring integer before the shift is v fails (the result is
+    off by about 2^(64 − shift)) exactly when the two shares wrap around 2^64, which happens
+    with probability |v| / 2^64 over the uniform share (see :mod:`.ring`). v is the real
+    value times 2^(scale): 2^(2f) after a conv/linear layer or a fractional public multiplier
+    or resize matrix, 2^(f+k) in an average pooling (k the reciprocal's shift, or log2 of a
+    power-of-two divisor). Returns ``{"per_image": expected failures per image, "values":
+    truncated values per image, "by_layer": {name: expected failures per image}}``. The
+    expectation grows like 2^(2f): one more fractional bit quadruples it.
+    """
+    from .ring import is_power_of_two, reciprocal_fixed
+    two64 = 2.0 ** 64
+    images = x.shape[0]
+    by_layer: dict[str, float] = {}
+    count = 0
+
+    def add(layer: Layer, ring_values: torch.Tensor) -> None:
+        nonlocal count
+        by_layer[layer.name] = by_layer.get(layer.name, 0.0) + \
+            float(ring_values.abs().sum()) / two64 / images
+        count += ring_values.numel()
+
+    def hook(layer: Layer, ins: list[torch.Tensor], y: torch.Tensor) -> None:
+        a, op = layer.attrs, layer.op
+        if op in ("conv2d", "linear"):
+            add(layer, y * 2.0 ** (2 * frac_bits))
+        elif op in ("avg_pool", "global_avg_pool"):
+            per_window = False      # per-window divisors (padding not counted): reciprocal
+            if op == "avg_pool":
+                k, override = a["kernel_size"], a["divisor_override"]
+                d = override or k[0] * k[1]
+                per_window = (override is None and tuple(a["padding"]) != (0, 0)
+                              and not a["count_include_pad"])
+            else:
+                d = ins[0].shape[2] * ins[0].shape[3]
+            if is_power_of_two(int(d)) and not per_window:
+                add(layer, y * d * 2.0 ** frac_bits)
+            else:
+                add(layer, y * 2.0 ** (frac_bits + reciprocal_fixed(int(d), frac_bits)[1]))
+        elif op == "mul_public" and _shift_bits(torch.as_tensor(a["value"]), frac_bits):
+            add(layer, y * 2.0 ** (2 * frac_bits))
+        elif op == "resize":
+            if _shift_bits(a["mh"], frac_bits):
+                add(layer, torch.matmul(a["mh"], ins[0]) * 2.0 ** (2 * frac_bits))
+            if _shift_bits(a["mw"], frac_bits):
+                add(layer, y * 2.0 ** (2 * frac_bits))
+
+    run_float(program, weights, x.double(), hook=hook)
+    return {"per_image": sum(by_layer.values()), "values": count / images, "by_layer": by_layer}
+
+
 def error_bound(program: Program, weights: Weights, x: torch.Tensor, frac_bits: int, *,
-                sigmas: float = 8.0, max_flips: int = 256) -> torch.Tensor:
+                sigmas: float = 8.0, max_flips: int = 256, with_failures: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
     """Elementwise bound on |secure − plaintext| output for input ``x``: ``sigmas`` standard
     deviations of :func:`error_std`, plus, for every ambiguous Block-ReLU decision, the change
-    of the output when that decision alone is flipped (a union over flips, first order)."""
+    of the output when that decision alone is flipped (a union over flips, first order).
+
+    The bound holds unless a local truncation fails catastrophically; ``with_failures=True``
+    also returns :func:`truncation_failures` (the expected number of such failures per image,
+    which should be far below 1/images-you-care-about: lower ``frac_bits`` if it is not)."""
+    if with_failures:
+        return (error_bound(program, weights, x, frac_bits, sigmas=sigmas, max_flips=max_flips),
+                truncation_failures(program, weights, x, frac_bits))
     std, ambiguous = error_std(program, weights, x, frac_bits)
     if len(ambiguous) > max_flips:
         raise ValueError(f"{len(ambiguous)} ambiguous Block-ReLU decisions (more than "

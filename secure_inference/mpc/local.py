@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .compile import Program, Weights, compile_model
+from .compile import Program, Weights, compile_model, truncation_failures
 from .party import run_party
 from .protocols.drelu import DReLUConfig
 from .report import build_report, plot_report, save_report
@@ -88,6 +88,22 @@ def _local_party(party: Party, program: Program, folder: str, drelu: DReLUConfig
     return res
 
 
+def truncation_report(program: Program, weights: Weights, batches: Sequence[torch.Tensor],
+                      frac_bits: int) -> dict[str, Any]:
+    """The report's ``accuracy`` section: the expected number of catastrophic truncation
+    failures per image for these inputs (:func:`~.compile.truncation_failures`). Only a caller
+    that holds both the model and the images can compute it (``run_local``); in a three-host
+    run nobody does, and the server operator computes it on representative images."""
+    t = truncation_failures(program, weights, torch.cat([b.double() for b in batches]),
+                            frac_bits)
+    return {"frac_bits": frac_bits,
+            "expected_truncation_failures_per_image": t["per_image"],
+            "truncated_values_per_image": t["values"],
+            "what": "a local truncation fails with probability |v|/2^64 (v: the ring value "
+                    "before the shift, about |x|·2^(2f)); a failure puts an error near "
+                    "2^(64-2f) into one value. One more fractional bit quadruples it"}
+
+
 def run_program(program: Program, weights: Weights, batches: list[torch.Tensor], *,
                 tls: bool = True, frac_bits: int = DEFAULT_FRAC_BITS,
                 drelu: DReLUConfig | None = None, timeout: float = 120.0,
@@ -144,6 +160,7 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
             "transport": "in-process" if in_process else "loopback TCP, 3 processes"}
     info.update(meta or {})
     report = build_report(program, results, meta=info)
+    report["accuracy"] = truncation_report(program, weights, batches, frac_bits)
     if report_path is not None:
         save_report(report, report_path)
     if plot_path is not None:
