@@ -1,14 +1,31 @@
-"""Installs the secure_inference library (``pip install -e .`` for development)."""
-from pathlib import Path
+"""Installs the secure_inference library (``pip install -e .`` for development).
 
+``install_requires`` states the *ranges* the library supports, so installing it into an
+existing environment (say torch 2.11 with CUDA on Python 3.12) keeps that environment's torch.
+The exact versions CI and ``make test``/``make demo`` use are pinned in requirements.txt and
+constraints.txt, which the Makefile installs first. Oldest versions exercised: torch 2.11 (the
+GPU machine's, secure runtime and CUDA tests) and torch 2.13 (everything, CI).
+"""
 from setuptools import find_packages, setup
 
-
-def _requirements() -> list[str]:
-    lines = Path(__file__).with_name("requirements.txt").read_text().splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")
-            and not ln.startswith("pytest")]
-
+CORE = [
+    "torch>=2.11,<3",          # int64 conv2d/matmul wrap exactly mod 2^64 on CPU; meta tensors
+    "torchvision>=0.26",       # torchvision model names in the CLIs (built without weights)
+    "numpy>=1.26,<3",
+    "numba>=0.60",             # DReLU kernels on CPU
+    "cryptography>=42",        # AES-CTR / ChaCha20 randomness, X25519 + HKDF, TLS certificates
+    "tqdm>=4.60",              # progress bars in the CLIs
+    "matplotlib>=3.7",         # report and knapsack plots
+    "scipy>=1.11",
+    "PyYAML>=6",               # session files of the secure-inference CLIs
+]
+MMLAB = [                      # finetuning and MMLab configs (mmseg asserts mmcv < 2.2)
+    "mmengine>=0.10,<0.11",
+    "mmcv-lite>=2.0,<2.2",
+    "mmsegmentation>=1.2,<1.3",
+    "mmpretrain>=1.2,<1.3",
+    "ftfy", "regex",           # mmsegmentation imports them without declaring them
+]
 
 setup(
     name="secure-inference",
@@ -17,6 +34,7 @@ setup(
                 "and a three-party secure runtime.",
     python_requires=">=3.10",
     packages=find_packages(include=["secure_inference", "secure_inference.*"]),
-    install_requires=_requirements(),
-    extras_require={"test": ["pytest==9.2.0", "pytest-timeout==2.4.0"]},
+    install_requires=CORE,
+    extras_require={"mmlab": MMLAB, "demo": ["scikit-learn>=1.3"],
+                    "test": ["pytest>=8", "pytest-timeout>=2.2"]},
 )
