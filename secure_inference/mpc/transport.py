@@ -20,12 +20,23 @@ socket link hands frames to its I/O thread, which writes and reads concurrently 
 sending large frames to each other at once cannot deadlock, and sends overlap computation).
 A closed, dead or silent peer raises :class:`ProtocolError` in :meth:`recv` within the timeout.
 Closing a socket link sends a goodbye frame, flushes, and waits (bounded) for the peer's
-goodbye so that no data is cut off by a reset.
+goodbye so that no data is cut off by a reset. Each socket link bounds the bytes it holds:
+frames queued for sending wait (at most ``send_timeout``) while more than ``max_queued`` bytes
+are unsent, and more than ``max_queued`` bytes of received but unread frames fail the link
+(default :data:`QUEUE_FACTOR` × ``max_frame`` each way).
+
+Listening. :func:`connect_links` accepts connections until the expected authenticated peers
+have arrived. Every incoming connection gets its own bounded TLS handshake and hello
+(:data:`HANDSHAKE_TIMEOUT` s) in its own thread (at most :data:`MAX_PENDING` at once), so a
+port scan, a silent connection, garbage bytes, a certificate from another CA or a certificate
+that names another party is dropped with a warning on the ``secure_inference.mpc.transport``
+logger and neither stops the session nor uses up its timeout.
 """
 from __future__ import annotations
 
 import collections
 import ipaddress
+import logging
 import queue
 import selectors
 import socket
@@ -36,6 +47,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -63,6 +75,11 @@ def _rebuild_protocol_error(message: str, secondary: bool) -> "ProtocolError":
 MAGIC = b"SI"
 VERSION = 1
 DEFAULT_MAX_FRAME = 1 << 30  # 1 GiB
+QUEUE_FACTOR = 2             # a socket link holds at most QUEUE_FACTOR × max_frame bytes each way
+DEFAULT_SEND_TIMEOUT = 120.0  # longest wait for room in a full outgoing queue
+HANDSHAKE_TIMEOUT = 5.0      # per incoming connection: TLS handshake and hello, in seconds
+MAX_PENDING = 16             # incoming connections in their handshake at once (more wait)
+logger = logging.getLogger(__name__)
 MAX_NDIM = 8
 _PREFIX = struct.Struct("<I")
 _HEADER = struct.Struct("<2sBBB3xIq")
@@ -249,8 +266,16 @@ class SocketLink(Link):
     _CHUNK = 1 << 20
 
     def __init__(self, sock: socket.socket, me: int, peer: int,
-                 max_frame: int = DEFAULT_MAX_FRAME, linger: float = 5.0):
+                 max_frame: int = DEFAULT_MAX_FRAME, linger: float = 5.0,
+                 max_queued: int | None = None, send_timeout: float = DEFAULT_SEND_TIMEOUT):
         self.me, self.peer, self.max_frame, self.linger = me, peer, max_frame, linger
+        self.max_queued = QUEUE_FACTOR * max_frame if max_queued is None else int(max_queued)
+        if self.max_queued < max_frame:
+            raise ValueError(f"max_queued ({self.max_queued}) must be at least max_frame "
+                             f"({max_frame}): one whole frame must fit")
+        self.send_timeout = send_timeout
+        self._out_bytes = 0     # bytes queued for sending, not yet written to the socket
+        self._in_bytes = 0      # bytes of received frames the protocol has not read yet
         self._sock = sock
         sock.setblocking(False)
         self._out: collections.deque[memoryview] = collections.deque()
@@ -275,7 +300,21 @@ class SocketLink(Link):
             if self._eof or self._peer_bye:
                 raise ProtocolError(f"party {self.me}: cannot send, party {self.peer} closed "
                                     "the link")
+            deadline = time.monotonic() + self.send_timeout
+            while self._out_bytes and self._out_bytes + len(frame) > self.max_queued:
+                left = deadline - time.monotonic()
+                if self._error is not None:
+                    raise self._error
+                if left <= 0:
+                    raise ProtocolError(
+                        f"party {self.me}: link to party {self.peer}: {self._out_bytes} bytes "
+                        f"are queued for sending (limit {self.max_queued}) and party "
+                        f"{self.peer} took none of them for {self.send_timeout:g} s (it is "
+                        "stalled or not reading); if the protocol legitimately sends this far "
+                        "ahead, raise max_queued on every party")
+                self._cond.wait(min(left, 1.0))
             self._out.append(memoryview(frame))
+            self._out_bytes += len(frame)
         self._wake()
 
     def recv(self, timeout: float) -> bytes:
@@ -290,7 +329,9 @@ class SocketLink(Link):
                 if left <= 0:
                     raise self._timeout_error(timeout)
                 self._cond.wait(left)
-            return self._frames.popleft()
+            frame = self._frames.popleft()
+            self._in_bytes -= len(frame)
+            return frame
 
     def close(self) -> None:
         """Say goodbye, flush, wait (at most ``linger`` s) for the peer's goodbye, then close."""
@@ -383,6 +424,8 @@ class SocketLink(Link):
                     self._out.popleft()
                 else:
                     self._out[0] = buf[n:]
+                self._out_bytes -= n
+                self._cond.notify_all()  # room for a sender waiting on a full queue
 
     def _read(self) -> None:
         while True:
@@ -402,9 +445,11 @@ class SocketLink(Link):
                     self._cond.notify_all()
                 break
             self._inbuf += data
-        self._split_frames()
+            if not self._split_frames():  # per chunk: a fast peer cannot grow the buffer
+                return
 
-    def _split_frames(self) -> None:
+    def _split_frames(self) -> bool:
+        """Move whole frames from the input buffer to the unread queue; False on an error."""
         frames = []
         pos = 0
         buf = self._inbuf
@@ -413,7 +458,7 @@ class SocketLink(Link):
             if length > self.max_frame:
                 self._fail(f"incoming frame of {length} bytes exceeds the limit of "
                            f"{self.max_frame} (malformed or hostile frame)")
-                return
+                return False
             if len(buf) - pos - _PREFIX.size < length:
                 break
             frames.append(bytes(buf[pos + _PREFIX.size:pos + _PREFIX.size + length]))
@@ -427,7 +472,16 @@ class SocketLink(Link):
                         self._peer_bye = True
                     else:
                         self._frames.append(f)
+                        self._in_bytes += len(f)
                 self._cond.notify_all()
+                unread = self._in_bytes
+            if unread > self.max_queued:
+                self._fail(f"{unread} bytes of frames arrived that this party has not read yet "
+                           f"(limit {self.max_queued}): party {self.peer} sends far ahead of "
+                           "the protocol (hostile or out of step); if that is legitimate, "
+                           "raise max_queued on every party")
+                return False
+        return True
 
 
 # --- connection set-up ---------------------------------------------------------------------
@@ -485,9 +539,15 @@ _HELLO = struct.Struct("<8sB")
 _HELLO_MAGIC = b"SI-HELLO"
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """Exactly ``n`` bytes; with ``deadline`` (monotonic) the whole read is bounded by it."""
     data = b""
     while len(data) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            sock.settimeout(left)
         chunk = sock.recv(n - len(data))
         if not chunk:
             raise ProtocolError("connection closed during the hello")
@@ -495,15 +555,16 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def _secure(sock: socket.socket, me: int, expected: int | None, tls: TLSConfig | None,
-            server_side: bool, host: str) -> tuple[socket.socket, int]:
-    """TLS handshake (if any) and hello; returns the socket and the verified peer role."""
+def _secure(sock: socket.socket, me: int, expected: int, tls: TLSConfig | None,
+            host: str) -> tuple[socket.socket, int]:
+    """Dialling side: TLS handshake (if any) and hello; returns the socket and the peer role.
+
+    The dialler sends its hello first; the listener answers only once it has accepted the
+    dialler (certificate, role), so a connection closed here means the listener refused us.
+    """
     if tls is not None:
         try:
-            if server_side:
-                sock = tls.context(True).wrap_socket(sock, server_side=True)
-            else:
-                sock = tls.context(False).wrap_socket(sock, server_hostname=host)
+            sock = tls.context(False).wrap_socket(sock, server_hostname=host)
         except ssl.SSLCertVerificationError as exc:
             raise ProtocolError(f"party {me}: TLS certificate of the peer at {host} was refused: "
                                 f"{exc.verify_message} (is it signed by this session's CA, and "
@@ -515,6 +576,11 @@ def _secure(sock: socket.socket, me: int, expected: int | None, tls: TLSConfig |
     try:
         sock.sendall(_HELLO.pack(_HELLO_MAGIC, me))
         magic, peer = _HELLO.unpack(_recv_exact(sock, _HELLO.size))
+    except ProtocolError as exc:
+        raise ProtocolError(f"party {me}: party {expected} at {host} closed the connection "
+                            "during the hello: it refused this party (our certificate names "
+                            "another party or comes from another CA, or it does not expect "
+                            f"party {me}); its log says why") from exc
     except ssl.SSLError as exc:
         raise ProtocolError(f"party {me}: TLS failed after the handshake with {host}: {exc} "
                             "(the peer refused our certificate?)") from exc
@@ -522,7 +588,7 @@ def _secure(sock: socket.socket, me: int, expected: int | None, tls: TLSConfig |
         raise ProtocolError(f"party {me}: hello with {host} failed: {exc}") from exc
     if magic != _HELLO_MAGIC or peer not in PARTY_NAMES:
         raise ProtocolError(f"party {me}: peer at {host} is not a secure-inference party")
-    if expected is not None and peer != expected:
+    if peer != expected:
         raise ProtocolError(f"party {me}: expected party {expected} at {host}, it says {peer}")
     if tls is not None and _peer_role_from_cert(sock) != peer:
         raise ProtocolError(f"party {me}: peer says it is party {peer} but its certificate "
@@ -530,14 +596,222 @@ def _secure(sock: socket.socket, me: int, expected: int | None, tls: TLSConfig |
     return sock, peer
 
 
+class _Refused(Exception):
+    """An incoming connection that is not an expected, authenticated party (dropped)."""
+
+
+def _admit(raw: socket.socket, me: int, wanted: set[int], ctx: ssl.SSLContext | None,
+           limit: float) -> tuple[socket.socket, int]:
+    """Listening side, one incoming connection: TLS handshake (if any), the dialler's hello,
+    checks, then our hello; all within ``limit`` seconds. Raises :class:`_Refused`."""
+    deadline = time.monotonic() + limit
+    sock = raw
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.settimeout(limit)
+        if ctx is not None:
+            sock = ctx.wrap_socket(raw, server_side=True)  # the socket timeout bounds it all
+        magic, peer = _HELLO.unpack(_recv_exact(sock, _HELLO.size, deadline))
+        if magic != _HELLO_MAGIC or peer not in PARTY_NAMES:
+            raise _Refused("not a secure-inference party (bad hello)")
+        if peer not in wanted:
+            raise _Refused(f"says it is party {peer}, but party {me} accepts only parties "
+                           f"{sorted(wanted)}")
+        if ctx is not None:
+            try:
+                cert_role = _peer_role_from_cert(sock)
+            except ProtocolError as exc:
+                raise _Refused(str(exc)) from None
+            if cert_role != peer:
+                raise _Refused(f"says it is party {peer} but its certificate belongs to party "
+                               f"{cert_role}")
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.sendall(_HELLO.pack(_HELLO_MAGIC, me))
+        return sock, peer
+    except BaseException as exc:
+        try:
+            sock.close()
+        except OSError:
+            pass
+        if isinstance(exc, _Refused):
+            raise
+        if isinstance(exc, (socket.timeout, TimeoutError)) or time.monotonic() >= deadline:
+            raise _Refused(f"no complete TLS handshake and hello within {limit:g} s "
+                           "(silent or too slow)") from None
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            raise _Refused(f"TLS certificate refused: {exc.verify_message} (not signed by this "
+                           "session's CA?)") from None
+        if isinstance(exc, (ssl.SSLError, OSError, ProtocolError)):
+            raise _Refused(f"TLS handshake or hello failed: {exc}") from None
+        raise
+
+
+def _roles(roles) -> str:
+    return " and ".join(f"party {r} ({PARTY_NAMES[r]})" for r in sorted(roles))
+
+
+def _accept_peers(me: int, wanted: set[int], listener: socket.socket, tls: TLSConfig | None,
+                  deadline: float, timeout: float, handshake_timeout: float,
+                  make_link: Callable[[socket.socket, int], "SocketLink"]) -> dict[int, "SocketLink"]:
+    """Accept connections on ``listener`` until every party in ``wanted`` has arrived.
+
+    Each connection is admitted in its own thread (at most :data:`MAX_PENDING` at once) with
+    its own ``handshake_timeout``; a connection that is refused is closed and logged, and the
+    others go on. Only the session ``deadline`` (no legitimate peer) is an error.
+    """
+    ctx = tls.context(True) if tls is not None else None
+    host, port = listener.getsockname()[:2]
+    where = f"{host}:{port}"
+    results: queue.Queue = queue.Queue()
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    lock = threading.Lock()
+    state = {"done": False, "pending": 0}
+    dropped: list[str] = []
+    links: dict[int, SocketLink] = {}
+
+    def admit(raw: socket.socket, addr) -> None:
+        try:
+            sock, peer = _admit(raw, me, wanted, ctx,
+                                max(0.001, min(handshake_timeout, deadline - time.monotonic())))
+            outcome = (addr, sock, peer, None)
+        except _Refused as exc:
+            outcome = (addr, None, None, str(exc))
+        except BaseException as exc:  # noqa: BLE001 - never lose a connection's outcome
+            outcome = (addr, None, None, f"{type(exc).__name__}: {exc}")
+        with lock:
+            state["pending"] -= 1
+            if state["done"]:          # the session no longer waits: drop it quietly
+                if outcome[1] is not None:
+                    outcome[1].close()
+                return
+            results.put(outcome)
+        try:
+            wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    sel = selectors.DefaultSelector()
+    listener_blocking = listener.getblocking()
+    listener.setblocking(False)
+    sel.register(wake_r, selectors.EVENT_READ)
+    listening = False
+    try:
+        while wanted - set(links):
+            with lock:
+                room = state["pending"] < MAX_PENDING
+            if room and not listening:
+                sel.register(listener, selectors.EVENT_READ)
+            elif listening and not room:   # at the cap, new connections wait in the backlog
+                sel.unregister(listener)
+            listening = room
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = wanted - set(links)
+                extra = ""
+                if dropped:
+                    extra = (f"; {len(dropped)} other connection(s) were dropped, the last one "
+                             f"{dropped[-1]}")
+                raise ProtocolError(
+                    f"party {me} ({PARTY_NAMES[me]}): {_roles(missing)} never arrived: no "
+                    f"authenticated connection on {where} within {timeout:g} s{extra}. Start "
+                    f"{'them' if len(missing) > 1 else 'it'} with certificates from this "
+                    f"session's CA, dialling {where} (check the address, port and firewall), "
+                    "or raise --timeout")
+            for key, _ in sel.select(timeout=min(left, 1.0)):
+                if key.fileobj is wake_r:
+                    try:
+                        while wake_r.recv(4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                    continue
+                try:
+                    raw, addr = listener.accept()
+                except (BlockingIOError, InterruptedError, socket.timeout):
+                    continue
+                except OSError as exc:  # e.g. out of file descriptors: keep listening
+                    logger.warning("party %d: accept on %s failed: %s", me, where, exc)
+                    time.sleep(0.05)
+                    continue
+                with lock:
+                    state["pending"] += 1
+                threading.Thread(target=admit, args=(raw, addr), daemon=True,
+                                 name=f"admit-{me}-{addr[0]}:{addr[1]}").start()
+            while True:
+                try:
+                    addr, sock, peer, reason = results.get_nowait()
+                except queue.Empty:
+                    break
+                peer_at = f"connection from {addr[0]}:{addr[1]}"
+                if sock is not None and peer in links:
+                    sock.close()
+                    reason = f"says it is party {peer}, which is already connected"
+                if sock is None or reason is not None:
+                    dropped.append(f"({peer_at}): {reason}")
+                    logger.warning("party %d (%s) on %s: dropped the %s: %s", me,
+                                   PARTY_NAMES[me], where, peer_at, reason)
+                    continue
+                logger.info("party %d (%s) on %s: party %d (%s) connected from %s:%d", me,
+                            PARTY_NAMES[me], where, peer, PARTY_NAMES[peer], addr[0], addr[1])
+                links[peer] = make_link(sock, peer)
+    except BaseException:
+        for link in links.values():
+            link.close()
+        raise
+    finally:
+        with lock:
+            state["done"] = True
+        while True:   # admitted after the end (or before an error): close them
+            try:
+                leftover = results.get_nowait()
+            except queue.Empty:
+                break
+            if leftover[1] is not None:
+                leftover[1].close()
+        sel.close()
+        for s in (wake_r, wake_w):
+            s.close()
+        try:
+            listener.setblocking(listener_blocking)
+        except OSError:
+            pass
+    return links
+
+
+def _check_own_certificate(me: int, tls: TLSConfig) -> None:
+    """Refuse, before dialling, a certificate of this party that names another party (the
+    peers would drop every connection this party makes, each with only a log line)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+    try:
+        cert = x509.load_pem_x509_certificate(Path(tls.cert_file).read_bytes())
+    except (OSError, ValueError):
+        return  # unreadable: loading the TLS context reports it
+    names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if party_common_name(me) in names:
+        return
+    owner = [r for r in PARTY_NAMES if party_common_name(r) in names]
+    whose = f"party {owner[0]} ({PARTY_NAMES[owner[0]]})" if owner else f"no party ({names})"
+    raise ProtocolError(f"party {me}: this party's own certificate belongs to another party: "
+                        f"{tls.cert_file} names {whose}, not party {me} "
+                        f"({PARTY_NAMES[me]}); use {PARTY_NAMES[me]}.pem/.key from "
+                        "make_certificates.py")
+
+
 def connect_links(me: int, addresses: dict[int, tuple[str, int]], listener: socket.socket | None,
                   *, tls: TLSConfig | None, allow_plaintext: bool = False, timeout: float = 30.0,
-                  max_frame: int = DEFAULT_MAX_FRAME) -> dict[int, SocketLink]:
+                  max_frame: int = DEFAULT_MAX_FRAME, handshake_timeout: float | None = None,
+                  max_queued: int | None = None) -> dict[int, SocketLink]:
     """Open one link to each other party.
 
     Party ``i`` connects to every party ``j > i`` (at ``addresses[j]``) and accepts the parties
     ``j < i`` on ``listener``: the client (P0) only dials out, the helper (P2) only listens.
     Plaintext needs ``allow_plaintext=True`` and loopback addresses only.
+    The listener keeps accepting until the expected authenticated parties arrive; each
+    incoming connection has ``handshake_timeout`` seconds (default :data:`HANDSHAKE_TIMEOUT`)
+    for its TLS handshake and hello, and a bad one is dropped with a warning on this module's
+    logger. ``timeout`` bounds the whole set-up. ``max_queued``: see :class:`SocketLink`.
     """
     if tls is None:
         hosts = [h for r, (h, _) in addresses.items() if r != me]
@@ -546,8 +820,16 @@ def connect_links(me: int, addresses: dict[int, tuple[str, int]], listener: sock
                              "for loopback tests")
         if not all(is_loopback(h) for h in hosts):
             raise ValueError(f"plaintext links are only allowed on loopback, peers are at {hosts}")
+    else:
+        _check_own_certificate(me, tls)
+    if handshake_timeout is None:
+        handshake_timeout = HANDSHAKE_TIMEOUT
     deadline = time.monotonic() + timeout
     links: dict[int, SocketLink] = {}
+
+    def make_link(sock: socket.socket, peer: int) -> SocketLink:
+        return SocketLink(sock, me, peer, max_frame, max_queued=max_queued)
+
     try:
         for peer in sorted(r for r in addresses if r > me):
             host, port = addresses[peer]
@@ -563,25 +845,14 @@ def connect_links(me: int, addresses: dict[int, tuple[str, int]], listener: sock
                     time.sleep(0.1)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.settimeout(max(0.1, deadline - time.monotonic()))
-            sock, _ = _secure(raw, me, peer, tls, False, host)
-            links[peer] = SocketLink(sock, me, peer, max_frame)
+            sock, _ = _secure(raw, me, peer, tls, host)
+            links[peer] = make_link(sock, peer)
         lower = {r for r in addresses if r < me}
-        while lower - set(links):
+        if lower:
             if listener is None:
                 raise ValueError(f"party {me} must listen for parties {sorted(lower)}")
-            listener.settimeout(max(0.1, deadline - time.monotonic()))
-            try:
-                raw, addr = listener.accept()
-            except (socket.timeout, TimeoutError) as exc:
-                raise ProtocolError(f"party {me}: parties {sorted(lower - set(links))} did not "
-                                    f"connect within {timeout:g} s") from exc
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            raw.settimeout(max(0.1, deadline - time.monotonic()))
-            sock, peer = _secure(raw, me, None, tls, True, addr[0])
-            if peer not in lower or peer in links:
-                sock.close()
-                raise ProtocolError(f"party {me}: unexpected connection from party {peer}")
-            links[peer] = SocketLink(sock, me, peer, max_frame)
+            links.update(_accept_peers(me, lower, listener, tls, deadline, timeout,
+                                       handshake_timeout, make_link))
     except BaseException:
         for link in links.values():
             link.close()
