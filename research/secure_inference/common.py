@@ -60,6 +60,26 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                    "a machine: cores / 3; too many threads make OpenMP workers spin)")
 
 
+def add_limit_args(parser: argparse.ArgumentParser) -> None:
+    """--max-batch/--max-images: what the server and the helper accept from a client."""
+    from secure_inference.mpc.party import DEFAULT_MAX_BATCH, DEFAULT_MAX_IMAGES
+    g = parser.add_argument_group("limits (server and helper: what a client may ask for)")
+    g.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
+                   help="largest batch (images) a client may announce; every party's memory "
+                   f"grows with it (default {DEFAULT_MAX_BATCH})")
+    g.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES, metavar="N",
+                   help=f"most images per session (default {DEFAULT_MAX_IMAGES})")
+
+
+def limits_from(args: argparse.Namespace):
+    """The SessionLimits of --max-batch/--max-images."""
+    from secure_inference.mpc.party import SessionLimits
+    try:
+        return SessionLimits(max_batch=int(args.max_batch), max_images=int(args.max_images))
+    except ValueError as exc:
+        raise SystemExit(f"--max-batch/--max-images: {exc}") from None
+
+
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
     """Settings from flags, else the YAML file, else defaults; validated."""
     import yaml
@@ -182,12 +202,15 @@ def compile_for(model, shape, batch: int):
     return compile_model(model, (batch,) + tuple(shape))
 
 
-def run_role(role: int, cfg: dict[str, Any], program, *, weights=None, images=None):
-    """Connect, run the program, gather the report at the client; closes the links."""
+def run_role(role: int, cfg: dict[str, Any], program, *, weights=None, images=None,
+             limits=None):
+    """Connect, run the program, gather the report at the client; closes the links.
+    ``limits``: the server's/helper's SessionLimits (default: the library's defaults)."""
     from secure_inference.mpc.party import gather_results, run_party
     party = connect(role, cfg)
     try:
-        result = run_party(party, program, images=images, weights=weights, drelu=drelu(cfg))
+        result = run_party(party, program, images=images, weights=weights, drelu=drelu(cfg),
+                           limits=limits)
         results = gather_results(party, result)
     finally:
         party.close()

@@ -13,14 +13,17 @@ import argparse
 import sys
 import time
 
-from common import add_common_args, build_model, compile_for, resolve, run_role
+from common import (add_common_args, add_limit_args, build_model, compile_for, limits_from,
+                    resolve, run_role)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
+    add_limit_args(parser)
     args = parser.parse_args(argv)
+    limits = limits_from(args)
     cfg = resolve(args)
     model, shape = build_model(cfg)
     program, _ = compile_for(model, shape, 1)
@@ -28,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"helper: compiled {len(program.layers)} secure layers; listening at {cfg['helper']}",
           file=sys.stderr)
     start = time.perf_counter()
-    result, _ = run_role(2, cfg, program)
+    result, _ = run_role(2, cfg, program, limits=limits)
     print(f"helper: helped with {sum(result['batch_sizes'])} image(s) in "
           f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0

@@ -15,7 +15,8 @@ import argparse
 import sys
 import time
 
-from common import add_common_args, build_model, compile_for, resolve, run_role
+from common import (add_common_args, add_limit_args, build_model, compile_for, limits_from,
+                    resolve, run_role)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="model weights (.pth)")
     add_common_args(parser)
+    add_limit_args(parser)
     args = parser.parse_args(argv)
+    limits = limits_from(args)
     cfg = resolve(args)
     model, shape = build_model(cfg, checkpoint=args.checkpoint)
     program, weights = compile_for(model, shape, 1)
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server: compiled {len(program.layers)} secure layers; listening at {cfg['server']}",
           file=sys.stderr)
     start = time.perf_counter()
-    result, _ = run_role(1, cfg, program, weights=weights)
+    result, _ = run_role(1, cfg, program, weights=weights, limits=limits)
     print(f"server: served {sum(result['batch_sizes'])} image(s) in "
           f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0

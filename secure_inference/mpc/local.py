@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .compile import Program, Weights, compile_model, truncation_failures
-from .party import run_party
+from .party import SessionLimits, run_party
 from .protocols.drelu import DReLUConfig
 from .report import build_report, plot_report, save_report
 from .ring import DEFAULT_FRAC_BITS
@@ -76,7 +76,8 @@ def default_threads() -> int:
 
 
 def _local_party(party: Party, program: Program, folder: str, drelu: DReLUConfig | None,
-                 threads: int | None = None) -> dict[str, Any]:
+                 threads: int | None = None,
+                 limits: SessionLimits | None = None) -> dict[str, Any]:
     """Body of one local party process: read only this role's private file, run the program."""
     torch.set_num_threads(threads or default_threads())
     images = weights = None
@@ -84,7 +85,7 @@ def _local_party(party: Party, program: Program, folder: str, drelu: DReLUConfig
         images = torch.load(os.path.join(folder, "client.pt"), weights_only=True)["images"]
     elif party.role == ROLE_SERVER:
         weights = torch.load(os.path.join(folder, "server.pt"), weights_only=True)["weights"]
-    res = run_party(party, program, images=images, weights=weights, drelu=drelu)
+    res = run_party(party, program, images=images, weights=weights, drelu=drelu, limits=limits)
     return res
 
 
@@ -108,18 +109,24 @@ def run_program(program: Program, weights: Weights, batches: list[torch.Tensor],
                 tls: bool = True, frac_bits: int = DEFAULT_FRAC_BITS,
                 drelu: DReLUConfig | None = None, timeout: float = 120.0,
                 in_process: bool = False, certs_dir: str | os.PathLike | None = None,
-                host: str = "127.0.0.1", threads: int | None = None) -> list[dict[str, Any]]:
+                host: str = "127.0.0.1", threads: int | None = None,
+                limits: SessionLimits | None = None) -> list[dict[str, Any]]:
     """Run a compiled program with three parties; returns their :func:`run_party` results.
 
     ``in_process=True`` uses threads and in-memory links (fast tests); otherwise three
     processes over loopback TCP, each reading only its own private input, with ``threads``
-    torch threads each (default :func:`default_threads`).
+    torch threads each (default :func:`default_threads`). ``limits``: what the server and
+    helper accept (:class:`~.party.SessionLimits`); default: the defaults, raised as far as
+    these ``batches`` need (the caller is the client).
     """
+    if limits is None:
+        limits = SessionLimits.admitting([b.shape[0] for b in batches])
     if in_process:
         def fn(party: Party) -> dict[str, Any]:
             return run_party(party, program,
                              images=batches if party.role == ROLE_CLIENT else None,
-                             weights=weights if party.role == ROLE_SERVER else None, drelu=drelu)
+                             weights=weights if party.role == ROLE_SERVER else None, drelu=drelu,
+                             limits=limits)
         return run_in_process(fn, frac_bits=frac_bits, timeout=timeout)
     folder = tempfile.mkdtemp(prefix="si-run-")
     try:
@@ -127,7 +134,7 @@ def run_program(program: Program, weights: Weights, batches: list[torch.Tensor],
         torch.save({"images": [b.detach().cpu() for b in batches]}, os.path.join(folder, "client.pt"))
         torch.save({"weights": weights}, os.path.join(folder, "server.pt"))
         fn = functools.partial(_local_party, program=program, folder=folder, drelu=drelu,
-                               threads=threads)
+                               threads=threads, limits=limits)
         return run_local_processes(fn, tls=tls, timeout=timeout, frac_bits=frac_bits,
                                    certs_dir=certs_dir, host=host)
     finally:
@@ -141,21 +148,24 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
               threads: int | None = None,
               report_path: str | os.PathLike | None = None,
               plot_path: str | os.PathLike | None = None,
-              meta: dict[str, Any] | None = None) -> LocalResult:
+              meta: dict[str, Any] | None = None,
+              limits: SessionLimits | None = None) -> LocalResult:
     """Secure inference of ``model`` (with the Block-ReLU ``spec`` applied, if given) on
     ``inputs`` [N, C, H, W] by three local processes over loopback TCP (TLS by default).
 
     Returns the revealed outputs [N, ...] (float64; what the client learns) and the run report
     (:func:`~.report.build_report`); ``report_path``/``plot_path`` also write them to files.
     ``drelu_bits``/``drop_bits`` select an approximate DReLU; ``frac_bits`` the fixed point;
-    ``threads`` the torch threads of each party process.
+    ``threads`` the torch threads of each party process; ``limits`` what the server and
+    helper accept (default: enough for ``inputs``, see :func:`run_program`).
     """
     batches = split_batches(inputs, batch_size)
     shape = (batches[0].shape[0],) + tuple(batches[0].shape[1:])
     program, weights = compile_model(model, shape, spec=spec)
     cfg = drelu_config(drelu_bits, drop_bits)
     results = run_program(program, weights, batches, tls=tls, frac_bits=frac_bits, drelu=cfg,
-                          timeout=timeout, in_process=in_process, threads=threads)
+                          timeout=timeout, in_process=in_process, threads=threads,
+                          limits=limits)
     info = {"frac_bits": frac_bits, "drelu": str(cfg) if cfg else "exact", "tls": tls,
             "transport": "in-process" if in_process else "loopback TCP, 3 processes"}
     info.update(meta or {})

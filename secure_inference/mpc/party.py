@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -38,13 +39,44 @@ PL = importlib.import_module(".protocols.pooling", __package__)
 
 __all__ = ["run_party", "check_program", "gather_results", "run_layer", "layer_drelus",
            "preprocess_batch", "SETUP_SCOPE", "HEADER_SCOPE", "PREPROCESS_SCOPE", "MAX_BATCHES",
-           "MAX_BATCH", "PROTOCOL_VERSION", "SESSION_SETTINGS", "session_settings"]
+           "MAX_BATCH", "PROTOCOL_VERSION", "SESSION_SETTINGS", "session_settings", "SessionLimits", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_IMAGES"]
 
 SETUP_SCOPE = "open-weights"   # sub-scope (inside each linear layer's scope) of the set-up
 PREPROCESS_SCOPE = "preprocess"  # per batch, before its images enter
 HEADER_SCOPE = "header"
-MAX_BATCHES = 1 << 20
+MAX_BATCHES = 1 << 20      # hard ceilings, whatever the limits say
 MAX_BATCH = 1 << 16
+DEFAULT_MAX_BATCH = 64     # images per batch the server and helper accept by default
+DEFAULT_MAX_IMAGES = 100_000  # images per session the server and helper accept by default
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """What the server and the helper accept from the client's announcement, checked before
+    anything is allocated for it.
+
+    ``max_batch`` bounds the images of one batch: every party's preprocessing and activations
+    are sized by it, so it bounds their memory. ``max_images`` bounds the images of a whole
+    session (the work a client can ask for). CLI flags: ``--max-batch``/``--max-images`` of
+    server.py and crypto_provider.py.
+    """
+
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_images: int = DEFAULT_MAX_IMAGES
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch <= MAX_BATCH:
+            raise ValueError(f"max_batch must be in [1, {MAX_BATCH}], got {self.max_batch}")
+        if not 1 <= self.max_images <= MAX_BATCHES * MAX_BATCH:
+            raise ValueError(f"max_images must be >= 1, got {self.max_images}")
+
+    @classmethod
+    def admitting(cls, batch_sizes: Sequence[int]) -> "SessionLimits":
+        """The default limits, raised as far as needed for these batches (for local runs, where
+        the caller is the client itself)."""
+        sizes = [int(b) for b in batch_sizes]
+        return cls(max_batch=min(MAX_BATCH, max([DEFAULT_MAX_BATCH, *sizes])),
+                   max_images=max(DEFAULT_MAX_IMAGES, sum(sizes)))
 
 
 def layer_drelus(layer: Layer, batch: int | None = None) -> int:
@@ -156,8 +188,12 @@ def preprocess_batch(party: Party, program: Program, batch: int) -> dict:
     return L.preprocess(party, items, scope=PREPROCESS_SCOPE)
 
 
-def _announce_batches(party: Party, batch_sizes: Sequence[int] | None) -> list[int]:
-    """The client tells the others how many images each batch holds (public)."""
+def _announce_batches(party: Party, batch_sizes: Sequence[int] | None,
+                      limits: SessionLimits | None = None) -> list[int]:
+    """The client tells the others how many images each batch holds (public). The server and
+    the helper check the announcement against ``limits`` before allocating anything for it."""
+    limits = limits or SessionLimits()
+    who = f"party {party.role} ({'server' if party.role == ROLE_SERVER else 'helper'})"
     with party.scope(HEADER_SCOPE):
         if party.role == ROLE_CLIENT:
             sizes = torch.tensor([int(b) for b in batch_sizes], dtype=torch.int64)
@@ -166,12 +202,25 @@ def _announce_batches(party: Party, batch_sizes: Sequence[int] | None) -> list[i
                 party.send(p, sizes)
             return sizes.tolist()
         count = int(party.recv(ROLE_CLIENT, (1,))[0])
-        if not 0 < count <= MAX_BATCHES:
-            raise ProtocolError(f"party {party.role}: client announced {count} batches")
+        if not 0 < count <= min(MAX_BATCHES, limits.max_images):  # before receiving the list
+            raise ProtocolError(
+                f"{who}: the client announced {count} batches; this party accepts 1 to "
+                f"{min(MAX_BATCHES, limits.max_images)} (at most one batch per image, "
+                f"max_images={limits.max_images}: raise it with --max-images on the server and "
+                "the helper)")
         sizes = party.recv(ROLE_CLIENT, (count,)).tolist()
-        if any(not 0 < s <= MAX_BATCH for s in sizes):
-            raise ProtocolError(f"party {party.role}: client announced batch sizes outside "
-                                f"[1, {MAX_BATCH}]")
+        bad = [s for s in sizes if not 0 < s <= limits.max_batch]
+        if bad:
+            raise ProtocolError(
+                f"{who}: the client announced a batch of {bad[0]} images; this party accepts 1 "
+                f"to {limits.max_batch} per batch (max_batch={limits.max_batch}): use a smaller "
+                "--batch-size on the client, or raise the limit with --max-batch on the server "
+                "and the helper")
+        if sum(sizes) > limits.max_images:
+            raise ProtocolError(
+                f"{who}: the client announced {sum(sizes)} images for this session; this party "
+                f"accepts at most {limits.max_images} (max_images): send fewer images per "
+                "session, or raise the limit with --max-images on the server and the helper")
         return sizes
 
 
@@ -235,7 +284,8 @@ def _barrier(party: Party) -> None:
 
 def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] | None = None,
               weights: Weights | None = None, drelu: DReLUConfig | None = None,
-              on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+              on_batch: Callable[[int], None] | None = None,
+              limits: SessionLimits | None = None) -> dict[str, Any]:
     """Run the program for every batch in ``images`` (client) with ``weights`` (server).
 
     Returns a dict: ``outputs`` (client: list of float64 tensors, one per batch; others:
@@ -245,6 +295,8 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
     the images to the output, all batches), ``batch_sizes``.
     ``cpu_seconds``: CPU time of this party's process (all threads) during the run.
     ``on_batch(n)`` is called after each batch of n images (progress bars).
+    ``limits`` (server and helper; default :class:`SessionLimits`()): the largest batch and
+    session accepted from the client's announcement, checked before any allocation.
     """
     if party.role == ROLE_CLIENT:
         if not images:
@@ -262,7 +314,8 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
     cpu0 = time.process_time()
     set_default_config(party, drelu)
     check_program(party, program)
-    sizes = _announce_batches(party, [im.shape[0] for im in images] if images else None)
+    sizes = _announce_batches(party, [im.shape[0] for im in images] if images else None,
+                              limits)
     # set-up: open every weight once for the session
     t0 = time.perf_counter()
     for layer in program.layers:
