@@ -1,4 +1,4 @@
-"""Building the user's model from a name, a factory path or an MMLab config, plus checkpoints.
+"""The one model-loading path: a model from a name, a factory path or an MMLab config.
 
 ``load_model(model)`` accepts:
 
@@ -15,14 +15,17 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import torch
 from torch import nn
 
+from .checkpoints import ModelLoadError, load_weights, read_checkpoint, state_dict_of
+from .mmlab.config_utils import load_task_config
+from .mmlab.finetune import build_from_config, build_task_model, load_finetuned, prepare_model
 
-class ModelLoadError(ValueError):
-    """The model, config or checkpoint could not be loaded; the message says what to fix."""
+__all__ = ["ModelLoadError", "build_from_config", "build_named_model", "input_shape_of",
+           "is_config_path", "load_config", "load_config_model", "load_model", "load_weights",
+           "read_checkpoint", "state_dict_of"]
 
 
 def is_config_path(model: str) -> bool:
@@ -31,28 +34,9 @@ def is_config_path(model: str) -> bool:
 
 def load_config(path: str | os.PathLike, cfg_options: dict | None = None):
     """An mmengine Config (``mmpretrain::``/``mmseg::`` bases resolved) with ``cfg_options``."""
-    from .mmlab.config_utils import load_task_config
     if not Path(path).is_file():
         raise ModelLoadError(f"config file not found: {path}")
     return load_task_config(path, cfg_options)
-
-
-def build_from_config(cfg) -> nn.Module:
-    """Build ``cfg.model`` with the registry of the config's default scope."""
-    scope = cfg.get("default_scope", None)
-    if scope == "mmpretrain":
-        import mmpretrain.models  # noqa: F401  (registers the models)
-        from mmpretrain.registry import MODELS
-    elif scope == "mmseg":
-        import mmseg.models  # noqa: F401
-        from mmseg.registry import MODELS
-    else:
-        raise ModelLoadError(f"config default_scope is {scope!r}; expected 'mmpretrain' "
-                             "(classification) or 'mmseg' (segmentation)")
-    from mmengine.registry import DefaultScope
-    with DefaultScope.overwrite_default_scope(scope):
-        model = MODELS.build(cfg.model)
-    return model
 
 
 def build_named_model(name: str) -> nn.Module:
@@ -77,33 +61,17 @@ def build_named_model(name: str) -> nn.Module:
             f"model name (e.g. {sorted(torchvision.models.list_models())[:5]}…)") from None
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint file with torch's safe (weights-only) loader."""
-    if not Path(path).is_file():
-        raise ModelLoadError(f"checkpoint file not found: {path}")
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError/RuntimeError for unsafe content
-        raise ModelLoadError(f"cannot load checkpoint {path} safely: {e}") from None
-    if not isinstance(ckpt, dict):
-        raise ModelLoadError(f"checkpoint {path} holds {type(ckpt).__name__}, expected a dict")
-    return ckpt
+def load_config_model(cfg, checkpoint: str | os.PathLike | None = None) -> nn.Module:
+    """The model of a loaded MMLab config, built as the training tools build it (eval mode).
 
-
-def state_dict_of(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The model weights inside an mmengine or plain checkpoint dict."""
-    sd = ckpt.get("state_dict", ckpt.get("model", ckpt))
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-
-
-def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> dict:
-    """Load checkpoint weights into ``model``; returns the checkpoint's ``meta`` dict."""
-    ckpt = read_checkpoint(path)
-    try:
-        model.load_state_dict(state_dict_of(ckpt), strict=strict)
-    except RuntimeError as e:
-        raise ModelLoadError(f"checkpoint {path} does not fit the model: {e}") from None
-    return dict(ckpt.get("meta") or {})
+    The top-level data preprocessor is merged in and ``secure_inference.convert`` applied;
+    with ``checkpoint``, its weights are loaded and the Block-ReLU spec it records applied.
+    """
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise ModelLoadError(f"checkpoint file not found: {checkpoint}")
+        return load_finetuned(cfg, checkpoint)
+    return prepare_model(build_task_model(cfg), cfg, None).eval()
 
 
 def load_model(model: str, checkpoint: str | None = None,
@@ -116,13 +84,7 @@ def load_model(model: str, checkpoint: str | None = None,
     (:func:`secure_inference.mmlab.finetune.load_finetuned`).
     """
     if is_config_path(model):
-        from .mmlab.finetune import build_task_model, load_finetuned, prepare_model
-        cfg = load_config(model, cfg_options)
-        if checkpoint is not None:
-            if not Path(checkpoint).is_file():
-                raise ModelLoadError(f"checkpoint file not found: {checkpoint}")
-            return load_finetuned(cfg, checkpoint)
-        return prepare_model(build_task_model(cfg), cfg, None).eval()
+        return load_config_model(load_config(model, cfg_options), checkpoint)
     if str(model).endswith(".py"):
         raise ModelLoadError(f"config file not found: {model}")
     net = build_named_model(model)

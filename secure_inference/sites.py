@@ -20,6 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .brelu import BlockReLU
+from .multisite import MultiSiteActivation
 
 RELU_MODULE_TYPES: tuple[type, ...] = (nn.ReLU, nn.ReLU6, BlockReLU)
 
@@ -47,7 +48,6 @@ class ReluSite:
 
 
 def _is_relu_module(module: nn.Module) -> bool:
-    from .spec import MultiSiteActivation  # local import: spec builds on sites
     return isinstance(module, RELU_MODULE_TYPES + (MultiSiteActivation,))
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
 from .brelu import INT32_MAX, BlockReLU, as_block_sizes, block_costs
+from .multisite import MultiSiteActivation  # defined there; importable from here as before
 from .sites import ReluSite, find_relu_sites, sites_by_name
 
 Spec = dict[str, np.ndarray]
@@ -70,32 +70,6 @@ def count_drelus(spec: Mapping[str, np.ndarray], sites: Sequence[ReluSite]) -> d
 
 
 # --------------------------------------------------------------------------- applying
-
-class MultiSiteActivation(nn.Module):
-    """Stands in for an activation module called at several sites of one forward.
-
-    The k-th call after the owning (parent) module starts its forward goes to ``sites[k]``;
-    the parent's forward pre-hook resets the counter, and the counter wraps around, so an
-    interrupted forward cannot shift later ones.
-    """
-
-    def __init__(self, sites: Sequence[nn.Module]) -> None:
-        super().__init__()
-        self.sites = nn.ModuleList(sites)
-        self._next_call = 0
-
-    def reset_calls(self) -> None:
-        self._next_call = 0
-
-    def skip_call(self) -> None:
-        """Advance to the next site without computing (a caller that substitutes this call)."""
-        self._next_call = (self._next_call + 1) % len(self.sites)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self._next_call
-        self._next_call = (k + 1) % len(self.sites)
-        return self.sites[k](x)
-
 
 class _ResetCalls:
     """Forward pre-hook of a parent module resetting its MultiSiteActivation child (picklable)."""

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -47,7 +46,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..brelu import BlockReLU, block_sign_mask, is_identity
+from ..multisite import MultiSiteActivation
 from ..sites import ReluSite, run_model
+from ..spec import apply_block_spec, extract_block_spec
 
 Progress = Callable[[int], None]
 
@@ -498,7 +499,6 @@ class SiteRunner:
         incremental update of a Conv2d that directly consumes the site's output:
         conv(clean + delta) = clean conv output + conv of the one changed channel.
         """
-        from ..spec import MultiSiteActivation
         counter = _CallCounter(self.model)
         n = x.shape[0]
         calls = self.calls
@@ -715,7 +715,6 @@ def exact_site_sums(model: nn.Module, calls: list[_Call], site: ReluSite,
 
 def _site_holder(model: nn.Module, site: ReluSite):
     """(container, key) such that container[key] / getattr is the Block-ReLU of the site."""
-    from ..spec import MultiSiteActivation
     module = model.get_submodule(site.module_path)
     if isinstance(module, MultiSiteActivation):
         return module.sites, site.call_index
@@ -727,7 +726,6 @@ def naive_site_sums(model: nn.Module, site: ReluSite, batches: Iterable[torch.Te
                     channels: Sequence[int], sizes: np.ndarray, input_shape: Sequence[int],
                     progress: Progress | None = None) -> np.ndarray:
     """Reference: one whole-network forward per (channel, size) with a Block-ReLU swapped in."""
-    from ..spec import apply_block_spec, extract_block_spec
     net = copy.deepcopy(model).eval()
     current = extract_block_spec(net, input_shape).get(site.name)
     rows = (np.ones((site.channels, 2), np.int32) if current is None else current.copy())

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..conversions import maxpool_to_avgpool, relu6_to_relu
-from ..models import ModelLoadError, build_from_config, read_checkpoint, state_dict_of
+from ..checkpoints import ModelLoadError, read_checkpoint, state_dict_of
 from ..spec import Spec, SpecError, apply_block_spec, count_drelus, validate_spec
 from ..sites import find_relu_sites
 from .config_utils import conversions_of, input_shape_from_cfg, load_task_config, task_options
@@ -122,6 +122,24 @@ def apply_conversions(model: nn.Module, conversions: Sequence[str]) -> nn.Module
         if name not in _CONVERSIONS:
             raise ValueError(f"unknown conversion '{name}'; known: {sorted(_CONVERSIONS)}")
         _CONVERSIONS[name](model)
+    return model
+
+
+def build_from_config(cfg) -> nn.Module:
+    """Build ``cfg.model`` with the registry of the config's default scope."""
+    scope = cfg.get("default_scope", None)
+    if scope == "mmpretrain":
+        import mmpretrain.models  # noqa: F401  (registers the models)
+        from mmpretrain.registry import MODELS
+    elif scope == "mmseg":
+        import mmseg.models  # noqa: F401
+        from mmseg.registry import MODELS
+    else:
+        raise ModelLoadError(f"config default_scope is {scope!r}; expected 'mmpretrain' "
+                             "(classification) or 'mmseg' (segmentation)")
+    from mmengine.registry import DefaultScope
+    with DefaultScope.overwrite_default_scope(scope):
+        model = MODELS.build(cfg.model)
     return model
 
 
