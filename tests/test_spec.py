@@ -1,6 +1,7 @@
 """Applying block specs, counting DReLUs, and the spec file formats (incl. hostile pickles)."""
 import copy
 import pickle
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from torch import nn
 from secure_inference import (BlockReLU, MultiSiteActivation, SpecError, apply_block_spec,
                               count_drelus, extract_block_spec, find_relu_sites, load_spec,
                               save_spec, spec_from_json, spec_to_json)
-from secure_inference.spec import safe_unpickle
+from secure_inference.spec import (MAX_SPEC_CHANNELS, MAX_SPEC_FILE_BYTES, MAX_SPEC_TOTAL_CHANNELS,
+                                   safe_unpickle)
 
 
 def resnet18():
@@ -183,11 +185,6 @@ def test_missing_file(tmp_path):
 # (issue 13 items 3, 4 and 7): sizes are checked from the pickle's header before any memory of
 # the announced size is spent, values beyond int32 are refused instead of wrapping, and
 # malformed JSON is a SpecError that says what is wrong.
-
-import tracemalloc
-
-from secure_inference.spec import (MAX_SPEC_CHANNELS, MAX_SPEC_FILE_BYTES,
-                                   MAX_SPEC_TOTAL_CHANNELS)
 
 HUGE = (2**27, 2)  # 2**27 int32 rows: 1 GiB if it were allocated
 

@@ -72,7 +72,7 @@ def synthetic_distortion(rng: np.random.Generator, sizes: np.ndarray, costs: np.
 def build_instance(name: str, seed: int, max_rect: int) -> dict:
     import secure_inference as si
     rng = np.random.default_rng(seed)
-    costs, dists, offsets, site_of = [], [], [0], []
+    costs, dists, offsets = [], [], [0]
     total_relus = 0
     shapes = site_shapes(name)
     for idx, (site, c, h, w) in enumerate(shapes):

@@ -9,7 +9,6 @@ from torch import nn
 
 from distortion.nets import tiny_resnet
 from secure_inference import apply_block_spec, find_relu_sites
-from secure_inference.brelu import BlockReLU
 from secure_inference.distortion import DistortionError, extract
 from secure_inference.distortion.engine import (exact_site_sums, naive_site_sums,
                                                 trace_calls)

@@ -1,7 +1,6 @@
 """Resumable runs on disk: chunks, fingerprint, collect, workers."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 
 from distortion.nets import tiny_resnet
 from secure_inference.distortion import extract, load_results
-from secure_inference.distortion.jobs import (CHUNKS, FINGERPRINT, Job, ResultsExistError,
+from secure_inference.distortion.jobs import (CHUNKS, Job, ResultsExistError,
                                               collect, pending_chunks, prepare_folder,
                                               run_chunks, run_job)
 
