@@ -1,0 +1,117 @@
+"""The study's table and plot from its results file (accuracy against DReLUs per image)."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .methods import METHODS
+
+
+def aggregate(data: Mapping[str, Any]) -> list[dict]:
+    """One row per (budget, method) with finished runs: DReLUs, seeds, mean and std accuracy
+    (sample standard deviation over seeds; 0 for one seed), sorted by budget then method."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for run in data.get("runs", {}).values():
+        groups[(run["budget"], run["method"])].append(run)
+    budgets = data.get("budgets", {})
+    order = {m: i for i, m in enumerate(METHODS)}
+    base = (data.get("baseline") or {}).get("drelus") or 0
+    rows = []
+    for (budget, method), runs in groups.items():
+        acc = np.array([r["accuracy"] for r in runs], dtype=float)
+        drelus = int(round(np.mean([r["drelus"] for r in runs])))
+        rows.append({"budget": budget, "method": method,
+                     "budget_drelus": budgets.get(budget, {}).get("drelus",
+                                                                  runs[0]["budget_drelus"]),
+                     "drelus": drelus, "share": drelus / base if base else math.nan,
+                     "seeds": sorted(r["seed"] for r in runs), "n": len(runs),
+                     "mean": float(acc.mean()),
+                     "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0})
+    rows.sort(key=lambda r: (-r["budget_drelus"], order.get(r["method"], 99)))
+    return rows
+
+
+def gaps(rows: list[dict], reference: str = "knapsack") -> list[dict]:
+    """For each budget, ``reference`` minus every other method: the accuracy gap, the seed
+    spread (sum of both standard deviations) and whether the gap exceeds it (only judged when
+    both sides have at least two seeds)."""
+    by_budget: dict[str, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        by_budget[r["budget"]][r["method"]] = r
+    out = []
+    for budget, methods in by_budget.items():
+        ref = methods.get(reference)
+        if ref is None:
+            continue
+        for name, other in methods.items():
+            if name == reference:
+                continue
+            gap = ref["mean"] - other["mean"]
+            spread = ref["std"] + other["std"]
+            judged = ref["n"] > 1 and other["n"] > 1
+            out.append({"budget": budget, "method": name, "gap": gap, "spread": spread,
+                        "exceeds": (abs(gap) > spread) if judged else None})
+    return out
+
+
+def format_table(data: Mapping[str, Any]) -> str:
+    """Markdown: accuracy per budget and method, then the knapsack's gaps to the others."""
+    rows = aggregate(data)
+    base = data.get("baseline") or {}
+    lines = []
+    if base:
+        lines.append(f"Baseline (all ReLUs): {100 * base['accuracy']:.2f}% top-1 on "
+                     f"{base.get('test_images', '?'):,} test images, "
+                     f"{base['drelus']:,} DReLUs per image.\n")
+    lines += ["| budget | method | DReLUs/img | % of all-ReLU | seeds | top-1 accuracy (%) |",
+              "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        spread = f" ± {100 * r['std']:.2f}" if r["n"] > 1 else ""
+        lines.append(f"| {r['budget']} ({r['budget_drelus']:,}) | {r['method']} | "
+                     f"{r['drelus']:,} | {100 * r['share']:.2f} | {r['n']} | "
+                     f"{100 * r['mean']:.2f}{spread} |")
+    g = gaps(rows)
+    if g:
+        lines += ["", "Knapsack minus each other method (points of accuracy); *exceeds* means "
+                  "|gap| > std(knapsack) + std(other), judged where both have ≥ 2 seeds:", "",
+                  "| budget | vs method | gap | seed spread | exceeds |", "|---|---|---:|---:|---|"]
+        for x in g:
+            verdict = {True: "yes", False: "no", None: "n/a (1 seed)"}[x["exceeds"]]
+            lines.append(f"| {x['budget']} | {x['method']} | {100 * x['gap']:+.2f} | "
+                         f"{100 * x['spread']:.2f} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
+    """PNG: accuracy against DReLUs per image (log x), one line per method, error bars = std
+    over seeds, the baseline as a dashed line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = aggregate(data)
+    fig = Figure(figsize=(7.0, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
+        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["drelus"])
+        ax.errorbar([r["drelus"] for r in pts], [100 * r["mean"] for r in pts],
+                    yerr=[100 * r["std"] for r in pts], marker="o", capsize=3, label=method)
+    base = data.get("baseline")
+    if base:
+        ax.axhline(100 * base["accuracy"], color="grey", linestyle="--",
+                   label=f"all ReLUs ({base['drelus']:,} DReLUs)")
+    ax.set_xscale("log")
+    ax.set_xlabel("DReLUs per image (log scale)")
+    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.set_title(title or "Accuracy against DReLU budget (mean ± std over seeds)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

@@ -1,0 +1,209 @@
+"""One study: build every method's spec at every budget, finetune each (method, budget, seed)
+with the config's recipe from the baseline checkpoint, evaluate on the config's test split.
+
+Runs happen in this process through the mmengine Runner (:mod:`secure_inference.mmlab.runner`),
+one after another; each lives in ``<work_dir>/runs/<method>/<budget>/seed<k>/`` and is recorded
+in ``<work_dir>/results.json`` when finished (see :mod:`.results`). A run folder without a
+record is an interrupted run and is cleared before the run starts again.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..spec import count_drelus, extract_block_spec, load_spec, save_spec
+from .budgets import Budget, resolve_budgets
+from .methods import METHODS, SpecBuilder
+from .results import RESULTS_NAME, ResultsFile, RunKey, plan_runs
+
+Event = Callable[[str, dict], None]
+
+
+@dataclass
+class Study:
+    """Everything that defines a study (recorded in the results file)."""
+
+    config: str                      # MMLab classification config: model, data, finetune recipe
+    checkpoint: str                  # baseline checkpoint (all ReLUs)
+    work_dir: str
+    budgets: list[str]
+    methods: list[str]
+    seeds: list[int]
+    max_seeds: dict[str, int] = field(default_factory=dict)
+    num_samples: int = 256           # distortion samples (training images)
+    distortion_seed: int = 0
+    num_projections: int = 8         # linear estimate: random projections per sample
+    iterative_rounds: int = 3
+    distill_temperature: float = 4.0
+    distill_weight: float = 1.0
+    cfg_options: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise ValueError for unknown methods or empty lists."""
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        if not self.methods or not self.budgets or not self.seeds:
+            raise ValueError("a study needs at least one method, budget and seed")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"duplicate methods in {self.methods}")
+
+    def settings(self) -> dict[str, Any]:
+        """What a rerun must match (the work dir and the run lists may change)."""
+        out = asdict(self)
+        for k in ("work_dir", "budgets", "methods", "seeds", "max_seeds"):
+            out.pop(k)
+        out["config"] = str(Path(self.config).resolve())
+        out["checkpoint"] = str(Path(self.checkpoint).resolve())
+        return out
+
+
+def spec_method(method: str) -> str:
+    """The method whose spec a method finetunes (distillation reuses the knapsack spec)."""
+    return "knapsack" if method == "knapsack_kd" else method
+
+
+def test_accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+                  ) -> float:
+    """Top-1 accuracy of ``model`` over preprocessed (inputs, labels) batches."""
+    from ..demo import plaintext_logits
+    logits, labels = plaintext_logits(model, batches)
+    return float((logits.argmax(1) == labels).float().mean())
+
+
+def finetune(config: str, baseline: str, spec, run_dir: Path, seed: int, *,
+             distill: dict | None = None, cfg_options: dict | None = None) -> Path:
+    """Finetune ``baseline`` with ``spec`` by the config's recipe; returns the final checkpoint
+    (``run_dir/final.pth``, recording the spec). ``distill``: temperature and loss_weight of
+    distillation from the baseline (None: off)."""
+    from ..mmlab.runner import prepare_training
+    opts = dict(cfg_options or {})
+    opts["randomness"] = dict(seed=int(seed), deterministic=False)
+    opts.setdefault("log_level", "WARNING")
+    opts["experiment_name"] = f"{run_dir.name}_{time.time_ns()}"
+    if distill is not None:
+        opts["secure_inference.distill"] = dict(enabled=True, teacher_checkpoint=str(baseline),
+                                                **distill)
+    _, _, runner = prepare_training(config, spec=spec, work_dir=str(run_dir),
+                                    load_from=str(baseline), cfg_options=opts)
+    runner.train()
+    runner.save_checkpoint(str(run_dir), "final.pth", save_optimizer=False,
+                           save_param_scheduler=False)
+    for old in run_dir.glob("epoch_*.pth"):
+        old.unlink()
+    for old in run_dir.glob("iter_*.pth"):
+        old.unlink()
+    return run_dir / "final.pth"
+
+
+def run_study(study: Study, on_event: Event | None = None) -> ResultsFile:
+    """Run every pending run of ``study``; returns the results file.
+
+    ``on_event(kind, info)`` reports progress: 'baseline', 'specs', 'skip', 'start', 'done'.
+    """
+    from ..demo import split_inputs
+    from ..distortion.data import config_samples
+    from ..mmlab.config_utils import input_shape_from_cfg, load_task_config
+    from ..mmlab.finetune import load_finetuned
+
+    study.check()
+    emit = on_event or (lambda kind, info: None)
+    work = Path(study.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    results = ResultsFile(work / RESULTS_NAME)
+    results.check_settings(study.settings())
+    cfg = load_task_config(study.config, study.cfg_options or None)
+    shape = input_shape_from_cfg(cfg)
+    baseline = load_finetuned(cfg, study.checkpoint)
+    from ..sites import find_relu_sites, total_relus
+    sites = find_relu_sites(baseline, shape)
+    budgets = resolve_budgets(study.budgets, sites)
+    by_label = {b.label: b for b in budgets}
+    test_batches = list(split_inputs(cfg, baseline, "test"))
+    if results.data.get("baseline") is None:
+        t0 = time.perf_counter()
+        results.data["baseline"] = {"accuracy": test_accuracy(baseline, test_batches),
+                                    "drelus": total_relus(sites),
+                                    "test_images": sum(len(b[1]) for b in test_batches),
+                                    "seconds_eval": round(time.perf_counter() - t0, 2)}
+        results.save()
+    results.data["budgets"] = {b.label: {"drelus": b.drelus,
+                                         "share": b.drelus / total_relus(sites)}
+                               for b in budgets}
+    results.save()
+    emit("baseline", dict(results.data["baseline"], sites=len(sites)))
+
+    runs = plan_runs(study.methods, budgets, study.seeds, study.max_seeds)
+    pending = [r for r in runs if not results.done(r)]
+    for r in runs:
+        if results.done(r):
+            emit("skip", {"run": r.id})
+    if not pending:
+        return results
+
+    builder: SpecBuilder | None = None
+
+    def get_builder() -> SpecBuilder:
+        nonlocal builder
+        if builder is None:
+            samples = config_samples(cfg, baseline, study.num_samples, study.distortion_seed,
+                                     shape)
+            builder = SpecBuilder(baseline, samples, work / "distortion",
+                                  model_id=f"{study.config} + {study.checkpoint}",
+                                  seed=study.distortion_seed,
+                                  num_projections=study.num_projections,
+                                  iterative_rounds=study.iterative_rounds)
+        return builder
+
+    def get_spec(method: str, budget: Budget):
+        name = spec_method(method)
+        key = f"{name}@{budget.label}"
+        path = work / "specs" / f"{name}_{budget.slug}.pickle"
+        entry = results.data["specs"].get(key)
+        if entry is not None and path.is_file():
+            return load_spec(path), entry
+        t0 = time.perf_counter()
+        built = get_builder().build(name, budget)
+        save_spec(built.spec, path)
+        entry = {"method": name, "budget": budget.label, "budget_drelus": budget.drelus,
+                 "drelus": built.drelus, "file": str(path.relative_to(work)),
+                 "seconds": round(time.perf_counter() - t0, 2), **built.details}
+        results.data["specs"][key] = entry
+        results.save()
+        emit("spec", dict(entry))
+        return built.spec, entry
+
+    for i, run in enumerate(pending):
+        budget = by_label[run.budget]
+        spec, spec_entry = get_spec(run.method, budget)
+        run_dir = work / "runs" / run.method / budget.slug / f"seed{run.seed}"
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # an interrupted run: start it again
+        run_dir.mkdir(parents=True)
+        emit("start", {"run": run.id, "index": i, "pending": len(pending)})
+        t0 = time.perf_counter()
+        distill = (dict(temperature=study.distill_temperature,
+                        loss_weight=study.distill_weight)
+                   if METHODS[run.method].distill else None)
+        ckpt = finetune(study.config, study.checkpoint, spec, run_dir, run.seed,
+                        distill=distill, cfg_options=study.cfg_options)
+        t1 = time.perf_counter()
+        model = load_finetuned(cfg, ckpt)
+        drelus = count_drelus(extract_block_spec(model, shape), sites)["total"]
+        if drelus != spec_entry["drelus"]:
+            raise RuntimeError(f"{run.id}: the finetuned model has {drelus:,} DReLUs but its "
+                               f"spec has {spec_entry['drelus']:,}")
+        accuracy = test_accuracy(model, test_batches)
+        t2 = time.perf_counter()
+        entry = {"drelus": drelus, "budget_drelus": budget.drelus, "accuracy": accuracy,
+                 "checkpoint": str(ckpt.relative_to(work)),
+                 "seconds_finetune": round(t1 - t0, 2), "seconds_eval": round(t2 - t1, 2)}
+        results.record(run, entry)
+        emit("done", {"run": run.id, "index": i, "pending": len(pending), **entry})
+    return results
