@@ -301,7 +301,6 @@ def test_default_limits_and_cli_flags(capsys, monkeypatch):
     with pytest.raises(ValueError, match="max_batch"):
         SessionLimits(max_batch=0)
     import importlib.util
-    import sys
     root = Path(__file__).resolve().parents[2] / "research" / "secure_inference"
     monkeypatch.syspath_prepend(str(root))
     for script in ("server.py", "crypto_provider.py"):
