@@ -13,16 +13,22 @@ preprocessed batch. The student's logits (classification head or segmentation de
 output) are captured during its ordinary loss computation, and ``loss_kd``
 = ``loss_weight · T² · KL(softmax(t/T) ‖ softmax(s/T))`` (over the class dimension, mean
 over images and pixels) is added to its losses. The checkpoint keeps only the student.
+
+:class:`DistillationHook` is registered in mmengine's ``HOOKS``; it captures the logits with
+torch module hooks (a forward hook on the head, a forward pre-hook and forward hook on the
+model in ``mode='loss'``), so nothing of the model is replaced or patched.
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
 from torch import nn
+
+from .config_utils import task_options
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor,
@@ -51,13 +57,25 @@ def _head_of(model: nn.Module, head: str | None) -> tuple[str, nn.Module]:
                      "set secure_inference.distill.head to the attribute name of its head")
 
 
+def _loss_mode(args: tuple, kwargs: dict) -> bool:
+    mode = kwargs.get("mode", args[2] if len(args) > 2 else "tensor")
+    return mode == "loss"
+
+
+@HOOKS.register_module()
 class DistillationHook(Hook):
-    """Adds the distillation loss against a frozen teacher to the model's training losses."""
+    """Adds the distillation loss against a frozen teacher to the model's training losses.
+
+    ``cfg`` (the config whose model and conversions build the teacher) defaults to the
+    Runner's config, so the hook can be given in a config as ``dict(type='DistillationHook',
+    teacher_checkpoint=...)``.
+    """
 
     priority = "NORMAL"
 
-    def __init__(self, cfg, teacher_checkpoint: str, temperature: float = 4.0,
-                 loss_weight: float = 1.0, head: str | None = None) -> None:
+    def __init__(self, cfg=None, teacher_checkpoint: str | None = None,
+                 temperature: float = 4.0, loss_weight: float = 1.0,
+                 head: str | None = None) -> None:
         if not teacher_checkpoint:
             raise ValueError("secure_inference.distill needs teacher_checkpoint (the checkpoint "
                              "of the network before Block-ReLUs)")
@@ -70,12 +88,14 @@ class DistillationHook(Hook):
         self.head = head
         self.teacher: nn.Module | None = None
         self._captured: torch.Tensor | None = None
+        self._handles: list = []
 
     def before_train(self, runner) -> None:
         from .finetune import load_finetuned
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         device = next(model.parameters()).device
-        teacher = load_finetuned(self.cfg, self.teacher_checkpoint, device=device)
+        teacher = load_finetuned(self.cfg if self.cfg is not None else runner.cfg,
+                                 self.teacher_checkpoint, device=device)
         for p in teacher.parameters():
             p.requires_grad_(False)
         self.teacher = teacher.eval()
@@ -84,42 +104,58 @@ class DistillationHook(Hook):
                            f"(T={self.temperature}, weight={self.loss_weight})")
 
     def attach(self, model: nn.Module) -> None:
-        """Wrap ``model.loss`` and its head's ``forward`` (instance attributes) for distillation."""
+        """Register the module hooks on ``model`` and its head that add ``loss_kd``."""
+        self.detach()
         _, head = _head_of(model, self.head)
-        head_forward = head.forward
-        model_loss = model.loss
-        hook = self
+        self._handles = [
+            head.register_forward_hook(self._capture_logits),
+            model.register_forward_pre_hook(self._start_loss, with_kwargs=True),
+            model.register_forward_hook(self._add_kd_loss, with_kwargs=True),
+        ]
 
-        def forward(*args: Any, **kwargs: Any):
-            out = head_forward(*args, **kwargs)
-            if head.training and torch.is_tensor(out):
-                hook._captured = out
-            return out
+    def detach(self) -> None:
+        """Remove the module hooks (after training)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
-        def loss(inputs: torch.Tensor, data_samples, *args: Any, **kwargs: Any) -> dict:
-            hook._captured = None
-            losses = model_loss(inputs, data_samples, *args, **kwargs)
-            student = hook._captured
-            hook._captured = None
-            if student is None:
-                raise RuntimeError("distillation: the student's head produced no logits during "
-                                   "its loss computation")
-            teacher = hook.teacher
-            if teacher is None:
-                raise RuntimeError("distillation: the teacher is not loaded (before_train "
-                                   "did not run)")
-            with torch.no_grad():
-                target = teacher(inputs, mode="tensor")
-            losses["loss_kd"] = hook.loss_weight * kd_loss(student, target, hook.temperature)
-            return losses
+    def after_train(self, runner) -> None:
+        self.detach()
 
-        head.forward = forward
-        model.loss = loss
+    def _capture_logits(self, head: nn.Module, args, out) -> None:
+        if head.training and torch.is_tensor(out):
+            self._captured = out
+
+    def _start_loss(self, model: nn.Module, args, kwargs) -> None:
+        if _loss_mode(args, kwargs):
+            self._captured = None
+
+    def _add_kd_loss(self, model: nn.Module, args, kwargs, losses):
+        if not _loss_mode(args, kwargs):
+            return None
+        student = self._captured
+        self._captured = None
+        if student is None:
+            raise RuntimeError("distillation: the student's head produced no logits during "
+                               "its loss computation")
+        if self.teacher is None:
+            raise RuntimeError("distillation: the teacher is not loaded (before_train "
+                               "did not run)")
+        inputs = kwargs["inputs"] if "inputs" in kwargs else args[0]
+        with torch.no_grad():
+            target = self.teacher(inputs, mode="tensor")
+        losses["loss_kd"] = self.loss_weight * kd_loss(student, target, self.temperature)
+        return losses
 
 
 def distillation_hook_from_cfg(cfg) -> DistillationHook | None:
     """The hook for ``secure_inference.distill`` (None when the switch is absent or off)."""
-    from .config_utils import task_options
+    options = distillation_options(cfg)
+    return None if options is None else DistillationHook(cfg, **options)
+
+
+def distillation_options(cfg) -> dict | None:
+    """The checked ``secure_inference.distill`` options (None when absent or switched off)."""
     options = task_options(cfg).get("distill")
     if not options:
         return None
@@ -131,4 +167,9 @@ def distillation_hook_from_cfg(cfg) -> DistillationHook | None:
     if unknown:
         raise ValueError(f"secure_inference.distill has unknown keys {sorted(unknown)}; "
                          f"allowed: {sorted(allowed)}")
-    return DistillationHook(cfg, **options)
+    if not options.get("teacher_checkpoint"):
+        raise ValueError("secure_inference.distill needs teacher_checkpoint (the checkpoint "
+                         "of the network before Block-ReLUs)")
+    if float(options.get("temperature", 4.0)) <= 0:
+        raise ValueError(f"distillation temperature must be > 0, got {options['temperature']}")
+    return options

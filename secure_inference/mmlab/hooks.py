@@ -1,14 +1,32 @@
-"""mmengine hooks: record the Block-ReLU spec in checkpoints and check it when loading."""
+"""mmengine hooks, registered in mmengine's ``HOOKS`` registry (usable as ``dict(type=...)``).
+
+* :class:`SecureInferenceHook` reads the config's ``secure_inference`` entry (``spec_file`` or
+  ``spec``, ``convert``, ``input_shape``), swaps the conversions and Block-ReLUs into the model
+  before any checkpoint loads, records them in every saved checkpoint and checks them when one
+  is loaded. With it, stock ``Runner.from_cfg(cfg)`` runs a Block-ReLU finetune.
+* :class:`ReluSpecCheckpointHook` records/checks a spec given in Python (no model changes).
+* :class:`SyncNormStatsHook` averages BN statistics across processes after every iteration.
+"""
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
 
-from .finetune import META_KEY, check_checkpoint_meta, make_meta_entry
+from ..checkpoints import ModelLoadError, state_dict_of
+from ..spec import load_spec
+from .config_utils import conversions_of, task_options
+from .finetune import (META_KEY, check_checkpoint_meta, checkpoint_spec, drelu_count,
+                       make_meta_entry, prepare_model)
+
+PREPARED_ATTR = "_secure_inference_prepared"
+"""Attribute set on a model whose conversions and Block-ReLUs are in place."""
 
 
+@HOOKS.register_module()
 class ReluSpecCheckpointHook(Hook):
     """Writes ``meta['secure_inference']`` into every saved checkpoint and checks it on load.
 
@@ -35,6 +53,70 @@ class ReluSpecCheckpointHook(Hook):
                               source="the checkpoint being loaded (load_from/resume)")
 
 
+def spec_of_options(options: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
+    """The spec a ``secure_inference`` config entry names: ``spec_file`` or inline ``spec``."""
+    spec_file, inline = options.get("spec_file"), options.get("spec")
+    if spec_file and inline:
+        raise ValueError("secure_inference has both spec_file and spec; give one")
+    if spec_file:
+        return load_spec(spec_file)
+    if inline:
+        return {str(k): np.asarray(v, dtype=np.int32).reshape(-1, 2) for k, v in inline.items()}
+    return None
+
+
+def _unwrapped(model):
+    return model.module if is_model_wrapper(model) else model
+
+
+@HOOKS.register_module()
+class SecureInferenceHook(ReluSpecCheckpointHook):
+    """Prepares the Runner's model from the config's ``secure_inference`` entry.
+
+    ``before_run`` (before ``load_from``/resume) applies ``secure_inference.convert`` and the
+    Block-ReLUs of ``secure_inference.spec_file`` (or an inline ``spec``); with
+    ``spec_from_checkpoint=True`` and no spec given, the spec recorded in ``load_from`` is
+    used (evaluation of a finetuned checkpoint). The swapped modules hold no parameters or
+    persistent buffers, so optimizer, DDP and state_dict keys are unaffected. Saving and
+    loading then behave as :class:`ReluSpecCheckpointHook`; ``strict_load=True`` also refuses
+    a loaded checkpoint whose weights do not fit the model exactly.
+    """
+
+    def __init__(self, spec_from_checkpoint: bool = False, strict_load: bool = False) -> None:
+        self.spec_from_checkpoint = bool(spec_from_checkpoint)
+        self.strict_load = bool(strict_load)
+        self.spec = None
+        self.conversions = []
+        self.entry = make_meta_entry(None, [], None)
+
+    def before_run(self, runner) -> None:
+        options = task_options(runner.cfg)
+        spec = spec_of_options(options)
+        load_from = getattr(runner, "_load_from", None)
+        if spec is None and self.spec_from_checkpoint and load_from:
+            spec = checkpoint_spec(load_from)
+        model = _unwrapped(runner.model)
+        if not getattr(model, PREPARED_ATTR, False):
+            prepare_model(model, runner.cfg, spec)
+            setattr(model, PREPARED_ATTR, True)
+        self.spec = dict(spec) if spec else None
+        self.conversions = conversions_of(runner.cfg)
+        self.entry = make_meta_entry(self.spec, self.conversions, options.get("input_shape"),
+                                     drelu_count(model, runner.cfg, self.spec))
+
+    def after_load_checkpoint(self, runner, checkpoint: dict[str, Any]) -> None:
+        super().after_load_checkpoint(runner, checkpoint)
+        if self.strict_load:
+            expected = set(_unwrapped(runner.model).state_dict())
+            found = set(state_dict_of(checkpoint))
+            if expected != found:
+                raise ModelLoadError(
+                    f"checkpoint {runner._load_from} does not fit the model of the config: "
+                    f"missing {sorted(expected - found)[:3]}, unexpected "
+                    f"{sorted(found - expected)[:3]}")
+
+
+@HOOKS.register_module()
 class SyncNormStatsHook(Hook):
     """Averages floating-point buffers (BN running statistics) across processes every iteration.
 

@@ -14,6 +14,7 @@ training and the saved checkpoint see the same network.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -24,9 +25,14 @@ import torch
 
 from ..spec import load_spec
 from .config_utils import conversions_of, load_task_config, task_options
-from .distill import distillation_hook_from_cfg
-from .finetune import build_task_model, drelu_count, load_finetuned, prepare_model
-from .hooks import ReluSpecCheckpointHook, SyncNormStatsHook
+from .distill import DistillationHook, distillation_options
+from .finetune import META_KEY, check_checkpoint_meta, checkpoint_meta, spec_from_meta
+from .hooks import ReluSpecCheckpointHook, SecureInferenceHook, SyncNormStatsHook
+
+__all__ = ["LAUNCHERS", "DistillationHook", "ReluSpecCheckpointHook", "SecureInferenceHook",
+           "SyncNormStatsHook", "build_runner", "configure_runtime", "evaluate",
+           "finetune_config", "prepare_test", "prepare_training", "setup_distributed",
+           "teardown_distributed", "train"]
 
 LAUNCHERS = ("none", "pytorch")
 
@@ -96,71 +102,133 @@ def _read_spec(spec: str | os.PathLike | Mapping[str, Any] | None):
     return load_spec(spec)
 
 
-def build_runner(cfg, model: torch.nn.Module, extra_hooks: list | None = None,
+def _sync_bn_to_bn(node: Any) -> Any:
+    """Every ``SyncBN`` norm config in ``node`` as ``BN`` (same parameters and state keys)."""
+    if isinstance(node, Mapping):
+        out = {k: _sync_bn_to_bn(v) for k, v in node.items()}
+        if out.get("type") == "SyncBN":
+            out["type"] = "BN"
+        return out
+    if isinstance(node, (list, tuple)):
+        return type(node)(_sync_bn_to_bn(v) for v in node)
+    return node
+
+
+RUNNER_MODULES = ["secure_inference.mmlab.runner"]
+"""Modules that register this package's hooks (``custom_imports`` of a prepared config)."""
+
+
+def finetune_config(cfg, *, spec=None, launcher: str = "none", load_from: str | None = None,
+                    resume: bool = False, spec_from_checkpoint: bool = False,
+                    strict_load: bool = False) -> Any:
+    """Complete ``cfg`` (in place) so that stock ``Runner.from_cfg(cfg)`` runs the finetune.
+
+    The spec goes into ``secure_inference.spec_file`` (a path) or ``secure_inference.spec``
+    (a dict, as plain lists); the registered hooks that apply and record it
+    (:class:`~secure_inference.mmlab.hooks.SecureInferenceHook`), average BN statistics
+    across processes and distil (``secure_inference.distill``) are appended to
+    ``custom_hooks``; ``custom_imports`` names the modules that register them, so the config
+    the Runner dumps into its work dir reproduces the run. On CPU under a launcher, SyncBN
+    norm configs become BN (SyncBN cannot run on CPU). Returns ``cfg``.
+    """
+    options = task_options(cfg)
+    if spec is not None:
+        if isinstance(spec, Mapping):
+            options["spec"] = {str(k): np.asarray(v).astype(int).tolist()
+                               for k, v in spec.items()}
+            options.pop("spec_file", None)
+        else:
+            options["spec_file"] = str(Path(spec).resolve())
+            options.pop("spec", None)
+    cfg.secure_inference = options
+    if load_from is not None:
+        cfg.load_from = str(load_from)
+    cfg.resume = bool(resume)
+    if launcher != "none" and not torch.cuda.is_available():
+        cfg.model = _sync_bn_to_bn(cfg.model)
+    hooks = list(cfg.get("custom_hooks") or [])
+    hooks.append(dict(type="SecureInferenceHook", spec_from_checkpoint=spec_from_checkpoint,
+                      strict_load=strict_load))
+    if launcher != "none":
+        hooks.append(dict(type="SyncNormStatsHook"))
+    distill = distillation_options(cfg)
+    if distill is not None:
+        hooks.append(dict(type="DistillationHook", **distill))
+    cfg.custom_hooks = hooks
+    imports = dict(cfg.get("custom_imports") or {})
+    names = list(imports.get("imports") or [])
+    names += [m for m in RUNNER_MODULES if m not in names]
+    imports["imports"] = names
+    imports.setdefault("allow_failed_imports", False)
+    cfg.custom_imports = imports
+    return cfg
+
+
+def build_runner(cfg, model: torch.nn.Module | None = None, extra_hooks: list | None = None,
                  load_from: str | None = None, resume: bool = False):
-    """An mmengine Runner for ``cfg`` that uses the already prepared ``model``."""
+    """An mmengine Runner for ``cfg``: ``Runner.from_cfg`` unless a prepared ``model`` is given.
+
+    With ``model`` (and Python hook objects in ``extra_hooks``) the Runner is built from the
+    same config entries, with that module in place of ``cfg.model``.
+    """
     from mmengine.runner import Runner
-    hooks = list(cfg.get("custom_hooks") or []) + list(extra_hooks or [])
-    return Runner(
-        model=model,
-        work_dir=cfg.work_dir,
-        train_dataloader=cfg.get("train_dataloader"),
-        val_dataloader=cfg.get("val_dataloader"),
-        test_dataloader=cfg.get("test_dataloader"),
-        train_cfg=cfg.get("train_cfg"),
-        val_cfg=cfg.get("val_cfg"),
-        test_cfg=cfg.get("test_cfg"),
-        auto_scale_lr=cfg.get("auto_scale_lr"),
-        optim_wrapper=cfg.get("optim_wrapper"),
-        param_scheduler=cfg.get("param_scheduler"),
-        val_evaluator=cfg.get("val_evaluator"),
-        test_evaluator=cfg.get("test_evaluator"),
-        default_hooks=cfg.get("default_hooks"),
-        custom_hooks=hooks,
-        load_from=load_from,
-        resume=resume,
-        launcher=cfg.get("launcher", "none"),
-        env_cfg=cfg.get("env_cfg", dict(dist_cfg=dict(backend="nccl"))),
-        log_processor=cfg.get("log_processor"),
-        log_level=cfg.get("log_level", "INFO"),
-        visualizer=cfg.get("visualizer"),
-        default_scope=cfg.get("default_scope", "mmengine"),
-        randomness=cfg.get("randomness", dict(seed=None)),
-        experiment_name=cfg.get("experiment_name"),
-        cfg=cfg,
-    )
+    if model is None and not extra_hooks:
+        if load_from is not None:
+            cfg.load_from = str(load_from)
+        if resume:
+            cfg.resume = True
+        return Runner.from_cfg(cfg)
+    from mmengine.config import Config
+    built = copy.deepcopy(cfg) if isinstance(cfg, Config) else Config(dict(cfg))
+    built.custom_hooks = list(cfg.get("custom_hooks") or [])
+    built.load_from, built.resume = load_from, bool(resume)
+    runner = Runner.from_cfg(built) if model is None else _runner_with_model(built, model)
+    for hook in extra_hooks or []:
+        runner.register_hook(hook)
+    return runner
+
+
+def _runner_with_model(cfg, model: torch.nn.Module):
+    """``Runner.from_cfg(cfg)`` with an nn.Module in place of ``cfg.model``."""
+    from mmengine.runner import Runner
+
+    class _PreparedModelRunner(Runner):
+        def build_model(self, _cfg_model):  # the Runner builds this module instead
+            return model
+
+    return _PreparedModelRunner.from_cfg(cfg)
+
+
+def is_model_wrapper(model) -> bool:
+    """True for mmengine's model wrappers (DDP and friends)."""
+    from mmengine.model import is_model_wrapper as _is_wrapper
+    return _is_wrapper(model)
 
 
 def prepare_training(config: str | os.PathLike, *, spec=None, work_dir: str | None = None,
                      load_from: str | None = None, resume: str | bool | None = None,
                      amp: bool = False, cfg_options: dict | None = None,
                      launcher: str = "none"):
-    """Config, prepared model and Runner for a training run (nothing is trained yet).
+    """Config, model and Runner for a training run (nothing is trained yet).
 
     ``resume``: ``True``/``'auto'`` resumes from the latest checkpoint in the work dir,
     a path resumes from that checkpoint. ``load_from`` overrides the config's ``load_from``.
+    The Runner is stock ``Runner.from_cfg`` on the completed config (:func:`finetune_config`);
+    its model gets its conversions and Block-ReLUs when the run starts (``before_run``).
     """
     setup_distributed(launcher)
     cfg = load_task_config(config, cfg_options)
     configure_runtime(cfg, launcher=launcher, work_dir=work_dir, config_path=config, amp=amp)
-    spec = _read_spec(spec)
-    if load_from is not None:
-        cfg.load_from = str(load_from)
+    _read_spec(spec)  # a missing or untrusted spec file fails here, before the Runner exists
     resume_flag = False
     if resume:
         resume_flag = True
         if resume not in (True, "auto"):
             cfg.load_from = str(resume)
-    model = prepare_model(build_task_model(cfg), cfg, spec)
-    hooks: list = [ReluSpecCheckpointHook(spec, conversions_of(cfg),
-                                          task_options(cfg).get("input_shape"),
-                                          drelu_count(model, cfg, spec))]
-    if launcher != "none":
-        hooks.append(SyncNormStatsHook())
-    distill = distillation_hook_from_cfg(cfg)
-    if distill is not None:
-        hooks.append(distill)
-    runner = build_runner(cfg, model, hooks, load_from=cfg.get("load_from"), resume=resume_flag)
+    finetune_config(cfg, spec=spec, launcher=launcher, load_from=load_from,
+                    resume=resume_flag)
+    runner = build_runner(cfg)
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
     return cfg, model, runner
 
 
@@ -174,16 +242,24 @@ def train(config: str | os.PathLike, **kwargs):
 def prepare_test(config: str | os.PathLike, checkpoint: str | os.PathLike, *, spec=None,
                  work_dir: str | None = None, cfg_options: dict | None = None,
                  launcher: str = "none"):
-    """Config, model (weights loaded, spec checked) and Runner for evaluating ``checkpoint``.
+    """Config, model and Runner for evaluating ``checkpoint``.
 
     Without ``spec`` the checkpoint's recorded spec is applied; a different spec, or
-    conversions that differ from the recorded ones, raise ``SpecMismatchError``.
+    conversions that differ from the recorded ones, raise ``SpecMismatchError`` (here,
+    before the Runner is built). The checkpoint loads strictly (every weight must fit).
     """
     setup_distributed(launcher)
     cfg = load_task_config(config, cfg_options)
     configure_runtime(cfg, launcher=launcher, work_dir=work_dir, config_path=config)
-    model = load_finetuned(cfg, checkpoint, _read_spec(spec))
-    runner = build_runner(cfg, model, load_from=None)
+    given = _read_spec(spec)
+    meta = checkpoint_meta(checkpoint)
+    recorded = spec_from_meta(meta.get(META_KEY))
+    check_checkpoint_meta(meta, given if given is not None else recorded, conversions_of(cfg),
+                          source=f"checkpoint {checkpoint}")
+    finetune_config(cfg, spec=spec, launcher=launcher, load_from=str(checkpoint),
+                    spec_from_checkpoint=spec is None, strict_load=True)
+    runner = build_runner(cfg)
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
     return cfg, model, runner
 
 
