@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from secure_inference.distortion import load_results
+from helpers.scripts import load_script
 from tiny_configs import TINY_CLS_CONFIG, write_tiny_cls_setup
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,15 +23,7 @@ def setup(tmp_path_factory):
     return tmp, cfg, ckpt, data
 
 
-def _load_cli():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("extract_block_sizes_cli", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-CLI = _load_cli()
+CLI = load_script("research/extract_block_sizes.py", "extract_block_sizes_cli")
 
 
 class _Result:

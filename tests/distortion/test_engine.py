@@ -7,7 +7,8 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from distortion.nets import tiny_resnet
+from helpers.data import random_images
+from helpers.nets import tiny_resnet
 from secure_inference import apply_block_spec, find_relu_sites
 from secure_inference.distortion import DistortionError, extract
 from secure_inference.distortion.engine import (exact_site_sums, naive_site_sums,
@@ -17,7 +18,7 @@ SMALL = dict(max_rect=2, max_block_size=3)  # 6 candidates per 8x8 site: fast na
 
 
 def _samples(n=5, seed=1, hw=8):
-    return torch.randn(n, 3, hw, hw, generator=torch.Generator().manual_seed(seed))
+    return random_images(n, hw, seed)
 
 
 def _plain_reference(model, x, site_name, channel, size):

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from distortion.nets import init_net
+from helpers.data import random_images
+from helpers.nets import init_net
 from secure_inference import apply_block_spec, find_relu_sites
 from secure_inference.distortion.api import site_candidates
 from secure_inference.distortion.engine import (SiteRunner, _conv_update, exact_site_sums,
@@ -48,7 +49,7 @@ class WideNet(nn.Module):
 
 
 def _samples(n: int = 3, hw: int = 11, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 3, hw, hw, generator=torch.Generator().manual_seed(seed))
+    return random_images(n, hw, seed)
 
 
 def _float64_reference(model: nn.Module, x: torch.Tensor, site_name: str, channel: int,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from distortion.nets import tiny_resnet
+from helpers.data import random_images
+from helpers.nets import tiny_resnet
 from secure_inference.distortion import extract, load_results
 from secure_inference.distortion.jobs import (CHUNKS, Job, ResultsExistError,
                                               collect, pending_chunks, prepare_folder,
@@ -21,7 +22,7 @@ SMALL = dict(max_rect=2, max_block_size=3)
 
 
 def _samples(n=4, seed=1):
-    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return random_images(n, 8, seed)
 
 
 def _job(method="exact", model=None, samples=None, **kw):

@@ -7,7 +7,6 @@ and reproduce the training-time metric with test.py / dist_test.sh.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -26,8 +25,8 @@ from secure_inference.mmlab.finetune import (SpecMismatchError, build_task_model
 from secure_inference.mmlab.runner import prepare_test, prepare_training
 from secure_inference.sites import find_relu_sites
 
-sys.path.insert(0, str(Path(__file__).parent))
-import tiny_tasks as tt  # noqa: E402
+from helpers import tiny_tasks as tt
+from helpers.scripts import load_script
 
 REPO = tt.REPO
 TOOLS = REPO / "mmlab_tools"
@@ -82,10 +81,7 @@ def specs_equal(a, b) -> bool:
 
 
 def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"mmlab_tools_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"mmlab_tools/{name}.py", f"mmlab_tools_{name}")
 
 
 # --------------------------------------------------------------------------- classification

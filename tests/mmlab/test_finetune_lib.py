@@ -1,7 +1,6 @@
 """Library-level tests of the finetuning stage: spec meta, save/load, distillation, configs."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,8 @@ from secure_inference.mmlab.runner import configure_runtime
 from secure_inference.sites import find_relu_sites
 from secure_inference.spec import MultiSiteActivation
 
-sys.path.insert(0, str(Path(__file__).parent))
-import tiny_tasks as tt  # noqa: E402
+from helpers import tiny_tasks as tt
+from helpers.scripts import load_script
 
 CONFIGS = tt.REPO / "configs"
 
@@ -303,12 +302,8 @@ def test_unknown_conversion_is_rejected(cls_cfg):
 
 
 def test_cli_help(capsys):
-    import importlib.util
     for tool in ("train", "test"):
-        spec = importlib.util.spec_from_file_location(f"tool_{tool}",
-                                                      tt.REPO / "mmlab_tools" / f"{tool}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_script(f"mmlab_tools/{tool}.py", f"tool_{tool}")
         with pytest.raises(SystemExit) as e:
             module.parse_args(["--help"])
         assert e.value.code == 0
