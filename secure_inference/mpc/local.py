@@ -1,11 +1,11 @@
 """``run_local``: secure inference of a torch model with three local processes over loopback.
 
 The model is compiled here, in the calling process (so an unsupported operation fails before
-any party starts). Then each party's private input is written to its own file in a fresh
-0700 temporary folder and only that party's process reads it:
+any party starts). Then each party's private input is sent by value through that party's own
+pipe (never written to a file, so nothing private is left behind even if the caller is killed):
 
-* P0 (client) reads the images; P1 (server) reads the compiled weights;
-* P2 (helper) reads nothing: it gets only the public program (architecture and block spec).
+* P0 (client) gets the images; P1 (server) gets the compiled weights;
+* P2 (helper) gets nothing: it has only the public program (architecture and block spec).
 
 The three processes talk over real TCP on 127.0.0.1 (TLS 1.3 with a throw-away CA unless
 ``tls=False``), exactly as the CLIs in ``research/secure_inference`` do across hosts.
@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -28,7 +25,8 @@ from .party import SessionLimits, run_party
 from .protocols.drelu import DReLUConfig
 from .report import build_report, plot_report, save_report
 from .ring import DEFAULT_FRAC_BITS
-from .runtime import ROLE_CLIENT, ROLE_SERVER, Party, run_in_process, run_local_processes
+from .runtime import (ROLE_CLIENT, ROLE_SERVER, Party, _refuse_in_bootstrap, run_in_process,
+                      run_local_processes)
 
 __all__ = ["LocalResult", "run_local", "run_program", "split_batches", "drelu_config", "default_threads"]
 
@@ -75,18 +73,15 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 1) // 3)
 
 
-def _local_party(party: Party, program: Program, folder: str, drelu: DReLUConfig | None,
+def _local_party(party: Party, private: Any, program: Program, drelu: DReLUConfig | None,
                  threads: int | None = None,
                  limits: SessionLimits | None = None) -> dict[str, Any]:
-    """Body of one local party process: read only this role's private file, run the program."""
+    """Body of one local party process: run the program on this role's private input only
+    (client: the image batches; server: the weights; helper: None)."""
     torch.set_num_threads(threads or default_threads())
-    images = weights = None
-    if party.role == ROLE_CLIENT:
-        images = torch.load(os.path.join(folder, "client.pt"), weights_only=True)["images"]
-    elif party.role == ROLE_SERVER:
-        weights = torch.load(os.path.join(folder, "server.pt"), weights_only=True)["weights"]
-    res = run_party(party, program, images=images, weights=weights, drelu=drelu, limits=limits)
-    return res
+    images = private if party.role == ROLE_CLIENT else None
+    weights = private if party.role == ROLE_SERVER else None
+    return run_party(party, program, images=images, weights=weights, drelu=drelu, limits=limits)
 
 
 def truncation_report(program: Program, weights: Weights, batches: Sequence[torch.Tensor],
@@ -128,17 +123,12 @@ def run_program(program: Program, weights: Weights, batches: list[torch.Tensor],
                              weights=weights if party.role == ROLE_SERVER else None, drelu=drelu,
                              limits=limits)
         return run_in_process(fn, frac_bits=frac_bits, timeout=timeout)
-    folder = tempfile.mkdtemp(prefix="si-run-")
-    try:
-        os.chmod(folder, 0o700)
-        torch.save({"images": [b.detach().cpu() for b in batches]}, os.path.join(folder, "client.pt"))
-        torch.save({"weights": weights}, os.path.join(folder, "server.pt"))
-        fn = functools.partial(_local_party, program=program, folder=folder, drelu=drelu,
-                               threads=threads, limits=limits)
-        return run_local_processes(fn, tls=tls, timeout=timeout, frac_bits=frac_bits,
-                                   certs_dir=certs_dir, host=host)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    # private inputs travel by value through each party's own pipe: no files to leave behind
+    private = {ROLE_CLIENT: [b.detach().cpu() for b in batches], ROLE_SERVER: weights}
+    fn = functools.partial(_local_party, program=program, drelu=drelu, threads=threads,
+                           limits=limits)
+    return run_local_processes(fn, tls=tls, timeout=timeout, frac_bits=frac_bits,
+                               certs_dir=certs_dir, host=host, private=private)
 
 
 def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -159,6 +149,8 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
     ``threads`` the torch threads of each party process; ``limits`` what the server and
     helper accept (default: enough for ``inputs``, see :func:`run_program`).
     """
+    if not in_process:
+        _refuse_in_bootstrap()   # a party process re-running a script without a main guard
     batches = split_batches(inputs, batch_size)
     shape = (batches[0].shape[0],) + tuple(batches[0].shape[1:])
     program, weights = compile_model(model, shape, spec=spec)

@@ -76,7 +76,7 @@ def warm_up() -> None:
     _WARM = True
 
 __all__ = ["ROLE_CLIENT", "ROLE_SERVER", "ROLE_HELPER", "Party", "ProtocolError", "ScopeStats",
-           "CommStats", "merge_stats", "run_in_process", "run_local_processes"]
+           "CommStats", "merge_stats", "run_in_process", "run_local_processes", "close_party"]
 
 
 @dataclass
@@ -440,36 +440,194 @@ def _run_threads(fn: Callable[[Party], T], begin: Callable[[Party], None], *, fr
 
 # --- process harness ----------------------------------------------------------------------
 
+_EXIT_MAIN_GUARD = 86   # a party process re-ran the caller's script: see _refuse_in_bootstrap
+FAULT_PHASES = ("keys", "setup", "preprocess", "online", "report")
+_last_pids: dict[int, int] = {}   # pids of the latest run's party processes (tests)
+
+
 def _send(conn, msg: tuple) -> None:
     """Send by value with plain pickle: torch's multiprocessing reductions would pass tensors
     through shared memory that disappears when the child exits."""
     conn.send_bytes(pickle.dumps(msg))
 
 
-def _process_main(role: int, fn: Callable[[Party], Any], conn, cfg: dict) -> None:
-    """Body of one party process: listen, report the port, connect, run, report the outcome."""
+def _refuse_in_bootstrap() -> None:
+    """End this process at once if it is a multiprocessing child importing the caller's main
+    module: the caller's script then runs ``run_local`` at import time (no main guard), and
+    every party process would start the whole run again. The parent recognises the exit code
+    and says how to fix it; without this the user got a bootstrapping RuntimeError and an
+    ``AssertionError`` from a cleanup that joined an unstarted process."""
+    if getattr(mp.process.current_process(), "_inheriting", False):
+        os.write(2, b"secure_inference: a party process imported the caller's main module, "
+                    b"which starts a secure run at import time; put that call under "
+                    b"`if __name__ == \"__main__\":`\n")
+        os._exit(_EXIT_MAIN_GUARD)
+
+
+def close_party(party: Party, exc: BaseException | None = None) -> None:
+    """Close a party's links. After a failure (``exc``), each peer gets an abort goodbye
+    naming the party that failed first and why, so a survivor's error names the cause rather
+    than whichever link happened to close first."""
+    if exc is None:
+        party.close()
+        return
+    abort_links(party._links, party.role, exc)
+
+
+def abort_links(links: dict[int, Link], me: int, exc: BaseException) -> None:
+    """Close ``links`` after party ``me`` failed with ``exc``: an abort goodbye tells each peer
+    which party failed first (the peer a link error blames, else ``me``) and the cause."""
+    origin = getattr(exc, "failed_party", None)
+    origin = me if origin is None else int(origin)
+    reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ProtocolError) else str(exc)
+    for link in links.values():
+        try:
+            link.close(abort=(origin, reason))
+        except TypeError:          # a link without abort goodbyes (in-memory links)
+            link.close()
+        except Exception:  # noqa: BLE001 - closing after a failure is best effort
+            pass
+
+
+def _arm_fault(party: Party, phase: str) -> None:
+    """TEST HOOK (only through the private ``_fault`` keyword of :func:`run_local_processes`):
+    SIGKILL this party's own process at its first message or scope of ``phase`` (one of
+    :data:`FAULT_PHASES`: key agreement, weight opening, preprocessing, online, report)."""
+    import signal
+    seen = {"preprocess": False}
+
+    def check() -> None:
+        path = party.scope_path
+        top = path.split("/", 1)[0]
+        if top == "preprocess":
+            seen["preprocess"] = True
+        due = {"keys": top == "session-keys",
+               "setup": path.endswith("open-weights"),
+               "preprocess": top == "preprocess",
+               "online": seen["preprocess"] and top not in ("preprocess", "header", "report"),
+               "report": top == "report"}[phase]
+        if due:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    send, recv, scope = party.send, party.recv, party.scope
+
+    def send_(to, x):
+        check()
+        return send(to, x)
+
+    def recv_(frm, shape, dtype=torch.int64):
+        check()
+        return recv(frm, shape, dtype)
+
+    @contextlib.contextmanager
+    def scope_(name):     # also on entering a scope: a party may have no message in a phase
+        with scope(name):
+            check()
+            yield
+
+    party.send, party.recv, party.scope = send_, recv_, scope_
+
+
+def _watch_parent(conn) -> None:
+    """End this party process when the harness's end of its pipe closes (the caller exited or
+    was killed): the caller sends nothing after the start message, so any readability is EOF.
+    Without this, a SIGKILLed caller left its three parties (and so the fork server and the
+    resource tracker, which wait for them) running."""
+    def watch() -> None:
+        try:
+            conn.poll(None)
+        except Exception:  # noqa: BLE001 - a broken pipe means the same
+            pass
+        os._exit(70)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _memory_tls(material: tuple[bytes, bytes, bytes]) -> tuple[TLSConfig, Callable[[], None]]:
+    """TLS files for this process only: CA certificate, certificate and key in anonymous
+    memory files (Linux memfd; gone when the process ends, even if it is killed). Elsewhere
+    a 0700 temporary folder, deleted by the returned cleanup once the links are up."""
+    names = ("ca.pem", "party.pem", "party.key")
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fds = []
+        for name, data in zip(names, material):
+            fd = os.memfd_create(name, getattr(os, "MFD_CLOEXEC", 0))
+            os.write(fd, data)
+            fds.append(fd)
+        paths = [f"/proc/self/fd/{fd}" for fd in fds]
+
+        def cleanup() -> None:
+            for fd in fds:
+                os.close(fd)
+    else:  # pragma: no cover - non-Linux
+        import shutil
+        folder = tempfile.mkdtemp(prefix="si-party-tls-")
+        paths = [os.path.join(folder, n) for n in names]
+        for path, data in zip(paths, material):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+
+        def cleanup() -> None:
+            shutil.rmtree(folder, ignore_errors=True)
+    from pathlib import Path
+    return TLSConfig(Path(paths[0]), Path(paths[1]), Path(paths[2])), cleanup
+
+
+def _throwaway_certificates(host: str) -> dict[int, tuple[bytes, bytes, bytes]]:
+    """A fresh CA and one certificate per party, in memory only: per role (CA certificate,
+    certificate, key) as PEM bytes. The CA key is never written anywhere and is dropped here."""
+    from .certs import create_ca, create_party_certificate
+    ca_key, ca_cert = create_ca()
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    out = {}
+    for r in ROLES:
+        key, cert = create_party_certificate(ca_key, ca_cert, r, ["localhost", host])
+        out[r] = (ca_pem, cert.public_bytes(serialization.Encoding.PEM),
+                  key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    return out
+
+
+def _process_main(role: int, fn: Callable[..., Any], conn, cfg: dict) -> None:
+    """Body of one party process: listen, report the port, receive the addresses (and this
+    role's TLS material and private input, through this process's own pipe), connect, run,
+    report the outcome. After a failure the peers get an abort goodbye naming the cause."""
     try:
         torch.set_num_threads(cfg["threads"])  # three busy parties share the machine's cores
         listener = listen(cfg["host"], 0) if role != ROLE_CLIENT else None
         _send(conn, ("port", listener.getsockname()[1] if listener else None))
         if not conn.poll(cfg["timeout"]):
             raise ProtocolError(f"party {role}: no address list from the harness")
-        addresses = conn.recv()
-        tls = TLSConfig.from_dir(cfg["certs_dir"], role) if cfg["tls"] else None
-        links = connect_links(role, addresses, listener, tls=tls, allow_plaintext=not cfg["tls"],
-                              timeout=cfg["timeout"], max_frame=cfg["max_frame"])
-        if listener is not None:
-            listener.close()
+        addresses, material, private = pickle.loads(conn.recv_bytes())
+        _watch_parent(conn)
+        release: Callable[[], None] = lambda: None  # noqa: E731
+        tls = None
+        if cfg["tls"]:
+            if material is not None:
+                tls, release = _memory_tls(material)
+            else:
+                tls = TLSConfig.from_dir(cfg["certs_dir"], role)
+        try:
+            links = connect_links(role, addresses, listener, tls=tls,
+                                  allow_plaintext=not cfg["tls"], timeout=cfg["timeout"],
+                                  max_frame=cfg["max_frame"])
+        finally:
+            release()   # the links are up (or failed): the TLS files are no longer needed
+            if listener is not None:
+                listener.close()
         party = Party(role, links, device=cfg["device"], frac_bits=cfg["frac_bits"],
                       timeout=cfg["timeout"], max_frame=cfg["max_frame"])
+        if cfg.get("fault") and cfg["fault"][0] == role:
+            _arm_fault(party, cfg["fault"][1])
         try:
             party.start()
-            result = fn(party)
-        except BaseException:
+            result = fn(party) if not cfg["private"] else fn(party, private)
+        except BaseException as exc:
             failed_at = time.time()  # before closing: peers see the close only afterwards
+            close_party(party, exc)
             raise
-        finally:
-            party.close()
+        party.close()
         _send(conn, ("ok", result))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         tb = traceback.format_exc()
@@ -484,47 +642,121 @@ def _process_main(role: int, fn: Callable[[Party], Any], conn, cfg: dict) -> Non
             pass
 
 
+class _Terminated(BaseException):
+    """Raised by the temporary SIGTERM handler so that the harness's cleanup runs."""
+
+
+class _TermGuard:
+    """While a run is in progress (main thread only), SIGTERM raises :class:`_Terminated`, so
+    the harness ends its party processes before the caller goes; :meth:`restore` puts the
+    previous handler back and :meth:`redeliver` then acts as that handler would have."""
+
+    def __init__(self) -> None:
+        import signal
+        self.prev: Any = None
+        self.armed = self.got = False
+        if threading.current_thread() is not threading.main_thread():
+            return
+        prev = signal.getsignal(signal.SIGTERM)
+        if prev is signal.SIG_IGN or prev is None:
+            return                # ignored (or set outside Python): leave it alone
+        self.prev, self.armed = prev, True
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.got = True
+        if self.armed:
+            self.armed = False
+            raise _Terminated()
+
+    def hold(self) -> None:
+        """From here on a SIGTERM is only noted (cleanup must not be interrupted)."""
+        self.armed = False
+
+    def restore(self) -> None:
+        import signal
+        if self.prev is not None:
+            signal.signal(signal.SIGTERM, self.prev)
+
+    def redeliver(self) -> None:
+        """Act on a SIGTERM that arrived during the run, now that everything is cleaned up."""
+        import signal
+        signal.raise_signal(signal.SIGTERM)   # the previous handler (default: terminate)
+        raise ProtocolError("the secure run was stopped by SIGTERM; its party processes were "
+                            "ended")
+
+
 def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
                         timeout: float = DEFAULT_TIMEOUT, frac_bits: int = DEFAULT_FRAC_BITS,
                         device: str = "cpu", certs_dir: str | os.PathLike | None = None,
                         host: str = "127.0.0.1", wall_timeout: float | None = None,
-                        max_frame: int = DEFAULT_MAX_FRAME, threads: int | None = None) -> list[T]:
+                        max_frame: int = DEFAULT_MAX_FRAME, threads: int | None = None,
+                        private: dict[int, Any] | None = None,
+                        _fault: tuple[int, str] | None = None) -> list[T]:
     """Run ``fn(party)`` in three processes over real loopback TCP (TLS 1.3 unless ``tls=False``).
 
     ``fn`` must be picklable (a module-level function or a functools.partial of one) and its
-    results too. Without ``certs_dir`` a throw-away CA and party certificates are created.
+    results too. Without ``certs_dir`` a throw-away CA and party certificates are made in
+    memory; each party gets only its own key, through its own pipe, and never on disk.
+    ``private``: each role's private input (e.g. the client's images, the server's weights),
+    sent by value through that role's pipe only (no files) and passed as
+    ``fn(party, private[role])`` (None for a role without one).
     ``timeout`` bounds every wait for a peer; ``wall_timeout`` (default: none) bounds the whole
-    run, after which the processes are killed. Every child process is ended before returning.
+    run, after which the processes are killed. Every child process is ended before returning,
+    also when the caller gets SIGTERM (then the signal is passed on), and a party process ends
+    by itself when its caller dies (even by SIGKILL).
     ``threads``: torch threads per party (default: a third of the cores, at least one; with
     torch's default every party would spin on every core and all three slow down ~10×).
     A failure re-raises the first primary error (``exc.party_errors`` lists every party's).
     """
+    _refuse_in_bootstrap()
+    if _fault is not None and (_fault[0] not in ROLES or _fault[1] not in FAULT_PHASES):
+        raise ValueError(f"_fault must be (role, phase) with a phase in {FAULT_PHASES}")
+    guard = _TermGuard()
+    try:
+        return _run_processes(fn, guard, tls=tls, timeout=timeout, frac_bits=frac_bits,
+                              device=device, certs_dir=certs_dir, host=host,
+                              wall_timeout=wall_timeout, max_frame=max_frame, threads=threads,
+                              private=private, fault=_fault)
+    except _Terminated:
+        pass
+    finally:
+        guard.restore()
+    guard.redeliver()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _run_processes(fn, guard: _TermGuard, *, tls, timeout, frac_bits, device, certs_dir, host,
+                   wall_timeout, max_frame, threads, private, fault) -> list:
+    """Body of :func:`run_local_processes`."""
     # forkserver: children fork from a clean server that has imported the runtime (and torch)
     # once, so they start fast and never inherit a parent's busy OpenMP/thread state.
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["secure_inference.mpc.runtime", "secure_inference.mpc._preload"])
-    tmp = None
+    material: dict[int, Any] = {r: None for r in ROLES}
     if tls and certs_dir is None:
-        from .certs import create_certificates
-        tmp = tempfile.TemporaryDirectory(prefix="si-certs-")
-        create_certificates(tmp.name, hosts={r: ["localhost", host] for r in ROLES})
-        certs_dir = tmp.name
+        material = _throwaway_certificates(host)
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // 3)
     cfg = dict(host=host, tls=tls, certs_dir=str(certs_dir) if certs_dir else None,
                timeout=timeout, frac_bits=frac_bits, device=device, max_frame=max_frame,
-               threads=int(threads))
+               threads=int(threads), private=private is not None, fault=fault)
     pipes, procs, stuck = {}, {}, set()
+    _last_pids.clear()
     deadline = None if wall_timeout is None else time.monotonic() + wall_timeout
+    outcomes: dict[int, tuple] = {}
     try:
         for r in ROLES:
             parent, child = ctx.Pipe()
-            procs[r] = ctx.Process(target=_process_main, args=(r, fn, child, cfg),
-                                   name=f"secure-inference-party-{r}", daemon=True)
-            procs[r].start()
-            child.close()
+            proc = ctx.Process(target=_process_main, args=(r, fn, child, cfg),
+                               name=f"secure-inference-party-{r}", daemon=True)
             pipes[r] = parent
-        outcomes: dict[int, tuple] = {}
+            try:
+                proc.start()
+            finally:
+                child.close()
+            procs[r] = proc          # only started processes are joined in the cleanup
+            _last_pids[r] = proc.pid
         ports: dict[int, Any] = {}
         for r in ROLES:  # each child reports its listening port (or fails first)
             msg = _wait_message(pipes[r], procs[r], timeout + 30.0)
@@ -539,7 +771,8 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
         else:
             addresses = {r: (host, ports[r] or 0) for r in ROLES}
             for r in ROLES:
-                pipes[r].send(addresses)
+                mine = None if private is None else private.get(r)
+                _send(pipes[r], (addresses, material[r], mine))
         for r in ROLES:
             while r not in outcomes:
                 left = None if deadline is None else deadline - time.monotonic()
@@ -550,7 +783,11 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
                         "", time.time())
                     break
                 outcomes[r] = _wait_message(pipes[r], procs[r], left)
+    except _Terminated:
+        stuck.update(procs)          # stopping: kill every party at once, do not wait
+        raise
     finally:
+        guard.hold()
         for r, p in procs.items():
             if r not in stuck:  # a party that reported exits by itself in a moment
                 p.join(timeout=5.0)
@@ -559,8 +796,9 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
                 p.join(timeout=5.0)
         for c in pipes.values():
             c.close()
-        if tmp is not None:
-            tmp.cleanup()
+        material = None
+    if guard.got:
+        raise _Terminated()
     errors: dict[int, tuple[float, BaseException]] = {}
     for r, msg in outcomes.items():
         if msg[0] == "ok":
@@ -569,7 +807,16 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
             errors[r] = (float("inf"), ProtocolError(
                 f"party {r} was stopped because another party failed at start-up", secondary=True))
         elif msg[0] == "died":
-            errors[r] = (0.0, ProtocolError(f"party {r} died (exit code {msg[1]}) without a result"))
+            if msg[1] == _EXIT_MAIN_GUARD:
+                raise RuntimeError(
+                    "the party processes could not start: the script that calls run_local (or "
+                    "run_local_processes) does so at import time, and every party process "
+                    "imports the main module, so it started the run again. Put the call under "
+                    "`if __name__ == \"__main__\":` (see the multiprocessing docs, 'safe "
+                    "importing of main module')")
+            how = (f"was killed by signal {-msg[1]}" if isinstance(msg[1], int) and msg[1] < 0
+                   else f"died (exit code {msg[1]})")
+            errors[r] = (0.0, ProtocolError(f"party {r} {how} without a result"))
         else:
             exc = pickle.loads(msg[1])
             exc.__notes__ = [f"party {r} traceback:\n{msg[2]}"]

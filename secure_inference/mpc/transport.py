@@ -84,6 +84,8 @@ MAX_NDIM = 8
 _PREFIX = struct.Struct("<I")
 _HEADER = struct.Struct("<2sBBB3xIq")
 _BYE = b"SI-BYE"
+_ABORT = b"SI-ABORT"   # + u8 party that failed first + utf-8 cause: a goodbye after a failure
+_ABORT_REASON_MAX = 600
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.int64: 1, torch.uint8: 2, torch.int32: 3,
                                        torch.int8: 4, torch.float64: 5, torch.bool: 6}
@@ -184,14 +186,29 @@ class Link:
         raise NotImplementedError
 
     def _closed_error(self) -> ProtocolError:
-        """The peer ended the link while this party still expected a frame."""
-        return ProtocolError(f"party {self.me}: party {self.peer} closed the link (it finished "
-                             "or died) while a frame was expected")
+        """The peer ended the link while this party still expected a frame (naming the party
+        that failed first when the peer said so in an abort goodbye)."""
+        abort = getattr(self, "_peer_abort", None)
+        if abort is not None:
+            origin, reason = abort
+            who = (f"party {origin} failed" if origin == self.peer else
+                   f"party {origin} failed (reported by party {self.peer}, which stopped too)")
+            err = ProtocolError(f"party {self.me}: {who}: {reason}", secondary=True)
+        else:
+            err = ProtocolError(f"party {self.me}: party {self.peer} closed the link (it "
+                                "finished or died; if it is still running, it may have stopped "
+                                "because another party failed: see its log) while a frame was "
+                                "expected")
+            origin = self.peer
+        err.failed_party = origin
+        return err
 
     def _timeout_error(self, timeout: float) -> ProtocolError:
         """No frame arrived within ``timeout`` seconds."""
-        return ProtocolError(f"party {self.me}: no frame from party {self.peer} within "
-                             f"{timeout:g} s (peer stalled, dead or out of step)")
+        err = ProtocolError(f"party {self.me}: no frame from party {self.peer} within "
+                            f"{timeout:g} s (peer stalled, dead or out of step)")
+        err.failed_party = self.peer
+        return err
 
     def recv(self, timeout: float) -> bytes:
         raise NotImplementedError
@@ -285,6 +302,7 @@ class SocketLink(Link):
         self._error: ProtocolError | None = None
         self._eof = False
         self._peer_bye = False
+        self._peer_abort: tuple[int, str] | None = None
         self._stop = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -297,9 +315,13 @@ class SocketLink(Link):
         with self._cond:
             if self._error is not None:
                 raise self._error
+            if self._peer_abort is not None:
+                raise self._closed_error()
             if self._eof or self._peer_bye:
-                raise ProtocolError(f"party {self.me}: cannot send, party {self.peer} closed "
+                err = ProtocolError(f"party {self.me}: cannot send, party {self.peer} closed "
                                     "the link")
+                err.failed_party = self.peer
+                raise err
             deadline = time.monotonic() + self.send_timeout
             while self._out_bytes and self._out_bytes + len(frame) > self.max_queued:
                 left = deadline - time.monotonic()
@@ -333,16 +355,23 @@ class SocketLink(Link):
             self._in_bytes -= len(frame)
             return frame
 
-    def close(self) -> None:
-        """Say goodbye, flush, wait (at most ``linger`` s) for the peer's goodbye, then close."""
+    def close(self, abort: tuple[int, str] | None = None) -> None:
+        """Say goodbye, flush, wait (at most ``linger`` s) for the peer's goodbye, then close.
+
+        ``abort=(party, cause)``: this party failed; the goodbye tells the peer which party
+        failed first and why (its next receive raises that), and the wait is at most 1 s."""
+        linger = self.linger if abort is None else min(self.linger, 1.0)
         try:
             with self._cond:
-                broken = self._error is not None or self._eof
+                broken = self._error is not None or self._eof or self._stop
                 if not broken:
-                    self._out.append(memoryview(_PREFIX.pack(len(_BYE)) + _BYE))
+                    bye = _BYE if abort is None else (
+                        _ABORT + bytes([int(abort[0]) & 0xFF]) +
+                        str(abort[1]).encode("utf-8", "replace")[:_ABORT_REASON_MAX])
+                    self._out.append(memoryview(_PREFIX.pack(len(bye)) + bye))
             self._wake()
             if not broken:
-                deadline = time.monotonic() + self.linger
+                deadline = time.monotonic() + linger
                 with self._cond:
                     while not (self._peer_bye or self._eof or self._error) and \
                             time.monotonic() < deadline:
@@ -369,6 +398,7 @@ class SocketLink(Link):
         with self._cond:
             if self._error is None:
                 self._error = ProtocolError(f"party {self.me}: link to party {self.peer}: {message}")
+                self._error.failed_party = self.peer
             self._cond.notify_all()
 
     def _run(self) -> None:
@@ -469,6 +499,10 @@ class SocketLink(Link):
             with self._cond:
                 for f in frames:
                     if f == _BYE:
+                        self._peer_bye = True
+                    elif f.startswith(_ABORT) and len(f) > len(_ABORT):
+                        self._peer_abort = (f[len(_ABORT)],
+                                            f[len(_ABORT) + 1:].decode("utf-8", "replace"))
                         self._peer_bye = True
                     else:
                         self._frames.append(f)

@@ -36,3 +36,12 @@ def server_stalls(p):
 
 def noop(p):
     return p.role
+
+
+def run_and_report(p, private, program):
+    """What a CLI party does: run the program on its private input, then the report exchange."""
+    from secure_inference.mpc.party import gather_results, run_party
+    res = run_party(p, program, images=private if p.role == 0 else None,
+                    weights=private if p.role == 1 else None)
+    gather_results(p, res)
+    return p.role
