@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import add_common_args, build_model, compile_for, resolve, run_role
+from common import (UserError, add_common_args, build_model, close_party, compile_for, resolve,
+                    run_cli, tls_config)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp"}
 
@@ -42,7 +44,12 @@ def _preprocessor(cfg: dict) -> tuple[list[float], list[float], bool]:
 def load_images(path: Path, cfg: dict, shape) -> torch.Tensor:
     """[N, C, H, W] float32 images from a .npy file or a folder of image files."""
     if path.suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
+        if not path.is_file():
+            raise UserError(f"--images {path}: no such file")
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise UserError(f"--images {path}: not a readable .npy array ({exc})") from None
         if arr.ndim != 4 or tuple(arr.shape[1:]) != tuple(shape):
             raise SystemExit(f"{path}: expected an array [N, {', '.join(map(str, shape))}], got "
                              f"{list(arr.shape)}")
@@ -85,6 +92,51 @@ def metrics(logits: torch.Tensor, labels: np.ndarray) -> dict:
             "pixel_accuracy": float(inter.sum() / valid.sum().clamp(min=1))}
 
 
+def load_labels(path: Path, n: int, out_shape: tuple[int, ...]) -> np.ndarray:
+    """Labels checked against the images and the model's output before anything runs:
+    class indices [N] in [0, K) for [N, K] logits, or maps [N, H, W] (values in [0, K) or
+    255) for segmentation logits [N, K, h, w]."""
+    if not path.is_file():
+        raise UserError(f"--labels {path}: no such file")
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"--labels {path}: not a readable .npy array ({exc})") from None
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
+        raise UserError(f"--labels {path}: holds {labels.dtype} values; labels are integer "
+                        "class indices")
+    k = int(out_shape[1])
+    want = 1 if len(out_shape) == 2 else 3
+    what = "class indices [N]" if want == 1 else "segmentation maps [N, H, W]"
+    if labels.ndim != want or labels.shape[0] != n:
+        raise UserError(f"--labels {path}: shape {list(labels.shape)}, expected {what} for "
+                        f"{n} image(s) (the model's output is {list(out_shape[1:])} per image)")
+    valid = labels if want == 1 else labels[labels != 255]
+    if valid.size and (valid.min() < 0 or valid.max() >= k):
+        raise UserError(f"--labels {path}: values outside [0, {k}) (the model has {k} classes)")
+    return labels
+
+
+def check_writable(path: Path | None, flag: str) -> None:
+    """Refuse an output path that cannot be written, before the secure run spends its time."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or \
+            (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {path}: cannot write there (permission denied or not a folder)")
+
+
+def save_logits(path: Path, logits: torch.Tensor) -> None:
+    """The logits and predictions (.npz), written as soon as the secure run has them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, logits=logits.numpy(), predictions=logits.argmax(1).numpy())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,12 +149,26 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser)
     args = parser.parse_args(argv)
     cfg = resolve(args)
+    # every input is checked before connecting: nothing the secure run computes is lost to a
+    # mistake that could have been seen first
+    for path, flag in ((args.output, "--output"), (args.report, "--report"),
+                       (args.plot, "--plot")):
+        check_writable(path, flag)
+    bs = int(cfg["batch_size"])
+    if bs < 1:
+        raise UserError(f"--batch-size must be at least 1, got {bs}")
+    tls_config(0, cfg)
     model, shape = build_model(cfg)
     images = load_images(args.images, cfg, shape)
-    bs = int(cfg["batch_size"])
+    if images.shape[0] == 0:
+        raise UserError(f"--images {args.images} holds no images (0 images): nothing to run")
     batches = list(images.split(bs))
     program, _ = compile_for(model, shape, bs)
     del model
+    labels = None
+    if args.labels is not None:
+        labels = load_labels(args.labels, images.shape[0],
+                             tuple(program.layers[program.output].shape))
     from secure_inference.mpc.party import gather_results, run_party
     from secure_inference.mpc.report import build_report, plot_report, save_report
     from common import connect, drelu
@@ -111,13 +177,34 @@ def main(argv: list[str] | None = None) -> int:
         with tqdm(total=len(images), desc="secure inference", unit="img") as bar:
             result = run_party(party, program, images=batches, drelu=drelu(cfg),
                                on_batch=bar.update)
-        results = gather_results(party, result)
-    finally:
-        party.close()
+    except BaseException as exc:
+        close_party(party, exc)
+        raise
     logits = torch.cat(result["outputs"]).float()
+    if args.output is not None:      # before the report exchange, which can still fail
+        save_logits(args.output, logits)
     meta = {"model": cfg["model"], "spec": cfg.get("spec"), "frac_bits": cfg["frac_bits"],
             "drelu": str(drelu(cfg) or "exact"), "tls": not cfg["plaintext"],
             "server": cfg["server"], "helper": cfg["helper"]}
+    scores = metrics(logits, labels) if labels is not None else {}
+    try:
+        results = gather_results(party, result)
+    except BaseException as exc:
+        close_party(party, exc)
+        saved = (f"the logits are saved in {args.output}" if args.output is not None else
+                 "no --output was given, so the logits were not saved")
+        note = f"the report exchange with the server and helper failed: {exc}"
+        if args.report is not None:
+            partial = {"complete": False, "note": note, "meta": meta,
+                       "images": int(images.shape[0]), "batch_sizes": result["batch_sizes"],
+                       "client": {k: result[k] for k in ("setup_seconds", "preprocess_seconds",
+                                                         "online_seconds", "cpu_seconds")},
+                       "metrics": scores, "output": str(args.output) if args.output else None}
+            args.report.parent.mkdir(parents=True, exist_ok=True)
+            args.report.write_text(json.dumps(partial, indent=1))
+        raise UserError(f"{note}; {saved}"
+                        + (f"; a partial report is in {args.report}" if args.report else ""))
+    party.close()
     report = build_report(program, results, meta=meta)
     per = report["per_image"]
     summary = {"images": report["images"], "online_seconds_per_image": per["online_seconds"],
@@ -125,17 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                "online_MB_per_image": per["online_bytes"] / 1e6,
                "preprocess_MB_per_image": per["preprocess_bytes"] / 1e6,
                "setup_MB": report["setup"]["bytes"] / 1e6, "rounds": report["online"]["rounds"]}
-    if args.labels is not None:
-        labels = np.load(args.labels, allow_pickle=False)
-        if labels.shape[0] != logits.shape[0]:
-            raise SystemExit(f"{args.labels} has {labels.shape[0]} labels for "
-                             f"{logits.shape[0]} images")
-        summary.update(metrics(logits, labels))
-        report["metrics"] = {k: v for k, v in summary.items() if k in ("top1_accuracy", "mIoU",
-                                                                     "pixel_accuracy")}
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.output, logits=logits.numpy(), predictions=logits.argmax(1).numpy())
+    if scores:
+        summary.update(scores)
+        report["metrics"] = scores
     if args.report is not None:
         save_report(report, args.report)
     if args.plot is not None:
@@ -145,4 +224,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, "client"))

@@ -22,9 +22,11 @@ Every setting comes from a flag or from one YAML file shared by the three partie
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -58,6 +60,48 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, help="seconds to wait for a peer (default 120)")
     g.add_argument("--threads", type=int, help="torch threads for this party (parties sharing "
                    "a machine: cores / 3; too many threads make OpenMP workers spin)")
+    g.add_argument("--debug", action="store_true",
+                   help="show Python tracebacks on errors (also: environment SI_DEBUG=1)")
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment: printed as one line, no traceback."""
+
+
+def user_message(exc: BaseException) -> str | None:
+    """One line naming the cause (and fix) of a user-facing error, or None for a bug."""
+    from secure_inference.mpc.transport import ProtocolError
+    if isinstance(exc, (UserError, ProtocolError)):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return str(exc) if not exc.filename else f"file not found: {exc.filename}"
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {exc.filename or exc}"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+    if isinstance(exc, ValueError) or type(exc).__name__ == "SpecError":
+        return f"{exc}"
+    return None
+
+
+def run_cli(main: Callable[[list[str] | None], int], name: str,
+            argv: list[str] | None = None) -> int:
+    """Run a party CLI's ``main``: user errors (missing files, a port in use, a peer that
+    failed, bad input) end with one line ``NAME: error: cause`` and exit 1; a bug keeps its
+    traceback. ``--debug`` (or SI_DEBUG=1) shows tracebacks for everything."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args or os.environ.get("SI_DEBUG", "") not in ("", "0")
+    try:
+        return main(args)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - classified below
+        message = None if debug else user_message(exc)
+        if message is None:
+            raise
+        print(f"{name}: error: {message}", file=sys.stderr)
+        return 1
 
 
 def add_limit_args(parser: argparse.ArgumentParser) -> None:
@@ -171,20 +215,27 @@ def drelu(cfg: dict[str, Any]):
 def connect(role: int, cfg: dict[str, Any]):
     """Listen (server, helper), dial (client, server), agree keys; returns the Party."""
     from secure_inference.mpc.runtime import Party
-    from secure_inference.mpc.transport import TLSConfig, connect_links, listen
+    from secure_inference.mpc.transport import connect_links, listen
     for key in ("server", "helper"):
         if not cfg.get(key):
             raise SystemExit(f"no address for the {key}: pass --{key} HOST:PORT or set "
                              f"'{key}' in --config-file")
     addresses = {0: (cfg["client"], 0), 1: parse_address(cfg["server"], "server"),
                  2: parse_address(cfg["helper"], "helper")}
-    tls = None
-    if not cfg["plaintext"]:
-        if not cfg.get("certs"):
-            raise SystemExit("TLS needs --certs FOLDER (make it with make_certificates.py), or "
-                             "--plaintext on loopback")
-        tls = TLSConfig.from_dir(cfg["certs"], role)
-    listener = listen(*addresses[role]) if role != 0 else None
+    tls = tls_config(role, cfg)
+    listener = None
+    if role != 0:
+        try:
+            listener = listen(*addresses[role])
+        except OSError as exc:
+            what = "server" if role == 1 else "helper"
+            host, port = addresses[role]
+            if exc.errno == errno.EADDRINUSE:
+                raise UserError(f"cannot listen on {host}:{port}: the port is already in use "
+                                f"(another {what} or program runs there); stop it or choose "
+                                f"another port with --{what} HOST:PORT") from None
+            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); check "
+                            f"--{what}: HOST must be an address of this machine") from None
     try:
         links = connect_links(role, addresses, listener, tls=tls,
                               allow_plaintext=bool(cfg["plaintext"]),
@@ -193,8 +244,40 @@ def connect(role: int, cfg: dict[str, Any]):
         if listener is not None:
             listener.close()
     party = Party(role, links, frac_bits=int(cfg["frac_bits"]), timeout=float(cfg["timeout"]))
-    party.start()
+    fault = os.environ.get("SI_TEST_FAULT", "")   # test hook: "ROLE:PHASE", see _arm_fault
+    if fault.startswith(f"{role}:"):
+        from secure_inference.mpc.runtime import _arm_fault
+        _arm_fault(party, fault.split(":", 1)[1])
+    try:
+        party.start()
+    except BaseException as exc:
+        close_party(party, exc)
+        raise
     return party
+
+
+def tls_config(role: int, cfg: dict[str, Any]):
+    """This party's TLS material (None with --plaintext); a missing folder or file is a
+    UserError naming it and how to make it."""
+    from secure_inference.mpc.transport import TLSConfig
+    if cfg["plaintext"]:
+        return None
+    if not cfg.get("certs"):
+        raise UserError("TLS needs --certs FOLDER (make it with make_certificates.py), or "
+                        "--plaintext on loopback")
+    if not Path(cfg["certs"]).is_dir():
+        raise UserError(f"certs: {cfg['certs']} is not a folder; pass --certs (or 'certs:' in "
+                        "--config-file) pointing at the folder made by make_certificates.py")
+    try:
+        return TLSConfig.from_dir(cfg["certs"], role)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+
+
+def close_party(party, exc: BaseException | None = None) -> None:
+    """Close the links; after a failure the peers are told which party failed and why."""
+    from secure_inference.mpc.runtime import close_party as close
+    close(party, exc)
 
 
 def compile_for(model, shape, batch: int):
@@ -212,6 +295,8 @@ def run_role(role: int, cfg: dict[str, Any], program, *, weights=None, images=No
         result = run_party(party, program, images=images, weights=weights, drelu=drelu(cfg),
                            limits=limits)
         results = gather_results(party, result)
-    finally:
-        party.close()
+    except BaseException as exc:
+        close_party(party, exc)
+        raise
+    party.close()
     return result, results
