@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import secure_inference  # noqa: F401  (compatibility fixes before mmengine/torchvision)
+from mmengine.config import DictAction
 
-import secure_inference  # noqa: E402,F401  (compatibility fixes before mmengine/torchvision)
-from mmengine.config import DictAction  # noqa: E402
-
-from secure_inference.mmlab.runner import (  # noqa: E402
+from secure_inference.mmlab.runner import (
     LAUNCHERS, train, teardown_distributed)
 
 

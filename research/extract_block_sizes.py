@@ -28,9 +28,8 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import secure_inference  # noqa: E402,F401  (compat fixes before torchvision / MMLab)
+# torch, MMLab and the package (which applies its compatibility fixes on import) load after
+# the arguments are parsed, so --help and argument errors answer at once.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -103,20 +102,15 @@ def _build(args, device):
     import torch
     from secure_inference.distortion.data import (IMAGENET_MEAN, IMAGENET_STD, config_samples,
                                                   folder_samples)
-    from secure_inference.models import ModelLoadError, load_model
+    from secure_inference.models import (ModelLoadError, load_config, load_config_model,
+                                         load_model)
     if args.config:
-        from secure_inference.mmlab.config_utils import load_task_config, task_options
-        from secure_inference.mmlab.finetune import (build_task_model, load_finetuned,
-                                                     prepare_model)
         cfg_path = str(Path(args.config).resolve())
-        cfg = load_task_config(cfg_path)
-        # built as the finetuning tools build it: top-level data_preprocessor merged in,
-        # secure_inference.convert applied, a spec recorded in the checkpoint applied
-        if args.checkpoint:
-            model = load_finetuned(cfg, args.checkpoint)
-        else:
-            model = prepare_model(build_task_model(cfg), cfg, None).eval()
-        shape = args.input_shape or task_options(cfg).get("input_shape")
+        cfg = load_config(cfg_path)
+        # the one model-loading path (as the finetuning tools build it: data_preprocessor
+        # merged in, secure_inference.convert applied, a spec recorded in the checkpoint applied)
+        model = load_config_model(cfg, args.checkpoint)
+        shape = args.input_shape or (cfg.get("secure_inference") or {}).get("input_shape")
         if shape is None:
             raise ModelLoadError("the config has no secure_inference.input_shape; pass "
                                  "--input-shape C H W")
@@ -145,6 +139,7 @@ def main(argv=None) -> int:
     if args.num_gpus > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_workers(args, argv)
 
+    import secure_inference  # noqa: F401  (compat fixes before torchvision / MMLab)
     import torch
     import torch.distributed as dist
     from tqdm import tqdm
@@ -177,35 +172,20 @@ def main(argv=None) -> int:
                        forward_batch=args.forward_batch, chunk_channels=args.chunk_channels,
                        num_projections=args.num_projections, max_rect=args.max_rect,
                        max_block_size=args.max_block_size, device=torch.device(device))
-        complete = jobs.prepare_folder(out, job, create=(rank == 0)) if rank == 0 else None
-        if world > 1:
-            dist.barrier()
-            if rank != 0:
-                complete = jobs.prepare_folder(out, job, create=False)
-        if complete:
-            say(f"{out} already holds the complete results of this run; nothing to do")
-            return 0
-        mine = [c for c in jobs.pending_chunks(job, out) if c.index % world == rank]
-        if args.max_chunks is not None:
-            mine = mine[:args.max_chunks]
-        total = sum(job.evaluations(c) for c in mine)
-        say(f"{len(job.site_list)} sites, {len(job.chunks())} chunks "
-            f"({len(jobs.pending_chunks(job, out))} pending), {world} worker(s), "
-            f"method {args.method}, {job.num_samples} samples")
-        bar = tqdm(total=total, unit="eval", unit_scale=True, dynamic_ncols=True,
-                   disable=args.no_progress or rank != 0, desc="distortion")
-        jobs.run_chunks(job, out, rank=rank, world_size=world, max_chunks=args.max_chunks,
-                        progress=bar.update)
-        bar.close()
-        if world > 1:
-            dist.barrier()
-        if rank == 0:
-            if jobs.pending_chunks(job, out):
-                left = len(jobs.pending_chunks(job, out))
-                say(f"stopped with {left} chunk(s) pending; rerun the same command to resume")
-                return 0
-            jobs.collect(job, out)
-            say(f"wrote {len(job.site_list)} site files and meta.json to {out}")
+        bars = []
+
+        def progress_bar(total: int):
+            bars.append(tqdm(total=total, unit="eval", unit_scale=True, dynamic_ncols=True,
+                             disable=args.no_progress or rank != 0, desc="distortion"))
+            return bars[-1].update
+
+        try:
+            jobs.run_worker(job, out, rank=rank, world_size=world,
+                            barrier=dist.barrier if world > 1 else None,
+                            max_chunks=args.max_chunks, make_progress=progress_bar, log=say)
+        finally:
+            for bar in bars:
+                bar.close()
         return 0
     except (DistortionError, ModelLoadError, SpecError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

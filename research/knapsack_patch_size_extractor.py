@@ -27,13 +27,7 @@ import argparse
 import sys
 from pathlib import Path
 
-# Python puts this script's folder first on sys.path; a folder there named like the package
-# (research/secure_inference/) would then shadow the installed package. This script needs
-# nothing from its own folder, so drop it.
-if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
 
 def spec_paths(out: Path, labels: list[str]) -> list[Path]:

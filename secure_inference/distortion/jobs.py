@@ -355,3 +355,48 @@ def run_job(job: Job, folder: str | os.PathLike, max_chunks: int | None = None,
     if pending_chunks(job, folder):
         return None
     return collect(job, folder)
+
+
+def run_worker(job: Job, folder: str | os.PathLike, rank: int = 0, world_size: int = 1, *,
+               barrier: Callable[[], None] | None = None, max_chunks: int | None = None,
+               make_progress: Callable[[int], Callable[[int], None]] | None = None,
+               log: Callable[[str], None] | None = None) -> str:
+    """One worker's share of a (possibly multi-process) run; rank 0 prepares and collects.
+
+    ``barrier`` synchronises the workers (``torch.distributed.barrier`` under torchrun; None
+    for one process); ``make_progress(total)`` returns a progress callback for this worker's
+    evaluations; ``log`` receives rank 0's messages. Returns ``'complete'`` (the folder already
+    held the results), ``'pending'`` (chunks remain: rerun to resume), ``'collected'``
+    (rank 0 wrote the results) or ``'done'`` (another rank's share finished).
+    """
+    say = log if (log is not None and rank == 0) else (lambda *_: None)
+    folder = Path(folder)
+    complete = prepare_folder(folder, job, create=True) if rank == 0 else None
+    if barrier is not None:
+        barrier()
+        if rank != 0:
+            complete = prepare_folder(folder, job, create=False)
+    if complete:
+        say(f"{folder} already holds the complete results of this run; nothing to do")
+        return "complete"
+    mine = [c for c in pending_chunks(job, folder) if c.index % world_size == rank]
+    if max_chunks is not None:
+        mine = mine[:max_chunks]
+    total = sum(job.evaluations(c) for c in mine)
+    say(f"{len(job.site_list)} sites, {len(job.chunks())} chunks "
+        f"({len(pending_chunks(job, folder))} pending), {world_size} worker(s), "
+        f"method {job.method}, {job.num_samples} samples")
+    progress = make_progress(total) if make_progress is not None else None
+    run_chunks(job, folder, rank=rank, world_size=world_size, max_chunks=max_chunks,
+               progress=progress)
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        return "done"
+    left = len(pending_chunks(job, folder))
+    if left:
+        say(f"stopped with {left} chunk(s) pending; rerun the same command to resume")
+        return "pending"
+    collect(job, folder)
+    say(f"wrote {len(job.site_list)} site files and meta.json to {folder}")
+    return "collected"

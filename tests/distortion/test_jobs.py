@@ -117,7 +117,7 @@ def image_folder(tmp_path):
 
 
 def test_two_workers_equal_one_worker(tmp_path, image_folder):
-    common = ["--model", "distortion.nets:factory", "--image-folder", str(image_folder),
+    common = ["--model", "helpers.nets:factory", "--image-folder", str(image_folder),
               "--input-shape", "3", "8", "8", "--num_samples", "4", "--max-rect", "2",
               "--max-block-size", "3", "--chunk-channels", "3", "--no-progress",
               "--sites", "layer1.relu#1", "pre.act", "layer2.relu#0"]
@@ -125,7 +125,7 @@ def test_two_workers_equal_one_worker(tmp_path, image_folder):
     one = tmp_path / "one"
     from secure_inference.distortion.data import folder_samples, IMAGENET_MEAN, IMAGENET_STD
     samples = folder_samples(image_folder, (3, 8, 8), 4, 0, IMAGENET_MEAN, IMAGENET_STD)
-    ref = run_job(Job(model=tiny_resnet(0), model_id="model:distortion.nets:factory",
+    ref = run_job(Job(model=tiny_resnet(0), model_id="model:helpers.nets:factory",
                       samples=samples, seed=0, sites=["layer1.relu#1", "pre.act",
                                                       "layer2.relu#0"],
                       chunk_channels=3, **SMALL), one)
@@ -147,7 +147,7 @@ def test_killed_worker_loses_only_chunk_in_flight(tmp_path, image_folder):
     import signal
     import time
     out = tmp_path / "run"
-    args = ["--model", "distortion.nets:factory", "--image-folder", str(image_folder),
+    args = ["--model", "helpers.nets:factory", "--image-folder", str(image_folder),
             "--input-shape", "3", "8", "8", "--num_samples", "4", "--max-rect", "2",
             "--max-block-size", "3", "--chunk-channels", "1", "--no-progress",
             "--output_path", str(out)]
