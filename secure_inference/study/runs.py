@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -77,6 +78,24 @@ def test_accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.
     return float((logits.argmax(1) == labels).float().mean())
 
 
+@contextmanager
+def unformatted_config_text() -> Iterator[None]:
+    """Let mmengine write configs without running yapf over them, for the duration.
+
+    The Runner renders its config as text five or six times per run (log, dump, visualiser,
+    every checkpoint's meta) and formats it with yapf each time: seconds per rendering on a
+    loaded 2-core CPU, most of the time of a short finetune. The unformatted text is the same
+    Python, only laid out differently.
+    """
+    import mmengine.config.config as config_module
+    original = config_module.FormatCode
+    config_module.FormatCode = lambda text, **kwargs: (text, False)
+    try:
+        yield
+    finally:
+        config_module.FormatCode = original
+
+
 def finetune(config: str, baseline: str, spec, run_dir: Path, seed: int, *,
              distill: dict | None = None, cfg_options: dict | None = None) -> Path:
     """Finetune ``baseline`` with ``spec`` by the config's recipe; returns the final checkpoint
@@ -90,11 +109,12 @@ def finetune(config: str, baseline: str, spec, run_dir: Path, seed: int, *,
     if distill is not None:
         opts["secure_inference.distill"] = dict(enabled=True, teacher_checkpoint=str(baseline),
                                                 **distill)
-    _, _, runner = prepare_training(config, spec=spec, work_dir=str(run_dir),
-                                    load_from=str(baseline), cfg_options=opts)
-    runner.train()
-    runner.save_checkpoint(str(run_dir), "final.pth", save_optimizer=False,
-                           save_param_scheduler=False)
+    with unformatted_config_text():
+        _, _, runner = prepare_training(config, spec=spec, work_dir=str(run_dir),
+                                        load_from=str(baseline), cfg_options=opts)
+        runner.train()
+        runner.save_checkpoint(str(run_dir), "final.pth", save_optimizer=False,
+                               save_param_scheduler=False)
     for old in run_dir.glob("epoch_*.pth"):
         old.unlink()
     for old in run_dir.glob("iter_*.pth"):

@@ -1,0 +1,108 @@
+"""research/compare_methods.py end to end on a tiny classification task: outputs, budgets,
+resumption (nothing redone; a deleted run redone alone)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from secure_inference.mmlab.config_utils import load_task_config
+from secure_inference.mmlab.finetune import load_finetuned
+from secure_inference.sites import find_relu_sites
+from secure_inference.spec import count_drelus, load_spec
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_study  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "research" / "compare_methods.py"
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("compare_methods_cli", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+CLI = _load_cli()
+METHODS = ["knapsack", "uniform", "linearisation"]
+
+
+def test_help_explains_budgets_methods_seeds_outputs(capsys):
+    with pytest.raises(SystemExit) as e:
+        CLI.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("Budgets", "7x7", "Methods", "linearisation", "iterative", "Seeds",
+                 "results.json", "accuracy_vs_drelus.png", "Resumption"):
+        assert word in text
+
+
+def test_compare_end_to_end_and_resume(tmp_path, capsys):
+    t0 = time.time()
+    cfg, ckpt = tiny_study.write_tiny_study(tmp_path)
+    work = tmp_path / "work"
+    argv = [str(cfg), str(ckpt), "--work-dir", str(work), "--budgets", "4x4", "2x2",
+            "--methods", *METHODS, "--seeds", "0", "1", "--num-samples", "4"]
+    assert CLI.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("...") == 12  # one progress line per run start
+    assert "ETA" in out
+
+    data = json.loads((work / "results.json").read_text())
+    assert len(data["runs"]) == 12 and data["baseline"]["test_images"] == 24
+    model = load_finetuned(load_task_config(cfg), ckpt)
+    sites = find_relu_sites(model, (3, 16, 16))
+    plain = {b: sum(-(-s.height // b) * -(-s.width // b) * s.channels for s in sites)
+             for b in (2, 4)}
+    assert data["budgets"]["2x2"]["drelus"] == plain[2]
+    assert data["budgets"]["4x4"]["drelus"] == plain[4]
+    for key, entry in data["specs"].items():
+        spec = load_spec(work / entry["file"])
+        drelus = count_drelus(spec, sites)["total"]
+        assert drelus == entry["drelus"] <= entry["budget_drelus"]
+        if entry["method"] == "uniform":
+            assert drelus == entry["budget_drelus"]
+        if entry["method"] == "linearisation":
+            assert {tuple(r) for a in spec.values() for r in a} <= {(1, 1), (0, 1)}
+    for run in data["runs"].values():
+        assert run["drelus"] <= run["budget_drelus"]
+        assert 0.0 <= run["accuracy"] <= 1.0
+        assert (work / run["checkpoint"]).is_file()
+    table = (work / "results.md").read_text()
+    assert all(m in table for m in METHODS) and "± " in table
+    assert (work / "accuracy_vs_drelus.png").stat().st_size > 5000
+
+    # second invocation: nothing to do
+    stamps = {p: p.stat().st_mtime_ns for p in work.rglob("final.pth")}
+    assert CLI.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "..." not in out and out.count("done already") == 12
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("final.pth")} == stamps
+
+    # a deleted run (its record gone, e.g. interrupted) is redone, and only that one
+    gone = "knapsack@4x4#seed1"
+    data["runs"].pop(gone)
+    (work / "results.json").write_text(json.dumps(data))
+    assert CLI.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("...") == 1 and gone in out
+    again = json.loads((work / "results.json").read_text())
+    assert len(again["runs"]) == 12 and gone in again["runs"]
+    redone = work / "runs" / "knapsack" / "4x4" / "seed1" / "final.pth"
+    assert redone.stat().st_mtime_ns != stamps[redone]
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != redone)
+    assert time.time() - t0 < 60
+
+
+def test_bad_arguments_are_reported(tmp_path, capsys):
+    cfg, ckpt = tmp_path / "c.py", tmp_path / "c.pth"
+    code = CLI.main([str(cfg), str(ckpt), "--work-dir", str(tmp_path / "w"), "--budgets", "4x4",
+                     "--max-seeds", "uniform"])
+    assert code == 2 and "KEY=VALUE" in capsys.readouterr().err
