@@ -30,14 +30,13 @@ import contextlib
 import multiprocessing as mp
 import os
 import pickle
-import queue
 import tempfile
 import threading
 import time
 import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from cryptography.hazmat.primitives import hashes, serialization
@@ -47,8 +46,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from . import prg
 from .ring import DEFAULT_FRAC_BITS
 from .transport import (DEFAULT_MAX_FRAME, Link, ProtocolError, QueueLink, TLSConfig,
-                        connect_links, decode_frame, encode_frame, listen, scope_hash,
-                        split_prefix)
+                        connect_links, decode_frame, encode_frame, listen, scope_hash)
 
 ROLE_CLIENT, ROLE_SERVER, ROLE_HELPER = 0, 1, 2
 ROLES = (ROLE_CLIENT, ROLE_SERVER, ROLE_HELPER)

@@ -17,7 +17,6 @@ None on a view that carries no such relation.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -2,7 +2,6 @@
 import os
 import time
 
-import torch
 
 from secure_inference.mpc import protocols as P
 

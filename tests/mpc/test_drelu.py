@@ -2,7 +2,6 @@
 against plaintext on random and edge values, with exact byte and round counts."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 

@@ -1,6 +1,5 @@
 """Linear and pooling protocols against plaintext, with exact byte and round counts."""
 import functools
-import math
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """Ring encoding, local truncation, AES-CTR streams and pairwise randomness."""
 import math
-import random
 
 import numpy as np
 import pytest

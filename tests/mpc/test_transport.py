@@ -1,7 +1,6 @@
 """Framing checks, failure handling (malformed frames, wrong sizes, stalled/killed peers, wrong
 certificates) and real three-process loopback runs over TLS."""
 import functools
-import os
 import shutil
 import socket
 import struct
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from secure_inference.mpc import protocols as P
 from secure_inference.mpc.certs import create_certificates
 from secure_inference.mpc.ring import decode, encode
 from secure_inference.mpc.runtime import (ProtocolError, merge_stats, run_in_process,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 

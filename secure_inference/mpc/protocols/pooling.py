@@ -9,7 +9,6 @@ usual ±1 LSB of local truncation. Max pooling (comparisons) is in the non-linea
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
