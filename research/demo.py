@@ -6,7 +6,8 @@ Stages (each skips work already done when rerun; delete a stage's folder to redo
 2. baseline   a narrow ResNet18 (CIFAR variant) trained with mmlab_tools/dist_train.sh, 2 CPU
               processes (or reuse --checkpoint)
 3. distortion research/extract_block_sizes.py on training images
-4. knapsack   research/knapsack_patch_size_extractor.py for every --budgets ratio
+4. knapsack   research/knapsack_patch_size_extractor.py for every --budgets ratio, plus the
+              uniform Block-ReLU (--uniform-size) and the knapsack at exactly its DReLU count
 5. finetune   mmlab_tools/dist_train.sh with each spec, from the baseline
 6. evaluate   plaintext accuracy on the held-out test images, then secure inference with all
               three parties as separate processes over loopback TCP with TLS
@@ -43,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="data folder of your own task (default: the demo writes the digits)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.10, 0.20],
                    help="DReLU budgets as shares of the all-ReLU count")
+    p.add_argument("--uniform-size", default="4x4",
+                   help="also finetune the uniform Block-ReLU with this patch size HxW and the "
+                        "knapsack at exactly its DReLU count, so the table compares the two at "
+                        "one budget ('none' to skip; default 4x4)")
     p.add_argument("--num-samples", type=int, default=64,
                    help="training images averaged over by the distortion step")
     p.add_argument("--method", default="linear", choices=["exact", "linear"],
@@ -136,20 +141,38 @@ def main(argv=None) -> None:
                  "--channel_distortion_path", str(dist_dir), "--ratio", str(r),
                  "--block_size_spec_file_name", str(p)], env,
                 out / "logs" / f"knapsack_{r:g}.log")
-    log(f"knapsack: {len(spec_paths)} specs in {spec_dir}")
+    # the uniform Block-ReLU and the knapsack at its DReLU count: the same budget, two methods
+    compare: dict[str, tuple[str, Path]] = {}
+    if args.uniform_size.lower() != "none":
+        h, _, w = args.uniform_size.lower().partition("x")
+        size = (int(h), int(w))
+        tag = f"{size[0]}x{size[1]}"
+        uni, knap = spec_dir / f"uniform_{tag}.pickle", spec_dir / f"knapsack_at_{tag}.pickle"
+        count = demo.write_uniform_spec(args.config, size, uni)
+        if not knap.is_file():
+            run([py, "research/knapsack_patch_size_extractor.py", "--config", args.config,
+                 "--channel_distortion_path", str(dist_dir), "--max_cost", str(count),
+                 "--block_size_spec_file_name", str(knap)], env,
+                out / "logs" / f"knapsack_at_{tag}.log")
+        compare = {f"uniform {tag}": (f"uniform_{tag}", uni),
+                   f"knap@{tag}": (f"knapsack_at_{tag}", knap)}
+        log(f"uniform {tag}: {count:,} DReLUs per image; knapsack solved at the same count")
+    log(f"knapsack: {len(spec_paths) + len(compare)} specs in {spec_dir}")
 
     # 5. finetune
     finetuned = {}
-    for r, spec in spec_paths.items():
-        work = out / f"finetune_{r:g}"
+    jobs = [(f"{100 * r:g}%", f"{r:g}", spec) for r, spec in spec_paths.items()]
+    jobs += [(name, slug, spec) for name, (slug, spec) in compare.items()]
+    for name, slug, spec in jobs:
+        work = out / f"finetune_{slug}"
         ckpt = latest_checkpoint(work)
         if ckpt is None:
             run(["bash", "mmlab_tools/dist_train.sh", args.finetune_config, str(args.nproc),
                  "--work-dir", str(work), "--relu-spec-file", str(spec),
                  "--load-from", str(base_ckpt)], env, work / "train.log")
             ckpt = latest_checkpoint(work)
-        finetuned[r] = ckpt
-    log("finetune: " + ", ".join(f"{r:g} -> {p.name}" for r, p in finetuned.items()))
+        finetuned[name] = ckpt
+    log("finetune: " + ", ".join(f"{n} -> {p.name}" for n, p in finetuned.items()))
 
     # 6. evaluate: plaintext on every test image, secure inference on an evenly spread subset
     from secure_inference.mmlab.config_utils import load_task_config
@@ -163,7 +186,7 @@ def main(argv=None) -> None:
         secure_options["frac_bits"] = args.frac_bits
     rows = []
     for name, config, ckpt in [("all ReLUs", args.config, base_ckpt)] + [
-            (f"{100 * r:g}%", args.finetune_config, finetuned[r]) for r in args.budgets]:
+            (n, args.finetune_config, c) for n, c in finetuned.items()]:
         log(f"evaluate {name}: plaintext on {n_test} test images, secure inference on "
             f"{min(args.secure_images, n_test)} (3 processes, loopback TLS)")
         rows.append(demo.evaluate_model(config, ckpt, name, batches, args.secure_images,
@@ -173,7 +196,8 @@ def main(argv=None) -> None:
     table = demo.format_table(rows)
     print("\n" + table + "\n", flush=True)
     (out / "results.txt").write_text(table + "\n")
-    demo.write_results(out, rows, {"budgets": args.budgets, "config": args.config,
+    demo.write_results(out, rows, {"budgets": args.budgets, "uniform_size": args.uniform_size,
+                                   "config": args.config,
                                    "finetune_config": args.finetune_config,
                                    "seconds_total": round(time.time() - t_start, 1)})
     plots = demo.plot_results(out, rows)

@@ -89,18 +89,36 @@ class DemoRow:
     site_drelus: dict[str, int] = field(default_factory=dict)
 
 
+def write_uniform_spec(config: str | os.PathLike, size: tuple[int, int],
+                       path: str | os.PathLike) -> int:
+    """Write the uniform Block-ReLU spec (patch ``size`` at every site of the config's model)
+    to ``path``; returns its DReLUs per image, the budget the knapsack is compared at."""
+    from .mmlab.config_utils import input_shape_from_cfg, load_task_config
+    from .mmlab.finetune import build_task_model, prepare_model
+    from .sites import find_relu_sites
+    from .spec import count_drelus, save_spec
+    from .study.budgets import uniform_spec
+
+    cfg = load_task_config(config)
+    shape = input_shape_from_cfg(cfg)
+    sites = find_relu_sites(prepare_model(build_task_model(cfg), cfg, None), shape)
+    spec = uniform_spec(sites, size)
+    save_spec(spec, path)
+    return count_drelus(spec, sites)["total"]
+
+
 def format_table(rows: Sequence[DemoRow]) -> str:
     """A fixed-width text table of the demo results."""
     n = max((r.secure_images for r in rows), default=0)
     head = ("budget", "DReLUs/img", "plain acc", f"plain@{n}", f"secure@{n}", "agreement",
             "MB/img", "s/img")
-    lines = ["{:<10} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7}".format(*head)]
+    lines = ["{:<12} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7}".format(*head)]
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
 
     for r in rows:
-        lines.append("{:<10} {:>11,} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7}".format(
+        lines.append("{:<12} {:>11,} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7}".format(
             r.budget, r.drelus, pct(r.plaintext_accuracy),
             pct(r.plaintext_accuracy_secure_images), pct(r.secure_accuracy),
             pct(r.agreement),
@@ -108,6 +126,9 @@ def format_table(rows: Sequence[DemoRow]) -> str:
             "-" if r.seconds_per_image is None else f"{r.seconds_per_image:.2f}"))
     lines.append(f"plain acc: all test images; plain@{n}/secure@{n}: the {n} images run under "
                  "secure inference; agreement: same predicted class secure vs plaintext")
+    if any(r.budget.startswith("uniform") for r in rows):
+        lines.append("uniform HxW: the same patch size for every channel; knap@HxW: the "
+                     "knapsack at exactly the uniform spec's DReLU count")
     return "\n".join(lines)
 
 
@@ -128,15 +149,20 @@ def plot_results(folder: str | os.PathLike, rows: Sequence[DemoRow]) -> list[Pat
     out = []
     rows = sorted(rows, key=lambda r: r.drelus)
     fig, ax = plt.subplots(figsize=(6, 4))
+    uniform = [r for r in rows if r.budget.startswith("uniform")]
+    rows = [r for r in rows if not r.budget.startswith("uniform")]  # the knapsack line
     xs = [r.drelus for r in rows]
     ax.plot(xs, [100 * r.plaintext_accuracy for r in rows], "o-", label="plaintext, all test images")
-    if all(r.secure_accuracy is not None for r in rows):
+    if uniform:
+        ax.plot([r.drelus for r in uniform], [100 * r.plaintext_accuracy for r in uniform], "D",
+                color="tab:red", label="uniform Block-ReLU, plaintext")
+    if rows and all(r.secure_accuracy is not None for r in rows):
         n = rows[0].secure_images
         ax.plot(xs, [100 * r.plaintext_accuracy_secure_images for r in rows], "s:",
                 label=f"plaintext, {n} images")
         ax.plot(xs, [100 * r.secure_accuracy for r in rows], "x--",
                 label=f"secure (3 parties), {n} images")
-    for r in rows:
+    for r in rows + uniform:
         ax.annotate(r.budget, (r.drelus, 100 * r.plaintext_accuracy), textcoords="offset points",
                     xytext=(4, -12), fontsize=8)
     ax.set_xscale("log")
@@ -150,6 +176,7 @@ def plot_results(folder: str | os.PathLike, rows: Sequence[DemoRow]) -> list[Pat
     fig.savefig(out[-1], dpi=120)
     plt.close(fig)
 
+    rows = sorted(rows + uniform, key=lambda r: r.drelus)
     sites = list(rows[0].site_drelus)
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(sites)), 4))
     width = 0.8 / max(1, len(rows))

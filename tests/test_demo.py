@@ -45,3 +45,31 @@ def test_table_and_plots(tmp_path):
     paths = plot_results(tmp_path, rows)
     assert [p.name for p in paths] == ["accuracy_vs_drelus.png", "drelus_per_site.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_uniform_spec_of_the_demo_config(tmp_path):
+    from secure_inference.demo import write_uniform_spec
+    from secure_inference.mmlab.config_utils import load_task_config
+    from secure_inference.mmlab.finetune import build_task_model
+    from secure_inference.sites import find_relu_sites
+    from secure_inference.spec import load_spec
+    config = "configs/demo/digits_resnet18.py"
+    path = tmp_path / "uniform.pickle"
+    count = write_uniform_spec(config, (4, 4), path)
+    sites = find_relu_sites(build_task_model(load_task_config(config)), (3, 16, 16))
+    assert count == sum(-(-s.height // 4) * -(-s.width // 4) * s.channels for s in sites)
+    spec = load_spec(path)
+    assert set(spec) == {s.name for s in sites}
+    for s in sites:
+        assert (spec[s.name] == [min(4, s.height), min(4, s.width)]).all()
+
+
+def test_table_and_plot_with_a_uniform_row(tmp_path):
+    sites = {"a": 100, "b": 50}
+    rows = [DemoRow("all ReLUs", 150, 0.97, site_drelus=sites),
+            DemoRow("uniform 4x4", 20, 0.90, site_drelus={"a": 10, "b": 10}),
+            DemoRow("knap@4x4", 20, 0.93, site_drelus={"a": 5, "b": 15})]
+    table = format_table(rows)
+    assert "uniform 4x4" in table and "knap@4x4" in table and "exactly the uniform" in table
+    paths = plot_results(tmp_path, rows)
+    assert all(p.stat().st_size > 1000 for p in paths)
