@@ -153,9 +153,9 @@ def run_study(study: Study, on_event: Event | None = None) -> ResultsFile:
                                     "test_images": sum(len(b[1]) for b in test_batches),
                                     "seconds_eval": round(time.perf_counter() - t0, 2)}
         results.save()
-    results.data["budgets"] = {b.label: {"drelus": b.drelus,
-                                         "share": b.drelus / total_relus(sites)}
-                               for b in budgets}
+    results.data.setdefault("budgets", {}).update(
+        {b.label: {"drelus": b.drelus, "share": b.drelus / total_relus(sites)}
+         for b in budgets})
     results.save()
     emit("baseline", dict(results.data["baseline"], sites=len(sites)))
 
