@@ -21,7 +21,7 @@ from torch import nn
 from ..spec import count_drelus, extract_block_spec, load_spec, save_spec
 from .budgets import Budget, resolve_budgets
 from .methods import METHODS, SpecBuilder
-from .results import RESULTS_NAME, ResultsFile, RunKey, plan_runs
+from .results import RESULTS_NAME, ResultsFile, plan_runs
 
 Event = Callable[[str, dict], None]
 
@@ -70,12 +70,28 @@ def spec_method(method: str) -> str:
     return "knapsack" if method == "knapsack_kd" else method
 
 
-def test_accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+def eval_batches(cfg, model: nn.Module, batch_size: int = 256
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The config's ``test_dataloader`` dataset as model-ready (inputs, labels) batches, in
+    order, through ``model``'s data preprocessor (the same for every run of a study)."""
+    from ..mmlab.datasets import build_dataset, preprocessed_batches
+    dataset = build_dataset(cfg, cfg["test_dataloader"]["dataset"])
+    return [(x, torch.tensor([int(s.gt_label) for s in samples]))
+            for x, samples in preprocessed_batches(dataset, model, range(len(dataset)),
+                                                   batch_size)]
+
+
+def top1_accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
                   ) -> float:
     """Top-1 accuracy of ``model`` over preprocessed (inputs, labels) batches."""
-    from ..demo import plaintext_logits
-    logits, labels = plaintext_logits(model, batches)
-    return float((logits.argmax(1) == labels).float().mean())
+    from ..sites import run_model
+    correct = total = 0
+    model.eval()
+    with torch.no_grad():
+        for x, y in batches:
+            correct += int((run_model(model, x).argmax(1) == y).sum())
+            total += len(y)
+    return correct / max(total, 1)
 
 
 @contextmanager
@@ -127,7 +143,6 @@ def run_study(study: Study, on_event: Event | None = None) -> ResultsFile:
 
     ``on_event(kind, info)`` reports progress: 'baseline', 'specs', 'skip', 'start', 'done'.
     """
-    from ..demo import split_inputs
     from ..distortion.data import config_samples
     from ..mmlab.config_utils import input_shape_from_cfg, load_task_config
     from ..mmlab.finetune import load_finetuned
@@ -145,12 +160,12 @@ def run_study(study: Study, on_event: Event | None = None) -> ResultsFile:
     sites = find_relu_sites(baseline, shape)
     budgets = resolve_budgets(study.budgets, sites)
     by_label = {b.label: b for b in budgets}
-    test_batches = list(split_inputs(cfg, baseline, "test"))
+    batches = eval_batches(cfg, baseline)
     if results.data.get("baseline") is None:
         t0 = time.perf_counter()
-        results.data["baseline"] = {"accuracy": test_accuracy(baseline, test_batches),
+        results.data["baseline"] = {"accuracy": top1_accuracy(baseline, batches),
                                     "drelus": total_relus(sites),
-                                    "test_images": sum(len(b[1]) for b in test_batches),
+                                    "test_images": sum(len(b[1]) for b in batches),
                                     "seconds_eval": round(time.perf_counter() - t0, 2)}
         results.save()
     results.data.setdefault("budgets", {}).update(
@@ -219,7 +234,7 @@ def run_study(study: Study, on_event: Event | None = None) -> ResultsFile:
         if drelus != spec_entry["drelus"]:
             raise RuntimeError(f"{run.id}: the finetuned model has {drelus:,} DReLUs but its "
                                f"spec has {spec_entry['drelus']:,}")
-        accuracy = test_accuracy(model, test_batches)
+        accuracy = top1_accuracy(model, batches)
         t2 = time.perf_counter()
         entry = {"drelus": drelus, "budget_drelus": budget.drelus, "accuracy": accuracy,
                  "checkpoint": str(ckpt.relative_to(work)),

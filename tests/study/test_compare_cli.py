@@ -5,10 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from secure_inference.mmlab.config_utils import load_task_config
@@ -45,7 +43,8 @@ def test_help_explains_budgets_methods_seeds_outputs(capsys):
 
 
 def test_compare_end_to_end_and_resume(tmp_path, capsys):
-    t0 = time.time()
+    """12 one-epoch finetunes plus two reruns: about 25 s on a 2-core machine (not asserted:
+    the machine is shared, and a wall-clock bound would fail under someone else's load)."""
     cfg, ckpt = tiny_study.write_tiny_study(tmp_path)
     work = tmp_path / "work"
     argv = [str(cfg), str(ckpt), "--work-dir", str(work), "--budgets", "4x4", "2x2",
@@ -98,7 +97,6 @@ def test_compare_end_to_end_and_resume(tmp_path, capsys):
     redone = work / "runs" / "knapsack" / "4x4" / "seed1" / "final.pth"
     assert redone.stat().st_mtime_ns != stamps[redone]
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != redone)
-    assert time.time() - t0 < 60
 
 
 def test_bad_arguments_are_reported(tmp_path, capsys):
