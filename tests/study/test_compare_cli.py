@@ -42,10 +42,15 @@ def test_help_explains_budgets_methods_seeds_outputs(capsys):
         assert word in text
 
 
-def test_compare_end_to_end_and_resume(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_study.write_tiny_study(tmp_path_factory.mktemp("tiny"))
+
+
+def test_compare_end_to_end_and_resume(tiny, tmp_path, capsys):
     """12 one-epoch finetunes plus two reruns: about 25 s on a 2-core machine (not asserted:
     the machine is shared, and a wall-clock bound would fail under someone else's load)."""
-    cfg, ckpt = tiny_study.write_tiny_study(tmp_path)
+    cfg, ckpt = tiny
     work = tmp_path / "work"
     argv = [str(cfg), str(ckpt), "--work-dir", str(work), "--budgets", "4x4", "2x2",
             "--methods", *METHODS, "--seeds", "0", "1", "--num-samples", "4"]
@@ -104,3 +109,24 @@ def test_bad_arguments_are_reported(tmp_path, capsys):
     code = CLI.main([str(cfg), str(ckpt), "--work-dir", str(tmp_path / "w"), "--budgets", "4x4",
                      "--max-seeds", "uniform"])
     assert code == 2 and "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_distillation_and_iterative_methods_run(tiny, tmp_path, capsys):
+    """knapsack_kd trains with the distillation loss; iterative meets its budget."""
+    cfg, ckpt = tiny
+    work = tmp_path / "work"
+    assert CLI.main([str(cfg), str(ckpt), "--work-dir", str(work), "--budgets", "4x4",
+                     "--methods", "knapsack_kd", "iterative", "--seeds", "0",
+                     "--num-samples", "4", "--iterative-rounds", "2",
+                     "--cfg-options", "default_hooks.logger.interval=1"]) == 0
+    data = json.loads((work / "results.json").read_text())
+    assert set(data["runs"]) == {"knapsack_kd@4x4#seed0", "iterative@4x4#seed0"}
+    assert set(data["specs"]) == {"knapsack@4x4", "iterative@4x4"}  # kd reuses the knapsack spec
+    it = data["specs"]["iterative@4x4"]
+    assert it["drelus"] <= it["budget_drelus"] and len(it["rounds"]) == 2
+    logged = [json.loads(line) for f in (work / "runs" / "knapsack_kd").rglob("scalars.json")
+              for line in f.read_text().splitlines()]
+    assert logged and all(rec["loss_kd"] > 0 for rec in logged if "loss" in rec)
+    plain = [json.loads(line) for f in (work / "runs" / "iterative").rglob("scalars.json")
+             for line in f.read_text().splitlines()]
+    assert plain and not any("loss_kd" in rec for rec in plain)
