@@ -190,7 +190,8 @@ def run_study(study: Study, on_event: Event | None = None) -> ResultsFile:
             samples = config_samples(cfg, baseline, study.num_samples, study.distortion_seed,
                                      shape)
             builder = SpecBuilder(baseline, samples, work / "distortion",
-                                  model_id=f"{study.config} + {study.checkpoint}",
+                                  model_id=(f"{Path(study.config).resolve()} + "
+                                            f"{Path(study.checkpoint).resolve()}"),
                                   seed=study.distortion_seed,
                                   num_projections=study.num_projections,
                                   iterative_rounds=study.iterative_rounds)
