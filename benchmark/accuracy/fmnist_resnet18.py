@@ -35,8 +35,9 @@ train_dataloader = dict(
     sampler=dict(type='DefaultSampler', shuffle=True))
 val_dataloader = dict(
     batch_size=500, num_workers=0, persistent_workers=False,
-    dataset=dict(type='FashionMNIST', data_root=data_root, split='test', download=False,
-                 pipeline=test_pipeline),
+    # mmpretrain's MNIST datasets pick their files by test_mode, not by split: both are needed
+    dataset=dict(type='FashionMNIST', data_root=data_root, split='test', test_mode=True,
+                 download=False, pipeline=test_pipeline),
     sampler=dict(type='DefaultSampler', shuffle=False))
 test_dataloader = val_dataloader
 val_evaluator = dict(type='Accuracy', topk=(1,))
