@@ -18,24 +18,19 @@ be read from ``party.stats`` (see :mod:`.report`).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
-from .compile import Layer, Program, Weights
-import importlib
-
-from .protocols import relu as R
+from .ops import layer_drelus, op_of
+from .program import Layer, Program, Weights
+from .protocols.linear import open_weights, preprocess, reconstruct, share
 from .protocols.drelu import DReLUConfig, resolve_config, set_default_config
 from .ring import decode, encode
 from .runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party, ProtocolError
 
-# the package re-exports a *function* named ``linear``, which shadows the submodule attribute
-L = importlib.import_module(".protocols.linear", __package__)
-PL = importlib.import_module(".protocols.pooling", __package__)
 
 __all__ = ["run_party", "check_program", "gather_results", "run_layer", "layer_drelus",
            "preprocess_batch", "SETUP_SCOPE", "HEADER_SCOPE", "PREPROCESS_SCOPE", "MAX_BATCHES",
@@ -79,113 +74,26 @@ class SessionLimits:
                    max_images=max(DEFAULT_MAX_IMAGES, sum(sizes)))
 
 
-def layer_drelus(layer: Layer, batch: int | None = None) -> int:
-    """DReLUs a layer costs for a batch of ``batch`` images (default: compile-time batch)."""
-    shape = tuple(layer.shape)
-    if batch is not None and shape:
-        shape = (int(batch),) + shape[1:]
-    if layer.op == "relu":
-        return math.prod(shape)
-    if layer.op == "block_relu":
-        return R.block_relu_plan(shape, layer.attrs["block_sizes"]).decisions
-    if layer.op == "max_pool":
-        a = layer.attrs
-        # output shape is the layer's shape; plan levels from the kernel area
-        k = a["kernel_size"][0] * a["kernel_size"][1]
-        per = math.prod(shape)
-        total, left = 0, k
-        while left > 1:
-            total += left // 2
-            left -= left // 2
-        return total * per
-    return 0
-
-
-def _public_matrix(party: Party, m: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A public real matrix as ring values: exact integers stay as they are (shift 0), others
-    get ``frac_bits`` fractional bits (shift frac_bits)."""
-    if bool(torch.all(m == torch.round(m))):
-        enc, shift = m.round().to(torch.int64), 0
-    else:
-        enc, shift = encode(m, party.frac_bits), party.frac_bits
-    return enc.to("meta" if like.is_meta else like.device), shift
-
-
 def run_layer(party: Party, layer: Layer, ins: list[torch.Tensor],
               weights: Weights | None, pre: dict | None = None) -> torch.Tensor:
-    """This party's share of one layer's output (P2: a placeholder). ``pre``: the batch's
-    :func:`preprocess_batch` output (server-weight layers then run their online half only)."""
-    a, op, name = layer.attrs, layer.op, layer.name
-    server = party.role == ROLE_SERVER
-    if op in ("conv2d", "linear"):
-        w = b = None
-        if server:
-            try:
-                w, b = weights[name]["weight"], weights[name]["bias"]
-            except (KeyError, TypeError):
-                raise ValueError(f"the server has no weights for layer '{name}'") from None
-        p = pre.get(name) if pre else None
-        if op == "conv2d":
-            return L.conv2d(party, ins[0], w, b, weight_shape=a["weight_shape"],
-                            stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
-                            groups=a["groups"], name=name, pre=p)
-        return L.linear(party, ins[0], w, b, weight_shape=a["weight_shape"], name=name, pre=p)
-    if op == "relu":
-        return R.relu(party, ins[0], scope=name)
-    if op == "block_relu":
-        return R.block_relu(party, ins[0], a["block_sizes"], scope=name)
-    if op == "max_pool":
-        return R.max_pool2d(party, ins[0], a["kernel_size"], a["stride"], a["padding"],
-                            scope=name)
-    with party.scope(name):
-        x = ins[0] if ins else None
-        if op == "avg_pool":
-            return PL.avg_pool2d(party, x, a["kernel_size"], a["stride"], a["padding"],
-                                 count_include_pad=a["count_include_pad"],
-                                 divisor_override=a["divisor_override"])
-        if op == "global_avg_pool":
-            return PL.global_avg_pool2d(party, x, keepdim=a["keepdim"])
-        if op == "add":
-            return L.add(ins[0], ins[1])
-        if op == "sub":
-            return L.sub(ins[0], ins[1])
-        if op == "concat":
-            return L.concat(ins, dim=1)
-        if op == "flatten":
-            return x.reshape(x.shape[0], -1)
-        if op == "add_public":
-            value = a["value"]
-            c = encode(value, party.frac_bits, device="cpu" if x.is_meta else x.device)
-            return L.add_public(party, x, c)
-        if op == "mul_public":
-            c, shift = _public_matrix(party, a["value"], x)
-            y = L.mul_public(x, c)
-            return L.truncate(party, y, shift) if shift else y
-        if op == "resize":
-            mh, sh = _public_matrix(party, a["mh"], x)
-            mw, sw = _public_matrix(party, a["mw"], x)
-            y = torch.matmul(mh, x)                 # public [Ho, H] @ shares [N, C, H, W]
-            if sh:
-                y = L.truncate(party, y, sh)
-            y = torch.matmul(y, mw.transpose(0, 1))
-            return L.truncate(party, y, sw) if sw else y
-    raise ValueError(f"layer '{name}' has an unknown op {op!r}")
+    """This party's share of one layer's output (P2: a placeholder), by the layer's op
+    (:mod:`.ops`). ``pre``: the batch's :func:`preprocess_batch` output (server-weight layers
+    then run their online half only)."""
+    return op_of(layer).run_secure(party, layer, ins, weights, pre)
 
 
 def preprocess_batch(party: Party, program: Program, batch: int) -> dict:
-    """The input-independent half of every conv/linear layer for a batch of ``batch`` images
-    (:func:`~.protocols.linear.preprocess`), before the images enter."""
+    """The input-independent half of every layer with server weights for a batch of ``batch``
+    images (:func:`~.protocols.linear.preprocess`), before the images enter."""
     items = []
     for layer in program.layers:
-        if layer.op not in ("conv2d", "linear"):
+        op = op_of(layer)
+        if not op.server_weights:
             continue
-        a = layer.attrs
         src = program.layers[layer.inputs[0]].shape
         x_shape = (int(batch),) + tuple(src[1:])
-        op = (L.conv_op(party, a["stride"], a["padding"], a["dilation"], a["groups"])
-              if layer.op == "conv2d" else L.linear_op(party))
-        items.append((layer.name, x_shape, a["weight_shape"], op))
-    return L.preprocess(party, items, scope=PREPROCESS_SCOPE)
+        items.append((layer.name, x_shape, layer.attrs["weight_shape"], op.ring_op(party, layer)))
+    return preprocess(party, items, scope=PREPROCESS_SCOPE)
 
 
 def _announce_batches(party: Party, batch_sizes: Sequence[int] | None,
@@ -319,9 +227,9 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
     # set-up: open every weight once for the session
     t0 = time.perf_counter()
     for layer in program.layers:
-        if layer.op in ("conv2d", "linear"):
+        if op_of(layer).server_weights:
             w = weights[layer.name]["weight"] if party.role == ROLE_SERVER else None
-            L.open_weights(party, w, weight_shape=layer.attrs["weight_shape"], name=layer.name)
+            open_weights(party, w, weight_shape=layer.attrs["weight_shape"], name=layer.name)
     setup_seconds = time.perf_counter() - t0
     _barrier(party)  # the online clocks start together, not when each party's set-up ended
     layer_seconds = {layer.name: 0.0 for layer in program.layers}
@@ -340,12 +248,12 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
                 x = None
                 if party.role == ROLE_CLIENT:
                     x = encode(images[b].to(torch.float64), party.frac_bits, device=party.device)
-                y = L.share(party, x, ROLE_CLIENT, shape, scope=layer.name)
+                y = share(party, x, ROLE_CLIENT, shape, scope=layer.name)
             else:
                 y = run_layer(party, layer, [vals[j] for j in layer.inputs], weights, pre)
             layer_seconds[layer.name] += time.perf_counter() - t
             vals.append(y)
-        out = L.reconstruct(party, vals[program.output], to=ROLE_CLIENT, scope="output")
+        out = reconstruct(party, vals[program.output], to=ROLE_CLIENT, scope="output")
         if party.role == ROLE_CLIENT:
             outputs.append(decode(out, party.frac_bits))
         online_seconds += time.perf_counter() - t1

@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .compile import Program
-from .party import HEADER_SCOPE, PREPROCESS_SCOPE, SETUP_SCOPE, layer_drelus
+from .ops import layer_drelus
+from .party import HEADER_SCOPE, PREPROCESS_SCOPE, SETUP_SCOPE
+from .program import Program
 from .runtime import CommStats
 
 __all__ = ["build_report", "save_report", "plot_report", "PARTY_KEYS"]

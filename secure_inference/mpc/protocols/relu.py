@@ -45,7 +45,7 @@ from .drelu import EXACT, DReLUConfig, mul_drelu, mul_drelu_bytes, resolve_confi
 
 __all__ = ["relu", "relu_bytes", "select_share", "BlockReLUPlan", "block_relu_plan",
            "block_relu", "block_relu_bytes", "MaxPoolPlan", "max_pool_plan", "max_pool2d",
-           "max_pool_bytes", "run_on_shares", "select_bit"]
+           "max_pool_bytes", "max_pool_comparisons", "run_on_shares", "select_bit"]
 
 
 def _shape(x: torch.Tensor) -> tuple[int, ...]:
@@ -252,11 +252,18 @@ def max_pool_plan(shape, kernel_size, stride=None, padding=0,
     rows = (oy + ay).clamp(0, height - 1)   # a clamped padding position is in the same window
     cols = (ox + ax).clamp(0, width - 1)
     gather = (rows * width + cols).reshape(kh * kw, hout * wout)
-    levels, k = [], kh * kw
+    return MaxPoolPlan((nb, ch, hout, wout), gather, max_pool_comparisons(kh * kw))
+
+
+def max_pool_comparisons(window: int) -> list[int]:
+    """Comparisons per output value at each level of the max tree over ``window`` elements:
+    each level pairs up half the remaining candidates (⌈log2 window⌉ levels, window − 1 in
+    all)."""
+    levels, k = [], int(window)
     while k > 1:
         levels.append(k // 2)
         k = k - k // 2
-    return MaxPoolPlan((nb, ch, hout, wout), gather, levels)
+    return levels
 
 
 def max_pool_bytes(shape, kernel_size, stride=None, padding=0,

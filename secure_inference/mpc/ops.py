@@ -1,0 +1,496 @@
+"""The op table of compiled programs: one class per layer op, holding everything the project
+does with that op.
+
+A :class:`~.program.Layer` names its op by a string; :data:`OPS` maps it to an :class:`Op`
+whose methods are the op's
+
+* ``run_float``: plaintext float64 execution (the reference the secure run is checked against);
+* ``run_secure``: the party's share of the output under secure computation;
+* ``drelus``: DReLUs (secure comparisons) it costs for a given output shape;
+* ``error_var``: how the fixed-point rounding variance propagates through it (error analysis);
+* ``truncated``: the ring values it truncates locally (expected truncation failures);
+* ``server_weights`` / ``ring_op``: whether it carries the server's weights, and the exact
+  ring product its preprocessing uses.
+
+Adding an op is one subclass registered with :func:`register` (plus, if a torch construct
+should compile to it, one rule in the tracer of :mod:`.trace`). ``input`` is special only in
+that :func:`~.party.run_party` shares the client's image into it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..brelu import BlockReLU
+from .protocols import relu as R
+from .protocols.linear import (add, add_public, concat, conv2d, conv_op, linear, linear_op,
+                               mul_public, sub, truncate)
+from .protocols.pooling import avg_pool2d, global_avg_pool2d
+from .ring import encode, is_power_of_two, reciprocal_fixed
+from .runtime import ROLE_SERVER, Party
+
+__all__ = ["Op", "OPS", "register", "op_of", "layer_drelus", "ErrorContext", "public_matrix"]
+
+Tensor = torch.Tensor
+
+
+class ErrorContext:
+    """What the error analysis carries from layer to layer: the fixed point, and the
+    Block-ReLU decisions close enough to zero that the secure run may take them the other way
+    (layer name, image, channel, patch row, patch column)."""
+
+    def __init__(self, frac_bits: int) -> None:
+        self.frac_bits = frac_bits
+        self.lsb = 2.0 ** -frac_bits
+        self.v_round = self.lsb * self.lsb / 12          # uniform rounding of an encoding
+        self.v_trunc = 4 * self.lsb * self.lsb / 3       # local truncation: floor ± 1 lsb
+        self.ambiguous: list[tuple[str, int, int, int, int]] = []
+
+
+class Op:
+    """One op of the compiled program (see the module docstring). Subclasses set ``name``."""
+
+    name: ClassVar[str] = ""
+    server_weights: ClassVar[bool] = False
+
+    def run_float(self, layer, ins: list[Tensor], weights, flips: Sequence) -> Tensor:
+        raise NotImplementedError
+
+    def run_secure(self, party: Party, layer, ins: list[Tensor], weights,
+                   pre: dict | None) -> Tensor:
+        raise NotImplementedError
+
+    def drelus(self, layer, shape: tuple[int, ...]) -> int:
+        """DReLUs this layer costs with output ``shape`` (batch included)."""
+        return 0
+
+    def error_var(self, layer, ins: list[Tensor], v_in: list[Tensor], y: Tensor, weights,
+                  ctx: ErrorContext) -> Tensor:
+        raise NotImplementedError
+
+    def truncated(self, layer, ins: list[Tensor], y: Tensor, weights,
+                  frac_bits: int) -> list[Tensor]:
+        """The ring values (real value times its scale before the shift) it truncates."""
+        return []
+
+
+OPS: dict[str, Op] = {}
+
+
+def register(cls: type[Op]) -> type[Op]:
+    """Class decorator: add one instance of ``cls`` to :data:`OPS` under ``cls.name``."""
+    if not cls.name or cls.name in OPS:
+        raise ValueError(f"op name {cls.name!r} is empty or registered twice")
+    OPS[cls.name] = cls()
+    return cls
+
+
+def op_of(layer) -> Op:
+    """The :class:`Op` of a layer (ValueError naming the layer for an unknown op)."""
+    try:
+        return OPS[layer.op]
+    except KeyError:
+        raise ValueError(f"layer '{layer.name}' has an unknown op {layer.op!r}") from None
+
+
+def layer_drelus(layer, batch: int | None = None) -> int:
+    """DReLUs a layer costs for a batch of ``batch`` images (default: compile-time batch)."""
+    shape = tuple(layer.shape)
+    if batch is not None and shape:
+        shape = (int(batch),) + shape[1:]
+    return op_of(layer).drelus(layer, shape)
+
+
+def public_matrix(frac_bits: int, m: Tensor, like: Tensor) -> tuple[Tensor, int]:
+    """A public real matrix as ring values: exact integers stay as they are (shift 0), others
+    get ``frac_bits`` fractional bits (shift frac_bits)."""
+    if bool(torch.all(m == torch.round(m))):
+        enc, shift = m.round().to(torch.int64), 0
+    else:
+        enc, shift = encode(m, frac_bits), frac_bits
+    return enc.to("meta" if like.is_meta else like.device), shift
+
+
+def _shift_bits(value: Tensor, frac_bits: int) -> int:
+    return 0 if bool(torch.all(value == torch.round(value))) else frac_bits
+
+
+# --------------------------------------------------------------------------------------------
+# Ops with the server's weights
+# --------------------------------------------------------------------------------------------
+
+class _ServerWeightOp(Op):
+    server_weights = True
+
+    def ring_op(self, party: Party, layer) -> Callable:
+        raise NotImplementedError
+
+    def _weights(self, party: Party, layer, weights) -> tuple[Tensor | None, Tensor | None]:
+        if party.role != ROLE_SERVER:
+            return None, None
+        try:
+            return weights[layer.name]["weight"], weights[layer.name]["bias"]
+        except (KeyError, TypeError):
+            raise ValueError(f"the server has no weights for layer '{layer.name}'") from None
+
+    def truncated(self, layer, ins, y, weights, frac_bits):
+        return [y * 2.0 ** (2 * frac_bits)]
+
+
+@register
+class Conv2d(_ServerWeightOp):
+    name = "conv2d"
+
+    def _geom(self, layer) -> tuple:
+        a = layer.attrs
+        return a["stride"], a["padding"], a["dilation"], a["groups"]
+
+    def ring_op(self, party, layer):
+        return conv_op(party, *self._geom(layer))
+
+    def run_float(self, layer, ins, weights, flips):
+        wt = weights[layer.name]
+        return F.conv2d(ins[0], wt["weight"], wt["bias"], *self._geom(layer))
+
+    def run_secure(self, party, layer, ins, weights, pre):
+        w, b = self._weights(party, layer, weights)
+        a = layer.attrs
+        return conv2d(party, ins[0], w, b, weight_shape=a["weight_shape"], stride=a["stride"],
+                        padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
+                        name=layer.name, pre=pre.get(layer.name) if pre else None)
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        w = weights[layer.name]["weight"]
+        geom = self._geom(layer)
+        return (F.conv2d(v_in[0], w * w, None, *geom)
+                + F.conv2d(ins[0] * ins[0], torch.full_like(w, ctx.v_round), None, *geom)
+                + ctx.v_trunc)
+
+
+@register
+class Linear(_ServerWeightOp):
+    name = "linear"
+
+    def ring_op(self, party, layer):
+        return linear_op(party)
+
+    def run_float(self, layer, ins, weights, flips):
+        wt = weights[layer.name]
+        return F.linear(ins[0], wt["weight"], wt["bias"])
+
+    def run_secure(self, party, layer, ins, weights, pre):
+        w, b = self._weights(party, layer, weights)
+        return linear(party, ins[0], w, b, weight_shape=layer.attrs["weight_shape"],
+                        name=layer.name, pre=pre.get(layer.name) if pre else None)
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        w = weights[layer.name]["weight"]
+        return (F.linear(v_in[0], w * w) + F.linear(ins[0] * ins[0], torch.full_like(w, ctx.v_round))
+                + ctx.v_trunc)
+
+
+# --------------------------------------------------------------------------------------------
+# Activations and pooling
+# --------------------------------------------------------------------------------------------
+
+@register
+class Input(Op):
+    name = "input"
+
+    def run_float(self, layer, ins, weights, flips):
+        raise RuntimeError("the input layer takes the image; run_float passes it in")
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        return torch.full_like(y, ctx.v_round)
+
+
+@register
+class Relu(Op):
+    name = "relu"
+
+    def run_float(self, layer, ins, weights, flips):
+        return torch.relu(ins[0])
+
+    def run_secure(self, party, layer, ins, weights, pre):
+        return R.relu(party, ins[0], scope=layer.name)
+
+    def drelus(self, layer, shape):
+        return math.prod(shape)
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        return v_in[0] * (ins[0] > 0)   # 1-Lipschitz; where the value is cut, no error passes
+
+
+@register
+class BlockRelu(Op):
+    name = "block_relu"
+
+    def run_float(self, layer, ins, weights, flips):
+        sizes = layer.attrs["block_sizes"]
+        mask = BlockReLU(sizes).mask(ins[0])
+        for name, n, c, i, j in flips:
+            if name == layer.name:
+                h, w = (int(v) for v in sizes[c])
+                h, w = min(h, mask.shape[2]), min(w, mask.shape[3])
+                patch = mask[n, c, i * h:(i + 1) * h, j * w:(j + 1) * w]
+                patch.copy_(1 - patch)
+        return ins[0] * mask
+
+    def run_secure(self, party, layer, ins, weights, pre):
+        return R.block_relu(party, ins[0], layer.attrs["block_sizes"], scope=layer.name)
+
+    def drelus(self, layer, shape):
+        return R.block_relu_plan(shape, layer.attrs["block_sizes"]).decisions
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        x, var = ins[0], v_in[0]
+        v = var.clone()
+        for (h, w_), idx in BlockReLU(layer.attrs["block_sizes"]).groups():
+            if h == 0 or w_ == 0:
+                continue
+            xs, vs = x.index_select(1, idx), var.index_select(1, idx)
+            hh, ww = min(h, xs.shape[2]), min(w_, xs.shape[3])
+            kw = dict(kernel_size=(hh, ww), stride=(hh, ww), ceil_mode=True, divisor_override=1)
+            s, sv = F.avg_pool2d(xs, **kw), F.avg_pool2d(vs, **kw)
+            cnt = F.avg_pool2d(torch.ones_like(xs), **kw)
+            if hh * ww > 1:  # a flipped ReLU errs by at most its input's error
+                close = (s.abs() <= 8 * sv.sqrt() + cnt * ctx.lsb).nonzero().tolist()
+                ctx.ambiguous.extend((layer.name, n, int(idx[c]), i, j) for n, c, i, j in close)
+            keep = (s > 0).to(xs.dtype).repeat_interleave(hh, 2).repeat_interleave(ww, 3)
+            v.index_copy_(1, idx, vs * keep[:, :, :xs.shape[2], :xs.shape[3]])
+        return v
+
+
+@register
+class MaxPool(Op):
+    name = "max_pool"
+
+    def _args(self, layer) -> tuple:
+        a = layer.attrs
+        return a["kernel_size"], a["stride"], a["padding"]
+
+    def run_float(self, layer, ins, weights, flips):
+        return F.max_pool2d(ins[0], *self._args(layer))
+
+    def run_secure(self, party, layer, ins, weights, pre):
+        return R.max_pool2d(party, ins[0], *self._args(layer), scope=layer.name)
+
+    def drelus(self, layer, shape):
+        k = layer.attrs["kernel_size"]
+        return sum(R.max_pool_comparisons(k[0] * k[1])) * math.prod(shape)
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        _, arg = F.max_pool2d(ins[0], *self._args(layer), return_indices=True)
+        return v_in[0].flatten(2).gather(2, arg.flatten(2)).reshape(y.shape)
+
+
+class _MeanOp(Op):
+    def _divisor(self, layer, ins) -> tuple[int, bool]:
+        """(the public divisor, whether each window has its own divisor)."""
+        raise NotImplementedError
+
+    def truncated(self, layer, ins, y, weights, frac_bits):
+        d, per_window = self._divisor(layer, ins)
+        if is_power_of_two(d) and not per_window:
+            return [y * d * 2.0 ** frac_bits]
+        return [y * 2.0 ** (frac_bits + reciprocal_fixed(d, frac_bits)[1])]
+
+
+@register
+class AvgPool(_MeanOp):
+    name = "avg_pool"
+
+    def _divisor(self, layer, ins):
+        a = layer.attrs
+        k, override = a["kernel_size"], a["divisor_override"]
+        per_window = (override is None and tuple(a["padding"]) != (0, 0)
+                      and not a["count_include_pad"])
+        return int(override or k[0] * k[1]), per_window
+
+    def run_float(self, layer, ins, weights, flips):
+        a = layer.attrs
+        return F.avg_pool2d(ins[0], a["kernel_size"], a["stride"], a["padding"],
+                            count_include_pad=a["count_include_pad"],
+                            divisor_override=a["divisor_override"])
+
+    def run_secure(self, party, layer, ins, weights, pre):
+        a = layer.attrs
+        with party.scope(layer.name):
+            return avg_pool2d(party, ins[0], a["kernel_size"], a["stride"], a["padding"],
+                                 count_include_pad=a["count_include_pad"],
+                                 divisor_override=a["divisor_override"])
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        a = layer.attrs
+        k = a["kernel_size"]
+        v = F.avg_pool2d(v_in[0], k, a["stride"], a["padding"],
+                         count_include_pad=a["count_include_pad"],
+                         divisor_override=a["divisor_override"]) / (k[0] * k[1])
+        return v + y * y * 2.0 ** -(2 * ctx.frac_bits + 2) + ctx.v_trunc
+
+
+@register
+class GlobalAvgPool(_MeanOp):
+    name = "global_avg_pool"
+
+    def _divisor(self, layer, ins):
+        return int(ins[0].shape[2] * ins[0].shape[3]), False
+
+    def run_float(self, layer, ins, weights, flips):
+        return ins[0].mean(dim=(2, 3), keepdim=layer.attrs["keepdim"])
+
+    def run_secure(self, party, layer, ins, weights, pre):
+        with party.scope(layer.name):
+            return global_avg_pool2d(party, ins[0], keepdim=layer.attrs["keepdim"])
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        n = ins[0].shape[2] * ins[0].shape[3]
+        v = v_in[0].mean(dim=(2, 3), keepdim=layer.attrs["keepdim"]) / n
+        return v + y * y * 2.0 ** -(2 * ctx.frac_bits + 2) + ctx.v_trunc
+
+
+# --------------------------------------------------------------------------------------------
+# Glue: local operations on shares
+# --------------------------------------------------------------------------------------------
+
+class _LocalOp(Op):
+    """An op computed locally on each share, in a scope named after the layer."""
+
+    def local(self, party: Party, layer, ins: list[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def run_secure(self, party, layer, ins, weights, pre):
+        with party.scope(layer.name):
+            return self.local(party, layer, ins)
+
+
+@register
+class Add(_LocalOp):
+    name = "add"
+
+    def run_float(self, layer, ins, weights, flips):
+        return ins[0] + ins[1]
+
+    def local(self, party, layer, ins):
+        return add(ins[0], ins[1])
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        return v_in[0] + v_in[1]
+
+
+@register
+class Sub(_LocalOp):
+    name = "sub"
+
+    def run_float(self, layer, ins, weights, flips):
+        return ins[0] - ins[1]
+
+    def local(self, party, layer, ins):
+        return sub(ins[0], ins[1])
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        return v_in[0] + v_in[1]
+
+
+@register
+class Concat(_LocalOp):
+    name = "concat"
+
+    def run_float(self, layer, ins, weights, flips):
+        return torch.cat(ins, dim=1)
+
+    def local(self, party, layer, ins):
+        return concat(ins, dim=1)
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        return torch.cat(v_in, dim=1)
+
+
+@register
+class Flatten(_LocalOp):
+    name = "flatten"
+
+    def run_float(self, layer, ins, weights, flips):
+        return ins[0].reshape(ins[0].shape[0], -1)
+
+    def local(self, party, layer, ins):
+        return ins[0].reshape(ins[0].shape[0], -1)
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        return v_in[0].reshape(y.shape)
+
+
+@register
+class AddPublic(_LocalOp):
+    name = "add_public"
+
+    def run_float(self, layer, ins, weights, flips):
+        return ins[0] + layer.attrs["value"]
+
+    def local(self, party, layer, ins):
+        x = ins[0]
+        c = encode(layer.attrs["value"], party.frac_bits, device="cpu" if x.is_meta else x.device)
+        return add_public(party, x, c)
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        return v_in[0] + ctx.v_round
+
+
+@register
+class MulPublic(_LocalOp):
+    name = "mul_public"
+
+    def run_float(self, layer, ins, weights, flips):
+        return ins[0] * layer.attrs["value"]
+
+    def local(self, party, layer, ins):
+        c, shift = public_matrix(party.frac_bits, layer.attrs["value"], ins[0])
+        y = mul_public(ins[0], c)
+        return truncate(party, y, shift) if shift else y
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        return (v_in[0] * layer.attrs["value"] ** 2 + ins[0] * ins[0] * ctx.v_round
+                + ctx.v_trunc)
+
+    def truncated(self, layer, ins, y, weights, frac_bits):
+        if _shift_bits(torch.as_tensor(layer.attrs["value"]), frac_bits):
+            return [y * 2.0 ** (2 * frac_bits)]
+        return []
+
+
+@register
+class Resize(_LocalOp):
+    name = "resize"
+
+    def run_float(self, layer, ins, weights, flips):
+        a = layer.attrs
+        return torch.matmul(torch.matmul(a["mh"], ins[0]), a["mw"].T)
+
+    def local(self, party, layer, ins):
+        x = ins[0]
+        mh, sh = public_matrix(party.frac_bits, layer.attrs["mh"], x)
+        mw, sw = public_matrix(party.frac_bits, layer.attrs["mw"], x)
+        y = torch.matmul(mh, x)                 # public [Ho, H] @ shares [N, C, H, W]
+        if sh:
+            y = truncate(party, y, sh)
+        y = torch.matmul(y, mw.transpose(0, 1))
+        return truncate(party, y, sw) if sw else y
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        mh, mw = layer.attrs["mh"], layer.attrs["mw"]
+        v = torch.matmul(torch.matmul(mh * mh, v_in[0]), (mw * mw).T)
+        return (v + (ins[0] * ins[0]).amax(dim=(2, 3), keepdim=True) * ctx.v_round
+                * (mh.shape[1] + mw.shape[1])
+                + 2 * ctx.v_trunc * (1 + (mw * mw).sum(1).max().item()))
+
+    def truncated(self, layer, ins, y, weights, frac_bits):
+        out = []
+        if _shift_bits(layer.attrs["mh"], frac_bits):
+            out.append(torch.matmul(layer.attrs["mh"], ins[0]) * 2.0 ** (2 * frac_bits))
+        if _shift_bits(layer.attrs["mw"], frac_bits):
+            out.append(y * 2.0 ** (2 * frac_bits))
+        return out
+

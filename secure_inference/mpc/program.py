@@ -1,0 +1,87 @@
+"""The compiled program: public layers (:class:`Layer`, :class:`Program`) and the server's
+:class:`Weights`. What each op does lives in the op table (:mod:`.ops`); the tracer that builds
+programs from torch models in :mod:`.trace`; the analyses that run them in plaintext in
+:mod:`.analysis`.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .ops import layer_drelus
+
+__all__ = ["Layer", "Program", "Weights", "UnsupportedOperationError"]
+
+
+class UnsupportedOperationError(ValueError):
+    """The model uses an operation the secure runtime cannot compute (named in the message)."""
+
+
+@dataclass
+class Layer:
+    """One secure layer. ``op`` names an entry of the op table :data:`.ops.OPS` (input,
+    conv2d, linear, relu, block_relu, max_pool, avg_pool, global_avg_pool, add, sub,
+    add_public, mul_public, concat, flatten, resize).
+
+    ``inputs`` are indices of earlier layers; ``attrs`` the public hyperparameters;
+    ``where`` the module path / function in the original model; ``shape`` the output shape
+    at compile time (batch included).
+    """
+
+    name: str
+    op: str
+    inputs: list[int]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    where: str = ""
+    shape: tuple[int, ...] = ()
+
+
+@dataclass
+class Program:
+    """The public part of a compiled model: layers in execution order and the output index."""
+
+    layers: list[Layer]
+    output: int
+    input_shape: tuple[int, ...]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def drelus(self, batch: int | None = None) -> dict[str, int]:
+        """DReLUs per layer for a batch (default: the compile-time batch)."""
+        return {layer.name: layer_drelus(layer, batch) for layer in self.layers
+                if layer_drelus(layer, batch)}
+
+    def fingerprint(self) -> bytes:
+        """SHA-256 of the public program (ops, names, wiring, hyperparameters, shapes without
+        the batch): the three parties compare it before running."""
+        h = hashlib.sha256()
+        for layer in self.layers:
+            h.update(repr((layer.name, layer.op, layer.inputs, tuple(layer.shape[1:]))).encode())
+            for key in sorted(layer.attrs):
+                v = layer.attrs[key]
+                if isinstance(v, torch.Tensor):
+                    v = v.detach().cpu().numpy()
+                if isinstance(v, np.ndarray):
+                    h.update(key.encode() + str(v.dtype).encode() + repr(v.shape).encode())
+                    h.update(np.ascontiguousarray(v).tobytes())
+                else:
+                    h.update(repr((key, v)).encode())
+        h.update(repr((self.output, tuple(self.input_shape[1:]))).encode())
+        return h.digest()
+
+    def describe(self) -> str:
+        """One line per layer: name, op, inputs, output shape."""
+        return "\n".join(f"{i:4d} {l.op:15s} {l.name:40s} <- {l.inputs} {list(l.shape)}"
+                         for i, l in enumerate(self.layers))
+
+
+# name -> {'weight': float64 tensor, 'bias': float64 tensor or None}
+Weights = dict[str, dict[str, torch.Tensor | None]]
