@@ -36,8 +36,8 @@ from tqdm import tqdm  # noqa: E402
 from secure_inference.mpc.protocols import drelu as D  # noqa: E402
 from secure_inference.mpc.protocols import relu as R  # noqa: E402
 from secure_inference.mpc.ring import encode  # noqa: E402
-from secure_inference.mpc.runtime import (merge_stats, run_in_process,  # noqa: E402
-                                          run_local_processes)
+from secure_inference.mpc.runtime import merge_stats
+from secure_inference.mpc.harness import run_in_process, run_local_processes
 
 BASELINE = {"name": "original research code (SecureNN-based), measured",
             "drelu": 496.0, "relu": 536.0, "block_relu_3x3_pixel": 83.0}

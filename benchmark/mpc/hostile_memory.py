@@ -34,7 +34,8 @@ if str(ROOT) not in sys.path:
 
 from secure_inference.mpc.compile import compile_model  # noqa: E402
 from secure_inference.mpc.party import SessionLimits  # noqa: E402
-from secure_inference.mpc.runtime import ProtocolError, run_local_processes  # noqa: E402
+from secure_inference.mpc.runtime import ProtocolError  # noqa: E402
+from secure_inference.mpc.harness import run_local_processes  # noqa: E402
 
 CHW = (3, 16, 16)
 

@@ -214,6 +214,7 @@ def drelu(cfg: dict[str, Any]):
 
 def connect(role: int, cfg: dict[str, Any]):
     """Listen (server, helper), dial (client, server), agree keys; returns the Party."""
+    from secure_inference.mpc.harness import warm_up
     from secure_inference.mpc.runtime import Party
     from secure_inference.mpc.transport import connect_links, listen
     for key in ("server", "helper"):
@@ -243,10 +244,11 @@ def connect(role: int, cfg: dict[str, Any]):
     finally:
         if listener is not None:
             listener.close()
+    warm_up()   # torch's lazy meta-tensor imports and the numba kernels, before any timing
     party = Party(role, links, frac_bits=int(cfg["frac_bits"]), timeout=float(cfg["timeout"]))
     fault = os.environ.get("SI_TEST_FAULT", "")   # test hook: "ROLE:PHASE", see _arm_fault
     if fault.startswith(f"{role}:"):
-        from secure_inference.mpc.runtime import _arm_fault
+        from secure_inference.mpc.harness import _arm_fault
         _arm_fault(party, fault.split(":", 1)[1])
     try:
         party.start()
@@ -276,7 +278,7 @@ def tls_config(role: int, cfg: dict[str, Any]):
 
 def close_party(party, exc: BaseException | None = None) -> None:
     """Close the links; after a failure the peers are told which party failed and why."""
-    from secure_inference.mpc.runtime import close_party as close
+    from secure_inference.mpc.harness import close_party as close
     close(party, exc)
 
 

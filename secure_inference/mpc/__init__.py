@@ -8,7 +8,8 @@ in-memory links) or :func:`run_local_processes`; protocols live in
 """
 from .ring import DEFAULT_FRAC_BITS, decode, encode, truncate_share
 from .runtime import (ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, CommStats, Party, ProtocolError,
-                      merge_stats, run_in_process, run_local_processes)
+                      merge_stats)
+from .harness import run_in_process, run_local_processes
 
 __all__ = ["DEFAULT_FRAC_BITS", "decode", "encode", "truncate_share", "ROLE_CLIENT",
            "ROLE_SERVER", "ROLE_HELPER", "CommStats", "Party", "ProtocolError", "merge_stats",

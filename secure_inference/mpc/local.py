@@ -25,8 +25,8 @@ from .party import SessionLimits, run_party
 from .protocols.drelu import DReLUConfig
 from .report import build_report, plot_report, save_report
 from .ring import DEFAULT_FRAC_BITS
-from .runtime import (ROLE_CLIENT, ROLE_SERVER, Party, _refuse_in_bootstrap, run_in_process,
-                      run_local_processes)
+from .runtime import ROLE_CLIENT, ROLE_SERVER, Party
+from .harness import _refuse_in_bootstrap, run_in_process, run_local_processes
 
 __all__ = ["LocalResult", "run_local", "run_program", "split_batches", "drelu_config", "default_threads"]
 

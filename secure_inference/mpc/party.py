@@ -29,6 +29,8 @@ from .program import Layer, Program, Weights
 from .protocols.linear import open_weights, preprocess, reconstruct, share
 from .protocols.drelu import DReLUConfig, resolve_config, set_default_config
 from .ring import decode, encode
+from .session import SCOPE_HEADER, SCOPE_OUTPUT, SCOPE_PREPROCESS, SCOPE_REPORT, SCOPE_SETUP
+from .stats import CommStats, ScopeStats
 from .runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party, ProtocolError
 
 
@@ -36,9 +38,9 @@ __all__ = ["run_party", "check_program", "gather_results", "run_layer", "layer_d
            "preprocess_batch", "SETUP_SCOPE", "HEADER_SCOPE", "PREPROCESS_SCOPE", "MAX_BATCHES",
            "MAX_BATCH", "PROTOCOL_VERSION", "SESSION_SETTINGS", "session_settings", "SessionLimits", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_IMAGES"]
 
-SETUP_SCOPE = "open-weights"   # sub-scope (inside each linear layer's scope) of the set-up
-PREPROCESS_SCOPE = "preprocess"  # per batch, before its images enter
-HEADER_SCOPE = "header"
+SETUP_SCOPE = SCOPE_SETUP          # the names this module has exported (see .session)
+PREPROCESS_SCOPE = SCOPE_PREPROCESS
+HEADER_SCOPE = SCOPE_HEADER
 MAX_BATCHES = 1 << 20      # hard ceilings, whatever the limits say
 MAX_BATCH = 1 << 16
 DEFAULT_MAX_BATCH = 64     # images per batch the server and helper accept by default
@@ -253,7 +255,7 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
                 y = run_layer(party, layer, [vals[j] for j in layer.inputs], weights, pre)
             layer_seconds[layer.name] += time.perf_counter() - t
             vals.append(y)
-        out = reconstruct(party, vals[program.output], to=ROLE_CLIENT, scope="output")
+        out = reconstruct(party, vals[program.output], to=ROLE_CLIENT, scope=SCOPE_OUTPUT)
         if party.role == ROLE_CLIENT:
             outputs.append(decode(out, party.frac_bits))
         online_seconds += time.perf_counter() - t1
@@ -281,7 +283,6 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stats_from_summary(data: dict[str, Any]):
-    from .runtime import CommStats, ScopeStats
     st = CommStats()
     st.clock = int(data["clock"])
     for path, d in data["scopes"].items():
@@ -299,7 +300,7 @@ def gather_results(party: Party, result: dict[str, Any]) -> list[dict[str, Any]]
     (no data: what an observer of the links sees anyway) so the client can write the full
     report; returns the three results at the client, None elsewhere."""
     import json
-    with party.scope("report"):
+    with party.scope(SCOPE_REPORT):
         if party.role != ROLE_CLIENT:
             blob = json.dumps(_summary(result)).encode()
             party.send(ROLE_CLIENT, torch.tensor([len(blob)], dtype=torch.int64))

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .ops import layer_drelus
-from .party import HEADER_SCOPE, PREPROCESS_SCOPE, SETUP_SCOPE
 from .program import Program
+from .session import (PARTY_KEYS, SCOPE_HEADER, SCOPE_KEYS, SCOPE_OUTPUT, SCOPE_PREPROCESS,
+                      SCOPE_SETUP)
 from .runtime import CommStats
 
 __all__ = ["build_report", "save_report", "plot_report", "PARTY_KEYS"]
 
-PARTY_KEYS = ("client", "server", "helper")
 
 
 def _sent(stats: CommStats, scope: str) -> int:
@@ -47,7 +47,7 @@ def build_report(program: Program, results: Sequence[dict[str, Any]], *,
     tot_setup = [0, 0, 0]
     drelus_total = 0
     for layer in program.layers:
-        setup_scope = f"{layer.name}/{SETUP_SCOPE}"
+        setup_scope = f"{layer.name}/{SCOPE_SETUP}"
         setup = [_sent(st, setup_scope) for st in stats]
         online = [_sent(st, layer.name) - s for st, s in zip(stats, setup)]
         drelus = sum(layer_drelus(layer, b) for b in sizes)
@@ -62,16 +62,16 @@ def build_report(program: Program, results: Sequence[dict[str, Any]], *,
             "output_shape": list(layer.shape[1:]),
             "bytes_sent": dict(zip(PARTY_KEYS, online)), "bytes": sum(online),
             "setup_bytes": sum(setup), "rounds": rounds, "wall_s": wall, "drelus": drelus})
-    out_bytes = [_sent(st, "output") for st in stats]
-    hdr_bytes = [_sent(st, HEADER_SCOPE) for st in stats]
-    pre_bytes = [_sent(st, PREPROCESS_SCOPE) for st in stats]
+    out_bytes = [_sent(st, SCOPE_OUTPUT) for st in stats]
+    hdr_bytes = [_sent(st, SCOPE_HEADER) for st in stats]
+    pre_bytes = [_sent(st, SCOPE_PREPROCESS) for st in stats]
     pre_s = max(float(r.get("preprocess_seconds", 0.0)) for r in results)
-    key_bytes = [_sent(st, "session-keys") for st in stats]
+    key_bytes = [_sent(st, SCOPE_KEYS) for st in stats]
     online_total = [a + b for a, b in zip(tot_online, out_bytes)]
     online_s = max(r["online_seconds"] for r in results)
     setup_s = max(r["setup_seconds"] for r in results)
-    online_rounds = sum(l["rounds"] for l in layers) + _rounds(stats, "output")
-    setup_rounds = max(max((st.scopes[p].rounds for p in st.scopes if p.endswith(SETUP_SCOPE)),
+    online_rounds = sum(l["rounds"] for l in layers) + _rounds(stats, SCOPE_OUTPUT)
+    setup_rounds = max(max((st.scopes[p].rounds for p in st.scopes if p.endswith(SCOPE_SETUP)),
                            default=0) for st in stats)
     total_bytes = (sum(online_total) + sum(tot_setup) + sum(hdr_bytes) + sum(key_bytes)
                    + sum(pre_bytes))
@@ -81,7 +81,7 @@ def build_report(program: Program, results: Sequence[dict[str, Any]], *,
         "images": images, "batch_sizes": sizes,
         "layers": layers,
         "output": {"bytes_sent": dict(zip(PARTY_KEYS, out_bytes)), "bytes": sum(out_bytes),
-                   "rounds": _rounds(stats, "output")},
+                   "rounds": _rounds(stats, SCOPE_OUTPUT)},
         "setup": {"bytes_sent": dict(zip(PARTY_KEYS, tot_setup)), "bytes": sum(tot_setup),
                   "wall_s": setup_s, "rounds_max_per_layer": setup_rounds,
                   "what": "server weights masked and opened once per session"},
@@ -89,7 +89,7 @@ def build_report(program: Program, results: Sequence[dict[str, Any]], *,
                     "bytes": sum(hdr_bytes) + sum(key_bytes),
                     "what": "key agreement and the client's batch-size header"},
         "preprocess": {"bytes_sent": dict(zip(PARTY_KEYS, pre_bytes)), "bytes": sum(pre_bytes),
-                       "rounds": _rounds(stats, PREPROCESS_SCOPE), "wall_s": pre_s,
+                       "rounds": _rounds(stats, SCOPE_PREPROCESS), "wall_s": pre_s,
                        "what": "input-independent half of the conv/linear layers, per batch"},
         "online": {"bytes_sent": dict(zip(PARTY_KEYS, online_total)),
                    "bytes": sum(online_total), "rounds": online_rounds, "wall_s": online_s,

@@ -209,7 +209,7 @@ def test_cpu_hybrid_path_never_depends_on_the_weights_values():
 
 def test_server_refuses_weights_beyond_the_public_bound_when_opening_them():
     from secure_inference.mpc import protocols as P
-    from secure_inference.mpc.runtime import run_in_process
+    from secure_inference.mpc.harness import run_in_process
     w = torch.full((2, 1, 3, 3), 0.25, dtype=torch.float64)
     w[0, 0, 0, 0] = 40.0             # 40 · 2^16 > 2^21
 

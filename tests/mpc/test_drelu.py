@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from secure_inference.mpc.protocols import drelu as D
-from secure_inference.mpc.runtime import ProtocolError, merge_stats, run_in_process
+from secure_inference.mpc.runtime import ProtocolError, merge_stats
+from secure_inference.mpc.harness import run_in_process
 
 I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from secure_inference.mpc.compile import compile_model
-from secure_inference.mpc.runtime import FAULT_PHASES, ProtocolError, run_local_processes
+from secure_inference.mpc.runtime import ProtocolError
+from secure_inference.mpc.harness import FAULT_PHASES, run_local_processes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the process functions' module
 import mpc_process_fns as fns  # noqa: E402

@@ -22,7 +22,8 @@ from secure_inference.mpc.certs import create_certificates
 from secure_inference.mpc.compile import compile_model
 from secure_inference.mpc.local import run_program
 from secure_inference.mpc.party import HEADER_SCOPE, SessionLimits, _announce_batches, run_party
-from secure_inference.mpc.runtime import Party, ProtocolError, run_in_process
+from secure_inference.mpc.runtime import Party, ProtocolError
+from secure_inference.mpc.harness import run_in_process
 from secure_inference.mpc.transport import (PARTY_NAMES, SocketLink, TLSConfig, connect_links,
                                             encode_frame, listen, scope_hash)
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from secure_inference.mpc import prg
 from secure_inference.mpc import protocols as P
 from secure_inference.mpc.ring import decode, encode
-from secure_inference.mpc.runtime import merge_stats, run_in_process
+from secure_inference.mpc.runtime import merge_stats
+from secure_inference.mpc.harness import run_in_process
 
 FRAC = 16
 I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1

@@ -8,7 +8,7 @@ import torch
 from secure_inference.mpc import prg
 from secure_inference.mpc.ring import (decode, encode, reciprocal_fixed, truncate_share,
                                        truncation_error_probability)
-from secure_inference.mpc.runtime import run_in_process
+from secure_inference.mpc.harness import run_in_process
 
 M64 = 1 << 64
 

@@ -17,7 +17,8 @@ import torch
 import secure_inference as si
 from secure_inference.mpc.compile import compile_model
 from secure_inference.mpc.party import check_program, run_party
-from secure_inference.mpc.runtime import ProtocolError, run_in_process
+from secure_inference.mpc.runtime import ProtocolError
+from secure_inference.mpc.harness import run_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -15,7 +15,7 @@ from scipy import stats as sps
 
 from secure_inference.mpc import protocols as P
 from secure_inference.mpc.ring import encode
-from secure_inference.mpc.runtime import run_in_process
+from secure_inference.mpc.harness import run_in_process
 
 RUNS, PER_RUN = 12, 2500
 

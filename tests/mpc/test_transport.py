@@ -14,8 +14,8 @@ import torch
 
 from secure_inference.mpc.certs import create_certificates
 from secure_inference.mpc.ring import decode, encode
-from secure_inference.mpc.runtime import (ProtocolError, merge_stats, run_in_process,
-                                          run_local_processes)
+from secure_inference.mpc.runtime import ProtocolError, merge_stats
+from secure_inference.mpc.harness import run_in_process, run_local_processes
 from secure_inference.mpc.transport import (SocketLink, TLSConfig, connect_links, decode_frame,
                                             encode_frame, listen, scope_hash, split_prefix)
 

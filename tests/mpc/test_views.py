@@ -42,7 +42,7 @@ from secure_inference.mpc.party import run_party
 from secure_inference.mpc.protocols import drelu as D
 from secure_inference.mpc.protocols import relu as R
 from secure_inference.mpc.ring import encode
-from secure_inference.mpc.runtime import _run_in_process_with_keys
+from secure_inference.mpc.harness import _run_in_process_with_keys
 
 RUNS = 12
 Z_THRESHOLD = 6.5

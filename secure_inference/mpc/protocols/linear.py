@@ -52,6 +52,7 @@ import torch
 from ..backends import SMALL_WEIGHT_BITS, fits_small
 from ..ring import encode, truncate_share
 from ..runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party
+from ..session import SCOPE_PREPROCESS, SCOPE_SETUP
 
 Share = torch.Tensor
 BilinearOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -278,7 +279,7 @@ def _open_weights(party: Party, weight: torch.Tensor | None, weight_shape: Seque
             return w
     elif key in party.cache:
         return party.cache[key]
-    with party.scope("open-weights"):
+    with party.scope(SCOPE_SETUP):
         if party.role == ROLE_CLIENT:
             party.cache[key] = party.recv(ROLE_SERVER, shape)
         elif party.role == ROLE_SERVER:
@@ -303,7 +304,7 @@ class Preprocessed:
 
 def preprocess(party: Party, layers: Sequence[tuple[str, Sequence[int], Sequence[int],
                                                     BilinearOp]],
-               *, scope: str = "preprocess") -> dict[str, Preprocessed]:
+               *, scope: str = SCOPE_PREPROCESS) -> dict[str, Preprocessed]:
     """The input-independent work of the server-weight layers ``(name, x_shape, weight_shape,
     op)`` for one batch, done before the input exists: P0 and P2 draw each layer's A and c0
     from their pair key and compute op(A, F) and op(A, B) (in parallel, one each), and P2 sends

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from ...brelu import as_block_sizes
 from ..runtime import ROLE_CLIENT, ROLE_HELPER, Party
+from .linear import mul
 from .drelu import EXACT, DReLUConfig, mul_drelu, mul_drelu_bytes, resolve_config
 
 __all__ = ["relu", "relu_bytes", "select_share", "BlockReLUPlan", "block_relu_plan",
@@ -100,7 +101,6 @@ def select_bit(party: Party, bit: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     one round, 16 bytes per element of a plus 16 per bit plus 8 per element for the triple.
     Prefer :func:`select_share` when the bit is a fresh DReLU: it needs no extra round.
     """
-    from .linear import mul
     _check_shares(party, bit, a, b)
     if party.role == ROLE_HELPER:
         return mul(party, bit, a, truncate=False, scope=scope)
@@ -316,7 +316,7 @@ def run_on_shares(party: Party, shares: Sequence[torch.Tensor],
 
     ``shares`` = (x0, x1); P2 gets a placeholder of the same shape. Picklable when the ops are
     library functions, so ``functools.partial(run_on_shares, shares=..., ops=...)`` is a body for
-    :func:`~secure_inference.mpc.runtime.run_local_processes` (used by tests and benchmarks).
+    :func:`~secure_inference.mpc.harness.run_local_processes` (used by tests and benchmarks).
     """
     if len(shares) != 2 or tuple(shares[0].shape) != tuple(shares[1].shape):
         raise ValueError("shares must be the two parties' tensors of one shape")
