@@ -1,20 +1,30 @@
 """secure-inference: ReLU-efficient private CNN inference with knapsack-chosen Block-ReLUs.
 
-Importing the package applies the compatibility fixes this environment needs (see
-:mod:`secure_inference.mmlab.compat`) before torchvision or the MMLab packages load.
+Importing the package is cheap (no torch): the command lines in :mod:`secure_inference.cli`
+parse their arguments first. The compatibility fixes this environment needs (see
+:mod:`secure_inference.mmlab.compat`) are applied as soon as torch is loaded and before
+torchvision or the MMLab packages load (see :mod:`secure_inference._compat_hook`); the names
+below load on first use.
 """
-from .mmlab import compat as _compat
+from __future__ import annotations
 
-_compat.apply_all()
+import importlib
 
-from .brelu import BlockReLU, block_cost, block_costs  # noqa: E402
-from .candidates import candidate_block_sizes, candidate_costs  # noqa: E402
-from .conversions import maxpool_to_avgpool, relu6_to_relu  # noqa: E402
-from .sites import ReluSite, find_relu_sites, total_relus  # noqa: E402
-from .spec import (MultiSiteActivation, SpecError, apply_block_spec, count_drelus,  # noqa: E402
-                   extract_block_spec, load_spec, save_spec, spec_from_json, spec_to_json)
+from . import _compat_hook
+
+_compat_hook.install()
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "brelu": ("BlockReLU", "block_cost", "block_costs"),
+    "candidates": ("candidate_block_sizes", "candidate_costs"),
+    "conversions": ("maxpool_to_avgpool", "relu6_to_relu"),
+    "sites": ("ReluSite", "find_relu_sites", "total_relus"),
+    "spec": ("MultiSiteActivation", "SpecError", "apply_block_spec", "count_drelus",
+             "extract_block_spec", "load_spec", "save_spec", "spec_from_json", "spec_to_json"),
+}
+_SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "BlockReLU", "block_cost", "block_costs", "candidate_block_sizes", "candidate_costs",
@@ -22,3 +32,16 @@ __all__ = [
     "MultiSiteActivation", "SpecError", "apply_block_spec", "count_drelus", "extract_block_spec",
     "load_spec", "save_spec", "spec_from_json", "spec_to_json",
 ]
+
+
+def __getattr__(name: str):
+    module = _SOURCE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -37,11 +37,11 @@ def test_mmseg_models_import_needs_the_mmcv_ops_standin():
     if compat.mmcv_ops_available():
         pytest.skip("compiled mmcv ops present: the stand-in is not used")
     bare = run_python("""
-        import sys, secure_inference
+        import sys, secure_inference, torch  # torch loaded: the fixes are applied
         del sys.modules["mmcv.ops"]  # undo the stand-in, keep the torchvision fix
         import mmseg.models
     """)
-    assert bare.returncode != 0 and "mmcv" in bare.stderr
+    assert bare.returncode != 0 and "mmcv" in bare.stderr and "KeyError" not in bare.stderr
     fixed = run_python("import secure_inference, mmseg.models; print('ok')")
     assert fixed.returncode == 0, fixed.stderr
 
@@ -95,3 +95,19 @@ def test_checkpoint_getattr_is_limited_to_history_buffer_statistics(tmp_path):
     torch.save({"x": GetattrExploit()}, tmp_path / "evil.pth")
     with pytest.raises(Exception, match="refusing getattr"):
         torch.load(tmp_path / "evil.pth", weights_only=True)
+
+
+def test_package_import_is_cheap_and_torch_still_gets_the_fixes():
+    """``import secure_inference`` loads no torch (the CLIs parse arguments first); the fixes
+    come with torch, whichever package loads it first."""
+    out = run_python("""
+        import sys, secure_inference
+        assert "torch" not in sys.modules and "mmengine" not in sys.modules
+        import torch
+        from secure_inference.mmlab import compat
+        assert compat._applied["mmengine_safe_globals"], compat._applied
+        assert torch.__spec__.loader is torch.__loader__
+        assert secure_inference.load_spec is secure_inference.spec.load_spec
+        print("ok")
+    """)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

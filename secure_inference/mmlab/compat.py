@@ -1,6 +1,7 @@
 """Compatibility fixes for CPU-only torch next to the PyPI torchvision/mmcv-lite wheels.
 
-Each fix is applied at ``import secure_inference`` and only where it is needed:
+Each fix is applied only where it is needed, once torch is loaded after ``import
+secure_inference`` and before torchvision or an MMLab package (see ``secure_inference._compat_hook``):
 
 * ``install_torchvision_op_schemas``: the PyPI torchvision wheel is a CUDA build whose C++ ops
   cannot load beside CPU torch; torchvision then fails at import with
@@ -22,8 +23,10 @@ import pickle
 import sys
 import types
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _applied: dict[str, bool] = {}
 
@@ -74,6 +77,7 @@ def torchvision_ops_loadable() -> bool:
     spec = importlib.util.find_spec("torchvision")
     if spec is None or spec.origin is None:
         return True
+    import torch
     candidates = sorted(Path(spec.origin).parent.glob("_C*.so")) + sorted(
         Path(spec.origin).parent.glob("_C*.pyd"))
     if not candidates:
@@ -90,6 +94,7 @@ def install_torchvision_op_schemas() -> bool:
     global _torchvision_lib
     if _torchvision_lib is not None or "torchvision" in sys.modules or torchvision_ops_loadable():
         return False
+    import torch
     lib = torch.library.Library("torchvision", "DEF")
     for schema in _TORCHVISION_SCHEMAS.values():
         lib.define(schema)
@@ -100,6 +105,7 @@ def install_torchvision_op_schemas() -> bool:
 def point_sample(input: torch.Tensor, points: torch.Tensor, align_corners: bool = False,
                  **kwargs) -> torch.Tensor:
     """Pure-torch ``mmcv.ops.point_sample``: sample ``input`` at normalised [0, 1] ``points``."""
+    import torch
     add_dim = points.dim() == 3
     if add_dim:
         points = points.unsqueeze(2)
@@ -169,6 +175,7 @@ def _statistics_getattr(obj, name: str):
 def allow_mmengine_checkpoint_globals() -> list[str]:
     """Allow-list the mmengine/numpy objects found in mmengine checkpoints for safe loading."""
     import numpy as np
+    import torch
 
     allowed: list = [np.ndarray, np.dtype]
     try:
@@ -197,6 +204,7 @@ def allow_mmengine_checkpoint_globals() -> list[str]:
 
 def apply_all() -> dict[str, bool]:
     """Apply every needed fix once per process; returns which ones were applied."""
+    import torch  # noqa: F401  (first: importing torch can itself apply the fixes, see _compat_hook)
     if not _applied:
         _applied["torchvision_op_schemas"] = install_torchvision_op_schemas()
         _applied["mmcv_ops_standin"] = install_mmcv_ops_standin()
