@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from secure_inference.mpc.protocols import drelu as D
+from secure_inference.mpc.protocols import private_compare as PC
+from secure_inference.mpc.protocols import zp as Z
 from secure_inference.mpc.runtime import ProtocolError, merge_stats
 from secure_inference.mpc.harness import run_in_process
 
@@ -96,7 +98,7 @@ def test_zp_packing_roundtrip_and_hostile_input():
 
 @pytest.mark.parametrize("bits", [64, 40, 7])
 def test_element_packing_roundtrip_and_checks(bits):
-    top = D._all_ones(bits)
+    top = Z.all_ones(bits)
     v = _rand_ring((50,)) & top
     v[0] = top
     packed = D.pack_elements(v, bits)
@@ -122,7 +124,7 @@ class _Rnd:
 def test_private_compare_against_plaintext(bits):
     """P2's decision equals beta XOR [x > r] on random and edge pairs, for both betas."""
     g = torch.Generator().manual_seed(100 + bits)
-    top = D._all_ones(bits)
+    top = Z.all_ones(bits)
     rand = lambda n: _rand_ring((n,), g) & top  # noqa: E731
     x = torch.cat([rand(400), torch.tensor([0, top, 0, top, 5, 5, 6, 4, 0, top])])
     r = torch.cat([rand(400), torch.tensor([0, top, top, 0, 5, 6, 5, 5, 1, top - 1])])
@@ -152,7 +154,7 @@ def test_cpu_kernels_equal_the_torch_reference(bits):
     Z_67 packing) give exactly what the torch operations give, including the special row."""
     g = torch.Generator().manual_seed(bits)
     n = 777
-    top = D._all_ones(bits)
+    top = Z.all_ones(bits)
     r = _rand_ring((n,), g) & top
     r[:40] = top
     beta = torch.randint(0, 2, (n,), generator=g)
@@ -160,22 +162,22 @@ def test_cpu_kernels_equal_the_torch_reference(bits):
     rnd = _Rnd(n, bits, g)
     rnd.s, rnd.u = rnd.s.to(torch.int16), rnd.u.to(torch.int16)
     for j in (0, 1):
-        want = D._pack_zp_torch(D.private_compare_message(j, xbits, r, beta, rnd, bits))
+        want = Z._pack_zp_torch(D.private_compare_message(j, xbits, r, beta, rnd, bits))
         assert torch.equal(D.private_compare_packed(j, xbits, r, beta, rnd, bits), want)
     d0 = D.private_compare_message(0, xbits, r, beta, rnd, bits)
     d1 = D.private_compare_message(1, torch.randint(0, 67, (n, bits), dtype=torch.int16,
                                                     generator=g), r, beta, rnd, bits)
     d1[::3] = (67 - d0[::3]) % 67                    # rows with a zero sum somewhere
-    got = D.private_compare_decide_packed(D._pack_zp_torch(d0), D._pack_zp_torch(d1), n, bits)
+    got = D.private_compare_decide_packed(Z._pack_zp_torch(d0), Z._pack_zp_torch(d1), n, bits)
     assert torch.equal(got, D.private_compare_decide(d0, d1))
     assert bool(got[::3].all())
     shares0 = torch.randint(0, 67, (n * bits,), dtype=torch.int16, generator=g)
-    corr = D._unpack_zp_torch(D._deal_corrections(r, shares0, bits), n * bits)
+    corr = Z._unpack_zp_torch(PC.deal_corrections(r, shares0, bits), n * bits)
     assert torch.equal(torch.remainder(corr + shares0, 67).view(n, bits),
                        D.bit_decompose(r, bits, torch.int16))
     v = torch.randint(0, 67, (n * bits + 3,), dtype=torch.int16, generator=g)
-    assert torch.equal(D.pack_zp(v), D._pack_zp_torch(v))
-    assert torch.equal(D.unpack_zp(D.pack_zp(v), v.numel()), D._unpack_zp_torch(D.pack_zp(v),
+    assert torch.equal(D.pack_zp(v), Z._pack_zp_torch(v))
+    assert torch.equal(D.unpack_zp(D.pack_zp(v), v.numel()), Z._unpack_zp_torch(D.pack_zp(v),
                                                                                 v.numel()))
 
 

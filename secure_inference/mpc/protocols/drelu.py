@@ -91,15 +91,18 @@ the range the result is unspecified.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 
-from ..runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party, ProtocolError
-from . import compare_kernels as K
+from ..runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party
+from .pair_random import pair_bits, pair_ring, pair_small
+from .private_compare import (bit_decompose, compare_randomness, deal_corrections,
+                              plain_private_compare, private_compare_decide,
+                              private_compare_decide_packed, private_compare_message,
+                              private_compare_packed)
+from .zp import (P, all_ones, pack_bytes, pack_elements, pack_zp, unpack_elements, unpack_zp,
+                 zp_packed_bytes)
 
 __all__ = ["P", "ROUNDS", "DReLUConfig", "EXACT", "drelu", "mul_drelu", "drelu_bytes",
            "mul_drelu_bytes", "zp_packed_bytes", "pack_zp", "unpack_zp", "pack_elements",
@@ -108,26 +111,8 @@ __all__ = ["P", "ROUNDS", "DReLUConfig", "EXACT", "drelu", "mul_drelu", "drelu_b
            "plain_private_compare", "plain_drelu", "set_default_config", "resolve_config",
            "bit_decompose"]
 
-P = 67                      # PrivateCompare field (a prime above ℓ + 2 for every ℓ ≤ 64)
 ROUNDS = 3                  # rounds of one (batched) DReLU or fused DReLU-multiplication
-_ZP_GROUP = 5               # values mod 67 per packed word: 67^5 = 1,350,125,107 < 2^31
-_ZP_WORD_BYTES = 4
-_ZP_WORD_LIMIT = P ** _ZP_GROUP
-_I64_MIN = -(1 << 63)
 _CACHE_KEY = "drelu_config"
-_PC_CHUNK = 8192            # rows of PrivateCompare arithmetic per block (cache-sized)
-_BLOCK = 1 << 18            # elements per block in packing and sampling loops
-
-
-def _i64(v: int) -> int:
-    """The int64 (two's complement) representative of an integer modulo 2^64."""
-    v &= (1 << 64) - 1
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-def _all_ones(bits: int) -> int:
-    """2^bits − 1 as an int64 constant (−1 for 64 bits)."""
-    return _i64((1 << bits) - 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,11 +205,6 @@ def resolve_config(party: Party, config: DReLUConfig | None) -> DReLUConfig:
 # Costs
 # --------------------------------------------------------------------------------------------
 
-def zp_packed_bytes(count: int) -> int:
-    """Bytes of ``count`` values mod 67 on the wire (five per 4-byte word)."""
-    return _ZP_WORD_BYTES * -(-count // _ZP_GROUP)
-
-
 def drelu_bytes(n: int, config: DReLUConfig = EXACT) -> int:
     """Payload bytes of one batched DReLU of ``n`` elements, summed over all parties."""
     if n == 0:
@@ -242,341 +222,17 @@ def mul_drelu_bytes(n: int, m: int, config: DReLUConfig = EXACT) -> int:
     return drelu_bytes(n, config) + 24 * m
 
 
-# --------------------------------------------------------------------------------------------
-# Arithmetic helpers (pure functions, also used by the tests as references)
-# --------------------------------------------------------------------------------------------
-
-def _ult(a: torch.Tensor, b: torch.Tensor | int) -> torch.Tensor:
-    """Unsigned a < b for int64 bit patterns."""
-    return (a ^ _I64_MIN) < (b ^ _I64_MIN if isinstance(b, int) else b ^ _I64_MIN)
-
-
-def bit_decompose(v: torch.Tensor, bits: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """The ``bits`` low bits of int64 ``v`` as a new last axis, most significant bit first.
-
-    (MSB first makes PrivateCompare's sums over the higher bits plain prefix sums.)
-    """
-    if v.device.type == "cpu" and sys.byteorder == "little":
-        raw = v.contiguous().numpy().astype(">i8").view(np.uint8).reshape(*v.shape, 8)
-        out = np.unpackbits(raw, axis=-1, bitorder="big")[..., 64 - bits:]
-        return torch.from_numpy(out).to(dtype)
-    shifts = torch.arange(bits - 1, -1, -1, device=v.device, dtype=torch.int64)
-    return ((v.unsqueeze(-1) >> shifts) & 1).to(dtype)
-
-
-def plain_private_compare(x: torch.Tensor, r: torch.Tensor, beta: torch.Tensor,
-                          bits: int) -> torch.Tensor:
-    """Reference: β ⊕ [x > r] for ℓ-bit unsigned x, r (bool tensor)."""
-    mask = _all_ones(bits)
-    gt = _ult(r & mask, x & mask)
-    return gt ^ beta.bool()
-
-
 def plain_drelu(x: torch.Tensor) -> torch.Tensor:
     """Reference DReLU on plaintext int64 values: 1 where x ≥ 0 (int64)."""
     return (x >= 0).to(torch.int64)
 
 
 # --------------------------------------------------------------------------------------------
-# Wire encodings
-# --------------------------------------------------------------------------------------------
-
-def _require_little_endian() -> None:
-    if sys.byteorder != "little":
-        raise RuntimeError("the DReLU wire encodings assume a little-endian machine")
-
-
-def pack_zp(v: torch.Tensor) -> torch.Tensor:
-    """Pack values in [0, 67) (any shape, flattened) five per 4 bytes; returns uint8."""
-    _require_little_endian()
-    if v.device.type != "cpu":
-        return _pack_zp_torch(v)
-    flat = v.reshape(-1).contiguous().numpy()
-    words = np.zeros(-(-flat.size // _ZP_GROUP), dtype=np.int32)
-    K.pack_values(flat, words)
-    return torch.from_numpy(words).view(torch.uint8)
-
-
-def _pack_zp_torch(v: torch.Tensor) -> torch.Tensor:
-    """:func:`pack_zp` in torch operations (any device; the reference for the CPU kernel)."""
-    flat = v.reshape(-1)
-    words = -(-flat.numel() // _ZP_GROUP)
-    pad = words * _ZP_GROUP - flat.numel()
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    g = flat.view(words, _ZP_GROUP)
-    packed = torch.empty(words, dtype=torch.int32, device=flat.device)
-    for a in range(0, words, _BLOCK):
-        blk = g[a:a + _BLOCK].to(torch.int32)
-        acc = blk[:, 4].clone()
-        for i in (3, 2, 1, 0):  # Horner: Σ v_i 67^i < 67^5 < 2^31
-            acc.mul_(P).add_(blk[:, i])
-        packed[a:a + _BLOCK] = acc
-    return packed.view(torch.uint8)
-
-
-def _zp_words(data: torch.Tensor, count: int, source: str) -> torch.Tensor:
-    """The int32 words of a packed message of ``count`` values, after the length check."""
-    _require_little_endian()
-    words = -(-count // _ZP_GROUP)
-    if data.dtype != torch.uint8 or data.numel() != words * _ZP_WORD_BYTES:
-        raise ProtocolError(f"{source}: expected {words * _ZP_WORD_BYTES} bytes of packed Z_67 "
-                            f"values, got {data.numel()} ({data.dtype})")
-    if data.storage_offset() % _ZP_WORD_BYTES or not data.is_contiguous():
-        data = data.clone()
-    return data.view(torch.int32)
-
-
-def _checked_cpu_words(data: torch.Tensor, count: int, source: str) -> np.ndarray:
-    words = _zp_words(data, count, source).numpy()
-    err = K.check_words(words, count)
-    if err == K.WORD_OUT_OF_RANGE:
-        raise ProtocolError(f"{source}: packed Z_67 word out of range (malformed message)")
-    if err == K.NONZERO_PADDING:
-        raise ProtocolError(f"{source}: nonzero padding in packed Z_67 values")
-    return words
-
-
-def unpack_zp(data: torch.Tensor, count: int, *, source: str = "peer") -> torch.Tensor:
-    """Inverse of :func:`pack_zp` for ``count`` values (int16); refuses anything malformed."""
-    if data.device.type != "cpu":
-        return _unpack_zp_torch(data, count, source=source)
-    words = _checked_cpu_words(data, count, source)
-    out = np.empty(count, dtype=np.int16)
-    K.unpack_words(words, out)
-    return torch.from_numpy(out)
-
-
-def _unpack_zp_torch(data: torch.Tensor, count: int, *, source: str = "peer") -> torch.Tensor:
-    """:func:`unpack_zp` in torch/numpy operations (the reference for the CPU kernel)."""
-    words = -(-count // _ZP_GROUP)
-    w_all = _zp_words(data, count, source)
-    if bool(((w_all < 0) | (w_all >= _ZP_WORD_LIMIT)).any()):
-        raise ProtocolError(f"{source}: packed Z_67 word out of range (malformed message)")
-    if w_all.device.type == "cpu":  # numpy divides by a constant much faster than torch
-        w_np = w_all.numpy()
-        digits_np = np.empty((words, _ZP_GROUP), dtype=np.int16)
-        for a in range(0, words, _BLOCK):
-            w = w_np[a:a + _BLOCK]
-            for i in range(_ZP_GROUP):
-                q = w // P
-                digits_np[a:a + _BLOCK, i] = w - q * P
-                w = q
-        digits = torch.from_numpy(digits_np)
-    else:
-        digits = torch.empty((words, _ZP_GROUP), dtype=torch.int16, device=data.device)
-        for a in range(0, words, _BLOCK):
-            w = w_all[a:a + _BLOCK]
-            for i in range(_ZP_GROUP):
-                q = torch.div(w, P, rounding_mode="floor")
-                digits[a:a + _BLOCK, i] = w - q * P
-                w = q
-    flat = digits.view(-1)
-    if bool((flat[count:] != 0).any()):
-        raise ProtocolError(f"{source}: nonzero padding in packed Z_67 values")
-    return flat[:count]
-
-
-def pack_elements(v: torch.Tensor, bits: int) -> torch.Tensor:
-    """ℓ-bit ring elements (int64, flattened) as ⌈ℓ/8⌉ little-endian bytes each (uint8)."""
-    _require_little_endian()
-    nb = (bits + 7) // 8
-    raw = v.reshape(-1).contiguous().view(torch.uint8)
-    if nb == 8:
-        return raw
-    return raw.view(-1, 8)[:, :nb].reshape(-1)
-
-
-def pack_bytes(count: int, bits: int) -> int:
-    """Bytes of ``count`` ℓ-bit ring elements on the wire."""
-    return count * ((bits + 7) // 8)
-
-
-def unpack_elements(data: torch.Tensor, count: int, bits: int, *,
-                    source: str = "peer") -> torch.Tensor:
-    """Inverse of :func:`pack_elements`; checks each value is below 2^ℓ."""
-    _require_little_endian()
-    nb = (bits + 7) // 8
-    if data.dtype != torch.uint8 or data.numel() != count * nb:
-        raise ProtocolError(f"{source}: expected {count * nb} bytes of {bits}-bit elements, got "
-                            f"{data.numel()} ({data.dtype})")
-    if nb == 8:
-        v = data.clone().view(torch.int64)
-    else:
-        full = torch.zeros((count, 8), dtype=torch.uint8, device=data.device)
-        full[:, :nb] = data.view(count, nb)
-        v = full.view(torch.int64).view(count)
-    if bits < 64 and bool(((v >> bits) != 0).any()):
-        raise ProtocolError(f"{source}: element wider than {bits} bits (malformed message)")
-    return v
-
-
-# --------------------------------------------------------------------------------------------
-# Randomness helpers
-# --------------------------------------------------------------------------------------------
-
-def _pair_small(party: Party, other: int, count: int, high: int, tag: str) -> torch.Tensor:
-    """Exactly uniform ints in [0, high) (high ≤ 256), identical at both key holders (int16).
-
-    Each value is a 16-bit word of the pair stream reduced mod ``high``; words at or above the
-    largest multiple of ``high`` below 2^16 (at most 0.4% of them, 0.015% for 67) are redrawn
-    from the next occurrence of the same stream, position by position, identically at both
-    holders (which make the same sequence of draws). Every accepted word is uniform below that
-    multiple, so the result is exactly uniform.
-    """
-    _require_little_endian()
-    limit = (65536 // high) * high
-    out = np.empty(count, dtype=np.int16)
-    for a in range(0, count, _BLOCK):  # cache-sized draws (the same sequence at both holders)
-        size = min(_BLOCK, count - a)
-        words = party.pair_random(other, (2 * size,), tag=tag, dtype=torch.uint8).cpu().numpy()
-        words = words.view(np.uint16)
-        if not K.reduce_words(words, high, out[a:a + size]):
-            continue
-        bad = np.flatnonzero(words >= limit)   # rare: redraw these positions
-        while bad.size:
-            more = party.pair_random(other, (2 * bad.size,), tag=tag, dtype=torch.uint8).cpu()
-            more = more.numpy().view(np.uint16)
-            out[a + bad] = more % np.uint16(high)
-            bad = bad[more >= limit]
-    return torch.from_numpy(out).to(party.device)
-
-
-def _pair_bits(party: Party, other: int, count: int, tag: str) -> torch.Tensor:
-    """Uniform bits (int64 0/1) identical at both key holders."""
-    return (party.pair_random(other, (count,), tag=tag, dtype=torch.uint8) & 1).to(torch.int64)
-
-
-def _pair_ring(party: Party, other: int, count: int, bits: int, tag: str) -> torch.Tensor:
-    """Uniform ℓ-bit ring elements identical at both key holders."""
-    v = party.pair_random(other, (count,), tag=tag)
-    return v if bits == 64 else v & _all_ones(bits)
-
-
-# --------------------------------------------------------------------------------------------
-# PrivateCompare
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class _CompareRandomness:
-    """The P0–P1 common randomness of one batched PrivateCompare."""
-
-    s: torch.Tensor      # [n, ℓ] uniform in 1..66
-    u: torch.Tensor      # [n, ℓ] uniform in 0..66
-    shift: torch.Tensor  # [n] rotation offsets in 0..ℓ−1
-
-
-def _compare_randomness(party: Party, other: int, n: int, bits: int,
-                        tag: str) -> _CompareRandomness:
-    s = _pair_small(party, other, n * bits, P - 1, f"{tag}.s").view(n, bits) + 1
-    u = _pair_small(party, other, n * bits, P, f"{tag}.u").view(n, bits)
-    shift = _pair_small(party, other, n, bits, f"{tag}.shift").to(torch.int64)
-    return _CompareRandomness(s, u, shift)
-
-
-def private_compare_message(role: int, xbits: torch.Tensor, r: torch.Tensor, beta: torch.Tensor,
-                            rnd: _CompareRandomness | Any, bits: int) -> torch.Tensor:
-    """Party ``role``'s PrivateCompare message (int16 [n, ℓ] in [0, 67)).
-
-    ``xbits`` [n, ℓ]: this party's shares (mod 67) of the bits of the secret X, in the order of
-    :func:`bit_decompose` (MSB first);
-    ``r`` [n]: the public ℓ-bit value R; ``beta`` [n]: the common random bit. P2 decides
-    β ⊕ [X > R] from both messages with :func:`private_compare_decide`.
-    """
-    n = r.numel()
-    out = torch.empty((n, bits), dtype=torch.int16, device=r.device)
-    beta = beta.reshape(n)
-    for a in range(0, n, _PC_CHUNK):  # row blocks keep the working set in cache
-        b = min(n, a + _PC_CHUNK)
-        out[a:b] = _pc_rows(int(role), xbits[a:b], r[a:b], beta[a:b], rnd.s[a:b], rnd.u[a:b],
-                            rnd.shift[a:b], bits)
-    return out
-
-
-def _pc_rows(j: int, xbits: torch.Tensor, r: torch.Tensor, beta: torch.Tensor, s: torch.Tensor,
-             u: torch.Tensor, shift: torch.Tensor, bits: int) -> torch.Tensor:
-    """:func:`private_compare_message` on a block of rows."""
-    n = r.numel()
-    top = _all_ones(bits)
-    flip = beta.bool()
-    q = torch.where(flip, (r + 1) & top, r)
-    qb = bit_decompose(q, bits, torch.int16)          # MSB first: "higher bits" = prefix
-    x = xbits.to(torch.int16)
-    w = x * (1 - 2 * qb)                               # shares of x ⊕ q: x + j·q − 2qx
-    if j:
-        w += qb
-    c = torch.cumsum(w, 1, dtype=torch.int16)          # |Σ| ≤ 64·67: int16 is exact
-    c -= w                                             # Σ of w over the higher bits
-    term = (qb - x) if j else -x                       # j·q − x
-    c += torch.where(flip.view(n, 1), -term, term)     # σ(j·q − x), σ = 1 − 2β
-    if j:
-        c += 1
-    special = flip & (r == top)
-    if bool(special.any()):  # β = 1, R = 2^ℓ − 1: X ≤ R always; exactly one zero
-        row = torch.full((bits,), j, dtype=torch.int16, device=c.device)
-        row[0] = 0
-        c[special] = row
-    c = torch.remainder(c, P)
-    c *= s.to(torch.int16)                             # ≤ 66·66 + 66: still int16
-    c += u.to(torch.int16) if j == 0 else P - u.to(torch.int16)
-    d = torch.remainder(c, P)
-    idx = torch.arange(bits, device=d.device) + shift.view(n, 1)   # cyclic rotation
-    return torch.gather(torch.cat([d, d], 1), 1, idx)
-
-
-def private_compare_packed(role: int, xbits: torch.Tensor, r: torch.Tensor, beta: torch.Tensor,
-                          rnd: _CompareRandomness | Any, bits: int) -> torch.Tensor:
-    """:func:`private_compare_message` packed for the wire (:func:`pack_zp`); one fused pass
-    per row on CPU (:mod:`.compare_kernels`)."""
-    if r.device.type != "cpu":
-        return pack_zp(private_compare_message(role, xbits, r, beta, rnd, bits))
-    n = r.numel()
-    words = np.zeros(-(-n * bits // _ZP_GROUP), dtype=np.int32)
-    K.pc_message_packed(int(role), xbits.to(torch.int16).contiguous().numpy(),
-                        r.reshape(n).contiguous().numpy(), beta.reshape(n).contiguous().numpy(),
-                        rnd.s.to(torch.int16).contiguous().numpy(),
-                        rnd.u.to(torch.int16).contiguous().numpy(),
-                        rnd.shift.to(torch.int64).contiguous().numpy(), int(bits), words)
-    return torch.from_numpy(words).view(torch.uint8)
-
-
-def private_compare_decide_packed(data0: torch.Tensor, data1: torch.Tensor, n: int,
-                                  bits: int) -> torch.Tensor:
-    """P2's output from the two packed messages (bool [n]); refuses malformed messages."""
-    if data0.device.type != "cpu":
-        d0 = unpack_zp(data0, n * bits, source="P0").view(n, bits)
-        d1 = unpack_zp(data1, n * bits, source="P1").view(n, bits)
-        return private_compare_decide(d0, d1)
-    w0 = _checked_cpu_words(data0, n * bits, "P0")
-    w1 = _checked_cpu_words(data1, n * bits, "P1")
-    out = np.zeros(n, dtype=np.bool_)
-    K.decide_packed(w0, w1, n, bits, out)
-    return torch.from_numpy(out)
-
-
-def private_compare_decide(d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
-    """P2's output of PrivateCompare: True where some d0_i + d1_i ≡ 0 (mod 67)."""
-    s = d0 + d1                       # both in [0, 67): the sum is 0 mod 67 iff it is 0 or 67
-    return ((s == 0) | (s == P)).any(dim=1)
-
-
-# --------------------------------------------------------------------------------------------
-# DReLU protocol
+# The protocol
 # --------------------------------------------------------------------------------------------
 
 def _numel(shape) -> int:
     return int(math.prod(shape))
-
-
-def _deal_corrections(r: torch.Tensor, shares0: torch.Tensor, bits: int) -> torch.Tensor:
-    """P1's shares of the ``bits`` low bits of r over Z_67 (P0's are ``shares0``), packed."""
-    n = r.numel()
-    if r.device.type != "cpu":
-        corr = bit_decompose(r, bits, torch.int16) - shares0.view(n, bits)
-        return pack_zp(torch.remainder(corr, P))
-    words = np.zeros(-(-n * bits // _ZP_GROUP), dtype=np.int32)
-    K.deal_corrections_packed(r.contiguous().numpy(), shares0.contiguous().numpy(), bits, words)
-    return torch.from_numpy(words).view(torch.uint8)
 
 
 def _helper_core(party: Party, n: int, m: int, bits: int,
@@ -584,10 +240,10 @@ def _helper_core(party: Party, n: int, m: int, bits: int,
     """P2's side of :func:`_drelu_core`."""
     low = bits - 1
     # deal: r = r0 + r1 (both free); P1's shares of the bits of r' are corrections
-    r = (_pair_ring(party, ROLE_CLIENT, n, bits, "dr.r")
-         + _pair_ring(party, ROLE_SERVER, n, bits, "dr.r")) & _all_ones(bits)
-    rbits0 = _pair_small(party, ROLE_CLIENT, n * low, P, "dr.rbits")
-    party.send(ROLE_SERVER, _deal_corrections(r, rbits0, low))
+    r = (pair_ring(party, ROLE_CLIENT, n, bits, "dr.r")
+         + pair_ring(party, ROLE_SERVER, n, bits, "dr.r")) & all_ones(bits)
+    rbits0 = pair_small(party, ROLE_CLIENT, n * low, P, "dr.rbits")
+    party.send(ROLE_SERVER, deal_corrections(r, rbits0, low))
     msb_r = (r >> low) & 1
     del rbits0, r
     s0 = party.pair_random(ROLE_CLIENT, (n,), tag="out.s")    # drawn while P0, P1 work
@@ -628,11 +284,11 @@ def _drelu_core(party: Party, x: torch.Tensor, config: DReLUConfig,
                                                  if payload is not None else None)
     if x.dtype != torch.int64:
         raise TypeError(f"DReLU expects int64 shares, got {x.dtype}")
-    low, top = bits - 1, _all_ones(bits)
+    low, top = bits - 1, all_ones(bits)
     xf = x.reshape(-1)
     t = xf if (bits == 64 and k == 0) else (xf >> k) & top   # logical shift: top < 2^(64−k)
     # round 1: open x̂ = t + r mod L; send the masked payload to P2
-    a_mine = (t + _pair_ring(party, ROLE_HELPER, n, bits, "dr.r")) & top
+    a_mine = (t + pair_ring(party, ROLE_HELPER, n, bits, "dr.r")) & top
     party.send(other, pack_elements(a_mine, bits))
     if m:
         # z = v + m reaches P2 as two messages, v0 + m + ζ and v1 − ζ: m and ζ come from the
@@ -643,10 +299,10 @@ def _drelu_core(party: Party, x: torch.Tensor, config: DReLUConfig,
         v = payload.reshape(-1)
         party.send(ROLE_HELPER, v + mask + zeta if j == 0 else v - zeta)
     # the comparison's randomness does not depend on x̂: draw it while the messages travel
-    beta = _pair_bits(party, other, n, "dr.beta")
-    rnd = _compare_randomness(party, other, n, low, "dr.pc")
+    beta = pair_bits(party, other, n, "dr.beta")
+    rnd = compare_randomness(party, other, n, low, "dr.pc")
     if j == 0:
-        rbits = _pair_small(party, ROLE_HELPER, n * low, P, "dr.rbits").view(n, low)
+        rbits = pair_small(party, ROLE_HELPER, n * low, P, "dr.rbits").view(n, low)
     else:
         deal = party.recv(ROLE_HELPER, (zp_packed_bytes(n * low),), torch.uint8)
         rbits = unpack_zp(deal, n * low, source="P2").view(n, low)
@@ -654,7 +310,7 @@ def _drelu_core(party: Party, x: torch.Tensor, config: DReLUConfig,
                               source=f"P{other}")
     xhat = (a_mine + a_other) & top
     # round 2: PrivateCompare(bits of r', x̂', β) → P2 learns β ⊕ [r' > x̂']
-    msg = private_compare_packed(j, rbits, xhat & _all_ones(low), beta, rnd, low)
+    msg = private_compare_packed(j, rbits, xhat & all_ones(low), beta, rnd, low)
     party.send(ROLE_HELPER, msg)
     del rbits, rnd, msg
     # round 3: shares of s = MSB(r) ⊕ β' over Z_2^64; DReLU = g ⊕ s
