@@ -7,7 +7,7 @@
 # 1. data      the four IDX files, decompressed into $FMNIST_DATA (default: an ignored folder,
 #              work_dirs/data/fashion-mnist) from $FMNIST_SRC (Debian's dataset-fashion-mnist:
 #              /usr/share/datasets/fashion-mnist/*.gz; or the same files from the project)
-# 2. baseline  15 epochs of benchmark/accuracy/fmnist_resnet18.py (resumes from its last epoch)
+# 2. baseline  20 epochs of benchmark/accuracy/fmnist_resnet18.py (resumes from its last epoch)
 # 3. compare   research/compare_methods.py at the budgets of the uniform 7x7, 4x4, 3x3, 2x2
 #              specs: 3 seeds for knapsack, uniform, linearisation; 1 for the others
 # Everything runs with one torch thread (the machine is shared). Outputs: $WORK (default
@@ -39,7 +39,7 @@ if [ ! -f "$BASE/baseline.pth" ]; then
   log "baseline: training $HERE/fmnist_resnet18.py (log: $BASE/train.log)"
   mkdir -p "$BASE"
   "$PY" mmlab_tools/train.py "$HERE/fmnist_resnet18.py" --work-dir "$BASE" "${resume[@]}" >> "$BASE/train.log" 2>&1
-  cp "$BASE/epoch_15.pth" "$BASE/baseline.pth"
+  cp "$(cat "$BASE/last_checkpoint")" "$BASE/baseline.pth"
 fi
 log "baseline: $BASE/baseline.pth"
 
