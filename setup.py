@@ -37,4 +37,15 @@ setup(
     install_requires=CORE,
     extras_require={"mmlab": MMLAB, "demo": ["scikit-learn>=1.3"],
                     "test": ["pytest>=8", "pytest-timeout>=2.2"]},
+    # the command lines (secure_inference/cli); research/*.py and mmlab_tools/*.py run the same
+    entry_points={"console_scripts": [
+        "si-extract = secure_inference.cli.extract_block_sizes:main",
+        "si-knapsack = secure_inference.cli.knapsack_patch_size_extractor:main",
+        "si-server = secure_inference.cli.server:main",
+        "si-client = secure_inference.cli.client:main",
+        "si-crypto-provider = secure_inference.cli.crypto_provider:main",
+        "si-certificates = secure_inference.cli.make_certificates:main",
+        "si-train = secure_inference.cli.mmlab_train:main",
+        "si-test = secure_inference.cli.mmlab_test:main",
+    ]},
 )

@@ -1,57 +1,13 @@
 #!/usr/bin/env python
 """Train or finetune an mmpretrain/mmseg config, optionally with Block-ReLUs (--relu-spec-file).
 
-Examples:
-  python mmlab_tools/train.py configs/classification/resnet18_cifar100_brelu_finetune.py \\
-      --relu-spec-file specs/resnet18_cifar100.pickle \\
-      --load-from work_dirs/resnet18_cifar100/epoch_200.pth
-  bash mmlab_tools/dist_train.sh CONFIG 4 --relu-spec-file SPEC --load-from CKPT
+The command lives in :mod:`secure_inference.cli.mmlab_train`,
+also installed as ``si-train``; this path keeps
+working with every flag (``--help`` lists them).
 """
-from __future__ import annotations
+import sys
 
-import argparse
-import os
-
-import secure_inference  # noqa: F401  (compatibility fixes before mmengine/torchvision)
-from mmengine.config import DictAction
-
-from secure_inference.mmlab.runner import (
-    LAUNCHERS, train, teardown_distributed)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Train/finetune an MMLab config on the mmengine Runner. Block-ReLUs of "
-                    "--relu-spec-file replace the ReLUs after the model is built (and after the "
-                    "config's secure_inference.convert conversions), before --load-from is "
-                    "loaded; saved checkpoints record the spec in meta['secure_inference'].",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("config", help="mmpretrain or mmseg config file")
-    p.add_argument("--work-dir", help="directory for logs and checkpoints "
-                   "(default: work_dirs/<config name>)")
-    p.add_argument("--relu-spec-file", help="block spec (.pickle or .json) from the knapsack step")
-    p.add_argument("--load-from", help="checkpoint to start from (e.g. the baseline network)")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from CKPT, or from the latest checkpoint in the work dir "
-                        "when no path is given")
-    p.add_argument("--amp", action="store_true", help="mixed-precision training (CUDA only)")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None,
-                   help="override config entries, e.g. train_cfg.max_epochs=10 "
-                        "train_dataloader.dataset.data_root=/data/cifar100")
-    p.add_argument("--launcher", choices=LAUNCHERS, default="none",
-                   help="'pytorch' under torchrun (dist_train.sh); 'none' for one process")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    train(args.config, spec=args.relu_spec_file, work_dir=args.work_dir,
-          load_from=args.load_from, resume=args.resume, amp=args.amp,
-          cfg_options=args.cfg_options, launcher=args.launcher)
-    teardown_distributed()
-
+from secure_inference.cli.mmlab_train import main, parse_args  # noqa: F401
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,42 +1,13 @@
 #!/usr/bin/env python
 """Secure-inference crypto provider / helper (P2): needs only the public architecture and spec.
 
-Compiles the same program as the client and server (from the config and spec, with random
-weights: the program holds no weights), listens at --helper, deals correlated randomness
-and runs the comparison steps. It sees only masked values. Example:
-
-    python research/secure_inference/crypto_provider.py --config-file session.yaml
+The command lives in :mod:`secure_inference.cli.crypto_provider`,
+also installed as ``si-crypto-provider``; this path keeps
+working with every flag (``--help`` lists them).
 """
-from __future__ import annotations
-
-import argparse
 import sys
-import time
 
-from common import (add_common_args, add_limit_args, build_model, compile_for, limits_from,
-                    resolve, run_role)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
-    add_limit_args(parser)
-    args = parser.parse_args(argv)
-    limits = limits_from(args)
-    cfg = resolve(args)
-    model, shape = build_model(cfg)
-    program, _ = compile_for(model, shape, 1)
-    del model
-    print(f"helper: compiled {len(program.layers)} secure layers; listening at {cfg['helper']}",
-          file=sys.stderr)
-    start = time.perf_counter()
-    result, _ = run_role(2, cfg, program, limits=limits)
-    print(f"helper: helped with {sum(result['batch_sizes'])} image(s) in "
-          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return 0
-
+from secure_inference.cli.crypto_provider import main  # noqa: F401
 
 if __name__ == "__main__":
-    from common import run_cli
-    sys.exit(run_cli(main, "helper"))
+    sys.exit(main())

@@ -1,23 +1,9 @@
-"""Shared command-line plumbing of server.py, client.py and crypto_provider.py.
+"""What the three party command lines (server, client, crypto_provider) share: the session
+flags, one-line user errors, building and compiling the model, connecting the party.
 
-Every setting comes from a flag or from one YAML file shared by the three parties
-(``--config-file``; flags win). Keys of the YAML file (all optional):
-
-    model: configs/classification/resnet18_cifar100.py   # MMLab config or torchvision name
-    spec: work/spec.pickle          # Block-ReLU spec (public); none: all ReLUs
-    input_shape: [3, 32, 32]        # else the config's secure_inference.input_shape
-    cfg_options: {model.head.num_classes: 10}
-    server: 127.0.0.2:7001          # where the server listens (the client dials it)
-    helper: 127.0.0.3:7002          # where the helper listens (client and server dial it)
-    client: 127.0.0.1               # the client's host (for its certificate only)
-    certs: certs/                   # ca.pem + <role>.pem/.key from make_certificates.py
-    plaintext: false                # true only on loopback, for tests
-    frac_bits: 16
-    drelu_bits: null                # approximate DReLU: compare this many bits ...
-    drop_bits: 0                    # ... after dropping this many low bits
-    timeout: 120
-    batch_size: 8                   # client only
-    threads: 1                      # torch threads of this party (default: torch's choice)
+Nothing here imports torch at module level: the parsers answer ``--help`` before it loads.
+The session settings themselves (YAML file, merging, addresses, TLS) live in
+:mod:`secure_inference.mpc.session_config`.
 """
 from __future__ import annotations
 
@@ -28,16 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import secure_inference  # noqa: E402,F401  (compat fixes first)
-
-KEYS = ("model", "spec", "input_shape", "cfg_options", "server", "helper", "client", "certs",
-        "plaintext", "frac_bits", "drelu_bits", "drop_bits", "timeout", "batch_size", "threads")
-DEFAULTS: dict[str, Any] = {"frac_bits": 16, "drop_bits": 0, "timeout": 120.0,
-                            "plaintext": False, "client": "127.0.0.1", "batch_size": 1}
+# the defaults of secure_inference.mpc.party, named here so that --help loads no torch
+# (tests/test_cli_help.py checks that they agree)
+DEFAULT_MAX_BATCH = 64
+DEFAULT_MAX_IMAGES = 100_000
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +42,16 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                    "a machine: cores / 3; too many threads make OpenMP workers spin)")
     g.add_argument("--debug", action="store_true",
                    help="show Python tracebacks on errors (also: environment SI_DEBUG=1)")
+
+
+def add_limit_args(parser: argparse.ArgumentParser) -> None:
+    """--max-batch/--max-images: what the server and the helper accept from a client."""
+    g = parser.add_argument_group("limits (server and helper: what a client may ask for)")
+    g.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
+                   help="largest batch (images) a client may announce; every party's memory "
+                   f"grows with it (default {DEFAULT_MAX_BATCH})")
+    g.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES, metavar="N",
+                   help=f"most images per session (default {DEFAULT_MAX_IMAGES})")
 
 
 class UserError(Exception):
@@ -104,17 +94,6 @@ def run_cli(main: Callable[[list[str] | None], int], name: str,
         return 1
 
 
-def add_limit_args(parser: argparse.ArgumentParser) -> None:
-    """--max-batch/--max-images: what the server and the helper accept from a client."""
-    from secure_inference.mpc.party import DEFAULT_MAX_BATCH, DEFAULT_MAX_IMAGES
-    g = parser.add_argument_group("limits (server and helper: what a client may ask for)")
-    g.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
-                   help="largest batch (images) a client may announce; every party's memory "
-                   f"grows with it (default {DEFAULT_MAX_BATCH})")
-    g.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES, metavar="N",
-                   help=f"most images per session (default {DEFAULT_MAX_IMAGES})")
-
-
 def limits_from(args: argparse.Namespace):
     """The SessionLimits of --max-batch/--max-images."""
     from secure_inference.mpc.party import SessionLimits
@@ -125,60 +104,33 @@ def limits_from(args: argparse.Namespace):
 
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
-    """Settings from flags, else the YAML file, else defaults; validated."""
-    import yaml
-    cfg: dict[str, Any] = {}
-    if args.config_file is not None:
-        if not args.config_file.exists():
-            raise SystemExit(f"config file not found: {args.config_file}")
-        loaded = yaml.safe_load(args.config_file.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise SystemExit(f"{args.config_file} must hold a mapping of settings")
-        unknown = sorted(set(loaded) - set(KEYS))
-        if unknown:
-            raise SystemExit(f"{args.config_file}: unknown keys {unknown}; known: {list(KEYS)}")
-        base = args.config_file.parent
-        for key in ("spec", "certs"):
-            if loaded.get(key) and not Path(loaded[key]).is_absolute():
-                loaded[key] = str(base / loaded[key])
-        if loaded.get("model") and str(loaded["model"]).endswith(".py") and \
-                not Path(loaded["model"]).is_absolute() and (base / loaded["model"]).exists():
-            loaded["model"] = str(base / loaded["model"])
-        cfg.update(loaded)
-    for key in KEYS:
-        value = getattr(args, key, None)
-        if value is not None:
-            cfg[key] = value
-    for key, value in DEFAULTS.items():
-        cfg.setdefault(key, value)
+    """Settings from flags, else the YAML file, else defaults; validated. Sets this party's
+    torch threads (``threads``)."""
+    from secure_inference.mpc.session_config import KEYS, SessionConfigError, merge_settings
+    try:
+        cfg = merge_settings({key: getattr(args, key, None) for key in KEYS}, args.config_file)
+    except SessionConfigError as exc:
+        raise SystemExit(str(exc)) from None
     if cfg.get("threads"):
         import torch
         torch.set_num_threads(int(cfg["threads"]))
-    if not cfg.get("model"):
-        raise SystemExit("no model: pass --model (config file or torchvision name) or set "
-                         "'model' in --config-file")
     return cfg
 
 
-def parse_address(text: str, what: str) -> tuple[str, int]:
-    host, sep, port = str(text).rpartition(":")
-    if not sep or not port.isdigit():
-        raise SystemExit(f"--{what} must be HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+def tls_config(role: int, cfg: dict[str, Any]):
+    """This party's TLS material (None with --plaintext); missing material is a UserError."""
+    from secure_inference.mpc.session_config import TLSSetupError
+    from secure_inference.mpc.session_config import tls_config as party_tls
+    try:
+        return party_tls(role, cfg)
+    except TLSSetupError as exc:
+        raise UserError(str(exc)) from None
 
 
 def input_shape(cfg: dict[str, Any]) -> tuple[int, int, int]:
+    """[C, H, W] of the session: ``input_shape`` or the config's."""
     from secure_inference.models import input_shape_of
     return input_shape_of(cfg["model"], cfg.get("input_shape"), cfg.get("cfg_options"))
-
-
-def load_spec(cfg: dict[str, Any]):
-    if not cfg.get("spec"):
-        return None
-    path = Path(cfg["spec"])
-    if path.suffix == ".json":
-        return secure_inference.spec_from_json(path.read_text())
-    return secure_inference.load_spec(path)
 
 
 def build_model(cfg: dict[str, Any], checkpoint: str | None = None):
@@ -186,7 +138,8 @@ def build_model(cfg: dict[str, Any], checkpoint: str | None = None):
     helper) with random weights, which only fix the architecture: the compiled program
     holds no weights."""
     from secure_inference.models import is_config_path, load_model
-    spec = load_spec(cfg)
+    from secure_inference.spec import apply_block_spec, load_spec
+    spec = load_spec(cfg["spec"]) if cfg.get("spec") else None
     shape = input_shape(cfg)
     if is_config_path(cfg["model"]):
         from secure_inference.mmlab.config_utils import load_task_config
@@ -203,11 +156,12 @@ def build_model(cfg: dict[str, Any], checkpoint: str | None = None):
     else:
         model = load_model(cfg["model"], checkpoint)
         if spec:
-            secure_inference.apply_block_spec(model, spec, shape)
+            apply_block_spec(model, spec, shape)
     return model.eval(), shape
 
 
 def drelu(cfg: dict[str, Any]):
+    """The session's DReLU configuration (None: exact)."""
     from secure_inference.mpc.local import drelu_config
     return drelu_config(cfg.get("drelu_bits"), int(cfg.get("drop_bits") or 0))
 
@@ -216,13 +170,12 @@ def connect(role: int, cfg: dict[str, Any]):
     """Listen (server, helper), dial (client, server), agree keys; returns the Party."""
     from secure_inference.mpc.harness import warm_up
     from secure_inference.mpc.runtime import Party
+    from secure_inference.mpc.session_config import SessionConfigError, party_addresses
     from secure_inference.mpc.transport import connect_links, listen
-    for key in ("server", "helper"):
-        if not cfg.get(key):
-            raise SystemExit(f"no address for the {key}: pass --{key} HOST:PORT or set "
-                             f"'{key}' in --config-file")
-    addresses = {0: (cfg["client"], 0), 1: parse_address(cfg["server"], "server"),
-                 2: parse_address(cfg["helper"], "helper")}
+    try:
+        addresses = party_addresses(cfg)
+    except SessionConfigError as exc:
+        raise SystemExit(str(exc)) from None
     tls = tls_config(role, cfg)
     listener = None
     if role != 0:
@@ -258,24 +211,6 @@ def connect(role: int, cfg: dict[str, Any]):
     return party
 
 
-def tls_config(role: int, cfg: dict[str, Any]):
-    """This party's TLS material (None with --plaintext); a missing folder or file is a
-    UserError naming it and how to make it."""
-    from secure_inference.mpc.transport import TLSConfig
-    if cfg["plaintext"]:
-        return None
-    if not cfg.get("certs"):
-        raise UserError("TLS needs --certs FOLDER (make it with make_certificates.py), or "
-                        "--plaintext on loopback")
-    if not Path(cfg["certs"]).is_dir():
-        raise UserError(f"certs: {cfg['certs']} is not a folder; pass --certs (or 'certs:' in "
-                        "--config-file) pointing at the folder made by make_certificates.py")
-    try:
-        return TLSConfig.from_dir(cfg["certs"], role)
-    except FileNotFoundError as exc:
-        raise UserError(str(exc)) from None
-
-
 def close_party(party, exc: BaseException | None = None) -> None:
     """Close the links; after a failure the peers are told which party failed and why."""
     from secure_inference.mpc.harness import close_party as close
@@ -283,6 +218,7 @@ def close_party(party, exc: BaseException | None = None) -> None:
 
 
 def compile_for(model, shape, batch: int):
+    """The secure program (and server weights) of ``model`` for batches of ``batch``."""
     from secure_inference.mpc.compile import compile_model
     return compile_model(model, (batch,) + tuple(shape))
 

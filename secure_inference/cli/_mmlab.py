@@ -1,0 +1,25 @@
+"""What mmlab_train and mmlab_test share, without loading mmengine before the flags parse."""
+from __future__ import annotations
+
+import argparse
+
+# secure_inference.mmlab.runner.LAUNCHERS, named here so that --help loads no mmengine
+# (tests/test_cli_help.py checks that they agree)
+LAUNCHERS = ("none", "pytorch")
+
+
+class CfgOptionsAction(argparse.Action):
+    """``--cfg-options key=value ...`` parsed by mmengine's ``DictAction`` (same syntax:
+    lists, tuples, numbers, booleans, None), which loads only when the flag is given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from mmengine.config import DictAction
+        action = DictAction(self.option_strings, self.dest, nargs=self.nargs,
+                            default=self.default)
+        action(parser, namespace, values, option_string)
+
+
+def add_cfg_options(parser: argparse.ArgumentParser, example: str) -> None:
+    """The ``--cfg-options`` flag (``example``: a typical override, for the help)."""
+    parser.add_argument("--cfg-options", nargs="+", action=CfgOptionsAction, default=None,
+                        help=f"override config entries, e.g. {example}")

@@ -1,0 +1,55 @@
+"""Secure-inference server (P1): holds the model weights; never sees the client's images.
+
+Loads the model config + checkpoint (+ Block-ReLU spec), compiles it, listens at --server,
+and serves one session: the weights are masked and opened once, then every image batch of
+the client runs through the secure layers. Example (three hosts, TLS):
+
+    si-server --config-file session.yaml --checkpoint ft.pth
+    (or: python research/secure_inference/server.py --config-file session.yaml --checkpoint ft.pth)
+
+See docs/secure_inference.md for the YAML keys, certificates and what each party learns.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ._party import (add_common_args, add_limit_args, build_model, compile_for, limits_from,
+                     resolve, run_cli, run_role)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The server's flags."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="model weights (.pth)")
+    add_common_args(parser)
+    add_limit_args(parser)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and serve one session (errors propagate; see :func:`main`)."""
+    args = build_parser().parse_args(argv)
+    limits = limits_from(args)
+    cfg = resolve(args)
+    model, shape = build_model(cfg, checkpoint=args.checkpoint)
+    program, weights = compile_for(model, shape, 1)
+    del model
+    print(f"server: compiled {len(program.layers)} secure layers; listening at {cfg['server']}",
+          file=sys.stderr)
+    start = time.perf_counter()
+    result, _ = run_role(1, cfg, program, weights=weights, limits=limits)
+    print(f"server: served {sum(result['batch_sizes'])} image(s) in "
+          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: user errors are one line on stderr and exit status 1."""
+    return run_cli(run, "server", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
