@@ -8,19 +8,28 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+import secure_inference as si
 
-import secure_inference as si  # noqa: E402
-from model_zoo import mmpretrain_resnet18_cifar  # noqa: E402
+
+def _model_zoo():
+    """tests/model_zoo.py (the test suite's model builders), loaded by path."""
+    path = Path(__file__).resolve().parents[2] / "tests" / "model_zoo.py"
+    spec = importlib.util.spec_from_file_location("model_zoo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+mmpretrain_resnet18_cifar = _model_zoo().mmpretrain_resnet18_cifar
 
 
 def mixed_spec(model, shape, rng) -> dict:

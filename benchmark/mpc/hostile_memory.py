@@ -28,10 +28,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 from secure_inference.mpc.compile import compile_model  # noqa: E402
 from secure_inference.mpc.party import SessionLimits  # noqa: E402
 from secure_inference.mpc.runtime import ProtocolError  # noqa: E402

@@ -1,0 +1,111 @@
+"""Every command line answers --help (exit 0, its flags listed) without loading torch or
+mmengine, through each of its paths: ``secure_inference.cli.X.main``, the research/ or
+mmlab_tools/ script, and the installed console script. No timings here (machines are noisy):
+"torch is not imported" is what keeps --help well under a second."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "mmengine", "mmcv", "torchvision", "mmpretrain", "mmseg")
+
+# module -> (script path, console script, text its --help must show)
+CLIS = {
+    "extract_block_sizes": ("research/extract_block_sizes.py", "si-extract", "--num_samples"),
+    "knapsack_patch_size_extractor": ("research/knapsack_patch_size_extractor.py", "si-knapsack",
+                                      "--block_size_spec_file_name"),
+    "server": ("research/secure_inference/server.py", "si-server", "--max-batch"),
+    "client": ("research/secure_inference/client.py", "si-client", "--images"),
+    "crypto_provider": ("research/secure_inference/crypto_provider.py", "si-crypto-provider",
+                        "--config-file"),
+    "make_certificates": ("research/secure_inference/make_certificates.py", "si-certificates",
+                          "init-ca"),
+    "mmlab_train": ("mmlab_tools/train.py", "si-train", "--relu-spec-file"),
+    "mmlab_test": ("mmlab_tools/test.py", "si-test", "--relu-spec-file"),
+}
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+
+
+@pytest.mark.parametrize("name", sorted(CLIS))
+def test_main_help_loads_no_torch(name):
+    proc = _python(f"""
+        import json, sys
+        from secure_inference.cli.{name} import main
+        try:
+            main(["--help"])
+            code = "returned"
+        except SystemExit as exc:
+            code = exc.code
+        print(json.dumps({{"code": code, "loaded": sorted(m for m in {HEAVY!r}
+                                                          if m in sys.modules)}}),
+              file=sys.stderr)
+    """)
+    result = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert result == {"code": 0, "loaded": []}, proc.stderr[-2000:]
+    assert CLIS[name][2] in proc.stdout and "usage:" in proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(CLIS))
+def test_script_help_loads_no_torch(name):
+    script, _, text = CLIS[name]
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / script), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert text in proc.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
+@pytest.mark.parametrize("name", sorted(CLIS))
+def test_console_script_help(name):
+    _, command, text = CLIS[name]
+    exe = Path(sys.executable).parent / command
+    if not exe.exists():
+        pytest.skip(f"{command} is not installed (pip install -e . creates it)")
+    proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and text in proc.stdout, proc.stderr[-2000:]
+
+
+def test_help_defaults_agree_with_the_library():
+    from secure_inference.cli import _mmlab, _party
+    from secure_inference.mmlab.runner import LAUNCHERS
+    from secure_inference.mpc.party import DEFAULT_MAX_BATCH, DEFAULT_MAX_IMAGES
+    assert (_party.DEFAULT_MAX_BATCH, _party.DEFAULT_MAX_IMAGES) == (DEFAULT_MAX_BATCH,
+                                                                    DEFAULT_MAX_IMAGES)
+    assert _mmlab.LAUNCHERS == LAUNCHERS
+
+
+def test_cfg_options_parse_as_mmengine_does():
+    from mmengine.config import DictAction
+
+    from secure_inference.cli.mmlab_train import parse_args
+    values = ["train_cfg.max_epochs=10", "a.b=[1,2,(3,4)]", "c=True", "d=x,y", "e=None",
+              "f=0.5", "g=text"]
+    reference = argparse.ArgumentParser()
+    reference.add_argument("--cfg-options", nargs="+", action=DictAction)
+    expected = reference.parse_args(["--cfg-options", *values]).cfg_options
+    assert parse_args(["cfg.py", "--cfg-options", *values]).cfg_options == expected
+    assert expected["train_cfg.max_epochs"] == 10 and expected["d"] == ["x", "y"]
+    assert parse_args(["cfg.py"]).cfg_options is None
+
+
+def test_no_sys_path_edits_in_scripts():
+    offenders = []
+    for folder in ("research", "mmlab_tools", "benchmark"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            if "sys.path.insert" in text or "sys.path.append" in text:
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
