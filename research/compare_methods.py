@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-projections", type=int, default=8,
                     help="random projections per sample of the linear estimate")
     ap.add_argument("--iterative-rounds", type=int, default=3)
+    ap.add_argument("--iterative-samples", type=int, default=None,
+                    help="images for the iterative method's re-measurements (the first N of "
+                         "the distortion samples; default: all). Exact distortion of a network "
+                         "full of Block-ReLUs costs about 3x that of the baseline")
     ap.add_argument("--distill-temperature", type=float, default=4.0)
     ap.add_argument("--distill-weight", type=float, default=1.0)
     ap.add_argument("--cfg-options", nargs="*", default=[], metavar="KEY=VALUE",
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                       distortion_seed=args.distortion_seed,
                       num_projections=args.num_projections,
                       iterative_rounds=args.iterative_rounds,
+                      iterative_samples=args.iterative_samples,
                       distill_temperature=args.distill_temperature,
                       distill_weight=args.distill_weight, cfg_options=cfg_options)
         study.check()

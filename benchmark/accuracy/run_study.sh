@@ -44,7 +44,8 @@ fi
 log "baseline: $BASE/baseline.pth"
 
 "$PY" research/compare_methods.py "$HERE/fmnist_resnet18_finetune.py" "$BASE/baseline.pth" \
-  --work-dir "$WORK/compare" --threads 1 --num-samples 256 --iterative-rounds 3 \
+  --work-dir "$WORK/compare" --threads 1 --num-samples 256 \
+  --iterative-rounds 2 --iterative-samples 64 \
   --budgets 7x7 4x4 3x3 2x2 \
   --methods knapsack uniform linearisation knapsack_linear knapsack_kd iterative \
   --seeds 0 1 2 --max-seeds knapsack_linear=1 knapsack_kd=1 iterative=1

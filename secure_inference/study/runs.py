@@ -41,6 +41,7 @@ class Study:
     distortion_seed: int = 0
     num_projections: int = 8         # linear estimate: random projections per sample
     iterative_rounds: int = 3
+    iterative_samples: int | None = None  # images of the iterative re-measurements (None: all)
     distill_temperature: float = 4.0
     distill_weight: float = 1.0
     cfg_options: dict = field(default_factory=dict)
@@ -194,7 +195,8 @@ def run_study(study: Study, on_event: Event | None = None) -> ResultsFile:
                                             f"{Path(study.checkpoint).resolve()}"),
                                   seed=study.distortion_seed,
                                   num_projections=study.num_projections,
-                                  iterative_rounds=study.iterative_rounds)
+                                  iterative_rounds=study.iterative_rounds,
+                                  remeasure_samples=study.iterative_samples)
         return builder
 
     def get_spec(method: str, budget: Budget):

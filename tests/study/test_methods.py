@@ -154,6 +154,21 @@ def test_iterative_remeasures_with_the_spec_applied(builder):
         assert r.distortion.max() > 0
 
 
+def test_iterative_remeasures_on_fewer_samples(tmp_path):
+    torch.manual_seed(1)
+    b = SpecBuilder(small_net(), torch.randn(6, *SHAPE), tmp_path, model_id="small",
+                    iterative_rounds=2, remeasure_samples=3)
+    built = b.build("iterative", resolve_budgets(["3x3"], b.sites)[0])
+    metas = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/meta.json")}
+    assert metas["exact"]["num_samples"] == 6
+    again = [m for name, m in metas.items() if name.startswith("exact_with_spec_")]
+    assert len(again) == 1 and again[0]["num_samples"] == 3
+    assert built.drelus <= resolve_budgets(["3x3"], b.sites)[0].drelus
+    with pytest.raises(ValueError, match="remeasure_samples"):
+        SpecBuilder(small_net(), torch.randn(6, *SHAPE), tmp_path, model_id="x",
+                    remeasure_samples=7)
+
+
 def test_kd_method_finetunes_the_knapsack_spec_with_distillation(monkeypatch, tmp_path):
     from secure_inference.study import runs
     assert spec_method("knapsack_kd") == "knapsack" and METHODS["knapsack_kd"].distill
