@@ -22,7 +22,7 @@ from torch import nn
 
 from .compile import Program, Weights, compile_model, truncation_failures
 from .party import SessionLimits, run_party
-from .protocols.drelu import DReLUConfig
+from .settings import DReLUConfig
 from .report import build_report, plot_report, save_report
 from .ring import DEFAULT_FRAC_BITS
 from .runtime import ROLE_CLIENT, ROLE_SERVER, Party

@@ -27,7 +27,8 @@ import torch
 from .ops import layer_drelus, op_of
 from .program import Layer, Program, Weights
 from .protocols.linear import open_weights, preprocess, reconstruct, share
-from .protocols.drelu import DReLUConfig, resolve_config, set_default_config
+from .protocols.drelu import resolve_config, set_default_config
+from .settings import DReLUConfig
 from .ring import decode, encode
 from .session import SCOPE_HEADER, SCOPE_OUTPUT, SCOPE_PREPROCESS, SCOPE_REPORT, SCOPE_SETUP
 from .stats import CommStats, ScopeStats

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from cryptography.hazmat.primitives import hashes, serialization
@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from . import prg
 from .backends import get_backend
 from .ring import DEFAULT_FRAC_BITS
+from .settings import EXACT, DReLUConfig
 from .session import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, ROLES, SCOPE_KEYS, Role
 from .stats import CommStats, ScopeStats, merge_stats
 from .transport import DEFAULT_MAX_FRAME, Link, ProtocolError, decode_frame, encode_frame, scope_hash
@@ -47,7 +48,18 @@ DEFAULT_TIMEOUT = 60.0
 
 __all__ = ["Role", "ROLE_CLIENT", "ROLE_SERVER", "ROLE_HELPER", "ROLES", "Party",
            "ProtocolError", "ScopeStats", "CommStats", "merge_stats", "DEFAULT_TIMEOUT",
-           "PartyView"]
+           "PartyView", "OpenedWeights"]
+
+
+@dataclass
+class OpenedWeights:
+    """One server-weight layer's weight-side tensor on this party, opened once per session:
+    P0 holds F = W − B, P1 its encoded W, P2 the mask B. On P1 also the float tensor the
+    encoding came from and its version counter, so an unmodified tensor is not re-encoded."""
+
+    tensor: torch.Tensor
+    source: torch.Tensor | None = None
+    source_version: int | None = None
 
 
 @dataclass
@@ -81,7 +93,8 @@ class Party:
         self.timeout = timeout
         self.max_frame = max_frame
         self.stats = CommStats()
-        self.cache: dict[Any, Any] = {}   # session-level protocol state (e.g. opened weights)
+        self.drelu: DReLUConfig = EXACT  # this session's DReLU (protocols.drelu.set_default_config)
+        self.weights: dict[str, OpenedWeights] = {}   # per server-weight layer, opened once
         self._links = links
         self._scope: list[str] = []
         self._scope_path = ""

@@ -51,7 +51,7 @@ import torch
 
 from ..backends import SMALL_WEIGHT_BITS, fits_small
 from ..ring import encode, truncate_share
-from ..runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party
+from ..runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, OpenedWeights, Party
 from ..session import SCOPE_PREPROCESS, SCOPE_SETUP
 
 Share = torch.Tensor
@@ -250,45 +250,45 @@ def open_weights(party: Party, weight: torch.Tensor | None, *, weight_shape: Seq
 
 def _open_weights(party: Party, weight: torch.Tensor | None, weight_shape: Sequence[int],
                   name: str) -> torch.Tensor:
-    """In the layer's scope: open F once (cached), return this party's weight-side tensor
-    (P0: F, P1: W, P2: B)."""
+    """In the layer's scope: open F once (kept in ``party.weights``), return this party's
+    weight-side tensor (P0: F, P1: W, P2: B)."""
     shape = tuple(int(s) for s in weight_shape)
-    key = ("weights", name)
+    opened = party.weights.get(name)
     if party.role == ROLE_SERVER:
         if weight is None:
             raise ValueError("the server (P1) must pass its weights")
-        src = party.cache.get(("weights-source", name))
-        if key in party.cache and src is not None and src[0] is weight \
-                and src[1] == weight._version:
-            return party.cache[key]     # the very tensor opened before, unmodified: encoded
+        if opened is not None and opened.source is weight \
+                and opened.source_version == weight._version:
+            return opened.tensor     # the very tensor opened before, unmodified: encoded
         w = to_ring(party, weight)
         if tuple(w.shape) != shape:
             raise ValueError(f"weights of '{name}' have shape {list(w.shape)}, public shape is "
                              f"{list(shape)}")
         if not fits_small(w):
             biggest = float(w.abs().max()) / 2 ** party.frac_bits
+            bound = 2.0 ** (SMALL_WEIGHT_BITS - party.frac_bits)
             raise ValueError(
                 f"layer '{name}' has a weight of magnitude {biggest:.4g}; encoded with "
                 f"{party.frac_bits} fractional bits it reaches 2^{SMALL_WEIGHT_BITS}, the bound "
-                f"the secure convolution is built for (|w| < "
-                f"{2.0 ** (SMALL_WEIGHT_BITS - party.frac_bits):g} at f = {party.frac_bits}). Use fewer fractional bits (--frac-bits) or rescale "
-                "this layer (e.g. move the factor into the next layer)")
-        if key in party.cache:
-            if not torch.equal(party.cache[key], w):
+                f"the secure convolution is built for (|w| < {bound:g} at f = "
+                f"{party.frac_bits}). Use fewer fractional bits (--frac-bits) or rescale this "
+                "layer (e.g. move the factor into the next layer)")
+        if opened is not None:
+            if not torch.equal(opened.tensor, w):
                 raise ValueError(f"weights of '{name}' changed within the session; use a new name")
             return w
-    elif key in party.cache:
-        return party.cache[key]
+    elif opened is not None:
+        return opened.tensor
     with party.scope(SCOPE_SETUP):
         if party.role == ROLE_CLIENT:
-            party.cache[key] = party.recv(ROLE_SERVER, shape)
+            opened = OpenedWeights(party.recv(ROLE_SERVER, shape))
         elif party.role == ROLE_SERVER:
             party.send(ROLE_CLIENT, w - party.pair_random(ROLE_HELPER, shape, tag="B"))
-            party.cache[key] = w
-            party.cache[("weights-source", name)] = (weight, weight._version)
+            opened = OpenedWeights(w, source=weight, source_version=weight._version)
         else:
-            party.cache[key] = party.pair_random(ROLE_SERVER, shape, tag="B")
-    return party.cache[key]
+            opened = OpenedWeights(party.pair_random(ROLE_SERVER, shape, tag="B"))
+    party.weights[name] = opened
+    return opened.tensor
 
 
 @dataclass
@@ -315,9 +315,9 @@ def preprocess(party: Party, layers: Sequence[tuple[str, Sequence[int], Sequence
     out: dict[str, Preprocessed] = {}
     with party.scope(scope):
         for name, x_shape, weight_shape, op in layers:
-            if party.role != ROLE_SERVER and ("weights", name) not in party.cache:
+            if party.role != ROLE_SERVER and name not in party.weights:
                 raise ValueError(f"open the weights of '{name}' before preprocessing it")
-            w = party.cache.get(("weights", name))
+            w = party.weights[name].tensor if name in party.weights else None
             out[name] = _mask_products(party, name, x_shape, _out_shape(op, x_shape,
                                                                         weight_shape), op, w)
     return out
