@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..mmlab.datasets import build_distortion_dataset
 from .engine import DistortionError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
@@ -37,18 +38,16 @@ def sample_indices(length: int, num_samples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(int(seed)).permutation(length)[:num_samples]
 
 
-def build_distortion_dataset(cfg):
-    """Build ``cfg.secure_inference.distortion_data`` with the config's registry."""
-    si = cfg.get("secure_inference") or {}
-    data_cfg = si.get("distortion_data") if hasattr(si, "get") else None
-    if not data_cfg:
-        raise DistortionError("the config has no secure_inference.distortion_data entry; add "
-                              "secure_inference = dict(input_shape=[C, H, W], distortion_data="
-                              "dict(<dataset cfg: training images, test pipeline>)) or use "
-                              "--model/--image-folder")
-    from ..mmlab.datasets import build_dataset
+def load_distortion_dataset(cfg):
+    """``cfg.secure_inference.distortion_data`` built with the config's registry
+    (:func:`secure_inference.mmlab.datasets.build_distortion_dataset`), with every failure a
+    :class:`DistortionError` that says what to fix, and an empty dataset refused."""
     try:
-        dataset = build_dataset(cfg, data_cfg)
+        dataset = build_distortion_dataset(cfg)
+    except ValueError as e:     # no distortion_data entry
+        raise DistortionError(f"{e}; add secure_inference = dict(input_shape=[C, H, W], "
+                              "distortion_data=dict(<dataset cfg: training images, test "
+                              "pipeline>)) or use --model/--image-folder") from None
     except Exception as e:  # dataset constructors raise many types (missing files, bad keys)
         raise DistortionError(f"cannot build secure_inference.distortion_data: "
                               f"{type(e).__name__}: {e}") from None
@@ -63,7 +62,7 @@ def config_samples(cfg, model: nn.Module, num_samples: int, seed: int,
                    progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """N preprocessed samples [N, C, H, W] (CPU float32) from the config's distortion data."""
     from ..mmlab.datasets import preprocessed_batches
-    dataset = build_distortion_dataset(cfg)
+    dataset = load_distortion_dataset(cfg)
     idx = sample_indices(len(dataset), num_samples, seed)
     if getattr(model, "data_preprocessor", None) is None:
         raise DistortionError("the model has no data_preprocessor; build it from an MMLab "

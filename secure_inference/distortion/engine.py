@@ -46,6 +46,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..brelu import BlockReLU, block_sign_mask, is_identity
+from ..conversions import fold_bn
 from ..multisite import MultiSiteActivation
 from ..sites import ReluSite, run_model
 from ..spec import apply_block_spec, extract_block_spec
@@ -336,19 +337,10 @@ def _bn_foldable(conv: nn.Module, bn: nn.Module) -> bool:
                      or bn._forward_hooks or bn._forward_pre_hooks))
 
 
-def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of the convolution equal to BN(conv(x)) in eval mode, computed in
-    float64 and rounded once: w * g / sqrt(var + eps), (b - mean) * g / sqrt(var + eps) + beta.
-    """
-    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    bias = -bn.running_mean.double() * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias.double() * scale
-    if bn.bias is not None:
-        bias = bias + bn.bias.double()
-    weight = conv.weight.double() * scale.reshape(-1, 1, 1, 1)
+def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the convolution equal to BN(conv(x)) in eval mode, folded in float64
+    (:func:`secure_inference.conversions.fold_bn`) and rounded once to the conv's dtype."""
+    weight, bias = fold_bn(conv.weight, conv.bias, bn)
     return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
 
 
@@ -392,7 +384,7 @@ class SiteRunner:
         if conv_call not in self._folded:
             conv = self.calls[conv_call].module
             bn = self.calls[self.fold_candidates[conv_call]].module
-            self._folded[conv_call] = fold_bn(conv, bn)
+            self._folded[conv_call] = _folded_conv(conv, bn)
         return self._folded[conv_call]
 
     def _check_call(self, idx: int, module: nn.Module) -> None:

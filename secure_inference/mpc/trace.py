@@ -39,6 +39,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..brelu import BlockReLU, as_block_sizes
+from ..conversions import fold_bn
 from ..sites import find_relu_sites, run_model
 from ..spec import apply_block_spec
 from .program import Layer, Program, UnsupportedOperationError, Weights
@@ -407,21 +408,6 @@ def resize_matrices(in_hw: tuple[int, int], kwargs: dict[str, Any]
 # --------------------------------------------------------------------------------------------
 # Compilation
 # --------------------------------------------------------------------------------------------
-
-def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold an eval-mode BatchNorm after a conv/linear into its weight and bias (float64)."""
-    w = weight.detach().double()
-    b = bias.detach().double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    scale = 1.0 / torch.sqrt(bn.running_var.detach().double() + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.detach().double()
-    shift = -bn.running_mean.detach().double() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.detach().double()
-    w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
-    return w, b * scale + shift
-
 
 def compile_model(model: nn.Module, input_shape: Sequence[int], *,
                   spec: dict | None = None) -> tuple[Program, Weights]:
