@@ -17,9 +17,9 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from .brelu import BlockReLU
+from .tracing import ModuleTracer
 from .multisite import MultiSiteActivation
 
 RELU_MODULE_TYPES: tuple[type, ...] = (nn.ReLU, nn.ReLU6, BlockReLU)
@@ -81,24 +81,14 @@ def _shape_chw(out: Any) -> tuple[int, int, int]:
                      "nor [N, C]")
 
 
-class _Tracer(TorchFunctionMode):
+class _Tracer(ModuleTracer):
     """Records activation calls in order; module calls via hooks, functional ones via the mode."""
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.paths = {m: p for p, m in model.named_modules()}
-        self.stack: list[nn.Module] = []
+        super().__init__(model)
         self.calls: list[tuple[str, str, str, tuple[int, int, int]]] = []  # kind, path, key, shape
-        self.handles = []
-        for module in self.paths:
-            self.handles.append(module.register_forward_pre_hook(self._pre))
-            self.handles.append(module.register_forward_hook(self._post))
 
-    def _pre(self, module, args):
-        self.stack.append(module)
-
-    def _post(self, module, args, out):
-        self.stack.pop()
+    def on_module(self, module, args, out):
         if _is_relu_module(module) and not self._inside_relu_module():
             path = self.paths[module]
             self.calls.append((_module_kind(module), path, path, _shape_chw(out)))
@@ -113,14 +103,10 @@ class _Tracer(TorchFunctionMode):
             return out
         kind = _functional_kind(func, args, kwargs)
         if kind is not None:
-            parent = self.paths[self.stack[-1]] if self.stack else ""
+            parent = self.current_path()
             fn = kind.split(".", 1)[1]
             self.calls.append((kind, parent, f"{parent}:{fn}", _shape_chw(out)))
         return out
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def model_input(input_shape: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:

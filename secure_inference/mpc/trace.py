@@ -36,12 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..brelu import BlockReLU, as_block_sizes
 from ..conversions import fold_bn
 from ..sites import find_relu_sites, run_model
 from ..spec import apply_block_spec
+from ..tracing import ModuleTracer
 from .program import Layer, Program, UnsupportedOperationError, Weights
 
 __all__ = ["compile_model", "fold_bn", "resize_matrices"]
@@ -75,24 +75,18 @@ _RESHAPE_FUNCS = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.
                   torch.Tensor.flatten}
 
 
-class _Tracer(TorchFunctionMode):
+class _Tracer(ModuleTracer):
     """Records the layers of one forward pass (see the module docstring)."""
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.paths = {m: p for p, m in model.named_modules()}
-        self.stack: list[nn.Module] = []
+        super().__init__(model)
         self.nodes: list[dict[str, Any]] = []
         self.producer: dict[int, int] = {}   # id(tensor) -> node index
         self.keep: list[torch.Tensor] = []   # keeps traced tensors alive (stable ids)
-        self.handles = []
-        for module in self.paths:
-            self.handles.append(module.register_forward_pre_hook(self._pre))
-            self.handles.append(module.register_forward_hook(self._post))
 
     # --- bookkeeping ---
     def _where(self) -> str:
-        return (self.paths[self.stack[-1]] if self.stack else "") or "<model>"
+        return self.current_path() or "<model>"
 
     def _in_leaf(self) -> bool:
         return any(isinstance(m, _LEAF_TYPES) for m in self.stack)
@@ -116,11 +110,7 @@ class _Tracer(TorchFunctionMode):
             "pooling, residual add, concat, flatten, dropout (eval), bilinear/nearest resize.")
 
     # --- module hooks ---
-    def _pre(self, module, args):
-        self.stack.append(module)
-
-    def _post(self, module, args, out):
-        self.stack.pop()
+    def on_module(self, module, args, out):
         if not isinstance(module, _LEAF_TYPES) or self._in_leaf():
             return None
         path = self.paths[module]
@@ -345,11 +335,6 @@ class _Tracer(TorchFunctionMode):
                 return
             self._fail(_fname(func), where, f"mean over dims {dims}")
         self._fail(_fname(func), where)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
 
 def _fname(func) -> str:
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
