@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +29,19 @@ def _load_cli():
     return mod
 
 
-CLI = _load_cli()
+CLI = _load_cli()  # the research/ path: a shim over secure_inference.cli.compare_methods
+
+
+def test_help_loads_no_torch_and_lists_every_method():
+    from secure_inference.cli import compare_methods
+    from secure_inference.study.methods import METHODS
+    assert compare_methods.METHOD_NAMES == tuple(METHODS)
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(SCRIPT), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--iterative-samples" in proc.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert not imported & {"torch", "mmengine", "mmpretrain"}
 METHODS = ["knapsack", "uniform", "linearisation"]
 
 
