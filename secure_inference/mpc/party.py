@@ -312,7 +312,7 @@ def gather_results(party: Party, result: dict[str, Any]) -> list[dict[str, Any]]
             n = int(party.recv(p, (1,))[0])
             if not 0 < n <= _SUMMARY_LIMIT:
                 raise ProtocolError(f"party {p} announced a report of {n} bytes")
-            raw = party.recv(p, (n,), torch.uint8).numpy().tobytes()
+            raw = party.recv(p, (n,), torch.uint8).cpu().numpy().tobytes()
             try:
                 data = json.loads(raw)
                 out[p] = {"stats": _stats_from_summary(data),

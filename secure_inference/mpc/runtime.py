@@ -116,7 +116,7 @@ class Party:
             for p in sorted(self._links):
                 self.send(p, torch.frombuffer(bytearray(pubs[p]), dtype=torch.uint8))
             for p in sorted(self._links):
-                theirs = bytes(self.recv(p, (32,), torch.uint8).numpy().tobytes())
+                theirs = bytes(self.recv(p, (32,), torch.uint8).cpu().numpy().tobytes())
                 try:
                     shared = secrets[p].exchange(X25519PublicKey.from_public_bytes(theirs))
                 except ValueError as exc:
