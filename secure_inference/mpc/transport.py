@@ -110,22 +110,28 @@ class Frame:
 
 
 def encode_frame(x: torch.Tensor, scope: int, clock: int,
-                 max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
-    """Serialise one tensor (copied: later in-place changes to ``x`` do not affect the frame)."""
+                 max_frame: int = DEFAULT_MAX_FRAME) -> bytearray:
+    """Serialise one tensor, length prefix included, into one new buffer (the payload is
+    copied once: later in-place changes to ``x`` do not affect the frame)."""
     if x.dtype not in DTYPE_CODES:
         raise TypeError(f"cannot send dtype {x.dtype}; allowed: {sorted(map(str, DTYPE_CODES))}")
     if x.ndim > MAX_NDIM:
         raise ValueError(f"cannot send a tensor with {x.ndim} dimensions (max {MAX_NDIM})")
     if x.device.type == "meta":
         raise TypeError("cannot send a meta (shape-only) tensor: this party holds no data here")
-    payload = x.detach().contiguous().cpu().numpy().tobytes()
-    header = _HEADER.pack(MAGIC, VERSION, DTYPE_CODES[x.dtype], x.ndim, scope, clock)
-    shape = struct.pack(f"<{x.ndim}q", *x.shape)
-    length = len(header) + len(shape) + len(payload)
+    arr = x.detach().contiguous().cpu().numpy().reshape(-1).view(np.uint8)
+    head = _HEADER.size + 8 * x.ndim
+    length = head + arr.size
     if length > max_frame:
         raise ValueError(f"frame of {length} bytes exceeds the {max_frame}-byte limit; "
                          "split the tensor or raise max_frame on every party")
-    return _PREFIX.pack(length) + header + shape + payload
+    frame = bytearray(_PREFIX.size + length)
+    _PREFIX.pack_into(frame, 0, length)
+    _HEADER.pack_into(frame, _PREFIX.size, MAGIC, VERSION, DTYPE_CODES[x.dtype], x.ndim, scope,
+                      clock)
+    struct.pack_into(f"<{x.ndim}q", frame, _PREFIX.size + _HEADER.size, *x.shape)
+    frame[_PREFIX.size + head:] = memoryview(arr)
+    return frame
 
 
 def decode_frame(body: bytes, *, dtype: torch.dtype, shape: tuple[int, ...], scope: int,
@@ -158,12 +164,14 @@ def decode_frame(body: bytes, *, dtype: torch.dtype, shape: tuple[int, ...], sco
         raise ProtocolError(f"{where}: payload of {payload} bytes does not match shape "
                             f"{list(got_shape)} of {dtype}")
     arr = np.frombuffer(body, dtype=_NP_DTYPES[dtype], offset=_HEADER.size + 8 * ndim)
-    tensor = torch.from_numpy(arr.copy()).reshape(shape).to(device)
+    if not arr.flags.writeable:   # a read-only buffer (bytes): copy; a frame buffer of its own
+        arr = arr.copy()          # (bytearray from a link) becomes the tensor's memory as is
+    tensor = torch.from_numpy(arr).reshape(shape).to(device)
     return Frame(tensor, clock, payload, len(body) + _PREFIX.size)
 
 
-def split_prefix(data: bytes, max_frame: int, peer: int) -> bytes:
-    """Check a whole frame's length prefix and return its body."""
+def split_prefix(data: bytes | bytearray, max_frame: int, peer: int) -> memoryview:
+    """Check a whole frame's length prefix and return its body (a view: no copy)."""
     if len(data) < _PREFIX.size:
         raise ProtocolError(f"frame from party {peer}: shorter than its length prefix")
     (length,) = _PREFIX.unpack_from(data, 0)
@@ -173,7 +181,7 @@ def split_prefix(data: bytes, max_frame: int, peer: int) -> bytes:
     if len(data) - _PREFIX.size != length:
         raise ProtocolError(f"frame from party {peer}: length prefix says {length} bytes, "
                             f"got {len(data) - _PREFIX.size}")
-    return data[_PREFIX.size:]
+    return memoryview(data)[_PREFIX.size:]
 
 
 class Link:
@@ -280,7 +288,8 @@ def is_loopback(host: str) -> bool:
 class SocketLink(Link):
     """A TCP (or TLS-over-TCP) link with one I/O thread that reads and writes concurrently."""
 
-    _CHUNK = 1 << 20
+    _CHUNK = 4 << 20          # most bytes one send/recv call moves
+    _STAGE = 1 << 20          # staging buffer; larger frames get their own
 
     def __init__(self, sock: socket.socket, me: int, peer: int,
                  max_frame: int = DEFAULT_MAX_FRAME, linger: float = 5.0,
@@ -294,10 +303,19 @@ class SocketLink(Link):
         self._out_bytes = 0     # bytes queued for sending, not yet written to the socket
         self._in_bytes = 0      # bytes of received frames the protocol has not read yet
         self._sock = sock
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):   # fewer wake-ups per large frame
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, self._CHUNK)
+            except OSError:
+                pass
         sock.setblocking(False)
         self._out: collections.deque[memoryview] = collections.deque()
-        self._frames: collections.deque[bytes] = collections.deque()
-        self._inbuf = bytearray()
+        self._frames: collections.deque[bytearray] = collections.deque()
+        self._stage = bytearray(self._STAGE)          # small frames are cut out of this
+        self._stage_view = memoryview(self._stage)
+        self._stage_len = 0
+        self._body: bytearray | None = None           # a large frame being received
+        self._body_got = 0
         self._cond = threading.Condition()
         self._error: ProtocolError | None = None
         self._eof = False
@@ -457,64 +475,103 @@ class SocketLink(Link):
                 self._out_bytes -= n
                 self._cond.notify_all()  # room for a sender waiting on a full queue
 
+    def _recv_into(self, view: memoryview) -> int | None:
+        """One non-blocking receive into ``view``: bytes read, 0 at EOF, None if nothing is
+        ready (or after a failure, which is recorded)."""
+        try:
+            return self._sock.recv_into(view, min(len(view), self._CHUNK))
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            return 0
+        except (OSError, ssl.SSLError) as exc:
+            self._fail(f"receive failed ({exc.__class__.__name__}: {exc}); the peer died "
+                       "or reset the connection")
+            return None
+
     def _read(self) -> None:
-        while True:
-            try:
-                data = self._sock.recv(self._CHUNK)
-            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                break
-            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
-                data = b""
-            except (OSError, ssl.SSLError) as exc:
-                self._fail(f"receive failed ({exc.__class__.__name__}: {exc}); the peer died "
-                           "or reset the connection")
+        """Read what the socket has. Small frames are cut out of a staging buffer; a frame
+        larger than the staging buffer gets a buffer of its own (allocated after its length
+        prefix passed the max_frame check) that the socket fills directly, so its payload is
+        copied once on the way in and becomes the received tensor's memory."""
+        while self._error is None:
+            if self._body is not None:
+                n = self._recv_into(memoryview(self._body)[self._body_got:])
+                if not n:
+                    if n == 0:
+                        self._set_eof()
+                    return
+                self._body_got += n
+                if self._body_got == len(self._body):
+                    frame, self._body = self._body, None
+                    if not self._deliver([frame]):
+                        return
+                continue
+            n = self._recv_into(self._stage_view[self._stage_len:])
+            if not n:
+                if n == 0:
+                    self._set_eof()
                 return
-            if not data:
-                with self._cond:
-                    self._eof = True
-                    self._cond.notify_all()
-                break
-            self._inbuf += data
-            if not self._split_frames():  # per chunk: a fast peer cannot grow the buffer
+            self._stage_len += n
+            if not self._split_frames():  # per read: a fast peer cannot grow the buffer
                 return
 
+    def _set_eof(self) -> None:
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
     def _split_frames(self) -> bool:
-        """Move whole frames from the input buffer to the unread queue; False on an error."""
+        """Move whole frames out of the staging buffer (and start a frame too large for it in
+        a buffer of its own); False on an error."""
         frames = []
-        pos = 0
-        buf = self._inbuf
-        while len(buf) - pos >= _PREFIX.size:
+        pos, end, buf = 0, self._stage_len, self._stage
+        while end - pos >= _PREFIX.size:
             (length,) = _PREFIX.unpack_from(buf, pos)
             if length > self.max_frame:
                 self._fail(f"incoming frame of {length} bytes exceeds the limit of "
                            f"{self.max_frame} (malformed or hostile frame)")
                 return False
-            if len(buf) - pos - _PREFIX.size < length:
+            start = pos + _PREFIX.size
+            if end - start >= length:
+                frames.append(bytearray(buf[start:start + length]))
+                pos = start + length
+            elif _PREFIX.size + length > len(buf):        # does not fit: its own buffer
+                self._body = bytearray(length)
+                self._body_got = end - start
+                self._body[:self._body_got] = buf[start:end]
+                pos = end
                 break
-            frames.append(bytes(buf[pos + _PREFIX.size:pos + _PREFIX.size + length]))
-            pos += _PREFIX.size + length
+            else:
+                break
         if pos:
-            del buf[:pos]
-        if frames:
-            with self._cond:
-                for f in frames:
-                    if f == _BYE:
-                        self._peer_bye = True
-                    elif f.startswith(_ABORT) and len(f) > len(_ABORT):
-                        self._peer_abort = (f[len(_ABORT)],
-                                            f[len(_ABORT) + 1:].decode("utf-8", "replace"))
-                        self._peer_bye = True
-                    else:
-                        self._frames.append(f)
-                        self._in_bytes += len(f)
-                self._cond.notify_all()
-                unread = self._in_bytes
-            if unread > self.max_queued:
-                self._fail(f"{unread} bytes of frames arrived that this party has not read yet "
-                           f"(limit {self.max_queued}): party {self.peer} sends far ahead of "
-                           "the protocol (hostile or out of step); if that is legitimate, "
-                           "raise max_queued on every party")
-                return False
+            rest = end - pos
+            buf[:rest] = buf[pos:end]
+            self._stage_len = rest
+        return self._deliver(frames) if frames else True
+
+    def _deliver(self, frames: list[bytearray]) -> bool:
+        """Hand complete frames to the protocol thread (goodbyes and aborts are noted, not
+        queued); False if the unread bytes exceed the queue cap."""
+        with self._cond:
+            for f in frames:
+                if f == _BYE:
+                    self._peer_bye = True
+                elif f.startswith(_ABORT) and len(f) > len(_ABORT):
+                    self._peer_abort = (f[len(_ABORT)],
+                                        bytes(f[len(_ABORT) + 1:]).decode("utf-8", "replace"))
+                    self._peer_bye = True
+                else:
+                    self._frames.append(f)
+                    self._in_bytes += len(f)
+            self._cond.notify_all()
+            unread = self._in_bytes
+        if unread > self.max_queued:
+            self._fail(f"{unread} bytes of frames arrived that this party has not read yet "
+                       f"(limit {self.max_queued}): party {self.peer} sends far ahead of "
+                       "the protocol (hostile or out of step); if that is legitimate, "
+                       "raise max_queued on every party")
+            return False
         return True
 
 

@@ -1,0 +1,119 @@
+"""Per-link throughput of the parties' links against raw loopback sockets, in the same run.
+
+Three parties in a ring: each sends SIZE MB to the next party and receives SIZE MB from the
+previous one, in frames of FRAME MB, all three links busy at once (the pattern of a secure
+layer). Measured three ways, each as three processes:
+
+* ``raw``: plain TCP sockets, ``sendall`` / ``recv_into`` a preallocated buffer (the ceiling);
+* ``links plaintext``: :func:`~secure_inference.mpc.harness.run_local_processes` with
+  ``tls=False``, ``Party.send`` / ``Party.recv`` of uint8 tensors;
+* ``links TLS``: the same with TLS 1.3 (what every real run uses).
+
+Reports GB/s per link (bytes one party receives / its receive time) and the ratio to raw.
+
+    .venv/bin/python benchmark/mpc/bench_links.py [--size-mb 256] [--frame-mb 8]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing as mp
+import socket
+import time
+
+import torch
+
+from secure_inference.mpc.harness import run_local_processes
+
+
+def _party_ring(party, size: int, frame: int) -> float:
+    nxt, prv = (party.role + 1) % 3, (party.role + 2) % 3
+    chunk = torch.full((frame,), party.role, dtype=torch.uint8)
+    frames = size // frame
+    start = time.perf_counter()
+    for i in range(frames):   # send ahead by one frame, then receive: links stay busy
+        party.send(nxt, chunk)
+        if i:
+            party.recv(prv, (frame,), torch.uint8)
+    party.recv(prv, (frame,), torch.uint8)
+    return time.perf_counter() - start
+
+
+def _raw_member(role: int, ports: list[int], size: int, frame: int, out) -> None:
+    lst = socket.socket()
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind(("127.0.0.1", ports[role]))
+    lst.listen(1)
+    time.sleep(0.3)
+    send = socket.create_connection(("127.0.0.1", ports[(role + 1) % 3]))
+    recv, _ = lst.accept()
+    for s in (send, recv):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    payload = bytes(frame)
+    buf = bytearray(frame)
+    view = memoryview(buf)
+    import threading
+
+    def sender():
+        for _ in range(size // frame):
+            send.sendall(payload)
+    start = time.perf_counter()
+    t = threading.Thread(target=sender)
+    t.start()
+    got = 0
+    while got < size:
+        n = recv.recv_into(view[:min(frame, size - got)])
+        if not n:
+            break
+        got += n
+    t.join()
+    out.put(time.perf_counter() - start)
+    for s in (send, recv, lst):
+        s.close()
+
+
+def raw_ring(size: int, frame: int) -> float:
+    """Seconds for the slowest party to receive ``size`` bytes over raw loopback sockets."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    base = 40000 + int(time.time()) % 2000
+    ports = [base, base + 1, base + 2]
+    procs = [ctx.Process(target=_raw_member, args=(r, ports, size, frame, q)) for r in range(3)]
+    for p in procs:
+        p.start()
+    secs = [q.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    return max(secs)
+
+
+def links_ring(size: int, frame: int, tls: bool) -> float:
+    fn = functools.partial(_party_ring, size=size, frame=frame)
+    return max(run_local_processes(fn, tls=tls, timeout=600, threads=1))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=int, default=256)
+    ap.add_argument("--frame-mb", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2, help="best of N runs of each")
+    args = ap.parse_args(argv)
+    size, frame = args.size_mb << 20, args.frame_mb << 20
+    best = {}
+    for _ in range(args.repeats):   # interleaved, best of N: the machine is shared
+        for name, run in (("raw", lambda: raw_ring(size, frame)),
+                          ("links plaintext", lambda: links_ring(size, frame, False)),
+                          ("links TLS", lambda: links_ring(size, frame, True))):
+            secs = run()
+            best[name] = min(best.get(name, float("inf")), secs)
+    raw = size / best["raw"] / 1e9
+    print(f"{args.size_mb} MB per link in {args.frame_mb} MB frames, three links at once")
+    for name, secs in best.items():
+        rate = size / secs / 1e9
+        print(f"  {name:16s} {rate:6.3f} GB/s per link  ({rate / raw:5.1%} of raw)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
