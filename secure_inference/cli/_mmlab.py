@@ -23,3 +23,11 @@ def add_cfg_options(parser: argparse.ArgumentParser, example: str) -> None:
     """The ``--cfg-options`` flag (``example``: a typical override, for the help)."""
     parser.add_argument("--cfg-options", nargs="+", action=CfgOptionsAction, default=None,
                         help=f"override config entries, e.g. {example}")
+
+
+def add_launcher_args(parser: argparse.ArgumentParser, script: str) -> None:
+    """``--launcher`` and torchrun's ``--local_rank`` (hidden), shared by train and test."""
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="none",
+                        help=f"'pytorch' under torchrun ({script}); 'none' for one process")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0,
+                        help=argparse.SUPPRESS)

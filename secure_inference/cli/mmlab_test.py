@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from ._mmlab import LAUNCHERS, add_cfg_options
+from ._mmlab import add_cfg_options, add_launcher_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint records, if any")
     p.add_argument("--out", help="write the metrics as JSON to this file")
     add_cfg_options(p, "test_dataloader.dataset.data_root=/data")
-    p.add_argument("--launcher", choices=LAUNCHERS, default="none",
-                   help="'pytorch' under torchrun (dist_test.sh); 'none' for one process")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    add_launcher_args(p, "dist_test.sh")
     return p
 
 

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from ._mmlab import LAUNCHERS, add_cfg_options
+from ._mmlab import add_cfg_options, add_launcher_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "when no path is given")
     p.add_argument("--amp", action="store_true", help="mixed-precision training (CUDA only)")
     add_cfg_options(p, "train_cfg.max_epochs=10 train_dataloader.dataset.data_root=/data/cifar100")
-    p.add_argument("--launcher", choices=LAUNCHERS, default="none",
-                   help="'pytorch' under torchrun (dist_train.sh); 'none' for one process")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    add_launcher_args(p, "dist_train.sh")
     return p
 
 
