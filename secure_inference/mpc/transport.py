@@ -660,10 +660,17 @@ def _secure(sock: socket.socket, me: int, expected: int, tls: TLSConfig | None,
             raise ProtocolError(f"party {me}: TLS certificate of the peer at {host} was refused: "
                                 f"{exc.verify_message} (is it signed by this session's CA, and "
                                 "does its SAN list name this host?)") from exc
+        except (socket.timeout, TimeoutError) as exc:
+            raise ProtocolError(f"party {me}: the program at {host} accepted the connection "
+                                f"but did not complete a TLS handshake in time: it is probably "
+                                f"not party {expected} (another program may hold that port: "
+                                "check the address, or whether the port is in use there)") \
+                from exc
         except (ssl.SSLError, OSError) as exc:
             raise ProtocolError(f"party {me}: TLS handshake with {host} failed: {exc} (the peer "
                                 "may have refused our certificate: both sides need certificates "
-                                "from the same CA)") from exc
+                                "from the same CA; or the program there is not party "
+                                f"{expected})") from exc
     try:
         sock.sendall(_HELLO.pack(_HELLO_MAGIC, me))
         magic, peer = _HELLO.unpack(_recv_exact(sock, _HELLO.size))

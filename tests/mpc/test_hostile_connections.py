@@ -221,6 +221,22 @@ def test_dialler_refused_by_the_listener_gets_a_clear_error(certs):
     assert "never arrived" in str(result["helper"])
 
 
+def test_dialler_names_a_foreign_program_on_the_peers_port(certs):
+    """Another program holds the helper's port and never speaks TLS: the server's error says
+    so (it used to time out with a hint about certificates)."""
+    foreign = socket.socket()
+    foreign.bind(("127.0.0.1", 0))
+    foreign.listen(1)
+    port = foreign.getsockname()[1]
+    try:
+        with pytest.raises(ProtocolError, match="did not complete a TLS handshake in time: it "
+                                                "is probably not party 2"):
+            connect_links(1, {1: ("127.0.0.1", 0), 2: ("127.0.0.1", port)}, None,
+                          tls=TLSConfig.from_dir(certs["good"], 1), timeout=1.5)
+    finally:
+        foreign.close()
+
+
 # --- batch and session limits -------------------------------------------------------------
 
 def _no_preprocessing(monkeypatch) -> list[int]:
