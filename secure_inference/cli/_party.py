@@ -40,6 +40,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, help="seconds to wait for a peer (default 120)")
     g.add_argument("--threads", type=int, help="torch threads for this party (parties sharing "
                    "a machine: cores / 3; too many threads make OpenMP workers spin)")
+    g.add_argument("--device", help="this party's torch device: cpu (default), cuda, cuda:1; "
+                   "each party may use its own (results and bytes do not depend on it)")
     g.add_argument("--debug", action="store_true",
                    help="show Python tracebacks on errors (also: environment SI_DEBUG=1)")
 
@@ -106,9 +108,11 @@ def limits_from(args: argparse.Namespace):
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
     """Settings from flags, else the YAML file, else defaults; validated. Sets this party's
     torch threads (``threads``)."""
-    from secure_inference.mpc.session_config import KEYS, SessionConfigError, merge_settings
+    from secure_inference.mpc.session_config import (KEYS, SessionConfigError, check_device,
+                                                     merge_settings)
     try:
         cfg = merge_settings({key: getattr(args, key, None) for key in KEYS}, args.config_file)
+        check_device(str(cfg.get("device") or "cpu"))
     except SessionConfigError as exc:
         raise SystemExit(str(exc)) from None
     if cfg.get("threads"):
@@ -198,7 +202,8 @@ def connect(role: int, cfg: dict[str, Any]):
         if listener is not None:
             listener.close()
     warm_up()   # torch's lazy meta-tensor imports and the numba kernels, before any timing
-    party = Party(role, links, frac_bits=int(cfg["frac_bits"]), timeout=float(cfg["timeout"]))
+    party = Party(role, links, frac_bits=int(cfg["frac_bits"]), timeout=float(cfg["timeout"]),
+                  device=cfg.get("device") or "cpu")
     fault = os.environ.get("SI_TEST_FAULT", "")   # test hook: "ROLE:PHASE", see _arm_fault
     if fault.startswith(f"{role}:"):
         from secure_inference.mpc.harness import _arm_fault

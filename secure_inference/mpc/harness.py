@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 import traceback
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 from cryptography.hazmat.primitives import serialization
@@ -51,8 +51,24 @@ def warm_up() -> None:
     _WARM = True
 
 
+Devices = str | torch.device | Sequence[str | torch.device]
+
+
+def party_device(device: Devices, role: int) -> torch.device:
+    """The device of party ``role``: one device for all three, or one per role (client,
+    server, helper), e.g. ``("cpu", "cuda:0", "cuda:0")``. Results and bytes do not depend on
+    where a party runs."""
+    if isinstance(device, (str, torch.device)):
+        return torch.device(device)
+    devices = list(device)
+    if len(devices) != 3:
+        raise ValueError(f"give one device or three (client, server, helper), got {devices}")
+    return torch.device(devices[role])
+
+
 __all__ = ["warm_up", "run_in_process", "run_local_processes", "close_party", "abort_links",
-           "PartyView", "FAULT_PHASES"]
+           "PartyView", "FAULT_PHASES", "party_device",
+           "Devices"]
 
 
 # --- in-process harness -------------------------------------------------------------------
@@ -70,7 +86,7 @@ def _pick_root(errors: dict[int, tuple[float, BaseException]]) -> BaseException:
 
 
 def run_in_process(fn: Callable[[Party], T], *, frac_bits: int = DEFAULT_FRAC_BITS,
-                   timeout: float = 30.0, device: torch.device | str = "cpu",
+                   timeout: float = 30.0, device: Devices = "cpu",
                    max_frame: int = DEFAULT_MAX_FRAME) -> list[T]:
     """Run ``fn(party)`` for roles 0, 1, 2 in three threads joined by in-memory links.
 
@@ -111,7 +127,7 @@ def _run_in_process_with_keys(fn: Callable[[Party], T], pair_keys: dict[tuple[in
 
 
 def _run_threads(fn: Callable[[Party], T], begin: Callable[[Party], None], *, frac_bits: int,
-                 timeout: float, device: torch.device | str, max_frame: int) -> list[T]:
+                 timeout: float, device: Devices, max_frame: int) -> list[T]:
     """Body of :func:`run_in_process`; ``begin(party)`` starts each party's session."""
     abort = threading.Event()
     links: dict[int, dict[int, Link]] = {r: {} for r in ROLES}
@@ -124,7 +140,8 @@ def _run_threads(fn: Callable[[Party], T], begin: Callable[[Party], None], *, fr
     def body(role: int) -> None:
         try:
             warm_up()
-            party = Party(role, links[role], device=device, frac_bits=frac_bits,
+            party = Party(role, links[role], device=party_device(device, role),
+                          frac_bits=frac_bits,
                           timeout=timeout, max_frame=max_frame)
             begin(party)
             results[role] = fn(party)
@@ -326,7 +343,8 @@ def _process_main(role: int, fn: Callable[..., Any], conn, cfg: dict) -> None:
             if listener is not None:
                 listener.close()
         warm_up()
-        party = Party(role, links, device=cfg["device"], frac_bits=cfg["frac_bits"],
+        party = Party(role, links, device=party_device(cfg["device"], role),
+                      frac_bits=cfg["frac_bits"],
                       timeout=cfg["timeout"], max_frame=cfg["max_frame"])
         if cfg.get("fault") and cfg["fault"][0] == role:
             _arm_fault(party, cfg["fault"][1])
@@ -398,7 +416,7 @@ class _TermGuard:
 
 def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
                         timeout: float = DEFAULT_TIMEOUT, frac_bits: int = DEFAULT_FRAC_BITS,
-                        device: str = "cpu", certs_dir: str | os.PathLike | None = None,
+                        device: Devices = "cpu", certs_dir: str | os.PathLike | None = None,
                         host: str = "127.0.0.1", wall_timeout: float | None = None,
                         max_frame: int = DEFAULT_MAX_FRAME, threads: int | None = None,
                         private: dict[int, Any] | None = None,

@@ -26,7 +26,7 @@ from .settings import DReLUConfig
 from .report import build_report, plot_report, save_report
 from .ring import DEFAULT_FRAC_BITS
 from .runtime import ROLE_CLIENT, ROLE_SERVER, Party
-from .harness import _refuse_in_bootstrap, run_in_process, run_local_processes
+from .harness import Devices, _refuse_in_bootstrap, run_in_process, run_local_processes
 
 __all__ = ["LocalResult", "run_local", "run_program", "split_batches", "drelu_config", "default_threads"]
 
@@ -105,14 +105,16 @@ def run_program(program: Program, weights: Weights, batches: list[torch.Tensor],
                 drelu: DReLUConfig | None = None, timeout: float = 120.0,
                 in_process: bool = False, certs_dir: str | os.PathLike | None = None,
                 host: str = "127.0.0.1", threads: int | None = None,
-                limits: SessionLimits | None = None) -> list[dict[str, Any]]:
+                limits: SessionLimits | None = None, device: Devices = "cpu"
+                ) -> list[dict[str, Any]]:
     """Run a compiled program with three parties; returns their :func:`run_party` results.
 
     ``in_process=True`` uses threads and in-memory links (fast tests); otherwise three
     processes over loopback TCP, each reading only its own private input, with ``threads``
     torch threads each (default :func:`default_threads`). ``limits``: what the server and
     helper accept (:class:`~.party.SessionLimits`); default: the defaults, raised as far as
-    these ``batches`` need (the caller is the client).
+    these ``batches`` need (the caller is the client). ``device``: one torch device for all
+    three parties or one per role (client, server, helper); CPU by default.
     """
     if limits is None:
         limits = SessionLimits.admitting([b.shape[0] for b in batches])
@@ -122,13 +124,13 @@ def run_program(program: Program, weights: Weights, batches: list[torch.Tensor],
                              images=batches if party.role == ROLE_CLIENT else None,
                              weights=weights if party.role == ROLE_SERVER else None, drelu=drelu,
                              limits=limits)
-        return run_in_process(fn, frac_bits=frac_bits, timeout=timeout)
+        return run_in_process(fn, frac_bits=frac_bits, timeout=timeout, device=device)
     # private inputs travel by value through each party's own pipe: no files to leave behind
     private = {ROLE_CLIENT: [b.detach().cpu() for b in batches], ROLE_SERVER: weights}
     fn = functools.partial(_local_party, program=program, drelu=drelu, threads=threads,
                            limits=limits)
     return run_local_processes(fn, tls=tls, timeout=timeout, frac_bits=frac_bits,
-                               certs_dir=certs_dir, host=host, private=private)
+                               certs_dir=certs_dir, host=host, private=private, device=device)
 
 
 def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -139,7 +141,7 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
               report_path: str | os.PathLike | None = None,
               plot_path: str | os.PathLike | None = None,
               meta: dict[str, Any] | None = None,
-              limits: SessionLimits | None = None) -> LocalResult:
+              limits: SessionLimits | None = None, device: Devices = "cpu") -> LocalResult:
     """Secure inference of ``model`` (with the Block-ReLU ``spec`` applied, if given) on
     ``inputs`` [N, C, H, W] by three local processes over loopback TCP (TLS by default).
 
@@ -147,7 +149,8 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
     (:func:`~.report.build_report`); ``report_path``/``plot_path`` also write them to files.
     ``drelu_bits``/``drop_bits`` select an approximate DReLU; ``frac_bits`` the fixed point;
     ``threads`` the torch threads of each party process; ``limits`` what the server and
-    helper accept (default: enough for ``inputs``, see :func:`run_program`).
+    helper accept (default: enough for ``inputs``, see :func:`run_program`); ``device`` one
+    torch device for all parties or one per role (client, server, helper).
     """
     if not in_process:
         _refuse_in_bootstrap()   # a party process re-running a script without a main guard
@@ -157,9 +160,10 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
     cfg = drelu_config(drelu_bits, drop_bits)
     results = run_program(program, weights, batches, tls=tls, frac_bits=frac_bits, drelu=cfg,
                           timeout=timeout, in_process=in_process, threads=threads,
-                          limits=limits)
+                          limits=limits, device=device)
     info = {"frac_bits": frac_bits, "drelu": str(cfg) if cfg else "exact", "tls": tls,
-            "transport": "in-process" if in_process else "loopback TCP, 3 processes"}
+            "transport": "in-process" if in_process else "loopback TCP, 3 processes",
+            "device": device if isinstance(device, str) else [str(d) for d in device]}
     info.update(meta or {})
     report = build_report(program, results, meta=info)
     report["accuracy"] = truncation_report(program, weights, batches, frac_bits)

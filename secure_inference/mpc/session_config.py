@@ -18,6 +18,7 @@ win, then the file, then :data:`DEFAULTS`). Keys of the YAML file (all optional)
     timeout: 120
     batch_size: 8                   # client only
     threads: 1                      # torch threads of this party (default: torch's choice)
+    device: cpu                     # this party's torch device: cpu, cuda, cuda:1 (per party)
 
 Relative ``spec`` and ``certs`` paths (and a ``model`` config file that exists there) are
 relative to the YAML file's folder.
@@ -31,9 +32,11 @@ from .session import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER
 from .transport import TLSConfig
 
 KEYS = ("model", "spec", "input_shape", "cfg_options", "server", "helper", "client", "certs",
-        "plaintext", "frac_bits", "drelu_bits", "drop_bits", "timeout", "batch_size", "threads")
+        "plaintext", "frac_bits", "drelu_bits", "drop_bits", "timeout", "batch_size", "threads",
+        "device")
 DEFAULTS: dict[str, Any] = {"frac_bits": 16, "drop_bits": 0, "timeout": 120.0,
-                            "plaintext": False, "client": "127.0.0.1", "batch_size": 1}
+                            "plaintext": False, "client": "127.0.0.1", "batch_size": 1,
+                            "device": "cpu"}
 
 
 class SessionConfigError(ValueError):
@@ -121,3 +124,24 @@ def tls_config(role: int, cfg: Mapping[str, Any]) -> TLSConfig | None:
         return TLSConfig.from_dir(cfg["certs"], role)
     except FileNotFoundError as exc:
         raise TLSSetupError(str(exc)) from None
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it, else a :class:`SessionConfigError` that says what to
+    use. Each party may run on its own device; results and bytes do not depend on it."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise SessionConfigError(f"device {device!r} is not a torch device ({exc}); use cpu, "
+                                 "cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SessionConfigError(f"device {device!r}: this machine has no usable CUDA "
+                                     "device (torch.cuda.is_available() is False); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SessionConfigError(f"device {device!r}: only {torch.cuda.device_count()} "
+                                     "CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise SessionConfigError(f"device {device!r}: the secure runtime runs on cpu or cuda")
+    return device
