@@ -44,8 +44,15 @@ def _raw_member(role: int, ports: list[int], size: int, frame: int, out) -> None
     lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lst.bind(("127.0.0.1", ports[role]))
     lst.listen(1)
-    time.sleep(0.3)
-    send = socket.create_connection(("127.0.0.1", ports[(role + 1) % 3]))
+    deadline = time.monotonic() + 60
+    while True:   # the next party may still be starting (spawned processes import slowly)
+        try:
+            send = socket.create_connection(("127.0.0.1", ports[(role + 1) % 3]))
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     recv, _ = lst.accept()
     for s in (send, recv):
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -81,7 +88,7 @@ def raw_ring(size: int, frame: int) -> float:
     procs = [ctx.Process(target=_raw_member, args=(r, ports, size, frame, q)) for r in range(3)]
     for p in procs:
         p.start()
-    secs = [q.get(timeout=600) for _ in procs]
+    secs = [q.get(timeout=300) for _ in procs]
     for p in procs:
         p.join()
     return max(secs)
