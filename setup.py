@@ -5,6 +5,10 @@ existing environment (say torch 2.11 with CUDA on Python 3.12) keeps that enviro
 The exact versions CI and ``make test``/``make demo`` use are pinned in requirements.txt and
 constraints.txt, which the Makefile installs first. Oldest versions exercised: torch 2.11 (the
 GPU machine's, secure runtime and CUDA tests) and torch 2.13 (everything, CI).
+Checked with pip's resolver on 2026-12-01: ``pip install --dry-run -e .`` in a virtual
+environment that holds torch 2.11.0 and torchvision 0.26.0 installs the other dependencies and
+leaves torch and torchvision as they are (the exact pins this file used to declare replaced
+them).
 """
 from setuptools import find_packages, setup
 
