@@ -3,7 +3,7 @@
 # original (stem/base 8 instead of 64: stages of 8/16/32/64 channels, 17 ReLU sites, 54,272
 # ReLUs per 28x28 image) so that the whole study (baseline, distortion, 48 finetunes) fits a
 # few hours on one thread of a 2-core CPU (width 16: 15 min per epoch there; width 8: 3.3 min).
-#   FMNIST_DATA=/work/data/fashion-mnist python mmlab_tools/train.py \
+#   FMNIST_DATA=DIR python mmlab_tools/train.py \
 #       benchmark/accuracy/fmnist_resnet18.py --work-dir work_dirs/fmnist/baseline
 # FMNIST_DATA holds the four *decompressed* IDX files (train-images-idx3-ubyte, ...), see
 # benchmark/accuracy/run_study.sh. Nothing is downloaded.
