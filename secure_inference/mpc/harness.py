@@ -66,7 +66,7 @@ def party_device(device: Devices, role: int) -> torch.device:
     return torch.device(devices[role])
 
 
-__all__ = ["warm_up", "run_in_process", "run_local_processes", "close_party", "abort_links",
+__all__ = ["warm_up", "run_in_process", "run_local_processes", "close_party", "abort_links", "abort_reason",
            "PartyView", "FAULT_PHASES", "party_device",
            "Devices"]
 
@@ -199,12 +199,23 @@ def close_party(party: Party, exc: BaseException | None = None) -> None:
     abort_links(party._links, party.role, exc)
 
 
+def abort_reason(exc: BaseException) -> str:
+    """What a failed party tells its peers about its failure. A :class:`ProtocolError` speaks
+    only of the protocol (parties, scopes, shapes, limits: public) and travels whole; any other
+    error may quote private data (a server's weight, a path, an input value), so only its type
+    goes out and the message stays in the failed party's own log."""
+    if isinstance(exc, ProtocolError):
+        return str(exc)
+    return f"{type(exc).__name__} (its message stays in that party's log)"
+
+
 def abort_links(links: dict[int, Link], me: int, exc: BaseException) -> None:
     """Close ``links`` after party ``me`` failed with ``exc``: an abort goodbye tells each peer
-    which party failed first (the peer a link error blames, else ``me``) and the cause."""
+    which party failed first (the peer a link error blames, else ``me``) and
+    :func:`abort_reason`."""
     origin = getattr(exc, "failed_party", None)
     origin = me if origin is None else int(origin)
-    reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ProtocolError) else str(exc)
+    reason = abort_reason(exc)
     for link in links.values():
         try:
             link.close(abort=(origin, reason))

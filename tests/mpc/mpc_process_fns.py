@@ -44,3 +44,10 @@ def run_and_report(p, private, program):
                     weights=private if p.role == 1 else None)
     gather_results(p, res)
     return p.role
+
+
+def server_fails_with_a_private_message(p):
+    """The server fails with an error whose message quotes a private value; the others wait."""
+    if p.role == 1:
+        raise ValueError("layer 'conv' has a weight of magnitude 42.4242")
+    p.recv(1, (4,))

@@ -128,6 +128,19 @@ def test_abort_goodbye_names_the_party_that_failed_first(tiny):
     assert "party 2" in client and "party 1 closed the link" not in client, client
 
 
+def test_abort_goodbye_carries_no_private_message():
+    """A server failing with its own error (here one that quotes a weight) tells the peers
+    which party failed and the error's type, never its message: the goodbye reaches the
+    client and the helper, and an error text may hold secrets."""
+    with pytest.raises(ValueError, match="42.4242") as info:   # the failed party keeps it
+        run_local_processes(fns.server_fails_with_a_private_message, tls=False, timeout=20,
+                            wall_timeout=60)
+    for role in (0, 2):
+        seen = info.value.party_errors[role]
+        assert "party 1 failed" in seen and "ValueError" in seen, seen
+        assert "42.4242" not in seen, seen
+
+
 # --- the run_local caller stopped from outside -----------------------------------------------
 
 _CALLER = textwrap.dedent("""
