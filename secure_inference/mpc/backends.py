@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Sequence
 
 import torch
@@ -222,6 +223,9 @@ class CpuHybridBackend(CpuInt64Backend):
     """
 
     name = "cpu-hybrid"
+
+    def __init__(self) -> None:
+        self._small_seen: dict[int, tuple[weakref.ref, int]] = {}
     LIMB_BITS = 22
     LIMBS = 3
     SMALL_BITS = SMALL_WEIGHT_BITS   # an operand declared below 2^21 is used as one limb
@@ -244,10 +248,23 @@ class CpuHybridBackend(CpuInt64Backend):
         if (out_hw[0] * out_hw[1] < min_pixels
                 or w.shape[2] * w.shape[3] >= self.MAX_REDUCTION):
             return super().conv2d(x, w, stride, padding, dilation, groups)
-        if small_weight and not fits_small(w):
+        if small_weight and not self._checked_small(w):
             raise ValueError(f"conv2d was told the weights are below 2^{self.SMALL_BITS} in "
                              "magnitude, and they are not")
         return self._limb_conv(x, w, (stride, padding, dilation), small_weight)
+
+    def _checked_small(self, w: torch.Tensor) -> bool:
+        """:func:`fits_small`, read once per weight tensor and version: the server passes the
+        same opened tensor for every image, and its per-image convolutions should not rescan
+        it."""
+        key = id(w)
+        seen = self._small_seen.get(key)
+        if seen is not None and seen[0]() is w and seen[1] == w._version:
+            return True
+        if not fits_small(w):
+            return False
+        self._small_seen[key] = (weakref.ref(w), w._version)
+        return True
 
     def _limb_conv(self, x: torch.Tensor, w: torch.Tensor, geom: tuple,
                    small: bool) -> torch.Tensor:
