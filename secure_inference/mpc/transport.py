@@ -534,12 +534,12 @@ class SocketLink(Link):
                 return False
             start = pos + _PREFIX.size
             if end - start >= length:
-                frames.append(bytearray(buf[start:start + length]))
+                frames.append(buf[start:start + length])      # a bytearray slice: one copy
                 pos = start + length
             elif _PREFIX.size + length > len(buf):        # does not fit: its own buffer
                 self._body = bytearray(length)
                 self._body_got = end - start
-                self._body[:self._body_got] = buf[start:end]
+                self._body[:self._body_got] = self._stage_view[start:end]
                 pos = end
                 break
             else:
