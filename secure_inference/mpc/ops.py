@@ -287,10 +287,29 @@ class MaxPool(Op):
         return v_in[0].flatten(2).gather(2, arg.flatten(2)).reshape(y.shape)
 
 
-class _MeanOp(Op):
+class _LocalOp(Op):
+    """An op computed locally on each share, in a scope named after the layer."""
+
+    def local(self, party: Party, layer, ins: list[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def run_secure(self, party, layer, ins, weights, pre):
+        with party.scope(layer.name):
+            return self.local(party, layer, ins)
+
+
+class _MeanOp(_LocalOp):
+    """Average pooling: a local sum and a public division (truncation, see pooling.py)."""
+
     def _divisor(self, layer, ins) -> tuple[int, bool]:
         """(the public divisor, whether each window has its own divisor)."""
         raise NotImplementedError
+
+    @staticmethod
+    def _with_division(v: Tensor, y: Tensor, ctx: ErrorContext) -> Tensor:
+        """The error variance ``v`` of the averaged input plus the division's: the
+        reciprocal's rounding (relative 2^-(f+1)) and the truncation."""
+        return v + y * y * 2.0 ** -(2 * ctx.frac_bits + 2) + ctx.v_trunc
 
     def truncated(self, layer, ins, y, weights, frac_bits):
         d, per_window = self._divisor(layer, ins)
@@ -329,7 +348,7 @@ class AvgPool(_MeanOp):
         v = F.avg_pool2d(v_in[0], k, a["stride"], a["padding"],
                          count_include_pad=a["count_include_pad"],
                          divisor_override=a["divisor_override"]) / (k[0] * k[1])
-        return v + y * y * 2.0 ** -(2 * ctx.frac_bits + 2) + ctx.v_trunc
+        return self._with_division(v, y, ctx)
 
 
 @register
@@ -342,30 +361,18 @@ class GlobalAvgPool(_MeanOp):
     def run_float(self, layer, ins, weights, flips):
         return ins[0].mean(dim=(2, 3), keepdim=layer.attrs["keepdim"])
 
-    def run_secure(self, party, layer, ins, weights, pre):
-        with party.scope(layer.name):
-            return global_avg_pool2d(party, ins[0], keepdim=layer.attrs["keepdim"])
+    def local(self, party, layer, ins):
+        return global_avg_pool2d(party, ins[0], keepdim=layer.attrs["keepdim"])
 
     def error_var(self, layer, ins, v_in, y, weights, ctx):
         n = ins[0].shape[2] * ins[0].shape[3]
         v = v_in[0].mean(dim=(2, 3), keepdim=layer.attrs["keepdim"]) / n
-        return v + y * y * 2.0 ** -(2 * ctx.frac_bits + 2) + ctx.v_trunc
+        return self._with_division(v, y, ctx)
 
 
 # --------------------------------------------------------------------------------------------
-# Glue: local operations on shares
+# Glue: other local operations on shares
 # --------------------------------------------------------------------------------------------
-
-class _LocalOp(Op):
-    """An op computed locally on each share, in a scope named after the layer."""
-
-    def local(self, party: Party, layer, ins: list[Tensor]) -> Tensor:
-        raise NotImplementedError
-
-    def run_secure(self, party, layer, ins, weights, pre):
-        with party.scope(layer.name):
-            return self.local(party, layer, ins)
-
 
 @register
 class Add(_LocalOp):
