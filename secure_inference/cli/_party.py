@@ -11,6 +11,7 @@ import argparse
 import errno
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -243,3 +244,24 @@ def run_role(role: int, cfg: dict[str, Any], program, *, weights=None, images=No
         raise
     party.close()
     return result, results
+
+
+def serve_session(role: int, args: argparse.Namespace, checkpoint: str | None = None) -> int:
+    """The listening parties' command: compile the program (the server with its checkpoint's
+    weights; the helper with random ones, as it needs only the public program), listen, run
+    one session, report progress on stderr."""
+    name, verb, address = (("server", "served", "server") if role == 1
+                           else ("helper", "helped with", "helper"))
+    limits = limits_from(args)
+    cfg = resolve(args)
+    model, shape = build_model(cfg, checkpoint=checkpoint)
+    program, weights = compile_for(model, shape, 1)
+    del model
+    print(f"{name}: compiled {len(program.layers)} secure layers; listening at {cfg[address]}",
+          file=sys.stderr)
+    start = time.perf_counter()
+    result, _ = run_role(role, cfg, program, weights=weights if role == 1 else None,
+                         limits=limits)
+    print(f"{name}: {verb} {sum(result['batch_sizes'])} image(s) in "
+          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0

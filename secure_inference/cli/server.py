@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-from ._party import (add_common_args, add_limit_args, build_model, compile_for, limits_from,
-                     resolve, run_cli, run_role)
+from ._party import add_common_args, add_limit_args, run_cli, serve_session
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,18 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and serve one session (errors propagate; see :func:`main`)."""
     args = build_parser().parse_args(argv)
-    limits = limits_from(args)
-    cfg = resolve(args)
-    model, shape = build_model(cfg, checkpoint=args.checkpoint)
-    program, weights = compile_for(model, shape, 1)
-    del model
-    print(f"server: compiled {len(program.layers)} secure layers; listening at {cfg['server']}",
-          file=sys.stderr)
-    start = time.perf_counter()
-    result, _ = run_role(1, cfg, program, weights=weights, limits=limits)
-    print(f"server: served {sum(result['batch_sizes'])} image(s) in "
-          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return 0
+    return serve_session(1, args, checkpoint=args.checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:
