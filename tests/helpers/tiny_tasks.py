@@ -21,15 +21,17 @@ CLS_SIZE = 16     # ResNet18-CIFAR runs at any multiple of 8; 16x16 keeps CPU te
 SEG_SIZE = 32
 
 
-def make_cls_data(root: Path, per_class: int = 2, size: int = CLS_SIZE) -> Path:
-    """``root/{train,val}/class_k/*.png``: class k images are brighter in channel k."""
-    rng = np.random.default_rng()
+def make_cls_data(root: Path, per_class: int = 2, size: int = CLS_SIZE, *,
+                  seed: int | None = None, noise: int = 120) -> Path:
+    """``root/{train,val}/class_k/*.png``: class k images are brighter in channel k (by 100,
+    over uniform noise below ``noise``); ``seed`` fixes the pixels."""
+    rng = np.random.default_rng(seed)
     for split in ("train", "val"):
         for k in range(CLS_CLASSES):
             folder = root / split / f"class_{k}"
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                img = rng.integers(0, 120, size=(size, size, 3), dtype=np.uint8)
+                img = rng.integers(0, noise, size=(size, size, 3), dtype=np.uint8)
                 img[..., k] += 100
                 Image.fromarray(img).save(folder / f"{i}.png")
     return root

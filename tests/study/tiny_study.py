@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+from helpers.tiny_tasks import CLS_CLASSES, make_cls_data
 
-CLASSES = 3
+CLASSES = CLS_CLASSES
 SIZE = 16
 
 CONFIG = """
@@ -59,23 +59,12 @@ def write_tiny_study(folder: Path, per_class: int = 8, epochs: int = 1) -> tuple
     """Images in ``folder/data/{train,val}/class_k`` (class k brighter in channel k), the
     config ``folder/tiny_study.py`` and a baseline checkpoint trained for 3 epochs
     (``folder/baseline.pth``). Returns (config, checkpoint)."""
-    from PIL import Image
-
     import secure_inference  # noqa: F401  (compat fixes before MMLab)
     from secure_inference.mmlab.runner import train
     from secure_inference.study.runs import unformatted_config_text
 
     folder = Path(folder)
-    rng = np.random.default_rng(0)
-    data = folder / "data"
-    for split in ("train", "val"):
-        for k in range(CLASSES):
-            sub = data / split / f"class_{k}"
-            sub.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                img = rng.integers(0, 140, size=(SIZE, SIZE, 3), dtype=np.uint8)
-                img[..., k] += 100
-                Image.fromarray(img).save(sub / f"{i}.png")
+    data = make_cls_data(folder / "data", per_class, SIZE, seed=0, noise=140)
     cfg = folder / "tiny_study.py"
     cfg.write_text(CONFIG.format(root=str(data), classes=CLASSES, size=SIZE, epochs=epochs))
     base_cfg = folder / "tiny_study_baseline.py"
