@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from helpers.links import connect_three
 from secure_inference.mpc import certs
-from secure_inference.mpc.transport import (PARTY_NAMES, TLSConfig, connect_links, listen,
+from secure_inference.mpc.transport import (PARTY_NAMES, TLSConfig, listen,
                                             party_common_name)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,35 +75,14 @@ def _csr_flow(tmp_path: Path) -> dict[int, Path]:
 
 
 def _mutual_tls_three_parties(tls_for) -> tuple[dict, dict]:
-    """connect_links for the three parties in threads over 127.0.0.1; returns (links, errors)."""
+    """connect_links for the three parties in threads over 127.0.0.1; returns (TLS version
+    and peer certificate per (role, peer), errors)."""
     listeners = {r: listen("127.0.0.1", 0) for r in (1, 2)}
     addresses = {0: ("127.0.0.1", 0),
                  **{r: ("127.0.0.1", s.getsockname()[1]) for r, s in listeners.items()}}
-    out, errs = {}, {}
-
-    def party(role):
-        try:
-            out[role] = connect_links(role, addresses, listeners.get(role), tls=tls_for(role),
-                                      timeout=10.0)
-        except Exception as exc:  # noqa: BLE001 - reported by the test
-            errs[role] = exc
-
-    threads = [threading.Thread(target=party, args=(r,)) for r in PARTY_NAMES]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    info = {(r, peer): (link._sock.version(), link._sock.getpeercert())
-            for r, links in out.items() for peer, link in links.items()}
-    closers = [threading.Thread(target=link.close)
-               for links in out.values() for link in links.values()]
-    for t in closers:
-        t.start()
-    for t in closers:
-        t.join(30)
-    for s in listeners.values():
-        s.close()
-    return info, errs
+    return connect_three(addresses, listeners, tls_for, lambda out: {
+        (r, peer): (link._sock.version(), link._sock.getpeercert())
+        for r, links in out.items() for peer, link in links.items()}, timeout=10.0)
 
 
 def _peer_common_names(peercert: dict) -> list[str]:

@@ -5,7 +5,6 @@ import shutil
 import socket
 import struct
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from secure_inference.mpc.transport import (SocketLink, TLSConfig, connect_links
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the process functions' module
 import mpc_process_fns as fns  # noqa: E402
+from helpers.links import connect_three  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HOSTS = {r: ["localhost", "127.0.0.1"] for r in range(3)}
@@ -145,28 +145,13 @@ def test_socket_link_stall_and_large_concurrent_exchange():
 
 
 def _connect_all(addresses, listeners, tls_for, allow_plaintext=False, timeout=5.0):
-    out, errs = {}, {}
-
-    def go(role):
-        try:
-            out[role] = connect_links(role, addresses, listeners.get(role), tls=tls_for(role),
-                                      allow_plaintext=allow_plaintext, timeout=timeout)
-        except Exception as exc:  # noqa: BLE001 - inspected by the test
-            errs[role] = exc
-    threads = [threading.Thread(target=go, args=(r,)) for r in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    all_links = [link for links in out.values() for link in links.values()]
-    versions = {getattr(link._sock, "version", lambda: "plain")() for link in all_links}
-    closers = [threading.Thread(target=link.close) for link in all_links]  # as parties would
-    for t in closers:
-        t.start()
-    for t in closers:
-        t.join(30)
-    for s in listeners.values():
-        s.close()
+    """(links by role, errors by role, TLS versions seen) of three parties connecting."""
+    def inspect(out):
+        versions = {getattr(link._sock, "version", lambda: "plain")()
+                    for links in out.values() for link in links.values()}
+        return dict(out), versions
+    (out, versions), errs = connect_three(addresses, listeners, tls_for, inspect,
+                                          allow_plaintext=allow_plaintext, timeout=timeout)
     return out, errs, versions
 
 
