@@ -10,7 +10,8 @@
 # 2. baseline  20 epochs of benchmark/accuracy/fmnist_resnet18.py (resumes from its last epoch)
 # 3. compare   research/compare_methods.py at the budgets of the uniform 7x7, 4x4, 3x3, 2x2
 #              specs: 3 seeds for knapsack, uniform, linearisation; 1 for the others
-# Everything runs with one torch thread (the machine is shared). Outputs: $WORK (default
+# Two finetunes at a time (JOBS=2), one torch thread each, while the main process builds the
+# specs: the 2-core machine busy, nothing oversubscribed for long. Outputs: $WORK (default
 # work_dirs/fmnist_study); results.json / results.md / the plot are copied next to this script.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -44,7 +45,7 @@ fi
 log "baseline: $BASE/baseline.pth"
 
 "$PY" research/compare_methods.py "$HERE/fmnist_resnet18_finetune.py" "$BASE/baseline.pth" \
-  --work-dir "$WORK/compare" --threads 1 --num-samples 256 \
+  --work-dir "$WORK/compare" --threads 1 --jobs "${JOBS:-2}" --num-samples 256 \
   --iterative-rounds 2 --iterative-samples 64 \
   --budgets 7x7 4x4 3x3 2x2 \
   --methods knapsack uniform linearisation knapsack_linear knapsack_kd iterative \

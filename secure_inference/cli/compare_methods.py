@@ -36,6 +36,10 @@ Outputs in --work-dir:
   accuracy_vs_drelus.png    plot: log DReLUs per image, one line per method, std error bars
   specs/, distortion/, runs/<method>/<budget>/seed<k>/final.pth   (specs, caches, models)
 
+Parallel runs: --jobs N finetunes N runs at a time in worker processes (--threads torch threads
+each) while the main process builds the specs, cheapest first (uniform, linear, exact,
+iterative). Results are the same as with --jobs 1 for the same seeds.
+
 Resumption: rerun the same command. Finished runs are skipped; results.json is rewritten
 atomically after every run, so an interruption loses at most the run in progress (its folder
 is cleared and redone). Delete a run's entry from results.json to redo it. Rerunning with
@@ -97,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cfg-options", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides (values parsed as Python literals when possible)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: torch's choice)")
+                    help="torch threads of this process and of each worker (default: torch's "
+                         "choice)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="finetunes at a time, each in its own worker process, while this "
+                         "process builds the specs (default 1: everything in this process). "
+                         "With N cores, --jobs N --threads 1 keeps them busy")
     return ap
 
 
@@ -154,13 +163,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{stamp}] spec {info['method']}@{info['budget']}: {info['drelus']:,} / "
                   f"{info['budget_drelus']:,} DReLUs ({info['seconds']:.0f} s)", flush=True)
         elif kind == "start":
-            print(f"[{stamp}] run {info['index'] + 1}/{info['pending']}: {info['run']} ...",
+            what = "queued" if info.get("queued") else "..."
+            print(f"[{stamp}] run {info['index'] + 1}/{info['pending']}: {info['run']} {what}",
                   flush=True)
+        elif kind == "failed":
+            print(f"[{stamp}] run {info['index'] + 1}/{info['pending']}: {info['run']} "
+                  f"FAILED: {info['error']}", flush=True)
         elif kind == "done":
             took = info["seconds_finetune"] + info["seconds_eval"]
             durations.append(took)
-            left = info["pending"] - info["index"] - 1
-            eta = left * sum(durations) / len(durations)
+            left = info["pending"] - info.get("finished", info["index"] + 1)
+            eta = left * sum(durations) / len(durations) / info.get("jobs", 1)
             print(f"[{stamp}] run {info['index'] + 1}/{info['pending']}: {info['run']}: "
                   f"{100 * info['accuracy']:.2f}% at {info['drelus']:,} DReLUs "
                   f"({took:.0f} s; {left} left, ETA {eta / 60:.0f} min)", flush=True)
@@ -168,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             write_outputs(ResultsFile(work / "results.json").data)
 
     try:
-        results = run_study(study, on_event)
-    except (ValueError, FileNotFoundError) as e:
+        results = run_study(study, on_event, jobs=args.jobs, worker_threads=args.threads)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     write_outputs(results.data)

@@ -36,7 +36,12 @@ class Budget:
     @property
     def slug(self) -> str:
         """The label as a file-name-safe string."""
-        return re.sub(r"[^0-9A-Za-z_.-]", "_", self.label)
+        return label_slug(self.label)
+
+
+def label_slug(label: str) -> str:
+    """A budget label as a file-name-safe string."""
+    return re.sub(r"[^0-9A-Za-z_.-]", "_", label)
 
 
 def parse_budget(token: str) -> tuple[str, object]:

@@ -1,15 +1,21 @@
 """One study: build every method's spec at every budget, finetune each (method, budget, seed)
 with the config's recipe from the baseline checkpoint, evaluate on the config's test split.
 
-Runs happen in this process through the mmengine Runner (:mod:`secure_inference.mmlab.runner`),
-one after another; each lives in ``<work_dir>/runs/<method>/<budget>/seed<k>/`` and is recorded
-in ``<work_dir>/results.json`` when finished (see :mod:`.results`). A run folder without a
-record is an interrupted run and is cleared before the run starts again.
+Runs go through the mmengine Runner (:mod:`secure_inference.mmlab.runner`): one after another
+in this process (``jobs=1``), or ``jobs`` at a time in worker processes while this process
+builds the specs the later runs need (specs are built once, here, in order of cost: uniform,
+linear, exact, iterative). Each run lives in ``<work_dir>/runs/<method>/<budget>/seed<k>/``
+and is recorded in ``<work_dir>/results.json`` by this process when it has finished (see
+:mod:`.results`). A run folder without a record is an interrupted run and is cleared before
+the run starts again.
 """
 from __future__ import annotations
 
+import multiprocessing
 import shutil
+import threading
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,9 +25,9 @@ import torch
 from torch import nn
 
 from ..spec import count_drelus, extract_block_spec, load_spec, save_spec
-from .budgets import Budget, resolve_budgets
+from .budgets import Budget, label_slug, resolve_budgets
 from .methods import METHODS, SpecBuilder
-from .results import RESULTS_NAME, ResultsFile, plan_runs
+from .results import RESULTS_NAME, ResultsFile, RunKey, plan_runs
 
 Event = Callable[[str, dict], None]
 
@@ -139,16 +145,103 @@ def finetune(config: str, baseline: str, spec, run_dir: Path, seed: int, *,
     return run_dir / "final.pth"
 
 
-def run_study(study: Study, on_event: Event | None = None) -> ResultsFile:
+@dataclass
+class EvalContext:
+    """What every run of a study evaluates with: the config, the input shape, the ReLU sites
+    and the preprocessed test batches (built once per process)."""
+
+    cfg: Any
+    shape: tuple
+    sites: list
+    batches: list
+
+
+def eval_context(study: Study, baseline: nn.Module | None = None) -> EvalContext:
+    """The study's :class:`EvalContext` (loads the baseline if not given)."""
+    from ..mmlab.config_utils import input_shape_from_cfg, load_task_config
+    from ..mmlab.finetune import load_finetuned
+    from ..sites import find_relu_sites
+    cfg = load_task_config(study.config, study.cfg_options or None)
+    shape = input_shape_from_cfg(cfg)
+    if baseline is None:
+        baseline = load_finetuned(cfg, study.checkpoint)
+    return EvalContext(cfg, shape, find_relu_sites(baseline, shape),
+                       eval_batches(cfg, baseline))
+
+
+def execute_run(study: Study, ctx: EvalContext, run: RunKey, spec, spec_drelus: int,
+                budget_drelus: int) -> dict:
+    """Finetune and evaluate one run (its folder cleared first); returns its results entry."""
+    from ..mmlab.finetune import load_finetuned
+    work = Path(study.work_dir)
+    run_dir = run_folder(work, run)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an interrupted run: start it again
+    run_dir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    distill = (dict(temperature=study.distill_temperature, loss_weight=study.distill_weight)
+               if METHODS[run.method].distill else None)
+    ckpt = finetune(study.config, study.checkpoint, spec, run_dir, run.seed,
+                    distill=distill, cfg_options=study.cfg_options)
+    t1 = time.perf_counter()
+    model = load_finetuned(ctx.cfg, ckpt)
+    drelus = count_drelus(extract_block_spec(model, ctx.shape), ctx.sites)["total"]
+    if drelus != spec_drelus:
+        raise RuntimeError(f"{run.id}: the finetuned model has {drelus:,} DReLUs but its "
+                           f"spec has {spec_drelus:,}")
+    accuracy = top1_accuracy(model, ctx.batches)
+    t2 = time.perf_counter()
+    return {"drelus": drelus, "budget_drelus": budget_drelus, "accuracy": accuracy,
+            "checkpoint": str(ckpt.relative_to(work)),
+            "seconds_finetune": round(t1 - t0, 2), "seconds_eval": round(t2 - t1, 2)}
+
+
+def run_folder(work: Path, run: RunKey) -> Path:
+    """``<work>/runs/<method>/<budget slug>/seed<k>``."""
+    return work / "runs" / run.method / label_slug(run.budget) / f"seed{run.seed}"
+
+
+# --- worker processes (jobs > 1) ------------------------------------------------------------
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _worker_run(study: Study, run: RunKey, spec_file: str, spec_drelus: int,
+                budget_drelus: int) -> dict:
+    """One run in a worker process (the evaluation context is built once per worker)."""
+    if _WORKER.get("study") != study:
+        _WORKER.update(study=study, ctx=eval_context(study))
+    return execute_run(study, _WORKER["ctx"], run, load_spec(spec_file), spec_drelus,
+                       budget_drelus)
+
+
+SPEC_COST = {"uniform": 0, "knapsack_linear": 1, "iterative": 3}  # others: 2 (exact distortion)
+
+
+def run_study(study: Study, on_event: Event | None = None, jobs: int = 1,
+              worker_threads: int | None = None) -> ResultsFile:
     """Run every pending run of ``study``; returns the results file.
 
-    ``on_event(kind, info)`` reports progress: 'baseline', 'specs', 'skip', 'start', 'done'.
+    ``jobs`` > 1 finetunes that many runs at a time in worker processes (``worker_threads``
+    torch threads each) while this process builds the remaining specs. A failed run is
+    reported and left unrecorded; the other runs go on, and the first failure is raised at
+    the end.
+
+    ``on_event(kind, info)`` reports progress: 'baseline', 'spec', 'skip', 'start', 'done',
+    'failed' (with jobs > 1, 'done' and 'failed' come from a helper thread, one at a time).
     """
     from ..distortion.data import config_samples
     from ..mmlab.config_utils import input_shape_from_cfg, load_task_config
     from ..mmlab.finetune import load_finetuned
+    from ..sites import find_relu_sites, total_relus
 
     study.check()
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     emit = on_event or (lambda kind, info: None)
     work = Path(study.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -157,16 +250,15 @@ def run_study(study: Study, on_event: Event | None = None) -> ResultsFile:
     cfg = load_task_config(study.config, study.cfg_options or None)
     shape = input_shape_from_cfg(cfg)
     baseline = load_finetuned(cfg, study.checkpoint)
-    from ..sites import find_relu_sites, total_relus
     sites = find_relu_sites(baseline, shape)
     budgets = resolve_budgets(study.budgets, sites)
     by_label = {b.label: b for b in budgets}
-    batches = eval_batches(cfg, baseline)
+    ctx = EvalContext(cfg, shape, sites, eval_batches(cfg, baseline))
     if results.data.get("baseline") is None:
         t0 = time.perf_counter()
-        results.data["baseline"] = {"accuracy": top1_accuracy(baseline, batches),
+        results.data["baseline"] = {"accuracy": top1_accuracy(baseline, ctx.batches),
                                     "drelus": total_relus(sites),
-                                    "test_images": sum(len(b[1]) for b in batches),
+                                    "test_images": sum(len(b[1]) for b in ctx.batches),
                                     "seconds_eval": round(time.perf_counter() - t0, 2)}
         results.save()
     results.data.setdefault("budgets", {}).update(
@@ -184,6 +276,7 @@ def run_study(study: Study, on_event: Event | None = None) -> ResultsFile:
         return results
 
     builder: SpecBuilder | None = None
+    lock = threading.Lock()  # results.json and events: this thread and the pool's callbacks
 
     def get_builder() -> SpecBuilder:
         nonlocal builder
@@ -199,49 +292,76 @@ def run_study(study: Study, on_event: Event | None = None) -> ResultsFile:
                                   remeasure_samples=study.iterative_samples)
         return builder
 
-    def get_spec(method: str, budget: Budget):
+    def get_spec(method: str, budget: Budget) -> tuple[Any, dict, Path]:
         name = spec_method(method)
         key = f"{name}@{budget.label}"
         path = work / "specs" / f"{name}_{budget.slug}.pickle"
-        entry = results.data["specs"].get(key)
+        with lock:
+            entry = results.data["specs"].get(key)
         if entry is not None and path.is_file():
-            return load_spec(path), entry
+            return load_spec(path), entry, path
         t0 = time.perf_counter()
         built = get_builder().build(name, budget)
         save_spec(built.spec, path)
         entry = {"method": name, "budget": budget.label, "budget_drelus": budget.drelus,
                  "drelus": built.drelus, "file": str(path.relative_to(work)),
                  "seconds": round(time.perf_counter() - t0, 2), **built.details}
-        results.data["specs"][key] = entry
-        results.save()
-        emit("spec", dict(entry))
-        return built.spec, entry
+        with lock:
+            results.data["specs"][key] = entry
+            results.save()
+            emit("spec", dict(entry))
+        return built.spec, entry, path
 
-    for i, run in enumerate(pending):
-        budget = by_label[run.budget]
-        spec, spec_entry = get_spec(run.method, budget)
-        run_dir = work / "runs" / run.method / budget.slug / f"seed{run.seed}"
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # an interrupted run: start it again
-        run_dir.mkdir(parents=True)
-        emit("start", {"run": run.id, "index": i, "pending": len(pending)})
-        t0 = time.perf_counter()
-        distill = (dict(temperature=study.distill_temperature,
-                        loss_weight=study.distill_weight)
-                   if METHODS[run.method].distill else None)
-        ckpt = finetune(study.config, study.checkpoint, spec, run_dir, run.seed,
-                        distill=distill, cfg_options=study.cfg_options)
-        t1 = time.perf_counter()
-        model = load_finetuned(cfg, ckpt)
-        drelus = count_drelus(extract_block_spec(model, shape), sites)["total"]
-        if drelus != spec_entry["drelus"]:
-            raise RuntimeError(f"{run.id}: the finetuned model has {drelus:,} DReLUs but its "
-                               f"spec has {spec_entry['drelus']:,}")
-        accuracy = top1_accuracy(model, batches)
-        t2 = time.perf_counter()
-        entry = {"drelus": drelus, "budget_drelus": budget.drelus, "accuracy": accuracy,
-                 "checkpoint": str(ckpt.relative_to(work)),
-                 "seconds_finetune": round(t1 - t0, 2), "seconds_eval": round(t2 - t1, 2)}
-        results.record(run, entry)
-        emit("done", {"run": run.id, "index": i, "pending": len(pending), **entry})
+    if jobs == 1:
+        for i, run in enumerate(pending):
+            budget = by_label[run.budget]
+            spec, spec_entry, _ = get_spec(run.method, budget)
+            emit("start", {"run": run.id, "index": i, "pending": len(pending)})
+            entry = execute_run(study, ctx, run, spec, spec_entry["drelus"], budget.drelus)
+            results.record(run, entry)
+            emit("done", {"run": run.id, "index": i, "pending": len(pending), **entry})
+        return results
+
+    # jobs > 1: cheap specs first, so the workers start while the expensive ones are built
+    order = sorted(range(len(pending)), key=lambda i: (SPEC_COST.get(pending[i].method, 2), i))
+    failures: list[tuple[str, BaseException]] = []
+    finished = [0]
+
+    def on_finished(run: RunKey, index: int, future: Future) -> None:
+        with lock:
+            error = future.exception()
+            if error is not None:
+                failures.append((run.id, error))
+                emit("failed", {"run": run.id, "index": index, "pending": len(pending),
+                                "error": f"{type(error).__name__}: {error}"})
+                return
+            entry = future.result()
+            results.record(run, entry)
+            finished[0] += 1
+            emit("done", {"run": run.id, "index": index, "pending": len(pending),
+                          "finished": finished[0], "jobs": jobs, **entry})
+
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(worker_threads,))
+    futures: list[Future] = []
+    try:
+        for i in order:
+            run = pending[i]
+            budget = by_label[run.budget]
+            _, spec_entry, path = get_spec(run.method, budget)
+            future = pool.submit(_worker_run, study, run, str(path), spec_entry["drelus"],
+                                 budget.drelus)
+            with lock:
+                emit("start", {"run": run.id, "index": i, "pending": len(pending),
+                               "queued": True})
+            future.add_done_callback(lambda f, run=run, i=i: on_finished(run, i, f))
+            futures.append(future)
+        pool.shutdown(wait=True)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    if failures:
+        run_id, error = failures[0]
+        raise RuntimeError(f"{len(failures)} run(s) failed (recorded runs are kept; rerun to "
+                           f"retry): first {run_id}: {type(error).__name__}: {error}") from error
     return results

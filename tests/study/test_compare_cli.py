@@ -143,3 +143,38 @@ def test_distillation_and_iterative_methods_run(tiny, tmp_path, capsys):
     plain = [json.loads(line) for f in (work / "runs" / "iterative").rglob("scalars.json")
              for line in f.read_text().splitlines()]
     assert plain and not any("loss_kd" in rec for rec in plain)
+
+
+def test_parallel_jobs_record_the_same_runs_as_one_process(tiny, tmp_path, capsys):
+    """--jobs 2: runs finetune in two worker processes while the main process builds the
+    specs (cheapest first); every run is recorded once, with the same spec and DReLU count as
+    in one process, and a rerun finds nothing to do."""
+    cfg, ckpt = tiny
+    common = [str(cfg), str(ckpt), "--budgets", "4x4", "--methods", "knapsack", "uniform",
+              "--seeds", "0", "1", "--num-samples", "4", "--threads", "1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert CLI.main([*common, "--work-dir", str(one)]) == 0
+    capsys.readouterr()
+    assert CLI.main([*common, "--work-dir", str(two), "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("queued") == 4
+    # uniform needs no distortion, so its runs are queued before the knapsack spec is built
+    queued = [line for line in out.splitlines() if "queued" in line or "spec knapsack" in line]
+    assert [("uniform" in q) for q in queued[:2]] == [True, True]
+    a = json.loads((one / "results.json").read_text())
+    b = json.loads((two / "results.json").read_text())
+    assert set(a["runs"]) == set(b["runs"]) and len(b["runs"]) == 4
+    for key, run in b["runs"].items():
+        assert run["drelus"] == a["runs"][key]["drelus"]
+        assert (two / run["checkpoint"]).is_file()
+    assert {k: v["drelus"] for k, v in a["specs"].items()} == \
+        {k: v["drelus"] for k, v in b["specs"].items()}
+    assert CLI.main([*common, "--work-dir", str(two), "--jobs", "2"]) == 0
+    assert capsys.readouterr().out.count("done already") == 4
+
+
+def test_jobs_below_one_is_refused(tiny, tmp_path, capsys):
+    cfg, ckpt = tiny
+    code = CLI.main([str(cfg), str(ckpt), "--work-dir", str(tmp_path / "w"), "--budgets", "4x4",
+                     "--methods", "uniform", "--jobs", "0"])
+    assert code == 2 and "jobs" in capsys.readouterr().err
