@@ -41,6 +41,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, help="seconds to wait for a peer (default 120)")
     g.add_argument("--threads", type=int, help="torch threads for this party (parties sharing "
                    "a machine: cores / 3; too many threads make OpenMP workers spin)")
+    g.add_argument("--prg", choices=("aes", "chacha20"),
+                   help="cipher of the correlated randomness: aes (AES-256-CTR on the CPU, "
+                   "default) or chacha20 (drawn on this party's device, e.g. the GPU); all "
+                   "three parties must choose the same one (checked at session start)")
     g.add_argument("--device", help="this party's torch device: cpu (default), cuda, cuda:1; "
                    "each party may use its own (results and bytes do not depend on it)")
     g.add_argument("--debug", action="store_true",
@@ -204,7 +208,7 @@ def connect(role: int, cfg: dict[str, Any]):
             listener.close()
     warm_up()   # torch's lazy meta-tensor imports and the numba kernels, before any timing
     party = Party(role, links, frac_bits=int(cfg["frac_bits"]), timeout=float(cfg["timeout"]),
-                  device=cfg.get("device") or "cpu")
+                  device=cfg.get("device") or "cpu", prg=cfg.get("prg") or "aes")
     fault = os.environ.get("SI_TEST_FAULT", "")   # test hook: "ROLE:PHASE", see _arm_fault
     if fault.startswith(f"{role}:"):
         from secure_inference.mpc.harness import _arm_fault

@@ -126,7 +126,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.output is not None:      # before the report exchange, which can still fail
         save_logits(args.output, logits)
     meta = {"model": cfg["model"], "spec": cfg.get("spec"), "frac_bits": cfg["frac_bits"],
-            "drelu": str(drelu(cfg) or "exact"), "tls": not cfg["plaintext"],
+            "drelu": str(drelu(cfg) or "exact"), "prg": cfg["prg"], "tls": not cfg["plaintext"],
             "server": cfg["server"], "helper": cfg["helper"]}
     scores = score(logits, labels) if labels is not None else {}
     try:

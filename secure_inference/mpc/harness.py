@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 from cryptography.hazmat.primitives import serialization
 
-from . import prg
+from .prg import CIPHERS, DEFAULT_CIPHER, KEY_BYTES
 from .ring import DEFAULT_FRAC_BITS
 from .transport import (DEFAULT_MAX_FRAME, Link, ProtocolError, QueueLink, TLSConfig,
                         connect_links, listen)
@@ -66,9 +66,25 @@ def party_device(device: Devices, role: int) -> torch.device:
     return torch.device(devices[role])
 
 
+PrgChoice = str | Sequence[str]
+
+
+def party_prg(prg: PrgChoice, role: int) -> str:
+    """The randomness cipher of party ``role``: one name for all three (a session's normal
+    case), or one per role (client, server, helper), which only the mismatch tests use."""
+    if isinstance(prg, str):
+        return prg
+    names = list(prg)
+    if len(names) != 3:
+        raise ValueError(f"give one prg or three (client, server, helper), got {names}")
+    if any(n not in CIPHERS for n in names):
+        raise ValueError(f"prg must be one of {', '.join(CIPHERS)}, got {names}")
+    return names[role]
+
+
 __all__ = ["warm_up", "run_in_process", "run_local_processes", "close_party", "abort_links", "abort_reason",
-           "PartyView", "FAULT_PHASES", "party_device",
-           "Devices"]
+           "PartyView", "FAULT_PHASES", "party_device", "party_prg",
+           "Devices", "PrgChoice"]
 
 
 # --- in-process harness -------------------------------------------------------------------
@@ -87,19 +103,23 @@ def _pick_root(errors: dict[int, tuple[float, BaseException]]) -> BaseException:
 
 def run_in_process(fn: Callable[[Party], T], *, frac_bits: int = DEFAULT_FRAC_BITS,
                    timeout: float = 30.0, device: Devices = "cpu",
-                   max_frame: int = DEFAULT_MAX_FRAME) -> list[T]:
+                   max_frame: int = DEFAULT_MAX_FRAME, prg: PrgChoice = DEFAULT_CIPHER
+                   ) -> list[T]:
     """Run ``fn(party)`` for roles 0, 1, 2 in three threads joined by in-memory links.
 
     Returns the three results in role order. If a party raises, the others are aborted at
     their next send/receive and the first primary exception is re-raised (all parties' errors
     are attached as ``exc.party_errors``). ``timeout`` bounds every wait for a frame.
+    ``prg``: the randomness cipher, one for all three or one per role (a mismatch is refused
+    by :func:`~.party.check_program`; per role only for tests of that check).
     """
     return _run_threads(fn, Party.start, frac_bits=frac_bits, timeout=timeout, device=device,
-                        max_frame=max_frame)
+                        max_frame=max_frame, prg=prg)
 
 
 def _run_in_process_with_keys(fn: Callable[[Party], T], pair_keys: dict[tuple[int, int], bytes],
-                              *, frac_bits: int = DEFAULT_FRAC_BITS, timeout: float = 30.0
+                              *, frac_bits: int = DEFAULT_FRAC_BITS, timeout: float = 30.0,
+                              prg: PrgChoice = DEFAULT_CIPHER
                               ) -> tuple[list[T], list[PartyView]]:
     """TEST HOOK, deliberately not reachable from the CLIs, ``run_local`` or any public option:
     run ``fn`` in three threads with the given pair keys (``{(0, 1): k01, (0, 2): k02,
@@ -112,8 +132,8 @@ def _run_in_process_with_keys(fn: Callable[[Party], T], pair_keys: dict[tuple[in
     """
     if sorted(pair_keys) != [(0, 1), (0, 2), (1, 2)]:
         raise ValueError("pair_keys needs exactly the keys (0, 1), (0, 2) and (1, 2)")
-    if any(not isinstance(k, bytes) or len(k) != prg.KEY_BYTES for k in pair_keys.values()):
-        raise ValueError(f"pair keys are {prg.KEY_BYTES}-byte strings")
+    if any(not isinstance(k, bytes) or len(k) != KEY_BYTES for k in pair_keys.values()):
+        raise ValueError(f"pair keys are {KEY_BYTES}-byte strings")
     views = [PartyView() for _ in ROLES]
 
     def begin(party: Party) -> None:
@@ -122,12 +142,13 @@ def _run_in_process_with_keys(fn: Callable[[Party], T], pair_keys: dict[tuple[in
         party._view = views[party.role]
 
     results = _run_threads(fn, begin, frac_bits=frac_bits, timeout=timeout, device="cpu",
-                           max_frame=DEFAULT_MAX_FRAME)
+                           max_frame=DEFAULT_MAX_FRAME, prg=prg)
     return results, views
 
 
 def _run_threads(fn: Callable[[Party], T], begin: Callable[[Party], None], *, frac_bits: int,
-                 timeout: float, device: Devices, max_frame: int) -> list[T]:
+                 timeout: float, device: Devices, max_frame: int,
+                 prg: PrgChoice = DEFAULT_CIPHER) -> list[T]:
     """Body of :func:`run_in_process`; ``begin(party)`` starts each party's session."""
     abort = threading.Event()
     links: dict[int, dict[int, Link]] = {r: {} for r in ROLES}
@@ -141,7 +162,7 @@ def _run_threads(fn: Callable[[Party], T], begin: Callable[[Party], None], *, fr
         try:
             warm_up()
             party = Party(role, links[role], device=party_device(device, role),
-                          frac_bits=frac_bits,
+                          frac_bits=frac_bits, prg=party_prg(prg, role),
                           timeout=timeout, max_frame=max_frame)
             begin(party)
             results[role] = fn(party)
@@ -355,7 +376,7 @@ def _process_main(role: int, fn: Callable[..., Any], conn, cfg: dict) -> None:
                 listener.close()
         warm_up()
         party = Party(role, links, device=party_device(cfg["device"], role),
-                      frac_bits=cfg["frac_bits"],
+                      frac_bits=cfg["frac_bits"], prg=party_prg(cfg["prg"], role),
                       timeout=cfg["timeout"], max_frame=cfg["max_frame"])
         if cfg.get("fault") and cfg["fault"][0] == role:
             _arm_fault(party, cfg["fault"][1])
@@ -431,6 +452,7 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
                         host: str = "127.0.0.1", wall_timeout: float | None = None,
                         max_frame: int = DEFAULT_MAX_FRAME, threads: int | None = None,
                         private: dict[int, Any] | None = None,
+                        prg: PrgChoice = DEFAULT_CIPHER,
                         _fault: tuple[int, str] | None = None) -> list[T]:
     """Run ``fn(party)`` in three processes over real loopback TCP (TLS 1.3 unless ``tls=False``).
 
@@ -446,6 +468,7 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
     by itself when its caller dies (even by SIGKILL).
     ``threads``: torch threads per party (default: a third of the cores, at least one; with
     torch's default every party would spin on every core and all three slow down ~10×).
+    ``prg``: the randomness cipher (:mod:`.prg`), one for all or one per role.
     A failure re-raises the first primary error (``exc.party_errors`` lists every party's).
     """
     _refuse_in_bootstrap()
@@ -456,7 +479,7 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
         return _run_processes(fn, guard, tls=tls, timeout=timeout, frac_bits=frac_bits,
                               device=device, certs_dir=certs_dir, host=host,
                               wall_timeout=wall_timeout, max_frame=max_frame, threads=threads,
-                              private=private, fault=_fault)
+                              private=private, fault=_fault, prg=prg)
     except _Terminated:
         pass
     finally:
@@ -466,7 +489,7 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
 
 
 def _run_processes(fn, guard: _TermGuard, *, tls, timeout, frac_bits, device, certs_dir, host,
-                   wall_timeout, max_frame, threads, private, fault) -> list:
+                   wall_timeout, max_frame, threads, private, fault, prg) -> list:
     """Body of :func:`run_local_processes`."""
     # forkserver: children fork from a clean server that has imported the runtime (and torch)
     # once, so they start fast and never inherit a parent's busy OpenMP/thread state.
@@ -479,7 +502,7 @@ def _run_processes(fn, guard: _TermGuard, *, tls, timeout, frac_bits, device, ce
         threads = max(1, (os.cpu_count() or 1) // 3)
     cfg = dict(host=host, tls=tls, certs_dir=str(certs_dir) if certs_dir else None,
                timeout=timeout, frac_bits=frac_bits, device=device, max_frame=max_frame,
-               threads=int(threads), private=private is not None, fault=fault)
+               threads=int(threads), private=private is not None, fault=fault, prg=prg)
     pipes, procs, stuck = {}, {}, set()
     _last_pids.clear()
     deadline = None if wall_timeout is None else time.monotonic() + wall_timeout

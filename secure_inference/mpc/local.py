@@ -26,7 +26,9 @@ from .settings import DReLUConfig
 from .report import build_report, plot_report, save_report
 from .ring import DEFAULT_FRAC_BITS
 from .runtime import ROLE_CLIENT, ROLE_SERVER, Party
-from .harness import Devices, _refuse_in_bootstrap, run_in_process, run_local_processes
+from .harness import (Devices, PrgChoice, _refuse_in_bootstrap, run_in_process,
+                      run_local_processes)
+from .prg import DEFAULT_CIPHER, check_cipher
 
 __all__ = ["LocalResult", "run_local", "run_program", "split_batches", "drelu_config", "default_threads"]
 
@@ -105,8 +107,8 @@ def run_program(program: Program, weights: Weights, batches: list[torch.Tensor],
                 drelu: DReLUConfig | None = None, timeout: float = 120.0,
                 in_process: bool = False, certs_dir: str | os.PathLike | None = None,
                 host: str = "127.0.0.1", threads: int | None = None,
-                limits: SessionLimits | None = None, device: Devices = "cpu"
-                ) -> list[dict[str, Any]]:
+                limits: SessionLimits | None = None, device: Devices = "cpu",
+                prg: PrgChoice = DEFAULT_CIPHER) -> list[dict[str, Any]]:
     """Run a compiled program with three parties; returns their :func:`run_party` results.
 
     ``in_process=True`` uses threads and in-memory links (fast tests); otherwise three
@@ -114,7 +116,9 @@ def run_program(program: Program, weights: Weights, batches: list[torch.Tensor],
     torch threads each (default :func:`default_threads`). ``limits``: what the server and
     helper accept (:class:`~.party.SessionLimits`); default: the defaults, raised as far as
     these ``batches`` need (the caller is the client). ``device``: one torch device for all
-    three parties or one per role (client, server, helper); CPU by default.
+    three parties or one per role (client, server, helper); CPU by default. ``prg``: the
+    cipher of the correlated randomness, ``"aes"`` (default) or ``"chacha20"`` (drawn on
+    each party's device); see :mod:`.prg`.
     """
     if limits is None:
         limits = SessionLimits.admitting([b.shape[0] for b in batches])
@@ -124,13 +128,14 @@ def run_program(program: Program, weights: Weights, batches: list[torch.Tensor],
                              images=batches if party.role == ROLE_CLIENT else None,
                              weights=weights if party.role == ROLE_SERVER else None, drelu=drelu,
                              limits=limits)
-        return run_in_process(fn, frac_bits=frac_bits, timeout=timeout, device=device)
+        return run_in_process(fn, frac_bits=frac_bits, timeout=timeout, device=device, prg=prg)
     # private inputs travel by value through each party's own pipe: no files to leave behind
     private = {ROLE_CLIENT: [b.detach().cpu() for b in batches], ROLE_SERVER: weights}
     fn = functools.partial(_local_party, program=program, drelu=drelu, threads=threads,
                            limits=limits)
     return run_local_processes(fn, tls=tls, timeout=timeout, frac_bits=frac_bits,
-                               certs_dir=certs_dir, host=host, private=private, device=device)
+                               certs_dir=certs_dir, host=host, private=private, device=device,
+                               prg=prg)
 
 
 def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -141,7 +146,8 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
               report_path: str | os.PathLike | None = None,
               plot_path: str | os.PathLike | None = None,
               meta: dict[str, Any] | None = None,
-              limits: SessionLimits | None = None, device: Devices = "cpu") -> LocalResult:
+              limits: SessionLimits | None = None, device: Devices = "cpu",
+              prg: str = DEFAULT_CIPHER) -> LocalResult:
     """Secure inference of ``model`` (with the Block-ReLU ``spec`` applied, if given) on
     ``inputs`` [N, C, H, W] by three local processes over loopback TCP (TLS by default).
 
@@ -150,18 +156,21 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
     ``drelu_bits``/``drop_bits`` select an approximate DReLU; ``frac_bits`` the fixed point;
     ``threads`` the torch threads of each party process; ``limits`` what the server and
     helper accept (default: enough for ``inputs``, see :func:`run_program`); ``device`` one
-    torch device for all parties or one per role (client, server, helper).
+    torch device for all parties or one per role (client, server, helper); ``prg`` the
+    cipher of the correlated randomness (``"aes"`` or ``"chacha20"``, see :mod:`.prg`).
     """
     if not in_process:
         _refuse_in_bootstrap()   # a party process re-running a script without a main guard
+    check_cipher(prg)
     batches = split_batches(inputs, batch_size)
     shape = (batches[0].shape[0],) + tuple(batches[0].shape[1:])
     program, weights = compile_model(model, shape, spec=spec)
     cfg = drelu_config(drelu_bits, drop_bits)
     results = run_program(program, weights, batches, tls=tls, frac_bits=frac_bits, drelu=cfg,
                           timeout=timeout, in_process=in_process, threads=threads,
-                          limits=limits, device=device)
-    info = {"frac_bits": frac_bits, "drelu": str(cfg) if cfg else "exact", "tls": tls,
+                          limits=limits, device=device, prg=prg)
+    info = {"frac_bits": frac_bits, "drelu": str(cfg) if cfg else "exact", "prg": prg,
+            "tls": tls,
             "transport": "in-process" if in_process else "loopback TCP, 3 processes",
             "device": device if isinstance(device, str) else [str(d) for d in device]}
     info.update(meta or {})

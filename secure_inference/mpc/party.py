@@ -11,7 +11,7 @@
 
 The public information all three share: the program (architecture, block sizes), the number
 of images per batch and the image size (announced by the client at the start), the
-fixed-point and DReLU settings.
+fixed-point, DReLU and randomness (``prg``) settings.
 
 Every layer runs in a statistics scope named after it, so the bytes and rounds per layer can
 be read from ``party.stats`` (see :mod:`.report`).
@@ -28,6 +28,7 @@ from .ops import layer_drelus, op_of
 from .program import Layer, Program, Weights
 from .protocols.linear import open_weights, preprocess, reconstruct, share
 from .protocols.drelu import resolve_config, set_default_config
+from .prg import cipher_code, cipher_name
 from .settings import DReLUConfig
 from .ring import decode, encode
 from .session import SCOPE_HEADER, SCOPE_OUTPUT, SCOPE_PREPROCESS, SCOPE_REPORT, SCOPE_SETUP
@@ -137,45 +138,67 @@ def _announce_batches(party: Party, batch_sizes: Sequence[int] | None,
 
 PROTOCOL_VERSION = 2   # wire protocol: 2 = fused multiplication re-masked with ζ (issue 12)
 
-# The public settings that change the computation, besides the program itself, in the order
-# they travel: (name, how the user sets it).
+# The public settings that change the computation, besides the program itself: (name, how the
+# user sets it). They travel as four int64 words after the 32-byte fingerprint; ``prg`` (the
+# cipher of the correlated randomness, code 0 = aes) rides in the high 32 bits of the first
+# word, so the header keeps its 64 bytes and an AES session's header is byte-identical to the
+# release before the setting existed.
 SESSION_SETTINGS = (("protocol_version", "the same secure-inference release on all three hosts"),
                     ("frac_bits", "the same --frac-bits (session file: frac_bits)"),
                     ("drelu_ring_bits", "the same --drelu-bits (session file: drelu_bits)"),
-                    ("drelu_drop_bits", "the same --drop-bits (session file: drop_bits)"))
+                    ("drelu_drop_bits", "the same --drop-bits (session file: drop_bits)"),
+                    ("prg", "the same --prg (session file: prg)"))
 
 
 def session_settings(party: Party) -> list[int]:
     """This party's values of :data:`SESSION_SETTINGS` (after :func:`set_default_config`)."""
     cfg = resolve_config(party, None)
-    return [PROTOCOL_VERSION, party.frac_bits, cfg.ring_bits, cfg.drop_bits]
+    return [PROTOCOL_VERSION, party.frac_bits, cfg.ring_bits, cfg.drop_bits,
+            cipher_code(party.prg)]
+
+
+def _pack_settings(values: list[int]) -> list[int]:
+    """The four header words of :func:`session_settings` (``prg`` above the version)."""
+    version, frac_bits, ring_bits, drop_bits, prg = values
+    return [version | (prg << 32), frac_bits, ring_bits, drop_bits]
+
+
+def _unpack_settings(words: list[int]) -> list[int]:
+    """The inverse of :func:`_pack_settings`."""
+    first, frac_bits, ring_bits, drop_bits = words
+    return [first & 0xFFFFFFFF, frac_bits, ring_bits, drop_bits, (first >> 32) & 0xFFFFFFFF]
+
+
+def _shown(name: str, value: int) -> str:
+    return f"{name}={cipher_name(value) if name == 'prg' else value}"
 
 
 def check_program(party: Party, program: Program) -> None:
     """All three parties exchange the program's fingerprint and every public setting that
-    changes the computation (fixed point, DReLU, protocol version: 64 bytes each way) and stop
-    with an error naming what differs if they do not all agree: a mismatch would otherwise
-    give a silently wrong answer (a server at f = 12 against f = 16 elsewhere returns 1.7e10
-    where the plaintext gives 0.29)."""
+    changes the computation (fixed point, DReLU, the randomness cipher, protocol version: 64
+    bytes each way) and stop with an error naming what differs if they do not all agree: a
+    mismatch would otherwise give a silently wrong answer (a server at f = 12 against f = 16
+    elsewhere returns 1.7e10 where the plaintext gives 0.29; parties drawing with different
+    ciphers hold unrelated masks)."""
     values = session_settings(party)
     mine = torch.cat([torch.frombuffer(bytearray(program.fingerprint()), dtype=torch.uint8),
-                      torch.tensor(values, dtype=torch.int64).view(torch.uint8)])
+                      torch.tensor(_pack_settings(values), dtype=torch.int64).view(torch.uint8)])
     size = mine.numel()
     with party.scope(HEADER_SCOPE):
         others = [p for p in (ROLE_CLIENT, ROLE_SERVER, ROLE_HELPER) if p != party.role]
         for p in others:
             party.send(p, mine)
         for p in others:
-            theirs = party.recv(p, (size,), torch.uint8)
+            theirs = party.recv(p, (size,), torch.uint8).cpu()
             if torch.equal(theirs, mine):
                 continue
-            got = theirs[32:].clone().view(torch.int64).tolist()
+            got = _unpack_settings(theirs[32:].clone().view(torch.int64).tolist())
             diff = [(name, fix, a, b) for (name, fix), a, b in zip(SESSION_SETTINGS, values, got)
                     if a != b]
             if diff:
                 raise ProtocolError(f"party {party.role}: party {p} runs " + ", ".join(
-                    f"{name}={b}" for name, _, _, b in diff) + ", this party " + ", ".join(
-                    f"{name}={a}" for name, _, a, _ in diff) + "; all three parties need "
+                    _shown(name, b) for name, _, _, b in diff) + ", this party " + ", ".join(
+                    _shown(name, a) for name, _, a, _ in diff) + "; all three parties need "
                     + "; ".join(fix for _, fix, _, _ in diff))
             raise ProtocolError(f"party {party.role}: party {p} compiled a different program "
                                 "(model config, block spec or input size differ); all three "

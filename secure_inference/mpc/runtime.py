@@ -7,8 +7,9 @@ passes/gets a *shape-only* tensor (``device='meta'``, see :meth:`Party.placehold
 party runs the same shape logic. Fixed point: x_real ≈ x_int / 2^frac_bits.
 
 A :class:`Party` sends and receives checked frames (:mod:`.transport`), draws pairwise
-correlated randomness (AES-CTR under keys agreed at session start, :mod:`.prg`) and private
-randomness, and counts every byte and round per scope.
+correlated randomness (AES-CTR or ChaCha20 under keys agreed at session start, :mod:`.prg`;
+the session's ``prg`` setting) and private randomness, and counts every byte and round per
+scope.
 
 Key agreement (at session start, over the link): each pair of parties runs X25519 (each side
 sends a fresh 32-byte public key) and derives its 256-bit pair key with HKDF-SHA256 bound to
@@ -36,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from . import prg
+from . import prg as _prg
 from .backends import get_backend
 from .ring import DEFAULT_FRAC_BITS
 from .settings import EXACT, DReLUConfig
@@ -80,7 +81,7 @@ class Party:
 
     def __init__(self, role: int, links: dict[int, Link], *, device: torch.device | str = "cpu",
                  frac_bits: int = DEFAULT_FRAC_BITS, timeout: float = DEFAULT_TIMEOUT,
-                 max_frame: int = DEFAULT_MAX_FRAME):
+                 max_frame: int = DEFAULT_MAX_FRAME, prg: str = _prg.DEFAULT_CIPHER):
         if role not in ROLES:
             raise ValueError(f"role must be 0, 1 or 2, got {role}")
         if sorted(links) != sorted(r for r in ROLES if r != role):
@@ -88,6 +89,7 @@ class Party:
         if not 0 < frac_bits < 31:
             raise ValueError(f"frac_bits must be in [1, 30], got {frac_bits}")
         self.role = role
+        self.prg = _prg.check_cipher(prg)   # the cipher of every draw (a session setting)
         self.device = torch.device(device)
         self.frac_bits = frac_bits
         self.timeout = timeout
@@ -124,7 +126,7 @@ class Party:
                 lo, hi = sorted((self.role, p))
                 ordered = (pubs[p], theirs) if self.role == lo else (theirs, pubs[p])
                 info = b"secure-inference pair key %d-%d" % (lo, hi) + ordered[0] + ordered[1]
-                self._pair_keys[p] = HKDF(algorithm=hashes.SHA256(), length=prg.KEY_BYTES,
+                self._pair_keys[p] = HKDF(algorithm=hashes.SHA256(), length=_prg.KEY_BYTES,
                                           salt=None, info=info).derive(shared)
 
     def close(self) -> None:
@@ -183,7 +185,8 @@ class Party:
         key = (other, self._scope_path, tag)
         n = self._draws[key]
         self._draws[key] = n + 1
-        stream = prg.derive_stream(self._pair_keys[other], f"{self._scope_path}\x00{tag}\x00{n}")
+        stream = _prg.derive_stream(self._pair_keys[other],
+                                    f"{self._scope_path}\x00{tag}\x00{n}", self.prg)
         out = self._draw(stream, shape, high, dtype)
         if self._view is not None:
             self._view.draws.append((other, self._scope_path, tag, n, out.detach().cpu().clone()))
@@ -191,10 +194,11 @@ class Party:
 
     def private_random(self, shape, *, high: int | None = None,
                        dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        """Randomness known only to this party (AES-CTR under a fresh os.urandom key)."""
-        return self._draw(prg.private_stream(), shape, high, dtype)
+        """Randomness known only to this party (the session's cipher under a fresh
+        os.urandom key)."""
+        return self._draw(_prg.private_stream(self.prg), shape, high, dtype)
 
-    def _draw(self, stream: prg.KeyStream, shape, high: int | None, dtype: torch.dtype):
+    def _draw(self, stream: _prg.Stream, shape, high: int | None, dtype: torch.dtype):
         if dtype == torch.uint8:
             if high is None:
                 return stream.bytes_tensor(shape, self.device)

@@ -19,6 +19,7 @@ win, then the file, then :data:`DEFAULTS`). Keys of the YAML file (all optional)
     batch_size: 8                   # client only
     threads: 1                      # torch threads of this party (default: torch's choice)
     device: cpu                     # this party's torch device: cpu, cuda, cuda:1 (per party)
+    prg: aes                        # randomness cipher: aes or chacha20 (same on all three)
 
 Relative ``spec`` and ``certs`` paths (and a ``model`` config file that exists there) are
 relative to the YAML file's folder.
@@ -33,10 +34,11 @@ from .transport import TLSConfig
 
 KEYS = ("model", "spec", "input_shape", "cfg_options", "server", "helper", "client", "certs",
         "plaintext", "frac_bits", "drelu_bits", "drop_bits", "timeout", "batch_size", "threads",
-        "device")
+        "device", "prg")
 DEFAULTS: dict[str, Any] = {"frac_bits": 16, "drop_bits": 0, "timeout": 120.0,
                             "plaintext": False, "client": "127.0.0.1", "batch_size": 1,
-                            "device": "cpu"}
+                            "device": "cpu", "prg": "aes"}
+PRG_CHOICES = ("aes", "chacha20")   # secure_inference.mpc.prg.CIPHERS (no torch import here)
 
 
 class SessionConfigError(ValueError):
@@ -85,6 +87,9 @@ def merge_settings(flags: Mapping[str, Any], config_file: str | Path | None = No
     if not cfg.get("model"):
         raise SessionConfigError("no model: pass --model (config file or torchvision name) or "
                                  "set 'model' in --config-file")
+    if cfg["prg"] not in PRG_CHOICES:
+        raise SessionConfigError(f"prg must be one of {', '.join(PRG_CHOICES)}, got "
+                                 f"{cfg['prg']!r} (--prg, or 'prg' in --config-file)")
     return cfg
 
 
