@@ -189,7 +189,11 @@ CASES: dict[str, tuple[Callable, int]] = {     # name: (body, bytes of one DReLU
     "output": (_output, 8),
     "cnn": (_whole_cnn(None), 8),
     "cnn-approx": (_whole_cnn(APPROX), 5),
+    "drelu-chacha20": (_nonlinear(lambda p, x: D.drelu(p, x)), 8),
+    "cnn-chacha20": (_whole_cnn(None), 8),
 }
+# The cipher of a case's correlated randomness (default aes): the views must not depend on it.
+CASE_PRG = {"drelu-chacha20": "chacha20", "cnn-chacha20": "chacha20"}
 
 
 # What each receiver gets per protocol, in order: (scope, sender, wire dtype), for P0, P1, P2.
@@ -314,7 +318,8 @@ def _experiment(case: str, receiver: int):
         runs = []
         for _ in range(RUNS):
             _, views = _run_in_process_with_keys(functools.partial(body, s=secret),
-                                                 _keys_for(receiver, fixed))
+                                                 _keys_for(receiver, fixed),
+                                                 prg=CASE_PRG.get(case, "aes"))
             runs.append(views[receiver].received)
         per_secret.append(runs)
     layout = [(scope, frm, t.dtype, tuple(t.shape)) for scope, frm, t in per_secret[0][0]]
@@ -397,3 +402,29 @@ def test_receivers_get_exactly_the_messages_of_the_view_table(case):
         layout, _, _ = _experiment(case, receiver)
         got = [(scope, frm, str(dtype).replace("torch.", "")) for scope, frm, dtype, _ in layout]
         assert got == VIEW_TABLE[case][receiver], f"P{receiver} in {case}"
+
+
+def test_the_chacha20_cases_draw_chacha20():
+    """The chacha20 cases are not AES runs under another name: with all keys fixed, every ring
+    draw is the ChaCha20 stream of its identifier (none is the AES one), and every element
+    the receivers get that is not public differs from the AES run's."""
+    from secure_inference.mpc import prg
+    keys = {pair: os.urandom(32) for pair in PAIRS}
+    body = functools.partial(CASES["cnn-chacha20"][0], s=SECRETS[0])
+    runs = {c: _run_in_process_with_keys(body, keys, prg=c)[1] for c in prg.CIPHERS}
+    matches = {c: 0 for c in prg.CIPHERS}
+    for role, view in enumerate(runs["chacha20"]):
+        for other, scope, tag, n, t in view.draws:
+            if t.dtype != torch.int64:
+                continue
+            key = keys[tuple(sorted((role, other)))]
+            for c in prg.CIPHERS:
+                want = prg.derive_stream(key, f"{scope}\x00{tag}\x00{n}", c).ring(t.shape)
+                matches[c] += int(torch.equal(want, t))
+    assert matches["chacha20"] > 0 and matches["aes"] == 0, matches
+    for receiver in (0, 1, 2):
+        for (scope, frm, a), (_, _, b) in zip(runs["aes"][receiver].received,
+                                              runs["chacha20"][receiver].received):
+            if not _is_public(scope, receiver):
+                same = _elements(a, frm, receiver, 8)[0] == _elements(b, frm, receiver, 8)[0]
+                assert not same.any(), f"P{receiver} {scope} from P{frm}"
