@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all lint demo clean-venv
+.PHONY: install test test-quick test-all lint demo clean-venv
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
+
+# the inner loop: no slow tests, no tests that start Python processes (see pytest.ini)
+test-quick: $(STAMP)
+	$(PY) -m pytest -m "not slow and not processes" $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)

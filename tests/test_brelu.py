@@ -121,6 +121,9 @@ def test_wrong_channel_count_at_forward():
         BlockReLU(np.ones((3, 2), dtype=int))(torch.randn(1, 4, 5, 5))
 
 
+@pytest.mark.processes
+
+
 def test_torch_compile_gives_same_result():
     sizes = np.array([[2, 2], [1, 1], [0, 1], [3, 2]])
     module = BlockReLU(sizes)

@@ -38,6 +38,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("name", sorted(CLIS))
+@pytest.mark.processes
 def test_main_help_loads_no_torch(name):
     proc = _python(f"""
         import json, sys
@@ -57,6 +58,7 @@ def test_main_help_loads_no_torch(name):
 
 
 @pytest.mark.parametrize("name", sorted(CLIS))
+@pytest.mark.processes
 def test_script_help_loads_no_torch(name):
     script, _, text = CLIS[name]
     proc = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / script), "--help"],
@@ -69,6 +71,7 @@ def test_script_help_loads_no_torch(name):
 
 
 @pytest.mark.parametrize("name", sorted(CLIS))
+@pytest.mark.processes
 def test_console_script_help(name):
     _, command, text = CLIS[name]
     exe = Path(sys.executable).parent / command

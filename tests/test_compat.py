@@ -12,6 +12,9 @@ def run_python(code: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.processes
+
+
 def test_torchvision_fails_without_the_fix_and_imports_with_it():
     from secure_inference.mmlab import compat
     if compat.torchvision_ops_loadable():
@@ -30,6 +33,9 @@ def test_torchvision_fails_without_the_fix_and_imports_with_it():
     assert fixed.returncode == 0, fixed.stderr
     assert "torch.Size([1, 1000])" in fixed.stdout
     assert "ops-error" in fixed.stdout      # the C++ ops still raise their usual error
+
+
+@pytest.mark.processes
 
 
 def test_mmseg_models_import_needs_the_mmcv_ops_standin():
@@ -55,6 +61,9 @@ def test_point_sample_standin_matches_grid_sample_semantics():
     with pytest.raises(ModuleNotFoundError, match="compiled ops"):
         from mmcv.ops import DeformConv2d  # noqa: F401
     assert getattr(mmcv.ops, "__secure_inference_standin__", False)
+
+
+@pytest.mark.processes
 
 
 def test_mmengine_checkpoint_loads_safely_and_unsafe_globals_stay_refused(tmp_path):
@@ -95,6 +104,9 @@ def test_checkpoint_getattr_is_limited_to_history_buffer_statistics(tmp_path):
     torch.save({"x": GetattrExploit()}, tmp_path / "evil.pth")
     with pytest.raises(Exception, match="refusing getattr"):
         torch.load(tmp_path / "evil.pth", weights_only=True)
+
+
+@pytest.mark.processes
 
 
 def test_package_import_is_cheap_and_torch_still_gets_the_fixes():

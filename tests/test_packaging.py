@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ def _declared() -> dict[str, list[Requirement]]:
     return reqs
 
 
+@pytest.mark.processes
 def test_no_exact_pins_and_torch_range_admits_the_gpu_machine_and_ci_versions():
     reqs = _declared()
     for group in reqs.values():
@@ -39,6 +41,7 @@ def test_no_exact_pins_and_torch_range_admits_the_gpu_machine_and_ci_versions():
     assert not torch.specifier.contains("1.13.1")
 
 
+@pytest.mark.processes
 def test_ci_pins_satisfy_the_declared_ranges():
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():

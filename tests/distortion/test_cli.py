@@ -10,6 +10,8 @@ from secure_inference.distortion import load_results
 from helpers.scripts import load_script
 from tiny_configs import TINY_CLS_CONFIG, write_tiny_cls_setup
 
+pytestmark = pytest.mark.processes  # every test here starts Python processes
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "research" / "extract_block_sizes.py"
 

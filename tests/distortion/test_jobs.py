@@ -116,6 +116,9 @@ def image_folder(tmp_path):
     return folder
 
 
+@pytest.mark.processes
+
+
 def test_two_workers_equal_one_worker(tmp_path, image_folder):
     common = ["--model", "helpers.nets:factory", "--image-folder", str(image_folder),
               "--input-shape", "3", "8", "8", "--num_samples", "4", "--max-rect", "2",
@@ -142,6 +145,7 @@ def test_two_workers_equal_one_worker(tmp_path, image_folder):
 
 
 @pytest.mark.slow  # test_resume_after_interruption_equals_one_shot covers resuming (chunk limit)
+@pytest.mark.processes
 def test_killed_worker_loses_only_chunk_in_flight(tmp_path, image_folder):
     """A real kill: SIGKILL the CLI once chunks appear; the rerun completes the run."""
     import signal

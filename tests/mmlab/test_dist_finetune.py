@@ -28,6 +28,8 @@ from secure_inference.sites import find_relu_sites
 from helpers import tiny_tasks as tt
 from helpers.scripts import load_script
 
+pytestmark = pytest.mark.processes  # every test here starts Python processes
+
 REPO = tt.REPO
 TOOLS = REPO / "mmlab_tools"
 SIZES = [[2, 2], [1, 1], [0, 1], [4, 4], [1, 3], [3, 2]]

@@ -355,6 +355,9 @@ def test_help_explains_each_step(capsys, command, words):
     assert not missing, missing
 
 
+@pytest.mark.processes
+
+
 def test_one_machine_command_line_of_run_local_still_works(tmp_path):
     folder = tmp_path / "certs"
     folder.mkdir()

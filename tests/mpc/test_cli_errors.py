@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.processes  # every test here starts Python processes
+
 ROOT = Path(__file__).resolve().parents[2]
 CLI = ROOT / "research" / "secure_inference"
 MODEL = ["--model", "resnet18", "--input-shape", "3", "32", "32"]

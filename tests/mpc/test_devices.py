@@ -36,6 +36,9 @@ def _model() -> nn.Module:
                          nn.Flatten(), nn.Linear(64, 3)).eval()
 
 
+@pytest.mark.processes
+
+
 def test_per_role_devices_on_cpu_equal_the_default_run():
     x = torch.randn(2, 3, 8, 8)
     base = run_local(_model(), x, in_process=True)
@@ -47,6 +50,7 @@ def test_per_role_devices_on_cpu_equal_the_default_run():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.processes
 def test_mixed_cpu_and_cuda_session_gives_the_cpu_outputs_and_bytes():
     x = torch.randn(2, 3, 8, 8)
     cpu = run_local(_model(), x, timeout=300)

@@ -25,6 +25,8 @@ from secure_inference.mpc.harness import FAULT_PHASES, run_local_processes
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the process functions' module
 import mpc_process_fns as fns  # noqa: E402
 
+pytestmark = pytest.mark.processes  # every test here starts Python processes
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 

@@ -56,6 +56,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("name,batch,in_process", CASES)
+@pytest.mark.processes
 def test_secure_matches_plaintext(name, batch, in_process, tmp_path):
     model, spec, chw = build_reference(name, seed=3)
     torch.manual_seed(4)
@@ -106,6 +107,9 @@ def test_report_bytes_equal_runtime_counts_and_batches_share_weights():
     assert results[1]["outputs"] is None and results[2]["outputs"] is None
 
 
+@pytest.mark.processes
+
+
 def test_argmax_agreement_on_hundreds_of_inputs():
     """Classifier: secure argmax equals the plaintext Block-ReLU model's on >= 99% of 256
     random inputs (in-process links; same protocols as over TCP)."""
@@ -123,6 +127,9 @@ def test_argmax_agreement_on_hundreds_of_inputs():
     agree = float((res.outputs.argmax(1) == ref.argmax(1)).double().mean())
     assert agree >= 0.99, agree
     assert res.report["images"] == 256 and res.report["batch_sizes"] == [128, 128]
+
+
+@pytest.mark.processes
 
 
 def test_unsupported_model_fails_before_any_party_starts(monkeypatch):

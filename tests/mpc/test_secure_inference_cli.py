@@ -25,6 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_compile import mixed_spec, randomize_bn  # noqa: E402
 
 
+@pytest.mark.processes
+
+
 def test_run_local_sh_three_addresses_tls(tmp_path):
     from secure_inference.mmlab.config_utils import load_task_config
     from secure_inference.mmlab.finetune import build_task_model
@@ -78,6 +81,9 @@ def test_parties_with_different_programs_stop_with_a_clear_error():
         run_in_process(fn, timeout=10)
 
 
+@pytest.mark.processes
+
+
 def test_cli_help_and_missing_settings():
     for script in ("server.py", "client.py", "crypto_provider.py"):
         proc = subprocess.run([sys.executable, str(ROOT / "research/secure_inference" / script),
@@ -90,7 +96,8 @@ def test_cli_help_and_missing_settings():
 
 @pytest.mark.parametrize("setting,values", [("frac_bits", (16, 12)),
                                             ("drelu_ring_bits", (None, 40)),
-                                            ("drelu_drop_bits", (None, 8))])
+                                            ("drelu_drop_bits", (None, 8)),
+                                            ("prg", ("aes", "chacha20"))])
 def test_parties_with_different_settings_stop_naming_the_setting(setting, values):
     """The server at f = 12 (or another DReLU) while the others use f = 16 used to complete and
     hand the client 1.7e10 for a plaintext 0.289: every public setting that changes the
@@ -103,14 +110,34 @@ def test_parties_with_different_settings_stop_naming_the_setting(setting, values
 
     def fn(party):
         mine, other = values
+        cfg = None
         if setting == "frac_bits":
             party.frac_bits = other if party.role == 1 else mine
-            cfg = None
+        elif setting == "prg":
+            party.prg = other if party.role == 1 else mine
         elif setting == "drelu_ring_bits":
             cfg = DReLUConfig(ring_bits=40) if party.role == 1 else None
         else:
             cfg = DReLUConfig(ring_bits=56, drop_bits=8) if party.role == 1 else None
         return run_party(party, program, images=[x] if party.role == 0 else None,
                          weights=weights if party.role == 1 else None, drelu=cfg)
-    with pytest.raises(ProtocolError, match=setting):
+    with pytest.raises(ProtocolError, match=setting) as err:
         run_in_process(fn, timeout=10)
+    if setting == "prg":   # names both ciphers and the flag that fixes it
+        assert "prg=chacha20" in str(err.value) and "prg=aes" in str(err.value)
+        assert "--prg" in str(err.value)
+
+
+@pytest.mark.processes
+def test_party_processes_with_different_prg_stop_naming_prg():
+    """The per-role prg of the process harness reaches each party: a helper on chacha20 with
+    the others on aes is refused at the header (the server's and the client's errors name
+    prg and --prg), before any randomness is drawn."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    program, weights = compile_model(net, (1, 3, 8, 8))
+    from secure_inference.mpc.local import run_program
+    with pytest.raises(ProtocolError, match="prg") as err:
+        run_program(program, weights, [torch.randn(1, 3, 8, 8)], tls=False, timeout=60,
+                    prg=("aes", "aes", "chacha20"))
+    assert "--prg" in str(err.value)

@@ -203,6 +203,8 @@ def test_plaintext_only_on_loopback_and_only_when_asked():
 
 # --- three processes over loopback --------------------------------------------------------
 
+@pytest.mark.processes
+
 def test_protocols_over_tls_between_three_processes():
     torch.manual_seed(3)
     x = torch.randn(2, 3, 8, 8)
@@ -222,6 +224,9 @@ def test_protocols_over_tls_between_three_processes():
     assert merge_stats(stats, "mul")["bytes"] == 8 * n + 2 * 8 * 2 * n
 
 
+@pytest.mark.processes
+
+
 def test_killed_peer_gives_clear_errors_without_hanging():
     start = time.monotonic()
     with pytest.raises(ProtocolError, match="party 1 died") as info:
@@ -232,10 +237,16 @@ def test_killed_peer_gives_clear_errors_without_hanging():
     assert "closed the link" in errs[2] or "reset" in errs[2]
 
 
+@pytest.mark.processes
+
+
 def test_stalled_peer_in_processes_times_out():
     with pytest.raises(ProtocolError, match="within 1 s") as info:
         run_local_processes(fns.server_stalls, tls=False, timeout=1.0, wall_timeout=120)
     assert "within 1 s" in info.value.party_errors[0]
+
+
+@pytest.mark.processes
 
 
 def test_wrong_certificate_in_processes(tmp_path):

@@ -32,6 +32,9 @@ def _load_cli():
 CLI = _load_cli()  # the research/ path: a shim over secure_inference.cli.compare_methods
 
 
+@pytest.mark.processes
+
+
 def test_help_loads_no_torch_and_lists_every_method():
     from secure_inference.cli import compare_methods
     from secure_inference.study.methods import METHODS
@@ -143,6 +146,9 @@ def test_distillation_and_iterative_methods_run(tiny, tmp_path, capsys):
     plain = [json.loads(line) for f in (work / "runs" / "iterative").rglob("scalars.json")
              for line in f.read_text().splitlines()]
     assert plain and not any("loss_kd" in rec for rec in plain)
+
+
+@pytest.mark.processes
 
 
 def test_parallel_jobs_record_the_same_runs_as_one_process(tiny, tmp_path, capsys):
