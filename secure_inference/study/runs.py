@@ -2,9 +2,9 @@
 with the config's recipe from the baseline checkpoint, evaluate on the config's test split.
 
 Runs go through the mmengine Runner (:mod:`secure_inference.mmlab.runner`): one after another
-in this process (``jobs=1``), or ``jobs`` at a time in worker processes while this process
-builds the specs the later runs need (specs are built once, here, in order of cost: uniform,
-linear, exact, iterative). Each run lives in ``<work_dir>/runs/<method>/<budget>/seed<k>/``
+in this process (``jobs=1``), or ``jobs`` at a time in worker processes, in plan order as
+their specs become ready, while this process builds the specs the later runs need (each once,
+here, cheapest first: uniform, linear, exact, iterative). Each run lives in ``<work_dir>/runs/<method>/<budget>/seed<k>/``
 and is recorded in ``<work_dir>/results.json`` by this process when it has finished (see
 :mod:`.results`). A run folder without a record is an interrupted run and is cleared before
 the run starts again.
@@ -15,7 +15,7 @@ import multiprocessing
 import shutil
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -227,7 +227,8 @@ def run_study(study: Study, on_event: Event | None = None, jobs: int = 1,
     """Run every pending run of ``study``; returns the results file.
 
     ``jobs`` > 1 finetunes that many runs at a time in worker processes (``worker_threads``
-    torch threads each) while this process builds the remaining specs. A failed run is
+    torch threads each), in plan order as their specs become ready, while this process builds
+    the remaining specs (cheapest first). A failed run is
     reported and left unrecorded; the other runs go on, and the first failure is raised at
     the end.
 
@@ -322,13 +323,17 @@ def run_study(study: Study, on_event: Event | None = None, jobs: int = 1,
             emit("done", {"run": run.id, "index": i, "pending": len(pending), **entry})
         return results
 
-    # jobs > 1: cheap specs first, so the workers start while the expensive ones are built
-    order = sorted(range(len(pending)), key=lambda i: (SPEC_COST.get(pending[i].method, 2), i))
+    # jobs > 1: runs go to the pool in plan order (seed-major, so a partial study covers every
+    # method and budget at the first seed) as soon as their spec exists; while no run is
+    # ready, this process builds the next missing spec, cheapest first; a small buffer of
+    # queued runs keeps the workers busy while a spec is being built.
     failures: list[tuple[str, BaseException]] = []
     finished = [0]
 
     def on_finished(run: RunKey, index: int, future: Future) -> None:
         with lock:
+            if future.cancelled():
+                return
             error = future.exception()
             if error is not None:
                 failures.append((run.id, error))
@@ -341,21 +346,42 @@ def run_study(study: Study, on_event: Event | None = None, jobs: int = 1,
             emit("done", {"run": run.id, "index": index, "pending": len(pending),
                           "finished": finished[0], "jobs": jobs, **entry})
 
+    def spec_ready(run: RunKey) -> bool:
+        name = spec_method(run.method)
+        budget = by_label[run.budget]
+        with lock:
+            known = f"{name}@{budget.label}" in results.data["specs"]
+        return known and (work / "specs" / f"{name}_{budget.slug}.pickle").is_file()
+
+    buffer = 3 * jobs
+    waiting = list(range(len(pending)))          # plan order
+    in_flight: set[Future] = set()
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_worker_init, initargs=(worker_threads,))
-    futures: list[Future] = []
     try:
-        for i in order:
-            run = pending[i]
-            budget = by_label[run.budget]
-            _, spec_entry, path = get_spec(run.method, budget)
-            future = pool.submit(_worker_run, study, run, str(path), spec_entry["drelus"],
-                                 budget.drelus)
-            with lock:
-                emit("start", {"run": run.id, "index": i, "pending": len(pending),
-                               "queued": True})
-            future.add_done_callback(lambda f, run=run, i=i: on_finished(run, i, f))
-            futures.append(future)
+        while waiting or in_flight:
+            in_flight = {f for f in in_flight if not f.done()}
+            ready = [i for i in waiting if spec_ready(pending[i])]
+            if ready and len(in_flight) < buffer:
+                i = ready[0]
+                waiting.remove(i)
+                run = pending[i]
+                budget = by_label[run.budget]
+                _, spec_entry, path = get_spec(run.method, budget)   # loads the built spec
+                future = pool.submit(_worker_run, study, run, str(path), spec_entry["drelus"],
+                                     budget.drelus)
+                with lock:
+                    emit("start", {"run": run.id, "index": i, "pending": len(pending),
+                                   "queued": True})
+                future.add_done_callback(lambda f, run=run, i=i: on_finished(run, i, f))
+                in_flight.add(future)
+            elif len(ready) < len(waiting):
+                # build the cheapest missing spec (uniform, linear, exact, iterative)
+                missing = [pending[i] for i in waiting if not spec_ready(pending[i])]
+                run = min(missing, key=lambda r: SPEC_COST.get(r.method, 2))
+                get_spec(run.method, by_label[run.budget])
+            else:
+                wait(in_flight, return_when=FIRST_COMPLETED)
         pool.shutdown(wait=True)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
