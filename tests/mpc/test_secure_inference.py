@@ -177,3 +177,35 @@ def test_limb_convolution_is_exact_mod_2_64(xs, ws, kw):
     if ref is not None:
         ref = (ref + (1 << 63)) % (1 << 64) - (1 << 63)
         assert int(fast.conv2d(x, w, *args)[0, 0, 0, 0]) == ref
+
+
+def test_chacha20_session_matches_plaintext_and_the_aes_session():
+    """A whole CNN (Block-ReLUs, max pooling, residuals) with prg="chacha20": within the
+    fixed-point bound of the plaintext Block-ReLU model, within twice that of the AES run
+    (the randomness differs, so the last bits do), and exactly the same bytes and rounds."""
+    torch.manual_seed(8)
+    model = resnet18_cifar(width=4, num_classes=10).eval()
+    chw = (3, 8, 8)
+    from test_compile import mixed_spec, randomize_bn
+    randomize_bn(model, 8)
+    spec = mixed_spec(model, chw, 8)
+    x = torch.randn((2,) + chw)
+    runs = {c: run_local(model, x, spec, in_process=True, timeout=300, prg=c)
+            for c in ("aes", "chacha20")}
+    for res in runs.values():
+        ref = _check_against_plaintext(model, spec, x, res.outputs)
+    program, weights = compile_model(model, tuple(x.shape), spec=spec)
+    bound = error_bound(program, weights, x, FRAC, sigmas=SIGMAS) + 1e-6 * (1 + ref.abs())
+    assert bool(((runs["aes"].outputs - runs["chacha20"].outputs).abs() <= 2 * bound).all())
+    assert not torch.equal(runs["aes"].outputs, runs["chacha20"].outputs)
+    aes, cha = runs["aes"].report, runs["chacha20"].report
+    assert cha["meta"]["prg"] == "chacha20" and aes["meta"]["prg"] == "aes"
+    for part in ("online", "total", "setup", "preprocess", "session"):
+        assert cha[part]["bytes"] == aes[part]["bytes"]
+        assert cha[part].get("rounds") == aes[part].get("rounds")
+
+
+def test_run_local_refuses_an_unknown_prg():
+    with pytest.raises(ValueError, match="aes, chacha20"):
+        run_local(nn.Sequential(nn.ReLU()), torch.zeros(1, 1, 2, 2), in_process=True,
+                  prg="chacha")

@@ -65,3 +65,28 @@ def test_tls_material(tmp_path):
     create_certificates(tmp_path / "certs", {0: ["127.0.0.1"], 1: ["127.0.0.1"],
                                              2: ["127.0.0.1"]})
     assert tls_config(1, {"plaintext": False, "certs": str(tmp_path / "certs")}) is not None
+
+
+def test_prg_from_flag_file_or_default_and_bad_values(tmp_path):
+    session = tmp_path / "s.yaml"
+    session.write_text("model: resnet18\nprg: chacha20\n")
+    assert merge_settings({}, session)["prg"] == "chacha20"
+    assert merge_settings({"prg": "aes"}, session)["prg"] == "aes"        # the flag wins
+    assert merge_settings({"model": "resnet18"})["prg"] == "aes"          # the default
+    session.write_text("model: resnet18\nprg: rc4\n")
+    with pytest.raises(SessionConfigError, match="prg must be one of aes, chacha20"):
+        merge_settings({}, session)
+
+
+def test_party_clis_take_prg():
+    from secure_inference.cli import client, crypto_provider, server
+    from secure_inference.mpc.prg import CIPHERS
+    from secure_inference.mpc.session_config import PRG_CHOICES
+    assert PRG_CHOICES == CIPHERS          # the torch-free copy agrees with the library
+    for parser, extra in ((server.build_parser(), ["--checkpoint", "c.pth"]),
+                          (client.build_parser(), ["--images", "x.npy"]),
+                          (crypto_provider.build_parser(), [])):
+        assert parser.parse_args(extra + ["--prg", "chacha20"]).prg == "chacha20"
+        assert parser.parse_args(extra).prg is None          # unset: the file or the default
+        with pytest.raises(SystemExit):
+            parser.parse_args(extra + ["--prg", "rc4"])
