@@ -65,3 +65,24 @@ def test_party_command_lines_take_a_device(capsys):
         with pytest.raises(SystemExit):
             cli.main(["--help"])
         assert "--device" in capsys.readouterr().out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_chacha20_parties_on_cuda_draw_on_the_device(monkeypatch):
+    """With prg="chacha20" parties on a GPU never expand randomness on the host (the host
+    keystream path is disabled here), and a mixed CPU/GPU session gives the CPU run's outputs
+    and bytes."""
+    from secure_inference.mpc import prg
+    x = torch.randn(2, 3, 8, 8)
+    cpu = run_local(_model(), x, in_process=True, prg="chacha20")
+    mixed = run_local(_model(), x, in_process=True, prg="chacha20",
+                      device=("cpu", "cuda", "cuda"))
+    assert mixed.report["total"]["bytes"] == cpu.report["total"]["bytes"]
+    assert torch.allclose(mixed.outputs, cpu.outputs, atol=1e-3)
+
+    def no_host(data):
+        raise AssertionError("randomness was expanded on the host")
+    monkeypatch.setattr(prg, "_host_tensor", no_host)
+    gpu = run_local(_model(), x, in_process=True, prg="chacha20", device="cuda")
+    assert torch.allclose(gpu.outputs, cpu.outputs, atol=1e-3)
