@@ -122,8 +122,6 @@ def test_wrong_channel_count_at_forward():
 
 
 @pytest.mark.processes
-
-
 def test_torch_compile_gives_same_result():
     sizes = np.array([[2, 2], [1, 1], [0, 1], [3, 2]])
     module = BlockReLU(sizes)

@@ -13,8 +13,6 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.processes
-
-
 def test_torchvision_fails_without_the_fix_and_imports_with_it():
     from secure_inference.mmlab import compat
     if compat.torchvision_ops_loadable():
@@ -36,8 +34,6 @@ def test_torchvision_fails_without_the_fix_and_imports_with_it():
 
 
 @pytest.mark.processes
-
-
 def test_mmseg_models_import_needs_the_mmcv_ops_standin():
     from secure_inference.mmlab import compat
     if compat.mmcv_ops_available():
@@ -64,8 +60,6 @@ def test_point_sample_standin_matches_grid_sample_semantics():
 
 
 @pytest.mark.processes
-
-
 def test_mmengine_checkpoint_loads_safely_and_unsafe_globals_stay_refused(tmp_path):
     import numpy as np
     from mmengine.logging import HistoryBuffer
@@ -107,8 +101,6 @@ def test_checkpoint_getattr_is_limited_to_history_buffer_statistics(tmp_path):
 
 
 @pytest.mark.processes
-
-
 def test_package_import_is_cheap_and_torch_still_gets_the_fixes():
     """``import secure_inference`` loads no torch (the CLIs parse arguments first); the fixes
     come with torch, whichever package loads it first."""

@@ -38,8 +38,6 @@ def _package_copy(tmp_path: Path) -> Path:
 
 
 @pytest.mark.processes
-
-
 def test_contracts_hold_on_the_package():
     res = _lint_imports(ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -52,6 +50,8 @@ def test_contracts_hold_on_the_package():
     ("checkpoints.py", "from . import models  # noqa: F401\n"),               # base -> dispatch
     ("mmlab/finetune.py", "from .. import models  # noqa: F401\n"),           # models <-> mmlab
 ])
+
+
 @pytest.mark.processes
 def test_an_upward_import_breaks_a_contract(tmp_path, module, line):
     pkg = _package_copy(tmp_path)

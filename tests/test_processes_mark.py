@@ -18,6 +18,7 @@ import pytest
 def test_unmarked_python_child():
     subprocess.run([sys.executable, "-c", "pass"], check=True)
 
+
 @pytest.mark.processes
 def test_marked_python_child():
     subprocess.run([sys.executable, "-c", "pass"], check=True)

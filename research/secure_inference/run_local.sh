@@ -12,9 +12,11 @@
 # Environment: WORK (default: a new temp folder) holds certs/, session.yaml and logs;
 #              PYTHON (default .venv/bin/python); SERVER_PORT/HELPER_PORT (7101/7102);
 #              THREADS torch threads per party (default 1: three parties share the cores);
-#              SERVER_ARGS extra flags for the server and helper (e.g. "--frac-bits 14").
+#              SERVER_ARGS extra flags for the server and helper (e.g. "--frac-bits 14");
+#              DEVICE the torch device of every party (default cpu), or per party
+#              CLIENT_DEVICE / SERVER_DEVICE / HELPER_DEVICE (e.g. cuda:0, cuda:1, cpu).
 set -euo pipefail
-if [[ $# -lt 3 ]]; then sed -n '2,14p' "$0"; exit 2; fi
+if [[ $# -lt 3 ]]; then sed -n '2,17p' "$0"; exit 2; fi
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
@@ -24,6 +26,9 @@ shift 3; [[ $# -gt 0 ]] && shift
 WORK="${WORK:-$(mktemp -d -t si-local-XXXXXX)}"
 mkdir -p "$WORK"
 SERVER_PORT="${SERVER_PORT:-7101}"; HELPER_PORT="${HELPER_PORT:-7102}"
+DEVICE="${DEVICE:-cpu}"
+CLIENT_DEVICE="${CLIENT_DEVICE:-$DEVICE}"; SERVER_DEVICE="${SERVER_DEVICE:-$DEVICE}"
+HELPER_DEVICE="${HELPER_DEVICE:-$DEVICE}"
 
 "$PYTHON" "$HERE/make_certificates.py" "$WORK/certs" --force \
   --client-host 127.0.0.1 --server-host 127.0.0.2 --helper-host 127.0.0.3 > /dev/null
@@ -41,13 +46,15 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 # shellcheck disable=SC2086
-"$PYTHON" "$HERE/crypto_provider.py" --config-file "$WORK/session.yaml" ${SERVER_ARGS:-} \
+"$PYTHON" "$HERE/crypto_provider.py" --config-file "$WORK/session.yaml" \
+  --device "$HELPER_DEVICE" ${SERVER_ARGS:-} \
   > "$WORK/helper.log" 2>&1 & pids+=($!)
 # shellcheck disable=SC2086
 "$PYTHON" "$HERE/server.py" --config-file "$WORK/session.yaml" --checkpoint "$CHECKPOINT" \
-  ${SERVER_ARGS:-} > "$WORK/server.log" 2>&1 & pids+=($!)
+  --device "$SERVER_DEVICE" ${SERVER_ARGS:-} > "$WORK/server.log" 2>&1 & pids+=($!)
 status=0
-"$PYTHON" "$HERE/client.py" --config-file "$WORK/session.yaml" --images "$IMAGES" "$@" || status=$?
+"$PYTHON" "$HERE/client.py" --config-file "$WORK/session.yaml" --device "$CLIENT_DEVICE" \
+  --images "$IMAGES" "$@" || status=$?
 for p in "${pids[@]}"; do wait "$p" || status=$?; done
 pids=()
 if [[ $status -ne 0 ]]; then

@@ -117,8 +117,6 @@ def image_folder(tmp_path):
 
 
 @pytest.mark.processes
-
-
 def test_two_workers_equal_one_worker(tmp_path, image_folder):
     common = ["--model", "helpers.nets:factory", "--image-folder", str(image_folder),
               "--input-shape", "3", "8", "8", "--num_samples", "4", "--max-rect", "2",

@@ -231,8 +231,6 @@ def test_bad_inputs_give_clear_errors(cli, folder, tmp_path, capsys, resnet18_si
 
 
 @pytest.mark.processes
-
-
 def test_runs_as_a_script(folder, tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
                           text=True, cwd=ROOT, timeout=120)

@@ -356,8 +356,6 @@ def test_help_explains_each_step(capsys, command, words):
 
 
 @pytest.mark.processes
-
-
 def test_one_machine_command_line_of_run_local_still_works(tmp_path):
     folder = tmp_path / "certs"
     folder.mkdir()

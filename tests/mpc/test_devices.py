@@ -37,8 +37,6 @@ def _model() -> nn.Module:
 
 
 @pytest.mark.processes
-
-
 def test_per_role_devices_on_cpu_equal_the_default_run():
     x = torch.randn(2, 3, 8, 8)
     base = run_local(_model(), x, in_process=True)

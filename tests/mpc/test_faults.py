@@ -22,8 +22,7 @@ from secure_inference.mpc.compile import compile_model
 from secure_inference.mpc.runtime import ProtocolError
 from secure_inference.mpc.harness import FAULT_PHASES, run_local_processes
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the process functions' module
-import mpc_process_fns as fns  # noqa: E402
+from helpers import mpc_process_fns as fns
 
 pytestmark = pytest.mark.processes  # every test here starts Python processes
 

@@ -193,8 +193,8 @@ def test_max_pool_rejects_bad_arguments():
 
 # ------------------------------------------------------------------ real TCP, three processes
 
-@pytest.mark.processes
 
+@pytest.mark.processes
 def test_all_nonlinear_protocols_over_loopback_tcp_processes():
     sizes = [[3, 3], [0, 1], [1, 1], [2, 2]]
     shape = (1, 4, 6, 5)

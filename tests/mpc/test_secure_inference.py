@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +17,7 @@ from secure_inference.mpc.local import run_local, run_program
 from secure_inference.mpc.runtime import merge_stats
 from secure_inference.sites import find_relu_sites, run_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_compile import build_reference, resnet18_cifar  # noqa: E402
+from helpers.reference_models import build_reference, mixed_spec, randomize_bn, resnet18_cifar
 
 FRAC = 16
 SIGMAS = 8.0
@@ -108,15 +105,12 @@ def test_report_bytes_equal_runtime_counts_and_batches_share_weights():
 
 
 @pytest.mark.processes
-
-
 def test_argmax_agreement_on_hundreds_of_inputs():
     """Classifier: secure argmax equals the plaintext Block-ReLU model's on >= 99% of 256
     random inputs (in-process links; same protocols as over TCP)."""
     torch.manual_seed(7)
     model = resnet18_cifar(width=4, num_classes=10).eval()
     chw = (3, 8, 8)
-    from test_compile import mixed_spec, randomize_bn
     randomize_bn(model, 7)
     spec = mixed_spec(model, chw, 7)
     x = torch.randn((256,) + chw)
@@ -130,8 +124,6 @@ def test_argmax_agreement_on_hundreds_of_inputs():
 
 
 @pytest.mark.processes
-
-
 def test_unsupported_model_fails_before_any_party_starts(monkeypatch):
     import secure_inference.mpc.local as local
 
@@ -186,7 +178,6 @@ def test_chacha20_session_matches_plaintext_and_the_aes_session():
     torch.manual_seed(8)
     model = resnet18_cifar(width=4, num_classes=10).eval()
     chw = (3, 8, 8)
-    from test_compile import mixed_spec, randomize_bn
     randomize_bn(model, 8)
     spec = mixed_spec(model, chw, 8)
     x = torch.randn((2,) + chw)

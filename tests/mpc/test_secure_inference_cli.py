@@ -20,14 +20,12 @@ from secure_inference.mpc.party import check_program, run_party
 from secure_inference.mpc.runtime import ProtocolError
 from secure_inference.mpc.harness import run_in_process
 
+from helpers.reference_models import mixed_spec, randomize_bn
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_compile import mixed_spec, randomize_bn  # noqa: E402
 
 
 @pytest.mark.processes
-
-
 def test_run_local_sh_three_addresses_tls(tmp_path):
     from secure_inference.mmlab.config_utils import load_task_config
     from secure_inference.mmlab.finetune import build_task_model
@@ -82,8 +80,6 @@ def test_parties_with_different_programs_stop_with_a_clear_error():
 
 
 @pytest.mark.processes
-
-
 def test_cli_help_and_missing_settings():
     for script in ("server.py", "client.py", "crypto_provider.py"):
         proc = subprocess.run([sys.executable, str(ROOT / "research/secure_inference" / script),

@@ -4,7 +4,6 @@ import functools
 import shutil
 import socket
 import struct
-import sys
 import time
 from pathlib import Path
 
@@ -18,8 +17,7 @@ from secure_inference.mpc.harness import run_in_process, run_local_processes
 from secure_inference.mpc.transport import (SocketLink, TLSConfig, connect_links, decode_frame,
                                             encode_frame, listen, scope_hash, split_prefix)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the process functions' module
-import mpc_process_fns as fns  # noqa: E402
+from helpers import mpc_process_fns as fns
 from helpers.links import connect_three  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,8 +201,8 @@ def test_plaintext_only_on_loopback_and_only_when_asked():
 
 # --- three processes over loopback --------------------------------------------------------
 
-@pytest.mark.processes
 
+@pytest.mark.processes
 def test_protocols_over_tls_between_three_processes():
     torch.manual_seed(3)
     x = torch.randn(2, 3, 8, 8)
@@ -225,8 +223,6 @@ def test_protocols_over_tls_between_three_processes():
 
 
 @pytest.mark.processes
-
-
 def test_killed_peer_gives_clear_errors_without_hanging():
     start = time.monotonic()
     with pytest.raises(ProtocolError, match="party 1 died") as info:
@@ -238,8 +234,6 @@ def test_killed_peer_gives_clear_errors_without_hanging():
 
 
 @pytest.mark.processes
-
-
 def test_stalled_peer_in_processes_times_out():
     with pytest.raises(ProtocolError, match="within 1 s") as info:
         run_local_processes(fns.server_stalls, tls=False, timeout=1.0, wall_timeout=120)
@@ -247,8 +241,6 @@ def test_stalled_peer_in_processes_times_out():
 
 
 @pytest.mark.processes
-
-
 def test_wrong_certificate_in_processes(tmp_path):
     good, other = tmp_path / "good", tmp_path / "other"
     create_certificates(good, HOSTS)

@@ -64,8 +64,6 @@ def test_failures_grow_four_times_per_fractional_bit():
 
 
 @pytest.mark.processes
-
-
 def test_error_bound_and_run_local_report_state_the_expected_failures(tmp_path):
     import json
 

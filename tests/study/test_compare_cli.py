@@ -15,8 +15,7 @@ from secure_inference.mmlab.finetune import load_finetuned
 from secure_inference.sites import find_relu_sites
 from secure_inference.spec import count_drelus, load_spec
 
-sys.path.insert(0, str(Path(__file__).parent))
-import tiny_study  # noqa: E402
+from helpers import tiny_study
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "research" / "compare_methods.py"
@@ -33,8 +32,6 @@ CLI = _load_cli()  # the research/ path: a shim over secure_inference.cli.compar
 
 
 @pytest.mark.processes
-
-
 def test_help_loads_no_torch_and_lists_every_method():
     from secure_inference.cli import compare_methods
     from secure_inference.study.methods import METHODS
@@ -149,8 +146,6 @@ def test_distillation_and_iterative_methods_run(tiny, tmp_path, capsys):
 
 
 @pytest.mark.processes
-
-
 def test_parallel_jobs_record_the_same_runs_as_one_process(tiny, tmp_path, capsys):
     """--jobs 2: runs finetune in two worker processes while the main process builds the
     specs (cheapest first); every run is recorded once, with the same spec and DReLU count as
