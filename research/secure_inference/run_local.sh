@@ -13,10 +13,11 @@
 #              PYTHON (default .venv/bin/python); SERVER_PORT/HELPER_PORT (7101/7102);
 #              THREADS torch threads per party (default 1: three parties share the cores);
 #              SERVER_ARGS extra flags for the server and helper (e.g. "--frac-bits 14");
+#              PRG the randomness cipher of all three, aes (default) or chacha20;
 #              DEVICE the torch device of every party (default cpu), or per party
 #              CLIENT_DEVICE / SERVER_DEVICE / HELPER_DEVICE (e.g. cuda:0, cuda:1, cpu).
 set -euo pipefail
-if [[ $# -lt 3 ]]; then sed -n '2,17p' "$0"; exit 2; fi
+if [[ $# -lt 3 ]]; then sed -n '2,18p' "$0"; exit 2; fi
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
@@ -40,6 +41,7 @@ HELPER_DEVICE="${HELPER_DEVICE:-$DEVICE}"
   echo "helper: 127.0.0.3:$HELPER_PORT"
   echo "certs: $WORK/certs"
   echo "threads: ${THREADS:-1}"
+  echo "prg: ${PRG:-aes}"
 } > "$WORK/session.yaml"
 
 pids=()

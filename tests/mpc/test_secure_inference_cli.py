@@ -45,7 +45,7 @@ def test_run_local_sh_three_addresses_tls(tmp_path):
         ref = model(x, mode="tensor").double()
     np.save(tmp_path / "y.npy", ref.argmax(1).numpy())
     env = dict(os.environ, WORK=str(tmp_path / "work"), PYTHON=sys.executable,
-               SERVER_PORT="7311", HELPER_PORT="7312")
+               SERVER_PORT="7311", HELPER_PORT="7312", PRG="chacha20")
     proc = subprocess.run(
         ["bash", str(ROOT / "research/secure_inference/run_local.sh"), str(config),
          str(tmp_path / "ckpt.pth"), str(tmp_path / "x.npy"), str(tmp_path / "spec.pickle"), "--",
@@ -59,10 +59,12 @@ def test_run_local_sh_three_addresses_tls(tmp_path):
     assert summary["top1_accuracy"] == 1.0 and summary["images"] == 3
     rep = json.loads((tmp_path / "run.json").read_text())
     assert rep["batch_sizes"] == [2, 1] and rep["meta"]["tls"] is True
+    assert rep["meta"]["prg"] == "chacha20"       # the session file's prg reached the client
     assert all(rep["online"]["bytes_sent"][k] > 0 for k in ("client", "server", "helper"))
     assert (tmp_path / "run.png").stat().st_size > 1000
     yaml_text = (tmp_path / "work" / "session.yaml").read_text()
     assert "127.0.0.2:7311" in yaml_text and "127.0.0.3:7312" in yaml_text
+    assert "prg: chacha20" in yaml_text
 
 
 def test_parties_with_different_programs_stop_with_a_clear_error():
