@@ -19,6 +19,16 @@ def test_one_device_or_one_per_role():
         party_device(("cpu", "cpu"), 0)
 
 
+def test_one_prg_or_one_per_role():
+    from secure_inference.mpc.harness import party_prg
+    assert party_prg("chacha20", 1) == "chacha20"
+    assert party_prg(("aes", "aes", "chacha20"), 2) == "chacha20"
+    with pytest.raises(ValueError, match="one prg or three"):
+        party_prg(("aes", "aes"), 0)
+    with pytest.raises(ValueError, match="aes, chacha20"):
+        party_prg(("aes", "aes", "des"), 0)
+
+
 def test_device_setting_is_checked_with_a_clear_message():
     assert check_device("cpu") == "cpu"
     with pytest.raises(SessionConfigError, match="not a torch device"):
