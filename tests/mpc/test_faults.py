@@ -24,10 +24,9 @@ from secure_inference.mpc.harness import FAULT_PHASES, run_local_processes
 
 from helpers import mpc_process_fns as fns
 
-pytestmark = pytest.mark.processes  # every test here starts Python processes
-
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+pytestmark = [pytest.mark.processes,  # every test here starts Python processes
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
 
 
 def _ppid_state(pid: int) -> tuple[int, str] | None:

@@ -18,7 +18,7 @@ from secure_inference.mpc.transport import (SocketLink, TLSConfig, connect_links
                                             encode_frame, listen, scope_hash, split_prefix)
 
 from helpers import mpc_process_fns as fns
-from helpers.links import connect_three  # noqa: E402
+from helpers.links import connect_three
 
 ROOT = Path(__file__).resolve().parents[2]
 HOSTS = {r: ["localhost", "127.0.0.1"] for r in range(3)}
