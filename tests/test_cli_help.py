@@ -112,3 +112,41 @@ def test_no_sys_path_edits_in_scripts():
             if "sys.path.insert" in text or "sys.path.append" in text:
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+
+# what setuptools' default editable install does: the library is found by an import hook that
+# runs after the path search, and research/ (the script's folder) comes first on sys.path
+EDITABLE_DEFAULT = """
+import importlib.machinery, runpy, sys
+from pathlib import Path
+root, script = Path(sys.argv[1]), sys.argv[2]
+sys.path[:] = [str(root / "research")] + [p for p in sys.path[1:]
+                                          if Path(p or ".").resolve() != root]
+
+class EditableHook:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.split(".")[0] != "secure_inference":
+            return None
+        parent = root.joinpath(*name.split(".")[:-1])
+        return importlib.machinery.PathFinder.find_spec(name, [str(parent)])
+
+sys.meta_path.append(EditableHook)
+sys.argv = [script, "--help"]
+runpy.run_path(str(root / "research" / script), run_name="__main__")
+"""
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("script", ["knapsack_patch_size_extractor.py", "extract_block_sizes.py",
+                                    "compare_methods.py"])
+def test_research_scripts_say_what_to_do_when_their_folder_shadows_the_library(script, tmp_path):
+    """With the library behind an import hook that runs after the path search (setuptools'
+    default editable mode), `secure_inference` is the namespace folder
+    research/secure_inference/: the script stops with the reinstall command instead of an
+    AttributeError deep inside (what a user of `pip install -e .` saw)."""
+    proc = subprocess.run([sys.executable, "-c", EDITABLE_DEFAULT, str(ROOT), script],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "editable_mode=compat" in proc.stderr and "Traceback" not in proc.stderr

@@ -104,7 +104,6 @@ def test_report_bytes_equal_runtime_counts_and_batches_share_weights():
     assert results[1]["outputs"] is None and results[2]["outputs"] is None
 
 
-@pytest.mark.processes
 def test_argmax_agreement_on_hundreds_of_inputs():
     """Classifier: secure argmax equals the plaintext Block-ReLU model's on >= 99% of 256
     random inputs (in-process links; same protocols as over TCP)."""
@@ -123,7 +122,6 @@ def test_argmax_agreement_on_hundreds_of_inputs():
     assert res.report["images"] == 256 and res.report["batch_sizes"] == [128, 128]
 
 
-@pytest.mark.processes
 def test_unsupported_model_fails_before_any_party_starts(monkeypatch):
     import secure_inference.mpc.local as local
 
