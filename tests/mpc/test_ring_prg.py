@@ -43,7 +43,14 @@ def test_local_truncation_is_floor_within_one_lsb():
     x1 = x - x0
     t = truncate_share(x0, f, 0) + truncate_share(x1, f, 1)
     want = torch.div(x, 1 << f, rounding_mode="floor")
-    assert int((t - want).abs().max()) <= 1
+    # each element fails catastrophically (off by about 2^(64-f)) with probability at most
+    # 2^(41-64), so 50,000 elements see one in about 0.6% of runs: allow up to 3 (a chance of
+    # about 1e-9 to see more), and require every other element to be within one LSB
+    off = (t - want).abs()
+    wrong = off > 1
+    assert int(wrong.sum()) <= 3
+    assert bool((off[wrong] > 1 << (64 - f - 2)).all())
+    assert int(off[~wrong].max()) <= 1
     # edge values: 0, ±1, ±2^f, largest allowed magnitude
     edges = torch.tensor([0, 1, -1, 1 << f, -(1 << f), (1 << 40) - 1, -(1 << 40)])
     e0 = random_ring(edges.numel())
