@@ -16,10 +16,12 @@ Reports GB/s per link (bytes one party receives / its receive time) and the rati
 from __future__ import annotations
 
 import argparse
+import json
 import functools
 import multiprocessing as mp
 import socket
 import time
+from pathlib import Path
 
 import torch
 
@@ -105,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size-mb", type=int, default=256)
     ap.add_argument("--frame-mb", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2, help="best of N runs of each")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="also write the rates (GB/s per link) to this file")
     args = ap.parse_args(argv)
     size, frame = args.size_mb << 20, args.frame_mb << 20
     best = {}
@@ -119,6 +123,10 @@ def main(argv=None) -> int:
     for name, secs in best.items():
         rate = size / secs / 1e9
         print(f"  {name:16s} {rate:6.3f} GB/s per link  ({rate / raw:5.1%} of raw)")
+    if args.json is not None:
+        rates = {f"{name.replace('links ', '').lower()}_GBps": size / secs / 1e9
+                 for name, secs in best.items()}
+        args.json.write_text(json.dumps({"size_MB": args.size_mb, **rates}, indent=1))
     return 0
 
 

@@ -10,6 +10,15 @@ bytes follow the DReLU count plus 24 bytes per non-identity pixel).
 
     .venv/bin/python benchmark/secure_inference/bench.py [--crypten] [--resnet50]
 
+Devices (issue 16): --devices cpu cuda runs every case on each device (all three parties on
+it) in the same run, --batch-sizes 1 8 32 at each batch size (seconds and bytes are per
+image), --prg chacha20 draws the randomness on the device. --throughput-sizes 1e6 1e7 1e8
+adds secure DReLU and ReLU throughput per device (three processes, loopback TLS).
+--link-mb 256 first measures this machine's loopback bandwidth (raw sockets, and the
+project's TLS links, in the three-party ring of benchmark/mpc/bench_links.py) and gives each
+row its wire bound: bytes per image over the measured TLS bandwidth of one link, i.e. the time
+the bytes alone need, and the share of the measured time that bound is.
+
 Compared with the published reference of the original research code (same model sizes) and,
 with --crypten, with CrypTen 0.4.1 on the same machine in the same run: the script creates a
 separate virtual environment for it (--crypten-venv; CrypTen is not a project dependency),
@@ -86,6 +95,45 @@ def run_crypten(python: Path) -> dict:
     return json.loads(lines[-1])
 
 
+def measure_links(size_mb: int) -> dict:
+    """Loopback bandwidth per link in the three-party ring (benchmark/mpc/bench_links.py, its
+    own processes): raw sockets, the project's plaintext and TLS links, in GB/s."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "links.json"
+        subprocess.run([sys.executable, str(ROOT / "benchmark" / "mpc" / "bench_links.py"),
+                        "--size-mb", str(size_mb), "--repeats", "1", "--json", str(out)],
+                       check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())
+
+
+def measure_throughput(n: int, device: str, prg: str) -> dict:
+    """Secure DReLU and ReLU of n Gaussian fixed-point values on ``device`` (three processes,
+    loopback TLS): elements per second of the slowest party, checked against plaintext."""
+    import functools
+    from secure_inference.mpc.harness import run_local_processes
+    from secure_inference.mpc.protocols import drelu as D
+    from secure_inference.mpc.protocols import relu as R
+    from secure_inference.mpc.ring import encode
+    from secure_inference.mpc.runtime import merge_stats
+    x = encode(torch.randn(n, dtype=torch.float64), 16)
+    x0 = torch.randint(-(1 << 63), (1 << 63) - 1, x.shape, dtype=torch.int64)
+    cfg = D.DReLUConfig()
+    ops = [(D.drelu, {"config": cfg}), (R.relu, {"config": cfg})]
+    res = run_local_processes(functools.partial(R.run_on_shares, shares=(x0, x - x0), ops=ops),
+                              tls=True, timeout=3600, device=device, prg=prg)
+    outs = [a + b for a, b in zip(res[0][0], res[1][0])]
+    if not torch.equal(outs[0], D.plain_drelu(x)) or not torch.equal(outs[1], x.clamp(min=0)):
+        raise RuntimeError(f"secure DReLU/ReLU on {device} disagree with plaintext")
+    secs = [max(r[2][i] for r in res) for i in range(2)]
+    stats = [r[1] for r in res]
+    return {"n": n, "device": device, "prg": prg,
+            "drelu_s": secs[0], "drelus_per_s": n / secs[0],
+            "drelu_bytes": merge_stats(stats, "drelu")["bytes"],
+            "relu_s": secs[1], "relus_per_s": n / secs[1],
+            "relu_bytes": merge_stats(stats, "relu")["bytes"]}
+
+
 def tempfile_dir() -> str:
     import tempfile
     return tempfile.gettempdir()
@@ -117,25 +165,62 @@ def main() -> int:
     parser.add_argument("--crypten", action="store_true", help="also CrypTen 0.4.1 (own venv)")
     parser.add_argument("--crypten-venv", type=Path, default=Path(tempfile_dir()) / "si-crypten-venv")
     parser.add_argument("--skip-ours", action="store_true", help="only the CrypTen run")
+    parser.add_argument("--devices", nargs="+", default=["cpu"],
+                        help="run every case on each device (e.g. cpu cuda)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1],
+                        help="images per run (seconds and bytes are per image)")
+    parser.add_argument("--prg", default="aes", choices=["aes", "chacha20"],
+                        help="randomness cipher (chacha20 draws on the GPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per party")
+    parser.add_argument("--throughput-sizes", type=float, nargs="*", default=[],
+                        help="also secure DReLU/ReLU throughput at these sizes (e.g. 1e6 1e8)")
+    parser.add_argument("--only-throughput", action="store_true",
+                        help="no networks: only --throughput-sizes and --link-mb (needs no "
+                             "MMLab packages)")
+    parser.add_argument("--link-mb", type=int, default=0,
+                        help="measure loopback bandwidth with this many MB first (0: skip)")
     args = parser.parse_args()
+    for device in args.devices:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            parser.error(f"--devices {device}: this machine has no CUDA device")
     from secure_inference.mpc.local import run_local
-    names = [] if args.only_resnet50 or args.skip_ours else ["resnet18_cifar100"]
-    if args.resnet50 or args.only_resnet50:
+    names = [] if args.only_resnet50 or args.skip_ours or args.only_throughput \
+        else ["resnet18_cifar100"]
+    if (args.resnet50 or args.only_resnet50) and not args.only_throughput:
         names.append("resnet50_in1k")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(args.out.read_text()) if args.out.exists() else {}
+    link = None
+    if args.link_mb:
+        link = measure_links(args.link_mb)
+        rows["loopback links"] = link
+        print(f"loopback per link: raw {link['raw_GBps']:.3f} GB/s, TLS links "
+              f"{link['tls_GBps']:.3f} GB/s", flush=True)
+    for size in args.throughput_sizes:
+        for device in args.devices:
+            t = measure_throughput(int(size), device, args.prg)
+            rows[f"throughput {device} {int(size):.0e}"] = t
+            print(f"throughput {device:6s} n={int(size):.0e}: DReLU {t['drelus_per_s']:,.0f}/s, "
+                  f"ReLU {t['relus_per_s']:,.0f}/s", flush=True)
+        args.out.write_text(json.dumps(rows, indent=1))
     for name in names:
         model, chw = build(name)
         total = si.total_relus(si.find_relu_sites(model, chw))
         cases = [("all", None), ("6%", spec_at(model, chw, 0.06))]
         if name == "resnet50_in1k":
             cases = [c for c in reversed(cases) if c[0] in args.resnet50_specs]
-        for label, spec in cases:
-            x = torch.randn((1,) + chw)
+        for label, spec, device, batch in [(label, spec, device, batch)
+                                           for label, spec in cases for device in args.devices
+                                           for batch in args.batch_sizes]:
+            default = device == "cpu" and batch == 1 and args.prg == "aes"
+            tag = label.strip('%') + ("" if default else f"_{device}_b{batch}_{args.prg}")
+            x = torch.randn((batch,) + chw)
             load = os.getloadavg()[0]
             start = time.perf_counter()
-            res = run_local(model, x, spec, tls=True, timeout=600,
-                            report_path=args.out.with_name(f"report_{name}_{label.strip('%')}.json"),
-                            plot_path=args.out.with_name(f"bytes_{name}_{label.strip('%')}.png"))
+            res = run_local(model, x, spec, tls=True, timeout=3600, device=device, prg=args.prg,
+                            threads=args.threads,
+                            report_path=args.out.with_name(f"report_{name}_{tag}.json"),
+                            plot_path=args.out.with_name(f"bytes_{name}_{tag}.png"))
             wall = time.perf_counter() - start
             rep = res.report
             pub_s, pub_gb = PUBLISHED[(name, label)]
@@ -155,9 +240,17 @@ def main() -> int:
                    "time_ratio_vs_published":
                        rep["per_image"]["seconds_preprocess_and_online"] / pub_s,
                    "bytes_ratio_vs_published":
-                       rep["per_image"]["bytes_preprocess_and_online"] / 1e9 / pub_gb}
-            rows[f"{name} {label}"] = row
-            print(f"{name:18s} {label:4s} DReLUs {row['drelus']:>10,d}  preprocess "
+                       rep["per_image"]["bytes_preprocess_and_online"] / 1e9 / pub_gb,
+                   "device": device, "batch": batch, "prg": args.prg}
+            if link is not None:
+                # every party sends and receives at once: the busiest link carries at most
+                # the bytes of the whole run, so bytes / one link's bandwidth bounds from above
+                # the time the wire alone needs; its share of the measured time
+                bound = rep["per_image"]["bytes_preprocess_and_online"] / 1e9 / link["tls_GBps"]
+                row["wire_bound_s"] = bound
+                row["wire_share"] = bound / rep["per_image"]["seconds_preprocess_and_online"]
+            rows[f"{name} {label}" + ("" if default else f" {device} b{batch} {args.prg}")] = row
+            print(f"{name:18s} {label:4s} {device:6s} b{batch:<3d} DReLUs {row['drelus']:>10,d}  preprocess "
                   f"{row['preprocess_s']:6.2f} s {row['preprocess_GB']:.3f} GB  online "
                   f"{row['online_s']:6.2f} s {row['online_GB']:.3f} GB  (+ setup "
                   f"{row['setup_GB']:.3f} GB)  published {pub_s} s / {pub_gb} GB", flush=True)

@@ -314,17 +314,22 @@ def run_on_shares(party: Party, shares: Sequence[torch.Tensor],
     """Apply each ``op(party, x, **kwargs)`` of ``ops`` to this party's share of x; return
     (results, party.stats, wall seconds per op on this party); P2's results are None.
 
-    ``shares`` = (x0, x1); P2 gets a placeholder of the same shape. Picklable when the ops are
+    ``shares`` = (x0, x1), moved to the party's device; P2 gets a placeholder of the same
+    shape. Results come back on the CPU (seconds include the device's kernels). Picklable when the ops are
     library functions, so ``functools.partial(run_on_shares, shares=..., ops=...)`` is a body for
     :func:`~secure_inference.mpc.harness.run_local_processes` (used by tests and benchmarks).
     """
     if len(shares) != 2 or tuple(shares[0].shape) != tuple(shares[1].shape):
         raise ValueError("shares must be the two parties' tensors of one shape")
-    x = shares[party.role] if party.role != ROLE_HELPER else party.placeholder(shares[0].shape)
+    x = (shares[party.role].to(party.device) if party.role != ROLE_HELPER
+         else party.placeholder(shares[0].shape))
     results, seconds = [], []
     for op, kwargs in ops:
         start = time.perf_counter()
         out = op(party, x, **kwargs)
-        results.append(None if party.role == ROLE_HELPER else out)
+        if torch.is_tensor(out) and out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)   # the op's time includes its kernels
         seconds.append(time.perf_counter() - start)
+        results.append(None if party.role == ROLE_HELPER
+                       else out.cpu() if torch.is_tensor(out) else out)
     return results, party.stats, seconds
