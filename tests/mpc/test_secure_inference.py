@@ -104,15 +104,19 @@ def test_report_bytes_equal_runtime_counts_and_batches_share_weights():
     assert results[1]["outputs"] is None and results[2]["outputs"] is None
 
 
+def _small_resnet_case(seed: int, images: int):
+    """(model, spec, chw, inputs): a width-4 ResNet18-CIFAR with BN statistics and a mixed
+    spec, on 8x8 inputs."""
+    torch.manual_seed(seed)
+    model = randomize_bn(resnet18_cifar(width=4, num_classes=10).eval(), seed)
+    chw = (3, 8, 8)
+    return model, mixed_spec(model, chw, seed), chw, torch.randn((images,) + chw)
+
+
 def test_argmax_agreement_on_hundreds_of_inputs():
     """Classifier: secure argmax equals the plaintext Block-ReLU model's on >= 99% of 256
     random inputs (in-process links; same protocols as over TCP)."""
-    torch.manual_seed(7)
-    model = resnet18_cifar(width=4, num_classes=10).eval()
-    chw = (3, 8, 8)
-    randomize_bn(model, 7)
-    spec = mixed_spec(model, chw, 7)
-    x = torch.randn((256,) + chw)
+    model, spec, chw, x = _small_resnet_case(seed=7, images=256)
     res = run_local(model, x, spec, batch_size=128, in_process=True, timeout=300)
     plain = si.apply_block_spec(model, spec, chw)
     with torch.no_grad():
@@ -173,12 +177,7 @@ def test_chacha20_session_matches_plaintext_and_the_aes_session():
     """A whole CNN (Block-ReLUs, max pooling, residuals) with prg="chacha20": within the
     fixed-point bound of the plaintext Block-ReLU model, within twice that of the AES run
     (the randomness differs, so the last bits do), and exactly the same bytes and rounds."""
-    torch.manual_seed(8)
-    model = resnet18_cifar(width=4, num_classes=10).eval()
-    chw = (3, 8, 8)
-    randomize_bn(model, 8)
-    spec = mixed_spec(model, chw, 8)
-    x = torch.randn((2,) + chw)
+    model, spec, _, x = _small_resnet_case(seed=8, images=2)
     runs = {c: run_local(model, x, spec, in_process=True, timeout=300, prg=c)
             for c in ("aes", "chacha20")}
     for res in runs.values():
