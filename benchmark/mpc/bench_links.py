@@ -5,11 +5,14 @@ previous one, in frames of FRAME MB, all three links busy at once (the pattern o
 layer). Measured three ways, each as three processes:
 
 * ``raw``: plain TCP sockets, ``sendall`` / ``recv_into`` a preallocated buffer (the ceiling);
+* ``raw TLS``: the same sockets wrapped in the parties' TLS 1.3 contexts (same certificates,
+  same cipher negotiation): the ceiling for TLS links, raw sockets plus the encryption;
 * ``links plaintext``: :func:`~secure_inference.mpc.harness.run_local_processes` with
   ``tls=False``, ``Party.send`` / ``Party.recv`` of uint8 tensors;
 * ``links TLS``: the same with TLS 1.3 (what every real run uses).
 
-Reports GB/s per link (bytes one party receives / its receive time) and the ratio to raw.
+Reports GB/s per link (bytes one party receives / its receive time) and the ratio to raw
+(plaintext) or raw TLS (TLS).
 
     .venv/bin/python benchmark/mpc/bench_links.py [--size-mb 256] [--frame-mb 8]
 """
@@ -20,11 +23,13 @@ import json
 import functools
 import multiprocessing as mp
 import socket
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from secure_inference.mpc.certs import create_certificates
 from secure_inference.mpc.harness import run_local_processes
 
 
@@ -41,7 +46,8 @@ def _party_ring(party, size: int, frame: int) -> float:
     return time.perf_counter() - start
 
 
-def _raw_member(role: int, ports: list[int], size: int, frame: int, out) -> None:
+def _raw_member(role: int, ports: list[int], size: int, frame: int, out,
+                certs: str | None = None) -> None:
     lst = socket.socket()
     lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lst.bind(("127.0.0.1", ports[role]))
@@ -58,6 +64,14 @@ def _raw_member(role: int, ports: list[int], size: int, frame: int, out) -> None
     recv, _ = lst.accept()
     for s in (send, recv):
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if certs is not None:   # the parties' own TLS contexts, no framing or I/O threads
+        from secure_inference.mpc.transport import TLSConfig
+        import concurrent.futures
+        tls = TLSConfig.from_dir(certs, role)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:   # both handshakes at once:
+            server = pool.submit(tls.context(True).wrap_socket, recv, server_side=True)
+            send = tls.context(False).wrap_socket(send, server_hostname="127.0.0.1")
+            recv = server.result(timeout=60)   # (in turn, all three would wait as clients)
     payload = bytes(frame)
     buf = bytearray(frame)
     view = memoryview(buf)
@@ -81,13 +95,15 @@ def _raw_member(role: int, ports: list[int], size: int, frame: int, out) -> None
         s.close()
 
 
-def raw_ring(size: int, frame: int) -> float:
-    """Seconds for the slowest party to receive ``size`` bytes over raw loopback sockets."""
+def raw_ring(size: int, frame: int, certs: str | None = None) -> float:
+    """Seconds for the slowest party to receive ``size`` bytes over raw loopback sockets
+    (TLS-wrapped with the party certificates in ``certs`` if given)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     base = 40000 + int(time.time()) % 2000
     ports = [base, base + 1, base + 2]
-    procs = [ctx.Process(target=_raw_member, args=(r, ports, size, frame, q)) for r in range(3)]
+    procs = [ctx.Process(target=_raw_member, args=(r, ports, size, frame, q, certs))
+             for r in range(3)]
     for p in procs:
         p.start()
     secs = [q.get(timeout=300) for _ in procs]
@@ -112,19 +128,25 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     size, frame = args.size_mb << 20, args.frame_mb << 20
     best = {}
-    for _ in range(args.repeats):   # interleaved, best of N: the machine is shared
-        for name, run in (("raw", lambda: raw_ring(size, frame)),
-                          ("links plaintext", lambda: links_ring(size, frame, False)),
-                          ("links TLS", lambda: links_ring(size, frame, True))):
-            secs = run()
-            best[name] = min(best.get(name, float("inf")), secs)
-    raw = size / best["raw"] / 1e9
+    with tempfile.TemporaryDirectory() as certs:
+        create_certificates(certs, {r: ["localhost", "127.0.0.1"] for r in range(3)})
+        for _ in range(args.repeats):   # interleaved, best of N: the machine is shared
+            for name, run in (("raw", lambda: raw_ring(size, frame)),
+                              ("raw TLS", lambda: raw_ring(size, frame, certs)),
+                              ("links plaintext", lambda: links_ring(size, frame, False)),
+                              ("links TLS", lambda: links_ring(size, frame, True))):
+                secs = run()
+                best[name] = min(best.get(name, float("inf")), secs)
+    ceiling = {"raw": "raw", "raw TLS": "raw", "links plaintext": "raw", "links TLS": "raw TLS"}
     print(f"{args.size_mb} MB per link in {args.frame_mb} MB frames, three links at once")
     for name, secs in best.items():
         rate = size / secs / 1e9
-        print(f"  {name:16s} {rate:6.3f} GB/s per link  ({rate / raw:5.1%} of raw)")
+        top = size / best[ceiling[name]] / 1e9
+        print(f"  {name:16s} {rate:6.3f} GB/s per link  ({rate / top:5.1%} of "
+              f"{ceiling[name]})")
     if args.json is not None:
-        rates = {f"{name.replace('links ', '').lower()}_GBps": size / secs / 1e9
+        rates = {f"{name.replace('links ', '').replace(' ', '_').lower()}_GBps":
+                 size / secs / 1e9
                  for name, secs in best.items()}
         args.json.write_text(json.dumps({"size_MB": args.size_mb, **rates}, indent=1))
     return 0
