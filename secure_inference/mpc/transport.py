@@ -109,15 +109,16 @@ class Frame:
     frame_bytes: int
 
 
-def encode_frame(x: torch.Tensor, scope: int, clock: int,
-                 max_frame: int = DEFAULT_MAX_FRAME) -> memoryview:
+def encode_frame(x: torch.Tensor, scope: int, clock: int, max_frame: int = DEFAULT_MAX_FRAME,
+                 alloc: Callable[[int], torch.Tensor] | None = None) -> memoryview:
     """Serialise one tensor, length prefix included, into one new buffer (the payload is
     copied once: later in-place changes to ``x`` do not affect the frame).
 
     The buffer is allocated uninitialised (every byte is written here) and the payload is
     copied by torch, which releases the GIL: the links' I/O threads keep moving bytes while a
     large frame is built (a zero-filled ``bytearray`` plus a copy under the GIL took 2.5 times
-    as long and stalled them)."""
+    as long and stalled them). ``alloc(n)`` supplies the n-byte uint8 buffer (a link's
+    recycled one, :meth:`SocketLink.frame_buffer`)."""
     if x.dtype not in DTYPE_CODES:
         raise TypeError(f"cannot send dtype {x.dtype}; allowed: {sorted(map(str, DTYPE_CODES))}")
     if x.ndim > MAX_NDIM:
@@ -131,7 +132,8 @@ def encode_frame(x: torch.Tensor, scope: int, clock: int,
     if length > max_frame:
         raise ValueError(f"frame of {length} bytes exceeds the {max_frame}-byte limit; "
                          "split the tensor or raise max_frame on every party")
-    buf = torch.empty(_PREFIX.size + length, dtype=torch.uint8)
+    total = _PREFIX.size + length
+    buf = alloc(total) if alloc is not None else torch.empty(total, dtype=torch.uint8)
     frame = memoryview(buf.numpy())
     _PREFIX.pack_into(frame, 0, length)
     _HEADER.pack_into(frame, _PREFIX.size, MAGIC, VERSION, DTYPE_CODES[x.dtype], x.ndim, scope,
@@ -319,6 +321,10 @@ class SocketLink(Link):
                 pass
         sock.setblocking(False)
         self._out: collections.deque[memoryview] = collections.deque()
+        # buffers of large frames this link has sent, lent again by frame_buffer: writing a
+        # frame into memory it has touched before avoids the page faults of fresh memory
+        self._reusable: dict[int, np.ndarray] = {}    # id -> array of a queued reusable frame
+        self._spare: list[np.ndarray] = []
         self._frames: collections.deque[bytearray] = collections.deque()
         self._stage = bytearray(self._STAGE)          # small frames are cut out of this
         self._stage_view = memoryview(self._stage)
@@ -338,7 +344,23 @@ class SocketLink(Link):
         self._thread.start()
 
     # --- protocol thread side -------------------------------------------------------------
-    def send(self, frame: bytes) -> None:
+    _REUSE_MIN = 1 << 20      # frames smaller than this are not worth recycling
+    _SPARES = 4               # buffers kept for reuse
+
+    def frame_buffer(self, n: int) -> torch.Tensor:
+        """An n-byte uint8 buffer for the next frame: a sent frame's buffer of that size if
+        one is spare (its old content is overwritten whole by :func:`encode_frame`), else a
+        new one. Pass the frame to ``send(frame, reuse=True)`` to give it back once sent."""
+        if n >= self._REUSE_MIN:
+            with self._cond:
+                for i, arr in enumerate(self._spare):
+                    if arr.size == n:
+                        return torch.from_numpy(self._spare.pop(i))
+        return torch.empty(n, dtype=torch.uint8)
+
+    def send(self, frame: bytes, reuse: bool = False) -> None:
+        """Queue ``frame`` for sending. ``reuse=True``: nobody else holds the frame (built
+        in :meth:`frame_buffer` memory), so its buffer is lent again once it is sent."""
         with self._cond:
             if self._error is not None:
                 raise self._error
@@ -362,7 +384,10 @@ class SocketLink(Link):
                         "stalled or not reading); if the protocol legitimately sends this far "
                         "ahead, raise max_queued on every party")
                 self._cond.wait(min(left, 1.0))
-            self._out.append(memoryview(frame))
+            view = memoryview(frame)
+            if reuse and len(view) >= self._REUSE_MIN and isinstance(view.obj, np.ndarray):
+                self._reusable[id(view.obj)] = view.obj
+            self._out.append(view)
             self._out_bytes += len(frame)
         self._wake()
 
@@ -479,6 +504,9 @@ class SocketLink(Link):
             with self._cond:
                 if n >= len(buf):
                     self._out.popleft()
+                    arr = self._reusable.pop(id(buf.obj), None)   # slices keep .obj
+                    if arr is not None and len(self._spare) < self._SPARES:
+                        self._spare.append(arr)
                 else:
                     self._out[0] = buf[n:]
                 self._out_bytes -= n

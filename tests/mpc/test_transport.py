@@ -304,3 +304,40 @@ def test_make_certificates_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as again:
         cli.main([str(out)])
     assert again.value.code != 0 and "already exist" in capsys.readouterr().err
+
+
+def test_socket_link_lends_sent_buffers_again_without_mixing_frames():
+    """Frames built in frame_buffer memory and sent with reuse=True are lent again once
+    written to the socket, never earlier: frames queued ahead of the reader all arrive with
+    their own content although the sender keeps building new frames."""
+    a, b = socket.socketpair()
+    la, lb = SocketLink(a, 0, 1, linger=1.0), SocketLink(b, 1, 0, linger=1.0)
+    n = (2 << 20) // 8                        # 2 MiB frames: above the reuse threshold
+    try:
+        sent = []
+        for rnd in range(3):
+            for i in range(6):                # six frames queued before the peer reads
+                k = 6 * rnd + i
+                x = torch.full((n,), k, dtype=torch.int64)
+                x[::1000] = -k
+                la.send(encode_frame(x, 0, k, alloc=la.frame_buffer), reuse=True)
+                sent.append(x)
+            for k in range(6 * rnd, 6 * rnd + 6):
+                got = decode_frame(lb.recv(30.0), dtype=torch.int64, shape=(n,), scope=0,
+                                   scope_name="", peer=0)
+                assert got.clock == k and torch.equal(got.tensor, sent[k])
+        deadline = time.monotonic() + 10
+        while not la._spare and time.monotonic() < deadline:
+            time.sleep(0.01)
+        spare = la._spare[-1].ctypes.data
+        total = len(encode_frame(sent[0], 0, 0))
+        assert la.frame_buffer(total).data_ptr() == spare     # the sent buffer, lent again
+        assert la.frame_buffer(100).numel() == 100              # small frames: always fresh
+        before = len(la._spare)
+        la.send(encode_frame(sent[0], 0, 0))                    # reuse=False: never lent
+        lb.recv(30.0)
+        time.sleep(0.1)
+        assert len(la._spare) == before
+    finally:
+        la.close()
+        lb.close()
