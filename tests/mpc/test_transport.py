@@ -329,9 +329,9 @@ def test_socket_link_lends_sent_buffers_again_without_mixing_frames():
         deadline = time.monotonic() + 10
         while not la._spare and time.monotonic() < deadline:
             time.sleep(0.01)
-        spare = la._spare[-1].ctypes.data
+        spares = {arr.ctypes.data for arr in la._spare}
         total = len(encode_frame(sent[0], 0, 0))
-        assert la.frame_buffer(total).data_ptr() == spare     # the sent buffer, lent again
+        assert la.frame_buffer(total).data_ptr() in spares    # a sent buffer, lent again
         assert la.frame_buffer(100).numel() == 100              # small frames: always fresh
         before = len(la._spare)
         la.send(encode_frame(sent[0], 0, 0))                    # reuse=False: never lent

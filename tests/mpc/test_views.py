@@ -426,5 +426,9 @@ def test_the_chacha20_cases_draw_chacha20():
         for (scope, frm, a), (_, _, b) in zip(runs["aes"][receiver].received,
                                               runs["chacha20"][receiver].received):
             if not _is_public(scope, receiver):
-                same = _elements(a, frm, receiver, 8)[0] == _elements(b, frm, receiver, 8)[0]
+                (ea, width), (eb, _) = (_elements(a, frm, receiver, 8),
+                                        _elements(b, frm, receiver, 8))
+                same = ea == eb
+                if width == 32:   # a packed message's last word may hold one Z_67 digit only:
+                    same = same[:-1]   # equal by chance 1 time in 67; full words 1 in 67^5
                 assert not same.any(), f"P{receiver} {scope} from P{frm}"
