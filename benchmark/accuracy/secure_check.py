@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from secure_inference.mmlab.finetune import build_task_model
 
     data = json.loads((args.work / "results.json").read_text())
-    config = data["settings"]["config"]
+    from secure_inference.study.runs import path_from_work
+    config = str(path_from_work(args.work, data["settings"]["config"]))
     chosen = []
     for method in args.methods:
         run = data["runs"].get(f"{method}@{args.budget}#seed{args.seed}")

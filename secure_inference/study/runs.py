@@ -12,6 +12,7 @@ the run starts again.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
 import threading
 import time
@@ -63,13 +64,21 @@ class Study:
             raise ValueError(f"duplicate methods in {self.methods}")
 
     def settings(self) -> dict[str, Any]:
-        """What a rerun must match (the work dir and the run lists may change)."""
+        """What a rerun must match (the work dir and the run lists may change). The config
+        and checkpoint are recorded relative to the work dir (:func:`path_from_work`), so a
+        results file names no path of the machine it was made on and the tree can move."""
         out = asdict(self)
         for k in ("work_dir", "budgets", "methods", "seeds", "max_seeds"):
             out.pop(k)
-        out["config"] = str(Path(self.config).resolve())
-        out["checkpoint"] = str(Path(self.checkpoint).resolve())
+        work = Path(self.work_dir).resolve()
+        for k in ("config", "checkpoint"):
+            out[k] = os.path.relpath(Path(out[k]).resolve(), work)
         return out
+
+
+def path_from_work(work_dir: str | os.PathLike, recorded: str) -> Path:
+    """A path recorded in a study's settings (relative to its work dir) as a usable path."""
+    return Path(work_dir) / recorded
 
 
 def spec_method(method: str) -> str:

@@ -74,6 +74,10 @@ def test_compare_end_to_end_and_resume(tiny, tmp_path, capsys):
 
     data = json.loads((work / "results.json").read_text())
     assert len(data["runs"]) == 12 and data["baseline"]["test_images"] == 24
+    # no path of this machine in the results: config and checkpoint relative to the work dir
+    for key, given in (("config", cfg), ("checkpoint", ckpt)):
+        assert not Path(data["settings"][key]).is_absolute()
+        assert (work / data["settings"][key]).resolve() == Path(given).resolve()
     model = load_finetuned(load_task_config(cfg), ckpt)
     sites = find_relu_sites(model, (3, 16, 16))
     plain = {b: sum(-(-s.height // b) * -(-s.width // b) * s.channels for s in sites)
