@@ -138,12 +138,9 @@ class Party:
     def send(self, to: int, x: torch.Tensor) -> None:
         """Send one tensor to party ``to`` (framed, counted; does not wait for the peer)."""
         link = self._link(to)
-        lend = getattr(link, "frame_buffer", None)   # socket links recycle sent buffers
-        frame = encode_frame(x, self._scope_hash, self._depth[-1][1], self.max_frame, lend)
-        if lend is None:
-            link.send(frame)
-        else:
-            link.send(frame, reuse=True)
+        frame = encode_frame(x, self._scope_hash, self._depth[-1][1], self.max_frame,
+                             link.frame_buffer)   # socket links recycle sent buffers
+        link.send(frame, reuse=True)
         st = self.stats.scopes[self._scope_path]
         payload = x.numel() * x.element_size()
         st.bytes_sent[to] += payload

@@ -201,7 +201,14 @@ class Link:
     me: int
     peer: int
 
-    def send(self, frame: bytes) -> None:
+    def frame_buffer(self, n: int) -> torch.Tensor:
+        """An n-byte uint8 buffer to build the next frame in (:func:`encode_frame`'s
+        ``alloc``); links that recycle sent buffers override it."""
+        return torch.empty(n, dtype=torch.uint8)
+
+    def send(self, frame: bytes, reuse: bool = False) -> None:
+        """Queue one whole frame. ``reuse=True``: the frame was built in
+        :meth:`frame_buffer` memory that nobody else holds (a link may lend it again)."""
         raise NotImplementedError
 
     def _closed_error(self) -> ProtocolError:
@@ -256,7 +263,7 @@ class QueueLink(Link):
         qa, qb = queue.Queue(), queue.Queue()
         return (QueueLink(a, b, qa, qb, abort, max_frame), QueueLink(b, a, qb, qa, abort, max_frame))
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes, reuse: bool = False) -> None:  # frames go to the peer as they are
         if self._abort.is_set():
             raise ProtocolError(f"party {self.me}: session aborted by another party's failure",
                                 secondary=True)
@@ -356,7 +363,7 @@ class SocketLink(Link):
                 for i, arr in enumerate(self._spare):
                     if arr.size == n:
                         return torch.from_numpy(self._spare.pop(i))
-        return torch.empty(n, dtype=torch.uint8)
+        return super().frame_buffer(n)
 
     def send(self, frame: bytes, reuse: bool = False) -> None:
         """Queue ``frame`` for sending. ``reuse=True``: nobody else holds the frame (built
