@@ -6,8 +6,10 @@ Measures MB/s of producing N bytes of keystream as a uint8 tensor on a device, f
 * ``aes-ctr (cryptography)``: AES-256-CTR through OpenSSL, what ``prg=aes`` draws (CPU);
 * ``chacha20 (cryptography)``: ChaCha20 through OpenSSL, what ``prg=chacha20`` draws on a
   CPU party;
-* ``chacha20 (torch, DEVICE)``: :func:`secure_inference.mpc.chacha.keystream`, what
-  ``prg=chacha20`` draws on a GPU party (on the CPU for comparison; on CUDA when present);
+* ``chacha20 (torch, DEVICE)``: :func:`secure_inference.mpc.chacha.keystream` as element-wise
+  torch operations (on the CPU for comparison; on CUDA when present);
+* ``chacha20 (triton, cuda)``: the fused Triton kernel (:mod:`secure_inference.mpc.chacha_triton`),
+  what ``prg=chacha20`` draws on a GPU party where Triton is installed (CUDA only);
 * ``aes-ctr -> cuda``: AES on the CPU plus the copy to the GPU, what ``prg=aes`` costs a GPU
   party (CUDA only).
 
@@ -27,7 +29,7 @@ from datetime import date
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from secure_inference.mpc import chacha
+from secure_inference.mpc import chacha, chacha_triton
 
 
 def _aes(key: bytes, n: int) -> torch.Tensor:
@@ -43,10 +45,13 @@ def _chacha_ssl(key: bytes, n: int) -> torch.Tensor:
 def _methods(cuda: bool) -> dict:
     out = {"aes-ctr (cryptography)": lambda k, n: _aes(k, n),
            "chacha20 (cryptography)": lambda k, n: _chacha_ssl(k, n),
-           "chacha20 (torch, cpu)": lambda k, n: chacha.keystream(k, n, "cpu")}
+           "chacha20 (torch, cpu)": lambda k, n: chacha.keystream(k, n, "cpu", method="torch")}
     if cuda:
         out["aes-ctr -> cuda"] = lambda k, n: _aes(k, n).to("cuda")
-        out["chacha20 (torch, cuda)"] = lambda k, n: chacha.keystream(k, n, "cuda")
+        out["chacha20 (torch, cuda)"] = lambda k, n: chacha.keystream(k, n, "cuda", method="torch")
+        if chacha_triton.available(torch.device("cuda")):
+            out["chacha20 (triton, cuda)"] = lambda k, n: chacha.keystream(k, n, "cuda",
+                                                                            method="triton")
     return out
 
 

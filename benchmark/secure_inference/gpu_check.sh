@@ -7,9 +7,9 @@
 #   bash benchmark/secure_inference/gpu_check.sh            # from the repository root or anywhere
 #
 # It prints the machine, runs the CUDA tests (limb convolutions, linear and non-linear
-# protocols, ChaCha20 and mod-67 sampling on the GPU, a mixed CPU/GPU session, chacha20
-# parties drawing on the device), the randomness and link benchmarks, and exits
-# non-zero if any test fails. Without a GPU the CUDA tests skip and the script says so.
+# protocols, ChaCha20 (torch and the fused Triton kernel) and mod-67 sampling on the GPU, a
+# mixed CPU/GPU session, chacha20 parties drawing on the device), the randomness and link
+# benchmarks, and exits non-zero if any test fails. Without a GPU the CUDA tests skip and the script says so.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -24,7 +24,7 @@ if gpu == "none":
 PY
 python3 -m pytest -m cuda -p no:cacheprovider -q -rs \
   tests/mpc/test_backends.py tests/mpc/test_linear.py tests/mpc/test_nonlinear.py \
-  tests/mpc/test_chacha.py tests/mpc/test_prg.py tests/mpc/test_pair_random.py \
+  tests/mpc/test_chacha.py tests/mpc/test_chacha_triton.py tests/mpc/test_prg.py tests/mpc/test_pair_random.py \
   tests/mpc/test_devices.py tests/test_brelu.py
 python3 benchmark/mpc/bench_prg.py --sizes-mb 1 16 64 --repeats 2
 python3 benchmark/mpc/bench_links.py --size-mb 256 --frame-mb 8 --repeats 2

@@ -4,9 +4,10 @@ cipher (``cryptography``'s ChaCha20 is the CPU reference it is tested against).
 Why: a party on a GPU must expand its pair keys into megabytes of correlated randomness per
 layer. Drawing them on the CPU and copying them over makes the non-linear layers host-bound;
 ChaCha20 is additions, rotations and XORs on 32-bit words, which vectorise over blocks with
-plain tensor operations (and compile to a fused kernel with ``torch.compile`` where Triton is
-available). Parties on different devices still draw identical streams because both produce
-the same RFC 8439 keystream.
+plain tensor operations. On a CUDA device with Triton installed the blocks come from one fused
+kernel (:mod:`.chacha_triton`: the whole state in registers for all 20 rounds) instead of
+about a thousand element-wise torch kernels per chunk. Parties on different devices still
+draw identical streams because every path produces the same RFC 8439 keystream.
 
 Layout: the state is 16 little-endian 32-bit words — the constants "expand 32-byte k", the
 8 key words, the 32-bit block counter and 3 nonce words; each block is 20 rounds (10 double
@@ -24,12 +25,15 @@ import struct
 
 import torch
 
-__all__ = ["keystream", "keystream_reference", "BLOCK_BYTES"]
+from . import chacha_triton
+
+__all__ = ["keystream", "keystream_reference", "BLOCK_BYTES", "METHODS"]
 
 BLOCK_BYTES = 64
 _MASK = 0xFFFFFFFF
 _CONSTANTS = struct.unpack("<4I", b"expand 32-byte k")
 _CHUNK_BLOCKS = 1 << 16          # blocks per pass: 16 words x 8 bytes x 65536 = 8 MiB state
+METHODS = ("auto", "torch", "triton")
 
 
 def _rotl(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -69,23 +73,33 @@ def _blocks(key_words: tuple[int, ...], nonce_words: tuple[int, int, int], first
 
 
 def keystream(key: bytes, nbytes: int, device: torch.device | str = "cpu", *,
-              nonce: bytes = bytes(12), counter: int = 0) -> torch.Tensor:
+              nonce: bytes = bytes(12), counter: int = 0, method: str = "auto") -> torch.Tensor:
     """The first ``nbytes`` bytes of the ChaCha20 keystream (uint8 tensor on ``device``).
 
-    ``key``: 32 bytes; ``nonce``: 12 bytes; ``counter``: the first block's counter. Blocks are
-    computed on ``device`` in chunks of 2^16 (4 MiB of output each)."""
+    ``key``: 32 bytes; ``nonce``: 12 bytes; ``counter``: the first block's counter.
+    ``method``: ``"triton"`` (the fused kernel; CUDA, or any device under
+    ``TRITON_INTERPRET=1``), ``"torch"`` (element-wise torch operations in chunks of 2^16
+    blocks, 4 MiB of output each, on any device) or ``"auto"``: Triton where it can run."""
     if len(key) != 32:
         raise ValueError(f"ChaCha20 keys are 32 bytes, got {len(key)}")
     if len(nonce) != 12:
         raise ValueError(f"ChaCha20 nonces are 12 bytes, got {len(nonce)}")
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     device = torch.device(device)
     blocks = -(-nbytes // BLOCK_BYTES)
     if counter + blocks > 1 << 32:
         raise ValueError("the 32-bit block counter would wrap: at most 256 GiB per stream")
     key_words = struct.unpack("<8I", key)
     nonce_words = struct.unpack("<3I", nonce)
+    triton_here = chacha_triton.available(device)
+    if method == "triton" and not triton_here:
+        raise RuntimeError(f"the Triton ChaCha20 kernel cannot run on {device}: it needs a CUDA "
+                           "device and the triton package (or TRITON_INTERPRET=1)")
+    if method == "triton" or (method == "auto" and triton_here):
+        return chacha_triton.blocks(key_words, nonce_words, counter, blocks, device)[:nbytes]
     out = torch.empty(blocks * BLOCK_BYTES, dtype=torch.uint8, device=device)
     for start in range(0, blocks, _CHUNK_BLOCKS):
         n = min(_CHUNK_BLOCKS, blocks - start)
