@@ -23,7 +23,8 @@ __all__ = ["CompareRandomness", "compare_randomness", "bit_decompose", "plain_pr
            "private_compare_decide_packed", "deal_corrections"]
 
 _I64_MIN = -(1 << 63)
-_PC_CHUNK = 8192            # rows of PrivateCompare arithmetic per block (cache-sized)
+_PC_CHUNK = 8192            # rows of PrivateCompare arithmetic per block on a CPU (cache-sized)
+_PC_CHUNK_DEVICE = 1 << 18  # ... on a GPU: few kernel launches (~10 int16 [rows, ℓ] temporaries)
 _ZP_GROUP = 5
 
 
@@ -82,8 +83,9 @@ def private_compare_message(role: int, xbits: torch.Tensor, r: torch.Tensor, bet
     n = r.numel()
     out = torch.empty((n, bits), dtype=torch.int16, device=r.device)
     beta = beta.reshape(n)
-    for a in range(0, n, _PC_CHUNK):  # row blocks keep the working set in cache
-        b = min(n, a + _PC_CHUNK)
+    chunk = _PC_CHUNK if r.device.type == "cpu" else _PC_CHUNK_DEVICE
+    for a in range(0, n, chunk):  # row blocks keep the working set in cache (or few launches)
+        b = min(n, a + chunk)
         out[a:b] = _pc_rows(int(role), xbits[a:b], r[a:b], beta[a:b], rnd.s[a:b], rnd.u[a:b],
                             rnd.shift[a:b], bits)
     return out
@@ -107,11 +109,10 @@ def _pc_rows(j: int, xbits: torch.Tensor, r: torch.Tensor, beta: torch.Tensor, s
     c += torch.where(flip.view(n, 1), -term, term)     # σ(j·q − x), σ = 1 − 2β
     if j:
         c += 1
-    special = flip & (r == top)
-    if bool(special.any()):  # β = 1, R = 2^ℓ − 1: X ≤ R always; exactly one zero
-        row = torch.full((bits,), j, dtype=torch.int16, device=c.device)
-        row[0] = 0
-        c[special] = row
+    special = flip & (r == top)        # β = 1, R = 2^ℓ − 1: X ≤ R always; exactly one zero
+    row = torch.full((1, bits), j, dtype=torch.int16, device=c.device)
+    row[0, 0] = 0
+    c = torch.where(special.view(n, 1), row, c)   # no host sync for the (rare) rows
     c = torch.remainder(c, P)
     c *= s.to(torch.int16)                             # ≤ 66·66 + 66: still int16
     c += u.to(torch.int16) if j == 0 else P - u.to(torch.int16)

@@ -23,6 +23,7 @@ _ZP_WORD_BYTES = 4
 _ZP_WORD_LIMIT = P ** _ZP_GROUP
 _I64_MIN = -(1 << 63)
 BLOCK = 1 << 18             # elements per block in packing and sampling loops
+_DEVICE_BLOCK = 1 << 22     # words per block when packing on a GPU (few kernel launches)
 
 
 def i64(v: int) -> int:
@@ -66,12 +67,13 @@ def _pack_zp_torch(v: torch.Tensor) -> torch.Tensor:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     g = flat.view(words, _ZP_GROUP)
     packed = torch.empty(words, dtype=torch.int32, device=flat.device)
-    for a in range(0, words, BLOCK):
-        blk = g[a:a + BLOCK].to(torch.int32)
+    step = BLOCK if flat.device.type == "cpu" else _DEVICE_BLOCK
+    for a in range(0, words, step):
+        blk = g[a:a + step].to(torch.int32)
         acc = blk[:, 4].clone()
         for i in (3, 2, 1, 0):  # Horner: Σ v_i 67^i < 67^5 < 2^31
             acc.mul_(P).add_(blk[:, i])
-        packed[a:a + BLOCK] = acc
+        packed[a:a + step] = acc
     return packed.view(torch.uint8)
 
 
@@ -125,11 +127,11 @@ def _unpack_zp_torch(data: torch.Tensor, count: int, *, source: str = "peer") ->
         digits = torch.from_numpy(digits_np)
     else:
         digits = torch.empty((words, _ZP_GROUP), dtype=torch.int16, device=data.device)
-        for a in range(0, words, BLOCK):
-            w = w_all[a:a + BLOCK]
+        for a in range(0, words, _DEVICE_BLOCK):
+            w = w_all[a:a + _DEVICE_BLOCK]
             for i in range(_ZP_GROUP):
                 q = torch.div(w, P, rounding_mode="floor")
-                digits[a:a + BLOCK, i] = w - q * P
+                digits[a:a + _DEVICE_BLOCK, i] = w - q * P
                 w = q
     flat = digits.view(-1)
     if bool((flat[count:] != 0).any()):
