@@ -42,6 +42,7 @@ import selectors
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -337,6 +338,9 @@ class SocketLink(Link):
         self._stage_view = memoryview(self._stage)
         self._stage_len = 0
         self._body: memoryview | None = None          # a large frame being received
+        # buffers of large received frames, lent again for later frames once nothing outside
+        # this list refers to them (the protocol dropped every tensor made from them)
+        self._received: collections.deque[np.ndarray] = collections.deque()
         self._body_got = 0
         self._cond = threading.Condition()
         self._error: ProtocolError | None = None
@@ -560,6 +564,35 @@ class SocketLink(Link):
             if not self._split_frames():  # per read: a fast peer cannot grow the buffer
                 return
 
+    _RECEIVED_KEPT = 8            # received frames' buffers remembered for reuse
+    _RECEIVED_MAX_BYTES = 128 << 20
+
+    def _body_buffer(self, n: int) -> np.ndarray:
+        """An n-byte buffer for an incoming large frame: a received frame's buffer that nobody
+        uses any more (at most a quarter larger: its first n bytes), else a new one.
+
+        A buffer is free when this link's list holds the only reference to it: every tensor
+        made from a frame keeps its buffer alive (``decode_frame`` wraps it without copying),
+        so a count of 2 (the list's and ``getrefcount``'s argument) means the protocol dropped
+        all of them; only this I/O thread hands buffers out, so none can be taken meanwhile.
+        Memory touched before costs no page faults: on a GPU party every frame is copied to
+        the device at once, so its buffer comes back by the next frame."""
+        kept = self._received
+        for i in range(len(kept)):
+            size = kept[i].size
+            if n <= size <= n + n // 4 and sys.getrefcount(kept[i]) == 2:
+                arr = kept[i]
+                del kept[i]
+                kept.append(arr)               # most recently used last
+                return arr[:n]
+        arr = np.empty(n, dtype=np.uint8)
+        kept.append(arr)
+        total = sum(a.size for a in kept)
+        while len(kept) > self._RECEIVED_KEPT or (len(kept) > 1 and
+                                                  total > self._RECEIVED_MAX_BYTES):
+            total -= kept.popleft().size       # forgotten here; freed once the protocol is done
+        return arr[:n]
+
     def _set_eof(self) -> None:
         with self._cond:
             self._eof = True
@@ -581,9 +614,9 @@ class SocketLink(Link):
                 frames.append(buf[start:start + length])      # a bytearray slice: one copy
                 pos = start + length
             elif _PREFIX.size + length > len(buf):        # does not fit: its own buffer
-                # uninitialised (np.empty): it is delivered only once the socket has filled
-                # every byte; zero-filling 8 MB frames cost as much as receiving them
-                self._body = memoryview(np.empty(length, dtype=np.uint8))
+                # uninitialised: it is delivered only once the socket has filled every
+                # byte; zero-filling 8 MB frames cost as much as receiving them
+                self._body = memoryview(self._body_buffer(length))
                 self._body_got = end - start
                 self._body[:self._body_got] = self._stage_view[start:end]
                 pos = end

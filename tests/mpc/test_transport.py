@@ -341,3 +341,39 @@ def test_socket_link_lends_sent_buffers_again_without_mixing_frames():
     finally:
         la.close()
         lb.close()
+
+
+def test_socket_link_reuses_received_buffers_only_once_every_tensor_is_dropped():
+    """A large frame lands in a received frame's buffer only when no tensor made from it is
+    alive: tensors kept by the protocol keep their content while later frames arrive, and a
+    buffer whose tensors were dropped is filled again (same memory)."""
+    a, b = socket.socketpair()
+    la, lb = SocketLink(a, 0, 1, linger=1.0), SocketLink(b, 1, 0, linger=1.0)
+    n = (2 << 20) // 8                        # 2 MiB frames: larger than the staging buffer
+
+    def exchange(k: int) -> torch.Tensor:
+        x = torch.full((n,), k, dtype=torch.int64)
+        x[::777] = -k
+        la.send(encode_frame(x, 0, k))
+        got = decode_frame(lb.recv(30.0), dtype=torch.int64, shape=(n,), scope=0,
+                           scope_name="", peer=0)
+        assert got.clock == k and torch.equal(got.tensor, x)
+        return got.tensor
+
+    try:
+        kept = [exchange(k) for k in range(4)]          # all alive: four distinct buffers
+        assert len({t.data_ptr() for t in kept}) == 4
+        view = kept[1][10:20]                           # a view keeps its frame's buffer too
+        dropped = {kept[k].data_ptr() for k in (0, 1, 2)}
+        del kept[0:3]
+        for k in range(4, 12):                          # later frames, kept tensors checked
+            t = exchange(k)
+            assert t.data_ptr() not in (kept[0].data_ptr(), view.data_ptr() - 10 * 8)
+            assert torch.equal(kept[0], torch.where(torch.arange(n) % 777 == 0, -3, 3))
+            assert torch.equal(view, torch.full((10,), 1))
+            reused = t.data_ptr() in dropped
+            del t
+        assert reused                                   # a dropped frame's memory came back
+    finally:
+        la.close()
+        lb.close()
