@@ -17,7 +17,8 @@ from secure_inference.mpc.local import run_local, run_program
 from secure_inference.mpc.runtime import merge_stats
 from secure_inference.sites import find_relu_sites, run_model
 
-from helpers.reference_models import build_reference, mixed_spec, randomize_bn, resnet18_cifar
+from helpers.reference_models import (REFERENCE, build_reference, mixed_spec, randomize_bn,
+                                      resnet18_cifar)
 
 FRAC = 16
 SIGMAS = 8.0
@@ -81,6 +82,27 @@ def test_secure_matches_plaintext(name, batch, in_process, tmp_path):
     assert rep["setup"]["bytes"] == 8 * sum(w["weight"].numel() for w in
                                             compile_model(model, (1,) + chw, spec=spec)[1].values())
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.processes
+@pytest.mark.parametrize("prg", ["aes", "chacha20"])
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_secure_matches_plaintext_on_cuda_with_the_cpu_bytes(name, prg):
+    """The four reference architectures with every party on the GPU (three processes over
+    loopback TLS): within the fixed-point bound of the plaintext model, and exactly the
+    bytes and rounds of the same session on the CPU (in-process there, to keep it short)."""
+    model, spec, chw = build_reference(name, seed=5)
+    torch.manual_seed(6)
+    x = torch.randn((2,) + chw)
+    gpu = run_local(model, x, spec, tls=True, timeout=600, device="cuda", prg=prg)
+    _check_against_plaintext(model, spec, x, gpu.outputs)
+    assert gpu.report["meta"]["device"] == "cuda"
+    cpu = run_local(model, x, spec, timeout=600, in_process=True, prg=prg)
+    for part in ("online", "setup", "preprocess"):
+        assert gpu.report[part]["bytes"] == cpu.report[part]["bytes"], part
+        assert gpu.report[part].get("rounds") == cpu.report[part].get("rounds"), part
 
 
 def test_report_bytes_equal_runtime_counts_and_batches_share_weights():
