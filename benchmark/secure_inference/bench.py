@@ -24,6 +24,10 @@ with --crypten, with CrypTen 0.4.1 on the same machine in the same run: the scri
 separate virtual environment for it (--crypten-venv; CrypTen is not a project dependency),
 which reuses the project's torch through a .pth file and installs CrypTen and its real
 dependencies with pinned versions, then runs crypten_resnet18.py (ResNet18-CIFAR-100, all ReLUs).
+The comparison interleaves the two sides (ours all ReLUs, ours 6%, CrypTen; --crypten-repeats
+times, each run after waiting up to --crypten-quiet seconds for a quiet machine), both at
+--crypten-threads torch threads per party process, keeps every run (seconds, CPU, load, other
+work's CPU) and reports medians, ranges and the median of the per-pair ratios.
 """
 from __future__ import annotations
 
@@ -84,15 +88,202 @@ def crypten_venv(path: Path) -> Path:
     return python
 
 
-def run_crypten(python: Path) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(python), str(Path(__file__).with_name("crypten_resnet18.py"))],
+def machine_sample() -> tuple[float, float, float, float]:
+    """(time, 1-min load average, busy CPU seconds, steal seconds) of the whole machine
+    (/proc/stat counts every process on this kernel, other containers' too): the difference
+    over a run, less the run's own CPU, is what other work took from it."""
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = steal = 0.0
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        busy = sum(fields[i] for i in (0, 1, 2, 5, 6)) / tick   # user nice system irq softirq
+        steal = (fields[7] if len(fields) > 7 else 0) / tick
+    except (OSError, ValueError, IndexError):
+        pass
+    return time.perf_counter(), os.getloadavg()[0], busy, steal
+
+
+def machine_delta(before: tuple[float, float, float, float], own_cpu_s: float) -> dict:
+    """Load before/after and the machine's CPU over a run that used ``own_cpu_s`` itself."""
+    after = machine_sample()
+    busy = after[2] - before[2]
+    return {"load_average_before": before[1], "load_average_after": after[1],
+            "machine_busy_cpu_s": busy, "steal_s": after[3] - before[3],
+            "other_cpu_s": max(0.0, busy - own_cpu_s), "interval_s": after[0] - before[0]}
+
+
+def wait_quiet(max_wait_s: float, window_s: float = 2.0, share: float = 0.1) -> dict:
+    """Wait (at most ``max_wait_s``) until other work uses under ``share`` of the machine's
+    cores over ``window_s``, so that a run does not start inside someone else's burst; this
+    process is idle meanwhile. Returns the seconds waited and the busy share last seen."""
+    start = time.perf_counter()
+    cores = os.cpu_count() or 1
+    while True:
+        a = machine_sample()
+        time.sleep(window_s)
+        b = machine_sample()
+        busy = (b[2] - a[2]) / ((b[0] - a[0]) * cores)
+        waited = time.perf_counter() - start
+        if busy < share or waited >= max_wait_s:
+            return {"quiet_wait_s": waited, "busy_share_before": busy, "quiet": busy < share}
+
+
+def run_crypten(python: Path, threads: int = 1) -> dict:
+    """One run of crypten_resnet18.py in its own process with ``threads`` OpenMP/torch threads
+    per CrypTen process; adds the process's wall and CPU seconds (parties and TTP, imports and
+    encryption included) to the JSON it prints."""
+    import resource
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run([str(python), str(Path(__file__).with_name("crypten_resnet18.py")),
+                           "--threads", str(threads)],
                           capture_output=True, text=True, env=env, timeout=1800,
                           cwd=tempfile_dir())
+    wall = time.perf_counter() - start
+    ru2 = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"CrypTen run failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    out = json.loads(lines[-1])
+    if "error" in out:
+        raise RuntimeError(f"CrypTen run failed: {out['error']}\n{proc.stderr[-3000:]}")
+    out["process_wall_s"] = wall
+    out["process_cpu_s"] = (ru2.ru_utime - ru.ru_utime) + (ru2.ru_stime - ru.ru_stime)
+    return out
+
+
+def run_ours_for_crypten(model, chw, spec, threads: int) -> dict:
+    """One run of ours as the main loop does it (run_local, CPU, AES, TLS, batch 1) with
+    ``threads`` torch threads per party; the figures the CrypTen comparison needs."""
+    from secure_inference.mpc.local import run_local
+    cpu = time.process_time()
+    start = time.perf_counter()
+    res = run_local(model, torch.randn((1,) + chw), spec, tls=True, timeout=3600,
+                    device="cpu", prg="aes", threads=threads)
+    wall = time.perf_counter() - start
+    rep = res.report
+    return {"preprocess_plus_online_s": rep["per_image"]["seconds_preprocess_and_online"],
+            "online_s": rep["per_image"]["online_seconds"],
+            "preprocess_s": rep["per_image"]["preprocess_seconds"],
+            "setup_s": rep["setup"]["wall_s"],
+            "cpu_s_all_parties": sum(rep["cpu_seconds"].values()),
+            "online_GB": rep["online"]["bytes"] / 1e9,
+            "preprocess_GB": rep["preprocess"]["bytes"] / 1e9,
+            "rounds": rep["online"]["rounds"], "drelus": rep["online"]["drelus"],
+            "run_local_wall_s": wall, "bench_process_cpu_s": time.process_time() - cpu,
+            "threads_per_party": threads}
+
+
+def _spread(values: list[float]) -> dict:
+    """Median, min and max of a list of measurements."""
+    return {"median": float(np.median(values)), "min": min(values), "max": max(values)}
+
+
+def crypten_comparison(python: Path, repeats: int, threads: int, rows: dict,
+                       with_ours: bool, out: Path, quiet_s: float = 0.0) -> None:
+    """Ours (ResNet18-CIFAR-100, all ReLUs and 6%) and CrypTen (all ReLUs) interleaved:
+    ours, CrypTen, ours, CrypTen, ... ``repeats`` times, both sides at ``threads`` threads
+    per party process, so drift in the machine's speed or load hits both alike. Every
+    repetition is kept (seconds, CPU, load, threads); medians, ranges and the median of the
+    per-pair ratios go into ``rows``. ``quiet_s``: before each run wait up to this long for
+    the machine to be quiet (:func:`wait_quiet`; 0: no wait)."""
+    from secure_inference.mpc.local import default_threads
+    cases = []
+    if with_ours:
+        model, chw = build("resnet18_cifar100")
+        cases = [("all", None), ("6%", spec_at(model, chw, 0.06))]
+    reps = []
+    for i in range(repeats):
+        rep: dict = {"repeat": i + 1, "ours": {}}
+        for label, spec in cases:
+            quiet = wait_quiet(quiet_s) if quiet_s > 0 else {}
+            before = machine_sample()
+            r = run_ours_for_crypten(model, chw, spec, threads)
+            r.update(machine_delta(before, r["cpu_s_all_parties"] + r["bench_process_cpu_s"]),
+                     **quiet)
+            rep["ours"][label] = r
+        quiet = wait_quiet(quiet_s) if quiet_s > 0 else {}
+        before = machine_sample()
+        ct = run_crypten(python, threads)
+        ct.update(machine_delta(before, ct["process_cpu_s"]), **quiet)
+        rep["crypten"] = ct
+        reps.append(rep)
+        line = "  ".join(f"ours {k} {v['preprocess_plus_online_s']:.2f} s"
+                         for k, v in rep["ours"].items())
+        print(f"pair {i + 1}/{repeats}: {line}  crypten {ct['seconds']:.2f} s "
+              f"(load {ct['load_average_before']:.2f}, other CPU {ct['other_cpu_s']:.1f} s)",
+              flush=True)
+        out.write_text(json.dumps(dict(rows, **{"crypten comparison": {"repeats": reps}}),
+                                  indent=1))
+    ct_s = [r["crypten"]["seconds"] for r in reps]
+    ct_cpu = [r["crypten"]["cpu_seconds"] for r in reps]
+    ct_ttp = [r["crypten"]["ttp_cpu_seconds"] or 0.0 for r in reps]
+    first = reps[0]["crypten"]
+    loads = [r["crypten"]["load_average_before"] for r in reps] + [
+        o["load_average_before"] for r in reps for o in r["ours"].values()]
+    summary: dict = {
+        "what": "ours and CrypTen interleaved (ours all ReLUs, ours 6%, CrypTen; repeated); "
+                "ratios are medians of per-pair ratios",
+        "threads_per_party_process": threads, "ours_default_threads": default_threads(),
+        "cpu_count": os.cpu_count(), "quiet_wait_max_s": quiet_s,
+        "clocks": {"ours": "preprocess_plus_online_s: max over parties of the preprocessing "
+                           "plus max over parties of the online phase (input sharing to "
+                           "logits revealed); excludes process start, key agreement, TLS "
+                           "handshakes and the set-up (weights opened once per session)",
+                   "crypten": "seconds: slower party, from after weight and input "
+                              "encryption to logits revealed to party 0, TTP triple "
+                              "generation in-line; excludes process start, rendezvous, ONNX "
+                              "import, encryption; no TLS"},
+        "load_average_range": [min(loads), max(loads)],
+        "other_cpu_s_during_crypten": _spread([r["crypten"]["other_cpu_s"] for r in reps]),
+        "other_cpu_s_during_ours": _spread([o["other_cpu_s"] for r in reps
+                                            for o in r["ours"].values()]),
+        "crypten_s": _spread(ct_s), "crypten_cpu_s_parties": _spread(ct_cpu),
+        "crypten_cpu_s_ttp": _spread(ct_ttp),
+        "crypten_process_wall_s": _spread([r["crypten"]["process_wall_s"] for r in reps]),
+        "repeats": reps}
+    rows["crypten resnet18_cifar100 all"] = {
+        "online_s": summary["crypten_s"]["median"], "seconds_min": min(ct_s),
+        "seconds_max": max(ct_s), "repeats": len(reps),
+        "online_GB": first["bytes"] / 1e9, "rounds": first["rounds"],
+        "cpu_s_computing_parties": summary["crypten_cpu_s_parties"]["median"],
+        "cpu_s_ttp": summary["crypten_cpu_s_ttp"]["median"],
+        "load_average": first["load_average_before"], "threads_per_process": threads,
+        "note": "CrypTen 0.4.1, 2 computing parties + TTP process; seconds and CPU are medians "
+                "over the repeats of 'crypten comparison'; bytes/rounds from CrypTen's "
+                "counters (computing parties; TTP traffic not counted)"}
+    print(f"crypten resnet18_cifar100 all: median {np.median(ct_s):.2f} s ({min(ct_s):.2f}-"
+          f"{max(ct_s):.2f})  {first['bytes'] / 1e9:.3f} GB  {first['rounds']} rounds",
+          flush=True)
+    for label, _ in cases:
+        ours = [r["ours"][label] for r in reps]
+        po = [o["preprocess_plus_online_s"] for o in ours]
+        summary[f"ours_{label}_s"] = _spread(po)
+        summary[f"ours_{label}_online_s"] = _spread([o["online_s"] for o in ours])
+        summary[f"ours_{label}_cpu_s"] = _spread([o["cpu_s_all_parties"] for o in ours])
+        speed = [c / o for c, o in zip(ct_s, po)]
+        online = [c / o["online_s"] for c, o in zip(ct_s, ours)]
+        cpu = [o["cpu_s_all_parties"] / c for o, c in zip(ours, ct_cpu)]
+        cpu_ttp = [o["cpu_s_all_parties"] / (c + t) for o, c, t in zip(ours, ct_cpu, ct_ttp)]
+        key = f"ratios vs crypten (resnet18 {label} vs crypten all ReLUs)"
+        rows[key] = {
+            "speedup_preprocess_plus_online": float(np.median(speed)),
+            "speedup_preprocess_plus_online_range": [min(speed), max(speed)],
+            "speedup_online_only": float(np.median(online)),
+            "speedup_online_only_range": [min(online), max(online)],
+            "bytes_ratio_preprocess_plus_online":
+                (ours[0]["online_GB"] + ours[0]["preprocess_GB"]) / (first["bytes"] / 1e9),
+            "rounds_ratio": ours[0]["rounds"] / first["rounds"],
+            "cpu_ratio": float(np.median(cpu)),
+            "cpu_ratio_with_crypten_ttp": float(np.median(cpu_ttp)),
+            "ours_preprocess_plus_online_s": _spread(po), "pairs": len(reps),
+            "note": "medians of per-pair ratios over the interleaved repeats of "
+                    "'crypten comparison'; cpu_ratio: our 3 parties (incl. set-up) over "
+                    "CrypTen's 2 computing parties during its clock"}
+        print(key, json.dumps({k: v for k, v in rows[key].items() if k != "note"}), flush=True)
+    rows["crypten comparison"] = summary
+    out.write_text(json.dumps(rows, indent=1))
 
 
 def measure_links(size_mb: int) -> dict:
@@ -165,6 +356,16 @@ def main() -> int:
     parser.add_argument("--crypten", action="store_true", help="also CrypTen 0.4.1 (own venv)")
     parser.add_argument("--crypten-venv", type=Path, default=Path(tempfile_dir()) / "si-crypten-venv")
     parser.add_argument("--skip-ours", action="store_true", help="only the CrypTen run")
+    parser.add_argument("--crypten-repeats", type=int, default=5,
+                        help="with --crypten: pairs of runs, ours (ResNet18 all ReLUs and 6%%) "
+                             "and CrypTen interleaved; medians and ranges reported")
+    parser.add_argument("--crypten-threads", type=int, default=1,
+                        help="with --crypten: torch threads per party process on both sides "
+                             "(ours: run_local threads; CrypTen: OMP_NUM_THREADS and "
+                             "torch.set_num_threads in its parties and TTP)")
+    parser.add_argument("--crypten-quiet", type=float, default=30.0,
+                        help="with --crypten: before each run wait up to this many seconds "
+                             "for other work to use < 10%% of the cores (0: no wait)")
     parser.add_argument("--devices", nargs="+", default=["cpu"],
                         help="run every case on each device (e.g. cpu cuda)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1],
@@ -256,31 +457,9 @@ def main() -> int:
                   f"{row['setup_GB']:.3f} GB)  published {pub_s} s / {pub_gb} GB", flush=True)
             args.out.write_text(json.dumps(rows, indent=1))
     if args.crypten:
-        load = os.getloadavg()[0]
-        ct = run_crypten(crypten_venv(args.crypten_venv))
-        rows["crypten resnet18_cifar100 all"] = {
-            "online_s": ct["seconds"], "online_GB": ct["bytes"] / 1e9, "rounds": ct["rounds"],
-            "cpu_s_computing_parties": ct["cpu_seconds"], "load_average": load,
-            "note": "CrypTen 0.4.1, 2 computing parties + TTP process; bytes/rounds from "
-                    "CrypTen's counters (computing parties; TTP traffic not counted)"}
-        print(f"crypten resnet18_cifar100 all: {ct['seconds']:.2f} s  {ct['bytes'] / 1e9:.3f} GB "
-              f" {ct['rounds']} rounds", flush=True)
-        # CrypTen's seconds include its dealer's online triple generation, so the fair figure
-        # is our preprocessing + online; the online phase alone is given as well
-        for label in ("all", "6%"):
-            ours = rows.get(f"resnet18_cifar100 {label}")
-            if not ours:
-                continue
-            key = f"ratios vs crypten (resnet18 {label} vs crypten all ReLUs)"
-            rows[key] = {
-                "speedup_preprocess_plus_online": ct["seconds"] / ours["preprocess_plus_online_s"],
-                "speedup_online_only": ct["seconds"] / ours["online_s"],
-                "bytes_ratio_preprocess_plus_online":
-                    (ours["online_GB"] + ours["preprocess_GB"]) / (ct["bytes"] / 1e9),
-                "rounds_ratio": ours["rounds"] / ct["rounds"],
-                "cpu_ratio": ours["cpu_s_all_parties"] / ct["cpu_seconds"]}
-            print(key, json.dumps(rows[key]))
-        args.out.write_text(json.dumps(rows, indent=1))
+        crypten_comparison(crypten_venv(args.crypten_venv), max(1, args.crypten_repeats),
+                           max(1, args.crypten_threads), rows, not args.skip_ours, args.out,
+                           quiet_s=args.crypten_quiet)
     print(f"machine: {platform.machine()} {platform.processor()} python {platform.python_version()}"
           f" torch {torch.__version__}")
     return 0
