@@ -136,7 +136,10 @@ def _announce_batches(party: Party, batch_sizes: Sequence[int] | None,
         return sizes
 
 
-PROTOCOL_VERSION = 2   # wire protocol: 2 = fused multiplication re-masked with ζ (issue 12)
+# wire protocol: 2 = fused multiplication re-masked with ζ (issue 12); 3 = the DReLU's small
+# values mod 67 drawn from one stream per tag, rejected words replaced by the stream's next
+# ones (was: a new stream per block and per redraw), so parties of 2 and 3 draw differently
+PROTOCOL_VERSION = 3
 
 # The public settings that change the computation, besides the program itself: (name, how the
 # user sets it). They travel as four int64 words after the 32-byte fingerprint; ``prg`` (the

@@ -194,6 +194,21 @@ class Party:
             self._view.draws.append((other, self._scope_path, tag, n, out.detach().cpu().clone()))
         return out
 
+    def pair_stream(self, other: int, *, tag: str) -> _prg.Stream:
+        """The stream of the next draw with ``tag`` between this party and ``other``, to be read
+        sequentially (both must call it and read the same byte counts in the same order).
+
+        Addressed exactly like :meth:`pair_random` (one occurrence of (scope path, tag));
+        for samplers that read a data-dependent amount, e.g. rejection sampling, which must
+        not start a new stream (and wait for the host) per piece."""
+        if other not in self._pair_keys:
+            raise RuntimeError(f"no pair key with party {other}: call Party.start() first")
+        key = (other, self._scope_path, tag)
+        n = self._draws[key]
+        self._draws[key] = n + 1
+        return _prg.derive_stream(self._pair_keys[other], f"{self._scope_path}\x00{tag}\x00{n}",
+                                  self.prg)
+
     def private_random(self, shape, *, high: int | None = None,
                        dtype: torch.dtype = torch.int64) -> torch.Tensor:
         """Randomness known only to this party (the session's cipher under a fresh

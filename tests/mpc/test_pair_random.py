@@ -1,6 +1,7 @@
 """pair_small's two implementations (secure_inference.mpc.protocols.pair_random): the torch
 path a party off the CPU uses gives exactly the values of the host (numba) path for the same
-stream, including the redraws of rejected words; both equal a plain-Python reference."""
+stream, including the redraws of rejected words, however the stream is read; both equal a
+plain-Python reference."""
 from __future__ import annotations
 
 import pytest
@@ -13,75 +14,94 @@ from secure_inference.mpc.protocols.zp import BLOCK
 KEY = bytes(range(32))
 
 
-class Draws:
-    """Occurrences of one (scope, tag) stream, as Party.pair_random numbers them; records the
-    size of every draw. ``poison``: byte positions of the first draw set to 0xFF (16-bit words
-    of 0xFFFF are at or above every limit: forced redraws)."""
+class Reader:
+    """One pair stream read in order, as Party.pair_stream gives it; records the size of every
+    read. ``poison``: byte positions of the stream set to 0xFF (16-bit words of 0xFFFF are at or
+    above every limit: forced redraws, also of redrawn words)."""
 
     def __init__(self, cipher: str, poison: tuple[int, ...] = (), torch_on_cpu: bool = False):
-        self.cipher, self.poison, self.torch_on_cpu = cipher, poison, torch_on_cpu
-        self.sizes: list[int] = []
-
-    def __call__(self, nbytes: int) -> torch.Tensor:
-        ident = f"scope\x00tag\x00{len(self.sizes)}"
-        if self.torch_on_cpu:
+        ident = "scope\x00tag\x000"
+        if torch_on_cpu:
             import hashlib
             import hmac
             sub = hmac.new(KEY, ident.encode(), hashlib.sha256).digest()
-            out = prg.ChaChaStream(sub, torch_on_cpu=True).bytes_tensor(nbytes)
+            self.stream = prg.ChaChaStream(sub, torch_on_cpu=True)
         else:
-            out = prg.derive_stream(KEY, ident, self.cipher).bytes_tensor(nbytes)
-        if not self.sizes:
-            for i in self.poison:
-                if i < nbytes:
-                    out[i] = 255
+            self.stream = prg.derive_stream(KEY, ident, cipher)
+        self.poison, self.pos = poison, 0
+        self.sizes: list[int] = []
+
+    def __call__(self, nbytes: int) -> torch.Tensor:
+        out = self.stream.bytes_tensor(nbytes)
+        for i in self.poison:
+            if self.pos <= i < self.pos + nbytes:
+                out[i - self.pos] = 255
+        self.pos += nbytes
         self.sizes.append(nbytes)
         return out
 
 
-def _reference(draw: Draws, count: int, high: int) -> list[int]:
-    """The documented rule in Python: blocks of BLOCK words, rejected positions redrawn from
-    the next occurrences until accepted."""
-    limit, out = (65536 // high) * high, []
-    for a in range(0, count, BLOCK):
-        size = min(BLOCK, count - a)
-        raw = bytes(draw(2 * size).numpy())
-        words = [int.from_bytes(raw[2 * i:2 * i + 2], "little") for i in range(size)]
-        block = [w % high for w in words]
-        bad = [i for i, w in enumerate(words) if w >= limit]
-        while bad:
-            raw = bytes(draw(2 * len(bad)).numpy())
-            more = [int.from_bytes(raw[2 * i:2 * i + 2], "little") for i in range(len(bad))]
-            for i, w in zip(bad, more):
-                block[i] = w % high
-            bad = [i for i, w in zip(bad, more) if w >= limit]
-        out += block
+def _reference(read: Reader, count: int, high: int) -> list[int]:
+    """The documented rule in plain Python: the stream's 16-bit words in order; rejected
+    positions (ascending) take the next words until every one is accepted."""
+    limit = (65536 // high) * high
+
+    def words(n: int) -> list[int]:
+        raw = bytes(read(2 * n).numpy())
+        return [int.from_bytes(raw[2 * i:2 * i + 2], "little") for i in range(n)]
+
+    first = words(count)
+    out = [w % high for w in first]
+    bad = [i for i, w in enumerate(first) if w >= limit]
+    while bad:
+        more = words(len(bad))
+        for i, w in zip(bad, more):
+            out[i] = w % high
+        bad = [i for i, w in zip(bad, more) if w >= limit]
     return out
+
+
+POISON = (0, 1, 6, 7, 2000, 2001, 2002, 2003)   # words 0, 3, and the first redraws (n = 1000)
 
 
 @pytest.mark.parametrize("cipher", prg.CIPHERS)
 @pytest.mark.parametrize("high,count", [(67, 1000), (200, 5000), (255, 3), (256, 70), (2, 1),
                                         (67, 0)])
 def test_torch_path_equals_host_path(cipher, high, count):
-    host, tch = Draws(cipher, poison=(0, 1, 6, 7)), Draws(cipher, poison=(0, 1, 6, 7))
+    host, tch = Reader(cipher, poison=POISON), Reader(cipher, poison=POISON)
     a, b = small_host(host, count, high), small_torch(tch, count, high, "cpu")
     assert a.dtype == b.dtype == torch.int16 and a.shape == (count,)
     assert torch.equal(a, b)
-    assert host.sizes == tch.sizes                  # the same draws, so both holders agree
-    assert a.tolist() == _reference(Draws(cipher, poison=(0, 1, 6, 7)), count, high)
+    assert host.pos == tch.pos                      # the same bytes read: both holders agree
+    assert a.tolist() == _reference(Reader(cipher, poison=POISON), count, high)
     if count >= 4 and high < 256:
-        assert len(host.sizes) > 1                  # the poisoned words were redrawn
+        assert host.pos > 2 * count                 # the poisoned words were redrawn
+    if count == 1000 and high == 67:
+        assert len(host.sizes) >= 3                 # ... and a poisoned redraw redrawn again
 
 
 def test_torch_path_over_several_blocks_with_natural_rejections():
-    """More than one block (BLOCK words each) and high = 200: about 0.2% of words are redrawn
-    per block, the torch ChaCha20 on the CPU standing in for a GPU party's stream."""
+    """More than one host block (BLOCK words each) and high = 200: about 0.2% of words are
+    redrawn, the torch ChaCha20 on the CPU standing in for a GPU party's stream; the host
+    reads the stream in blocks, the torch path in one piece: the same values."""
     count = BLOCK + 1234
-    host, tch = Draws("chacha20"), Draws("chacha20", torch_on_cpu=True)
+    host, tch = Reader("chacha20"), Reader("chacha20", torch_on_cpu=True)
     a, b = small_host(host, count, 200), small_torch(tch, count, 200, "cpu")
-    assert torch.equal(a, b) and host.sizes == tch.sizes
-    assert len(host.sizes) > 2                      # two blocks plus their redraws
+    assert torch.equal(a, b) and host.pos == tch.pos
+    assert len(host.sizes) > 2 and len(tch.sizes) < len(host.sizes)   # blocks vs one piece
     assert int(a.min()) == 0 and int(a.max()) == 199
+    assert a.tolist() == _reference(Reader("chacha20"), count, 200)
+
+
+def test_values_do_not_depend_on_how_the_stream_is_read(monkeypatch):
+    """The device path in small pieces (as if 2^24 were 1000) gives the same values."""
+    from secure_inference.mpc.protocols import pair_random
+    count = 5000
+    whole = small_torch(Reader("aes", poison=POISON), count, 67, "cpu")
+    monkeypatch.setattr(pair_random, "_DEVICE_PIECE", 1000)
+    pieces = Reader("aes", poison=POISON)
+    assert torch.equal(small_torch(pieces, count, 67, "cpu"), whole)
+    assert pieces.sizes[:5] == [2000] * 5
 
 
 @pytest.mark.cuda
@@ -89,7 +109,7 @@ def test_torch_path_over_several_blocks_with_natural_rejections():
 def test_torch_path_on_cuda_equals_host_path():
     def on_cuda(draws):
         return lambda n: draws(n).cuda()
-    host, tch = Draws("chacha20", poison=(0, 1)), Draws("chacha20", poison=(0, 1))
+    host, tch = Reader("chacha20", poison=(0, 1)), Reader("chacha20", poison=(0, 1))
     a = small_host(host, BLOCK + 77, 67)
     b = small_torch(on_cuda(tch), BLOCK + 77, 67, "cuda")
     assert b.device.type == "cuda" and torch.equal(a, b.cpu())

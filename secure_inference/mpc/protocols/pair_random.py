@@ -1,6 +1,6 @@
 """Correlated randomness of the DReLU drawn from a pair key: exactly uniform small integers
-(rejection sampling on 16-bit words, identical at both key holders), bits and ℓ-bit ring
-elements."""
+(rejection sampling on 16-bit words of one stream, identical at both key holders), bits and
+ℓ-bit ring elements."""
 from __future__ import annotations
 
 from typing import Callable
@@ -15,44 +15,56 @@ from .zp import BLOCK, all_ones, require_little_endian
 __all__ = ["pair_small", "small_host", "small_torch", "pair_bits", "pair_ring"]
 
 
-Draw = Callable[[int], torch.Tensor]   # nbytes -> uint8 tensor: one occurrence of the stream
+Read = Callable[[int], torch.Tensor]   # nbytes -> the next bytes of one stream (uint8 tensor)
+_DEVICE_PIECE = 1 << 24                # values per keystream read off the CPU (32 MiB)
 
 
 def pair_small(party: Party, other: int, count: int, high: int, tag: str) -> torch.Tensor:
     """Exactly uniform ints in [0, high) (high ≤ 256), identical at both key holders (int16).
 
-    Each value is a 16-bit word of the pair stream reduced mod ``high``; words at or above the
-    largest multiple of ``high`` below 2^16 (at most 0.4% of them, 0.015% for 67) are redrawn
-    from the next occurrence of the same stream, position by position, identically at both
-    holders (which make the same sequence of draws). Every accepted word is uniform below that
-    multiple, so the result is exactly uniform.
-
-    A CPU party reduces with the numba kernel (:func:`small_host`); a party on another device
-    with torch operations there (:func:`small_torch`): the same draws and the same values.
+    All values come from one pair stream (one occurrence of ``tag``), read in order: value i
+    is the i-th 16-bit little-endian word reduced mod ``high``; words at or above the largest
+    multiple of ``high`` below 2^16 (at most 0.4% of them, 0.015% for 67) are rejected, and the
+    rejected positions, in ascending order, take the stream's next words, again and again until
+    every position holds an accepted word. Every accepted word is uniform below that multiple,
+    so the result is exactly uniform, and the rule does not depend on how the stream is read:
+    a CPU party reads it in cache-sized blocks and reduces with numba (:func:`small_host`), a
+    party on a GPU in large pieces with torch operations there (:func:`small_torch`), with one
+    host sync per round of redraws rather than per block. Both give the same values.
     """
-    def draw(nbytes: int) -> torch.Tensor:
-        return party.pair_random(other, (nbytes,), tag=tag, dtype=torch.uint8)
+    stream = party.pair_stream(other, tag=tag)
+    device = party.device
 
-    if party.device.type == "cpu":
-        return small_host(draw, count, high)
-    return small_torch(draw, count, high, party.device)
+    def read(nbytes: int) -> torch.Tensor:
+        return stream.bytes_tensor((nbytes,), device)
+
+    if device.type == "cpu":
+        return small_host(read, count, high)
+    return small_torch(read, count, high, device)
 
 
-def small_host(draw: Draw, count: int, high: int) -> torch.Tensor:
-    """:func:`pair_small`'s values from ``draw`` on the host (numpy and numba; int16 CPU)."""
+def _check_high(high: int) -> int:
+    if not 2 <= high <= 256:
+        raise ValueError(f"high must be in [2, 256], got {high}")
+    return (65536 // high) * high          # words below this are accepted
+
+
+def small_host(read: Read, count: int, high: int) -> torch.Tensor:
+    """:func:`pair_small`'s values from the stream ``read`` on the host (numba; int16 CPU)."""
     require_little_endian()
-    limit = (65536 // high) * high
+    limit = _check_high(high)
     out = np.empty(count, dtype=np.int16)
-    for a in range(0, count, BLOCK):  # cache-sized draws (the same sequence at both holders)
+    rejected = []
+    for a in range(0, count, BLOCK):  # cache-sized reads of the stream, in order
         size = min(BLOCK, count - a)
-        words = draw(2 * size).cpu().numpy().view(np.uint16)
-        if not K.reduce_words(words, high, out[a:a + size]):
-            continue
-        bad = np.flatnonzero(words >= limit)   # rare: redraw these positions
-        while bad.size:
-            more = draw(2 * bad.size).cpu().numpy().view(np.uint16)
-            out[a + bad] = more % np.uint16(high)
-            bad = bad[more >= limit]
+        words = read(2 * size).cpu().numpy().view(np.uint16)
+        if K.reduce_words(words, high, out[a:a + size]):
+            rejected.append(a + np.flatnonzero(words >= limit))
+    bad = np.concatenate(rejected) if rejected else np.empty(0, dtype=np.int64)
+    while bad.size:                   # rare: the rejected positions take the next words
+        more = read(2 * bad.size).cpu().numpy().view(np.uint16)
+        out[bad] = more % np.uint16(high)
+        bad = bad[more >= limit]
     return torch.from_numpy(out)
 
 
@@ -61,24 +73,24 @@ def _words16(raw: torch.Tensor) -> torch.Tensor:
     return raw.view(torch.int16).to(torch.int32) & 0xFFFF
 
 
-def small_torch(draw: Draw, count: int, high: int, device: torch.device | str) -> torch.Tensor:
-    """:func:`pair_small`'s values from ``draw`` with torch operations on ``device`` (int16):
-    the same draws in the same order as :func:`small_host`, and the same values. One host
-    sync per block (and per redraw) for the number of rejected words."""
+def small_torch(read: Read, count: int, high: int, device: torch.device | str) -> torch.Tensor:
+    """:func:`pair_small`'s values from the stream ``read`` with torch operations on
+    ``device`` (int16): the same values as :func:`small_host`. The stream is read in pieces of
+    2^24 values with no host sync; one sync per round of redraws (about three in all)."""
     require_little_endian()
-    if not 2 <= high <= 256:
-        raise ValueError(f"high must be in [2, 256], got {high}")
-    limit = (65536 // high) * high
+    limit = _check_high(high)
     out = torch.empty(count, dtype=torch.int16, device=device)
-    for a in range(0, count, BLOCK):
-        size = min(BLOCK, count - a)
-        words = _words16(draw(2 * size))
+    rejected = torch.empty(count, dtype=torch.bool, device=device)
+    for a in range(0, count, _DEVICE_PIECE):
+        size = min(_DEVICE_PIECE, count - a)
+        words = _words16(read(2 * size))
         out[a:a + size] = (words % high).to(torch.int16)
-        bad = torch.nonzero(words >= limit).flatten()
-        while bad.numel():
-            more = _words16(draw(2 * bad.numel()))
-            out[a + bad] = (more % high).to(torch.int16)
-            bad = bad[more >= limit]
+        rejected[a:a + size] = words >= limit
+    bad = torch.nonzero(rejected).flatten()   # ascending positions
+    while bad.numel():
+        more = _words16(read(2 * bad.numel()))
+        out[bad] = (more % high).to(torch.int16)
+        bad = bad[more >= limit]
     return out
 
 
