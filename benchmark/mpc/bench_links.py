@@ -95,13 +95,24 @@ def _raw_member(role: int, ports: list[int], size: int, frame: int, out,
         s.close()
 
 
+def _free_ports(n: int) -> list[int]:
+    """``n`` loopback ports the OS reports free (fixed port numbers could collide with the
+    ephemeral ports of other connections and leave a member unable to listen)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 def raw_ring(size: int, frame: int, certs: str | None = None) -> float:
     """Seconds for the slowest party to receive ``size`` bytes over raw loopback sockets
     (TLS-wrapped with the party certificates in ``certs`` if given)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    base = 40000 + int(time.time()) % 2000
-    ports = [base, base + 1, base + 2]
+    ports = _free_ports(3)
     procs = [ctx.Process(target=_raw_member, args=(r, ports, size, frame, q, certs))
              for r in range(3)]
     for p in procs:

@@ -43,7 +43,7 @@ from .ring import DEFAULT_FRAC_BITS
 from .settings import EXACT, DReLUConfig
 from .session import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, ROLES, SCOPE_KEYS, Role
 from .stats import CommStats, ScopeStats, merge_stats
-from .transport import DEFAULT_MAX_FRAME, Link, ProtocolError, decode_frame, encode_frame, scope_hash
+from .transport import DEFAULT_MAX_FRAME, Link, ProtocolError, decode_frame, scope_hash
 
 DEFAULT_TIMEOUT = 60.0
 
@@ -137,15 +137,13 @@ class Party:
     # --- messages -------------------------------------------------------------------------
     def send(self, to: int, x: torch.Tensor) -> None:
         """Send one tensor to party ``to`` (framed, counted; does not wait for the peer)."""
-        link = self._link(to)
-        frame = encode_frame(x, self._scope_hash, self._depth[-1][1], self.max_frame,
-                             link.frame_buffer)   # socket links recycle sent buffers
-        link.send(frame, reuse=True)
+        length = self._link(to).send_tensor(x, self._scope_hash, self._depth[-1][1],
+                                            self.max_frame)
         st = self.stats.scopes[self._scope_path]
         payload = x.numel() * x.element_size()
         st.bytes_sent[to] += payload
         st.frames_sent[to] += 1
-        st.overhead_sent += len(frame) - payload
+        st.overhead_sent += length - payload
 
     def recv(self, frm: int, shape, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         """Receive exactly one frame from ``frm``; it must hold ``dtype`` with ``shape``."""

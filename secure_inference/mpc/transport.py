@@ -110,6 +110,35 @@ class Frame:
     frame_bytes: int
 
 
+def frame_parts(x: torch.Tensor, scope: int, clock: int,
+                max_frame: int = DEFAULT_MAX_FRAME) -> tuple[bytes, torch.Tensor]:
+    """The two parts of one tensor's frame: its length prefix, header and shape (bytes), and
+    its payload as a flat contiguous uint8 tensor on ``x``'s device (a view of ``x`` where
+    it is already contiguous: not a copy). Checks dtype, rank and the frame size limit."""
+    if x.dtype not in DTYPE_CODES:
+        raise TypeError(f"cannot send dtype {x.dtype}; allowed: {sorted(map(str, DTYPE_CODES))}")
+    if x.ndim > MAX_NDIM:
+        raise ValueError(f"cannot send a tensor with {x.ndim} dimensions (max {MAX_NDIM})")
+    if x.device.type == "meta":
+        raise TypeError("cannot send a meta (shape-only) tensor: this party holds no data here")
+    payload = x.detach().contiguous().reshape(-1)
+    if payload.numel() <= 1:   # a size-1 or empty dimension may keep any stride: make it 1
+        payload = torch.empty(payload.shape, dtype=payload.dtype,
+                              device=payload.device).copy_(payload)
+    payload = payload if payload.dtype == torch.uint8 else payload.view(torch.uint8)
+    head = _HEADER.size + 8 * x.ndim
+    length = head + payload.numel()
+    if length > max_frame:
+        raise ValueError(f"frame of {length} bytes exceeds the {max_frame}-byte limit; "
+                         "split the tensor or raise max_frame on every party")
+    header = bytearray(_PREFIX.size + head)
+    _PREFIX.pack_into(header, 0, length)
+    _HEADER.pack_into(header, _PREFIX.size, MAGIC, VERSION, DTYPE_CODES[x.dtype], x.ndim, scope,
+                      clock)
+    struct.pack_into(f"<{x.ndim}q", header, _PREFIX.size + _HEADER.size, *x.shape)
+    return bytes(header), payload
+
+
 def encode_frame(x: torch.Tensor, scope: int, clock: int, max_frame: int = DEFAULT_MAX_FRAME,
                  alloc: Callable[[int], torch.Tensor] | None = None) -> memoryview:
     """Serialise one tensor, length prefix included, into one new buffer (the payload is
@@ -120,29 +149,22 @@ def encode_frame(x: torch.Tensor, scope: int, clock: int, max_frame: int = DEFAU
     large frame is built (a zero-filled ``bytearray`` plus a copy under the GIL took 2.5 times
     as long and stalled them). ``alloc(n)`` supplies the n-byte uint8 buffer (a link's
     recycled one, :meth:`SocketLink.frame_buffer`)."""
-    if x.dtype not in DTYPE_CODES:
-        raise TypeError(f"cannot send dtype {x.dtype}; allowed: {sorted(map(str, DTYPE_CODES))}")
-    if x.ndim > MAX_NDIM:
-        raise ValueError(f"cannot send a tensor with {x.ndim} dimensions (max {MAX_NDIM})")
-    if x.device.type == "meta":
-        raise TypeError("cannot send a meta (shape-only) tensor: this party holds no data here")
-    payload = x.detach().contiguous().reshape(-1)
-    nbytes = payload.numel() * payload.element_size()
-    head = _HEADER.size + 8 * x.ndim
-    length = head + nbytes
-    if length > max_frame:
-        raise ValueError(f"frame of {length} bytes exceeds the {max_frame}-byte limit; "
-                         "split the tensor or raise max_frame on every party")
-    total = _PREFIX.size + length
+    header, payload = frame_parts(x, scope, clock, max_frame)
+    return _assemble(header, payload, 0, alloc)
+
+
+def _assemble(header: bytes, payload: torch.Tensor, skip: int,
+              alloc: Callable[[int], torch.Tensor] | None) -> memoryview:
+    """The bytes of ``header + payload`` from position ``skip`` on, in one new buffer (the
+    payload copied by torch, also device -> host)."""
+    total = len(header) + payload.numel() - skip
     buf = alloc(total) if alloc is not None else torch.empty(total, dtype=torch.uint8)
     frame = memoryview(buf.numpy())
-    _PREFIX.pack_into(frame, 0, length)
-    _HEADER.pack_into(frame, _PREFIX.size, MAGIC, VERSION, DTYPE_CODES[x.dtype], x.ndim, scope,
-                      clock)
-    struct.pack_into(f"<{x.ndim}q", frame, _PREFIX.size + _HEADER.size, *x.shape)
-    if nbytes:
-        body = payload if payload.dtype == torch.uint8 else payload.view(torch.uint8)
-        buf[_PREFIX.size + head:].copy_(body)   # also device -> host for a GPU tensor
+    head = header[skip:]
+    frame[:len(head)] = head
+    rest = payload[max(0, skip - len(header)):]
+    if rest.numel():
+        buf[len(head):].copy_(rest)
     return frame
 
 
@@ -211,6 +233,13 @@ class Link:
         """Queue one whole frame. ``reuse=True``: the frame was built in
         :meth:`frame_buffer` memory that nobody else holds (a link may lend it again)."""
         raise NotImplementedError
+
+    def send_tensor(self, x: torch.Tensor, scope: int, clock: int, max_frame: int) -> int:
+        """Send ``x`` as one frame (copy semantics: changing ``x`` afterwards does not change
+        what is sent); returns the frame's length on the wire."""
+        frame = encode_frame(x, scope, clock, max_frame, self.frame_buffer)
+        self.send(frame, reuse=True)
+        return len(frame)
 
     def _closed_error(self) -> ProtocolError:
         """The peer ended the link while this party still expected a frame (naming the party
@@ -342,6 +371,7 @@ class SocketLink(Link):
         # this list refers to them (the protocol dropped every tensor made from them)
         self._received: collections.deque[np.ndarray] = collections.deque()
         self._body_got = 0
+        self._after_large = False                     # the last frame had its own buffer
         self._cond = threading.Condition()
         self._error: ProtocolError | None = None
         self._eof = False
@@ -369,38 +399,91 @@ class SocketLink(Link):
                         return torch.from_numpy(self._spare.pop(i))
         return super().frame_buffer(n)
 
+    _DIRECT_MIN = 1 << 16     # payloads from this size on are written straight from the tensor
+
+    def send_tensor(self, x: torch.Tensor, scope: int, clock: int, max_frame: int) -> int:
+        """Send ``x`` as one frame. A plaintext link with nothing queued writes a large CPU
+        tensor's frame to the socket straight from the tensor's memory, as far as the socket
+        takes it at once, and copies only the rest into a frame buffer for the I/O thread: the
+        bytes are in the kernel or copied before this returns, so the copy semantics hold and
+        a frame that fits costs no copy in this process. (TLS sockets may not be written by
+        two threads; GPU tensors must cross to the host anyway: both take the copy.)"""
+        header, payload = frame_parts(x, scope, clock, max_frame)
+        length = len(header) + payload.numel()
+        if (payload.numel() < self._DIRECT_MIN or payload.device.type != "cpu"
+                or isinstance(self._sock, ssl.SSLSocket)):
+            self.send(_assemble(header, payload, 0, self.frame_buffer), reuse=True)
+            return length
+        with self._cond:
+            self._check_can_send()
+            sent = 0
+            if not self._out:         # nothing queued: the I/O thread is not writing either
+                sent = self._write_now(header, payload)
+            if sent == length:
+                return length
+            frame = _assemble(header, payload, sent, self.frame_buffer)
+            self._queue(frame, reuse=True)
+        self._wake()
+        return length
+
+    def _write_now(self, header: bytes, payload: torch.Tensor) -> int:
+        """Bytes of ``header + payload`` the non-blocking socket takes right now (0 on any
+        error: the frame is then queued whole and the I/O thread meets the error)."""
+        body = memoryview(payload.numpy())
+        sent = 0
+        try:
+            while sent < len(header):
+                sent += self._sock.sendmsg([header[sent:], body[:self._CHUNK]])
+            while sent < len(header) + len(body):
+                at = sent - len(header)
+                sent += self._sock.send(body[at:at + self._CHUNK])
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            pass                  # the I/O thread meets and reports the broken socket
+        return sent
+
+    def _check_can_send(self) -> None:
+        """Raise if this link can send no more (error, abort, or the peer closed it)."""
+        if self._error is not None:
+            raise self._error
+        if self._peer_abort is not None:
+            raise self._closed_error()
+        if self._eof or self._peer_bye:
+            err = ProtocolError(f"party {self.me}: cannot send, party {self.peer} closed "
+                                "the link")
+            err.failed_party = self.peer
+            raise err
+
     def send(self, frame: bytes, reuse: bool = False) -> None:
         """Queue ``frame`` for sending. ``reuse=True``: nobody else holds the frame (built
         in :meth:`frame_buffer` memory), so its buffer is lent again once it is sent."""
         with self._cond:
+            self._queue(frame, reuse)
+        self._wake()
+
+    def _queue(self, frame: bytes, reuse: bool) -> None:
+        """Append ``frame`` to the send queue (the caller holds the lock), waiting while the
+        queue is over ``max_queued``."""
+        self._check_can_send()
+        deadline = time.monotonic() + self.send_timeout
+        while self._out_bytes and self._out_bytes + len(frame) > self.max_queued:
+            left = deadline - time.monotonic()
             if self._error is not None:
                 raise self._error
-            if self._peer_abort is not None:
-                raise self._closed_error()
-            if self._eof or self._peer_bye:
-                err = ProtocolError(f"party {self.me}: cannot send, party {self.peer} closed "
-                                    "the link")
-                err.failed_party = self.peer
-                raise err
-            deadline = time.monotonic() + self.send_timeout
-            while self._out_bytes and self._out_bytes + len(frame) > self.max_queued:
-                left = deadline - time.monotonic()
-                if self._error is not None:
-                    raise self._error
-                if left <= 0:
-                    raise ProtocolError(
-                        f"party {self.me}: link to party {self.peer}: {self._out_bytes} bytes "
-                        f"are queued for sending (limit {self.max_queued}) and party "
-                        f"{self.peer} took none of them for {self.send_timeout:g} s (it is "
-                        "stalled or not reading); if the protocol legitimately sends this far "
-                        "ahead, raise max_queued on every party")
-                self._cond.wait(min(left, 1.0))
-            view = memoryview(frame)
-            if reuse and len(view) >= self._REUSE_MIN and isinstance(view.obj, np.ndarray):
-                self._reusable[id(view.obj)] = view.obj
-            self._out.append(view)
-            self._out_bytes += len(frame)
-        self._wake()
+            if left <= 0:
+                raise ProtocolError(
+                    f"party {self.me}: link to party {self.peer}: {self._out_bytes} bytes "
+                    f"are queued for sending (limit {self.max_queued}) and party "
+                    f"{self.peer} took none of them for {self.send_timeout:g} s (it is "
+                    "stalled or not reading); if the protocol legitimately sends this far "
+                    "ahead, raise max_queued on every party")
+            self._cond.wait(min(left, 1.0))
+        view = memoryview(frame)
+        if reuse and len(view) >= self._REUSE_MIN and isinstance(view.obj, np.ndarray):
+            self._reusable[id(view.obj)] = view.obj
+        self._out.append(view)
+        self._out_bytes += len(frame)
 
     def recv(self, timeout: float) -> bytes:
         deadline = time.monotonic() + timeout
@@ -552,10 +635,16 @@ class SocketLink(Link):
                 self._body_got += n
                 if self._body_got == len(self._body):
                     frame, self._body = self._body, None
+                    self._after_large = True
                     if not self._deliver([frame]):
                         return
                 continue
-            n = self._recv_into(self._stage_view[self._stage_len:])
+            # after a large frame, read only the next length prefix: large frames tend to
+            # follow each other, and bytes of the next one read into the staging buffer would
+            # have to be copied into its own buffer
+            end = _PREFIX.size if self._after_large and self._stage_len == 0 else len(self._stage)
+            self._after_large = False
+            n = self._recv_into(self._stage_view[self._stage_len:end])
             if not n:
                 if n == 0:
                     self._set_eof()

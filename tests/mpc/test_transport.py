@@ -377,3 +377,70 @@ def test_socket_link_reuses_received_buffers_only_once_every_tensor_is_dropped()
     finally:
         la.close()
         lb.close()
+
+
+@pytest.mark.parametrize("sndbuf", [None, 1 << 16])
+def test_plaintext_link_writes_large_tensors_directly_with_copy_semantics(sndbuf):
+    """send_tensor on a plaintext socket link writes what the socket takes at once straight
+    from the tensor and queues a copy of the rest: tensors changed in place right after
+    sending, small frames in between and a peer that reads late all leave every frame
+    intact and in order (with a 64 KiB send buffer most of each frame takes the copy)."""
+    a, b = socket.socketpair()
+    if sndbuf:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    la, lb = SocketLink(a, 0, 1, linger=1.0), SocketLink(b, 1, 0, linger=1.0)
+    if sndbuf:   # the link enlarges its buffers; shrink again to force partial direct writes
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    try:
+        sent, shapes = [], []
+        for k in range(12):
+            n = (3 << 20) // 8 + 13 * k if k % 3 else 5      # large frames and small ones
+            x = torch.arange(n, dtype=torch.int64) * (k + 1)
+            length = la.send_tensor(x, scope_hash("s"), k, 1 << 26)
+            assert length == len(encode_frame(x, scope_hash("s"), k))
+            sent.append(x.clone())
+            shapes.append((n,))
+            x.fill_(-1)                                      # changed after sending
+        for k in range(12):
+            got = decode_frame(lb.recv(30.0), dtype=torch.int64, shape=shapes[k],
+                               scope=scope_hash("s"), scope_name="s", peer=0)
+            assert got.clock == k and torch.equal(got.tensor, sent[k])
+    finally:
+        la.close()
+        lb.close()
+
+
+def test_small_frames_and_tls_links_take_the_copying_path(tmp_path, monkeypatch):
+    """Only large CPU tensors on plaintext links are written directly: a TLS socket may not
+    be used by two threads, so a TLS link never calls the direct writer (and its frames
+    arrive intact); neither does a small frame on a plaintext link."""
+    calls = []
+    original = SocketLink._write_now
+    monkeypatch.setattr(SocketLink, "_write_now",
+                        lambda self, h, p: calls.append(p.numel()) or original(self, h, p))
+    a, b = socket.socketpair()
+    la, lb = SocketLink(a, 0, 1, linger=1.0), SocketLink(b, 1, 0, linger=1.0)
+    try:
+        la.send_tensor(torch.zeros(10, dtype=torch.int64), 0, 0, 1 << 20)
+        lb.recv(30.0)
+        deadline = time.monotonic() + 10
+        while la._out and time.monotonic() < deadline:   # written and dequeued
+            time.sleep(0.01)
+        la.send_tensor(torch.zeros(1 << 15, dtype=torch.int64), 0, 1, 1 << 20)
+        lb.recv(30.0)
+        assert calls == [8 << 15]   # the small frame did not call it; the large one did
+    finally:
+        la.close()
+        lb.close()
+    calls.clear()
+    create_certificates(tmp_path, HOSTS)
+    ls, addr = _listeners()
+    x = torch.arange(1 << 17, dtype=torch.int64)
+
+    def inspect(links):
+        links[0][1].send_tensor(x, 0, 0, 1 << 22)
+        got = decode_frame(links[1][0].recv(30.0), dtype=torch.int64, shape=x.shape, scope=0,
+                           scope_name="", peer=0)
+        return torch.equal(got.tensor, x)
+    intact, errs = connect_three(addr, ls, lambda r: TLSConfig.from_dir(tmp_path, r), inspect)
+    assert not errs and intact and calls == []
