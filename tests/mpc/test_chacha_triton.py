@@ -27,6 +27,19 @@ def test_interpreted_kernel_equals_openssl_and_the_torch_implementation():
     assert proc.stdout.count(": ok") == 8, proc.stdout
 
 
+@pytest.mark.processes
+def test_cpu_parties_never_import_triton():
+    """Importing the runtime and drawing ChaCha20 on the CPU leaves Triton unimported (its
+    import takes seconds in every party process)."""
+    code = ("import sys, torch; from secure_inference.mpc import chacha, local, party; "
+            "assert chacha.keystream(bytes(32), 100, 'cpu').numel() == 100; "
+            "sys.exit(1 if 'triton' in sys.modules else 0)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:] or "triton was imported"
+
+
 @pytest.mark.skipif(chacha_triton._interpreting(), reason="TRITON_INTERPRET is set here")
 def test_the_kernel_is_not_used_on_a_cpu_and_asking_for_it_says_why():
     assert not chacha_triton.available(torch.device("cpu"))
