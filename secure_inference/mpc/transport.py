@@ -427,8 +427,9 @@ class SocketLink(Link):
         return length
 
     def _write_now(self, header: bytes, payload: torch.Tensor) -> int:
-        """Bytes of ``header + payload`` the non-blocking socket takes right now (0 on any
-        error: the frame is then queued whole and the I/O thread meets the error)."""
+        """How many bytes of ``header + payload`` the non-blocking socket takes right now
+        (the rest is queued by the caller; on a socket error the I/O thread meets the error
+        when it writes that rest, and reports it)."""
         body = memoryview(payload.numpy())
         sent = 0
         try:
