@@ -416,6 +416,14 @@ class SocketLink(Link):
             return length
         with self._cond:
             self._check_can_send()
+            # the I/O thread may be finishing earlier frames: waiting for it as long as the
+            # copy would take (at ~3 GB/s) costs no CPU, the copy does
+            deadline = time.monotonic() + payload.numel() / 3e9
+            while self._out and self._error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
             sent = 0
             if not self._out:         # nothing queued: the I/O thread is not writing either
                 sent = self._write_now(header, payload)
