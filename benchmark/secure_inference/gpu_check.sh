@@ -21,8 +21,10 @@
 #               from) and on the CPUs at batch 1 (chacha20)
 #   large       throughput at 1e8 on cuda
 #   kernels     keystream (bench_prg.py) and link (bench_links.py) benchmarks
-# Logs and JSON go to $OUT (default benchmark/secure_inference/gpu_check); the exit status is
-# non-zero if a test stage failed.
+# The whole run keeps within GPU_CHECK_BUDGET seconds (default 540: one 10-minute command of
+# the device tool with room to spare): a stage gets at most what is left, and stages that
+# would get under 30 s are skipped and named. Logs and JSON go to $OUT (default
+# benchmark/secure_inference/gpu_check); the exit status is non-zero if a test stage failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-benchmark/secure_inference/gpu_check}"
@@ -57,10 +59,17 @@ HAVE_CUDA=$(python3 -c "import torch; print(int(torch.cuda.is_available()))")
 HAVE_MMLAB=$(python3 -c "import mmpretrain, mmseg" >/dev/null 2>&1 && echo 1 || echo 0)
 FAILED=0
 
+BUDGET="${GPU_CHECK_BUDGET:-540}"
 stage() {   # stage NAME SECONDS IS_TEST COMMAND...
   local name=$1 limit=$2 is_test=$3
   shift 3
   case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 30 ]; then
+    echo "=== $name: skipped, the time budget (${BUDGET} s) is spent" | tee -a "$LOG"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "=== $name (limit ${limit} s): $*" | tee -a "$LOG"
   local start=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
@@ -69,12 +78,12 @@ stage() {   # stage NAME SECONDS IS_TEST COMMAND...
   if [ "$rc" -ne 0 ] && [ "$is_test" = 1 ]; then FAILED=1; fi
 }
 
-stage tests 300 1 python3 -m pytest -m cuda -p no:cacheprovider -q -rs \
+stage tests 150 1 python3 -m pytest -m cuda -p no:cacheprovider -q -rs \
   tests/mpc/test_backends.py tests/mpc/test_linear.py tests/mpc/test_nonlinear.py \
   tests/mpc/test_chacha.py tests/mpc/test_chacha_triton.py tests/mpc/test_prg.py \
   tests/mpc/test_pair_random.py tests/mpc/test_devices.py tests/test_brelu.py
 if [ "$HAVE_MMLAB" = 1 ]; then
-  stage networks 300 1 python3 -m pytest -m cuda -p no:cacheprovider -q -rs \
+  stage networks 180 1 python3 -m pytest -m cuda -p no:cacheprovider -q -rs \
     tests/mpc/test_secure_inference.py
 else
   echo "gpu_check: MMLab is not importable: whole-network CUDA tests and ResNet benchmarks" \
@@ -84,17 +93,17 @@ if [ "$HAVE_CUDA" != 1 ]; then
   echo "gpu_check: no CUDA device: GPU benchmarks skipped" | tee -a "$LOG"
   exit $FAILED
 fi
-stage throughput 240 0 python3 benchmark/secure_inference/bench.py --only-throughput \
+stage throughput 120 0 python3 benchmark/secure_inference/bench.py --only-throughput \
   --devices cuda cpu --prg chacha20 --throughput-sizes 1e6 1e7 --out "$OUT/gpu_throughput.json"
 if [ "$HAVE_MMLAB" = 1 ]; then
-  stage resnets 420 0 bash -c "python3 benchmark/secure_inference/bench.py --resnet50 \
+  stage resnets 240 0 bash -c "python3 benchmark/secure_inference/bench.py --resnet50 \
     --devices cuda --batch-sizes 1 8 32 --prg chacha20 --link-mb 256 \
     --out '$OUT/gpu_networks.json' && python3 benchmark/secure_inference/bench.py --resnet50 \
     --devices cpu --batch-sizes 1 --prg chacha20 --out '$OUT/gpu_networks.json'"
 fi
-stage large 180 0 python3 benchmark/secure_inference/bench.py --only-throughput \
+stage large 90 0 python3 benchmark/secure_inference/bench.py --only-throughput \
   --devices cuda --prg chacha20 --throughput-sizes 1e8 --out "$OUT/gpu_throughput.json"
-stage kernels 180 0 bash -c "python3 benchmark/mpc/bench_prg.py --sizes-mb 1 16 64 \
+stage kernels 90 0 bash -c "python3 benchmark/mpc/bench_prg.py --sizes-mb 1 16 64 \
   --repeats 2 && python3 benchmark/mpc/bench_links.py --size-mb 256 --frame-mb 8 --repeats 2"
 echo "gpu_check: done; test stages $([ $FAILED = 0 ] && echo passed || echo FAILED); logs and" \
      "results in $OUT" | tee -a "$LOG"
