@@ -165,12 +165,14 @@ class EvalContext:
     batches: list
 
 
-def eval_context(study: Study, baseline: nn.Module | None = None) -> EvalContext:
-    """The study's :class:`EvalContext` (loads the baseline if not given)."""
+def eval_context(study: Study, baseline: nn.Module | None = None,
+                 cfg: Any = None) -> EvalContext:
+    """The study's :class:`EvalContext` (loads the config and the baseline if not given)."""
     from ..mmlab.config_utils import input_shape_from_cfg, load_task_config
     from ..mmlab.finetune import load_finetuned
     from ..sites import find_relu_sites
-    cfg = load_task_config(study.config, study.cfg_options or None)
+    if cfg is None:
+        cfg = load_task_config(study.config, study.cfg_options or None)
     shape = input_shape_from_cfg(cfg)
     if baseline is None:
         baseline = load_finetuned(cfg, study.checkpoint)
@@ -245,9 +247,9 @@ def run_study(study: Study, on_event: Event | None = None, jobs: int = 1,
     'failed' (with jobs > 1, 'done' and 'failed' come from a helper thread, one at a time).
     """
     from ..distortion.data import config_samples
-    from ..mmlab.config_utils import input_shape_from_cfg, load_task_config
+    from ..mmlab.config_utils import load_task_config
     from ..mmlab.finetune import load_finetuned
-    from ..sites import find_relu_sites, total_relus
+    from ..sites import total_relus
 
     study.check()
     if jobs < 1:
@@ -258,12 +260,11 @@ def run_study(study: Study, on_event: Event | None = None, jobs: int = 1,
     results = ResultsFile(work / RESULTS_NAME)
     results.check_settings(study.settings())
     cfg = load_task_config(study.config, study.cfg_options or None)
-    shape = input_shape_from_cfg(cfg)
     baseline = load_finetuned(cfg, study.checkpoint)
-    sites = find_relu_sites(baseline, shape)
+    ctx = eval_context(study, baseline, cfg)
+    shape, sites = ctx.shape, ctx.sites
     budgets = resolve_budgets(study.budgets, sites)
     by_label = {b.label: b for b in budgets}
-    ctx = EvalContext(cfg, shape, sites, eval_batches(cfg, baseline))
     if results.data.get("baseline") is None:
         t0 = time.perf_counter()
         results.data["baseline"] = {"accuracy": top1_accuracy(baseline, ctx.batches),
