@@ -162,21 +162,27 @@ def run_ours_for_crypten(model, chw, spec, threads: int) -> dict:
     res = run_local(model, torch.randn((1,) + chw), spec, tls=True, timeout=3600,
                     device="cpu", prg="aes", threads=threads)
     wall = time.perf_counter() - start
-    rep = res.report
-    return {"preprocess_plus_online_s": rep["per_image"]["seconds_preprocess_and_online"],
+    return {**report_figures(res.report), "run_local_wall_s": wall,
+            "bench_process_cpu_s": time.process_time() - cpu, "threads_per_party": threads}
+
+
+def report_figures(rep: dict) -> dict:
+    """The figures of one run_local report every row of this benchmark records."""
+    return {"drelus": rep["online"]["drelus"],
+            "cpu_s_all_parties": sum(rep["cpu_seconds"].values()),
             "online_s": rep["per_image"]["online_seconds"],
             "preprocess_s": rep["per_image"]["preprocess_seconds"],
-            "setup_s": rep["setup"]["wall_s"],
-            "cpu_s_all_parties": sum(rep["cpu_seconds"].values()),
+            "preprocess_plus_online_s": rep["per_image"]["seconds_preprocess_and_online"],
             "online_GB": rep["online"]["bytes"] / 1e9,
             "preprocess_GB": rep["preprocess"]["bytes"] / 1e9,
-            "rounds": rep["online"]["rounds"], "drelus": rep["online"]["drelus"],
-            "run_local_wall_s": wall, "bench_process_cpu_s": time.process_time() - cpu,
-            "threads_per_party": threads}
+            "setup_GB": rep["setup"]["bytes"] / 1e9, "setup_s": rep["setup"]["wall_s"],
+            "rounds": rep["online"]["rounds"]}
 
 
-def _spread(values: list[float]) -> dict:
-    """Median, min and max of a list of measurements."""
+def _spread(values: list[float]) -> dict | None:
+    """Median, min and max of a list of measurements (None for none: --skip-ours)."""
+    if not values:
+        return None
     return {"median": float(np.median(values)), "min": min(values), "max": max(values)}
 
 
@@ -425,15 +431,7 @@ def main() -> int:
             wall = time.perf_counter() - start
             rep = res.report
             pub_s, pub_gb = PUBLISHED[(name, label)]
-            row = {"drelus": rep["online"]["drelus"], "relus_all": total,
-                   "cpu_s_all_parties": sum(rep["cpu_seconds"].values()),
-                   "online_s": rep["per_image"]["online_seconds"],
-                   "preprocess_s": rep["per_image"]["preprocess_seconds"],
-                   "preprocess_plus_online_s": rep["per_image"]["seconds_preprocess_and_online"],
-                   "online_GB": rep["online"]["bytes"] / 1e9,
-                   "preprocess_GB": rep["preprocess"]["bytes"] / 1e9,
-                   "setup_GB": rep["setup"]["bytes"] / 1e9, "setup_s": rep["setup"]["wall_s"],
-                   "rounds": rep["online"]["rounds"], "run_local_wall_s": wall,
+            row = {**report_figures(rep), "relus_all": total, "run_local_wall_s": wall,
                    "load_average_before": load,
                    "published_s": pub_s, "published_GB": pub_gb,
                    # ours: preprocessing + online (the published runs generate their

@@ -180,13 +180,7 @@ class Party:
         over the ring when ``high`` is None, else exactly uniform in [0, high); ``dtype=uint8``
         gives uniform bytes (``high`` then must be None).
         """
-        if other not in self._pair_keys:
-            raise RuntimeError(f"no pair key with party {other}: call Party.start() first")
-        key = (other, self._scope_path, tag)
-        n = self._draws[key]
-        self._draws[key] = n + 1
-        stream = _prg.derive_stream(self._pair_keys[other],
-                                    f"{self._scope_path}\x00{tag}\x00{n}", self.prg)
+        stream, n = self._next_pair_stream(other, tag)
         out = self._draw(stream, shape, high, dtype)
         if self._view is not None:
             self._view.draws.append((other, self._scope_path, tag, n, out.detach().cpu().clone()))
@@ -199,13 +193,17 @@ class Party:
         Addressed exactly like :meth:`pair_random` (one occurrence of (scope path, tag));
         for samplers that read a data-dependent amount, e.g. rejection sampling, which must
         not start a new stream (and wait for the host) per piece."""
+        return self._next_pair_stream(other, tag)[0]
+
+    def _next_pair_stream(self, other: int, tag: str) -> tuple[_prg.Stream, int]:
+        """The stream of occurrence n of (scope path, tag) with ``other``, and n (counted)."""
         if other not in self._pair_keys:
             raise RuntimeError(f"no pair key with party {other}: call Party.start() first")
         key = (other, self._scope_path, tag)
         n = self._draws[key]
         self._draws[key] = n + 1
         return _prg.derive_stream(self._pair_keys[other], f"{self._scope_path}\x00{tag}\x00{n}",
-                                  self.prg)
+                                  self.prg), n
 
     def private_random(self, shape, *, high: int | None = None,
                        dtype: torch.dtype = torch.int64) -> torch.Tensor:
