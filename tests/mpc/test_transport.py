@@ -148,19 +148,14 @@ def test_socket_link_refuses_oversized_frame_and_reports_close():
         link.close()
 
 
-def test_socket_link_stall_and_large_concurrent_exchange():
-    a, b = socket.socketpair()
-    la, lb = SocketLink(a, 0, 1, linger=1.0), SocketLink(b, 1, 0, linger=1.0)
-    try:
-        with pytest.raises(ProtocolError, match="within 0.2 s"):
-            la.recv(0.2)
-        big = encode_frame(torch.arange(2_000_000, dtype=torch.int64), 0, 0)
-        la.send(big)           # both send 16 MB before either receives: no deadlock
-        lb.send(big)
-        assert la.recv(30.0) == big[4:] and lb.recv(30.0) == big[4:]
-    finally:
-        la.close()
-        lb.close()
+def test_socket_link_stall_and_large_concurrent_exchange(link_pair):
+    la, lb = link_pair
+    with pytest.raises(ProtocolError, match="within 0.2 s"):
+        la.recv(0.2)
+    big = encode_frame(torch.arange(2_000_000, dtype=torch.int64), 0, 0)
+    la.send(big)           # both send 16 MB before either receives: no deadlock
+    lb.send(big)
+    assert la.recv(30.0) == big[4:] and lb.recv(30.0) == big[4:]
 
 
 def _connect_all(addresses, listeners, tls_for, allow_plaintext=False, timeout=5.0):
@@ -172,6 +167,16 @@ def _connect_all(addresses, listeners, tls_for, allow_plaintext=False, timeout=5
     (out, versions), errs = connect_three(addresses, listeners, tls_for, inspect,
                                           allow_plaintext=allow_plaintext, timeout=timeout)
     return out, errs, versions
+
+
+@pytest.fixture
+def link_pair():
+    """Two socket links joined by a socket pair (parties 0 and 1), closed after the test."""
+    a, b = socket.socketpair()
+    la, lb = SocketLink(a, 0, 1, linger=1.0), SocketLink(b, 1, 0, linger=1.0)
+    yield la, lb
+    la.close()
+    lb.close()
 
 
 def _listeners():
@@ -306,49 +311,43 @@ def test_make_certificates_cli(tmp_path, capsys):
     assert again.value.code != 0 and "already exist" in capsys.readouterr().err
 
 
-def test_socket_link_lends_sent_buffers_again_without_mixing_frames():
+def test_socket_link_lends_sent_buffers_again_without_mixing_frames(link_pair):
     """Frames built in frame_buffer memory and sent with reuse=True are lent again once
     written to the socket, never earlier: frames queued ahead of the reader all arrive with
     their own content although the sender keeps building new frames."""
-    a, b = socket.socketpair()
-    la, lb = SocketLink(a, 0, 1, linger=1.0), SocketLink(b, 1, 0, linger=1.0)
+    la, lb = link_pair
     n = (2 << 20) // 8                        # 2 MiB frames: above the reuse threshold
-    try:
-        sent = []
-        for rnd in range(3):
-            for i in range(6):                # six frames queued before the peer reads
-                k = 6 * rnd + i
-                x = torch.full((n,), k, dtype=torch.int64)
-                x[::1000] = -k
-                la.send(encode_frame(x, 0, k, alloc=la.frame_buffer), reuse=True)
-                sent.append(x)
-            for k in range(6 * rnd, 6 * rnd + 6):
-                got = decode_frame(lb.recv(30.0), dtype=torch.int64, shape=(n,), scope=0,
-                                   scope_name="", peer=0)
-                assert got.clock == k and torch.equal(got.tensor, sent[k])
-        deadline = time.monotonic() + 10
-        while not la._spare and time.monotonic() < deadline:
-            time.sleep(0.01)
-        spares = {arr.ctypes.data for arr in la._spare}
-        total = len(encode_frame(sent[0], 0, 0))
-        assert la.frame_buffer(total).data_ptr() in spares    # a sent buffer, lent again
-        assert la.frame_buffer(100).numel() == 100              # small frames: always fresh
-        before = len(la._spare)
-        la.send(encode_frame(sent[0], 0, 0))                    # reuse=False: never lent
-        lb.recv(30.0)
-        time.sleep(0.1)
-        assert len(la._spare) == before
-    finally:
-        la.close()
-        lb.close()
+    sent = []
+    for rnd in range(3):
+        for i in range(6):                # six frames queued before the peer reads
+            k = 6 * rnd + i
+            x = torch.full((n,), k, dtype=torch.int64)
+            x[::1000] = -k
+            la.send(encode_frame(x, 0, k, alloc=la.frame_buffer), reuse=True)
+            sent.append(x)
+        for k in range(6 * rnd, 6 * rnd + 6):
+            got = decode_frame(lb.recv(30.0), dtype=torch.int64, shape=(n,), scope=0,
+                               scope_name="", peer=0)
+            assert got.clock == k and torch.equal(got.tensor, sent[k])
+    deadline = time.monotonic() + 10
+    while not la._spare and time.monotonic() < deadline:
+        time.sleep(0.01)
+    spares = {arr.ctypes.data for arr in la._spare}
+    total = len(encode_frame(sent[0], 0, 0))
+    assert la.frame_buffer(total).data_ptr() in spares    # a sent buffer, lent again
+    assert la.frame_buffer(100).numel() == 100              # small frames: always fresh
+    before = len(la._spare)
+    la.send(encode_frame(sent[0], 0, 0))                    # reuse=False: never lent
+    lb.recv(30.0)
+    time.sleep(0.1)
+    assert len(la._spare) == before
 
 
-def test_socket_link_reuses_received_buffers_only_once_every_tensor_is_dropped():
+def test_socket_link_reuses_received_buffers_only_once_every_tensor_is_dropped(link_pair):
     """A large frame lands in a received frame's buffer only when no tensor made from it is
     alive: tensors kept by the protocol keep their content while later frames arrive, and a
     buffer whose tensors were dropped is filled again (same memory)."""
-    a, b = socket.socketpair()
-    la, lb = SocketLink(a, 0, 1, linger=1.0), SocketLink(b, 1, 0, linger=1.0)
+    la, lb = link_pair
     n = (2 << 20) // 8                        # 2 MiB frames: larger than the staging buffer
 
     def exchange(k: int) -> torch.Tensor:
@@ -360,57 +359,46 @@ def test_socket_link_reuses_received_buffers_only_once_every_tensor_is_dropped()
         assert got.clock == k and torch.equal(got.tensor, x)
         return got.tensor
 
-    try:
-        kept = [exchange(k) for k in range(4)]          # all alive: four distinct buffers
-        assert len({t.data_ptr() for t in kept}) == 4
-        view = kept[1][10:20]                           # a view keeps its frame's buffer too
-        dropped = {kept[k].data_ptr() for k in (0, 1, 2)}
-        del kept[0:3]
-        for k in range(4, 12):                          # later frames, kept tensors checked
-            t = exchange(k)
-            assert t.data_ptr() not in (kept[0].data_ptr(), view.data_ptr() - 10 * 8)
-            assert torch.equal(kept[0], torch.where(torch.arange(n) % 777 == 0, -3, 3))
-            assert torch.equal(view, torch.full((10,), 1))
-            reused = t.data_ptr() in dropped
-            del t
-        assert reused                                   # a dropped frame's memory came back
-    finally:
-        la.close()
-        lb.close()
+    kept = [exchange(k) for k in range(4)]          # all alive: four distinct buffers
+    assert len({t.data_ptr() for t in kept}) == 4
+    view = kept[1][10:20]                           # a view keeps its frame's buffer too
+    dropped = {kept[k].data_ptr() for k in (0, 1, 2)}
+    del kept[0:3]
+    for k in range(4, 12):                          # later frames, kept tensors checked
+        t = exchange(k)
+        assert t.data_ptr() not in (kept[0].data_ptr(), view.data_ptr() - 10 * 8)
+        assert torch.equal(kept[0], torch.where(torch.arange(n) % 777 == 0, -3, 3))
+        assert torch.equal(view, torch.full((10,), 1))
+        reused = t.data_ptr() in dropped
+        del t
+    assert reused                                   # a dropped frame's memory came back
 
 
 @pytest.mark.parametrize("sndbuf", [None, 1 << 16])
-def test_plaintext_link_writes_large_tensors_directly_with_copy_semantics(sndbuf):
+def test_plaintext_link_writes_large_tensors_directly_with_copy_semantics(link_pair, sndbuf):
     """send_tensor on a plaintext socket link writes what the socket takes at once straight
     from the tensor and queues a copy of the rest: tensors changed in place right after
     sending, small frames in between and a peer that reads late all leave every frame
     intact and in order (with a 64 KiB send buffer most of each frame takes the copy)."""
-    a, b = socket.socketpair()
-    if sndbuf:
-        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-    la, lb = SocketLink(a, 0, 1, linger=1.0), SocketLink(b, 1, 0, linger=1.0)
-    if sndbuf:   # the link enlarges its buffers; shrink again to force partial direct writes
-        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-    try:
-        sent, shapes = [], []
-        for k in range(12):
-            n = (3 << 20) // 8 + 13 * k if k % 3 else 5      # large frames and small ones
-            x = torch.arange(n, dtype=torch.int64) * (k + 1)
-            length = la.send_tensor(x, scope_hash("s"), k, 1 << 26)
-            assert length == len(encode_frame(x, scope_hash("s"), k))
-            sent.append(x.clone())
-            shapes.append((n,))
-            x.fill_(-1)                                      # changed after sending
-        for k in range(12):
-            got = decode_frame(lb.recv(30.0), dtype=torch.int64, shape=shapes[k],
-                               scope=scope_hash("s"), scope_name="s", peer=0)
-            assert got.clock == k and torch.equal(got.tensor, sent[k])
-    finally:
-        la.close()
-        lb.close()
+    la, lb = link_pair
+    if sndbuf:   # the link enlarges its buffers; shrink them to force partial direct writes
+        la._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    sent, shapes = [], []
+    for k in range(12):
+        n = (3 << 20) // 8 + 13 * k if k % 3 else 5      # large frames and small ones
+        x = torch.arange(n, dtype=torch.int64) * (k + 1)
+        length = la.send_tensor(x, scope_hash("s"), k, 1 << 26)
+        assert length == len(encode_frame(x, scope_hash("s"), k))
+        sent.append(x.clone())
+        shapes.append((n,))
+        x.fill_(-1)                                      # changed after sending
+    for k in range(12):
+        got = decode_frame(lb.recv(30.0), dtype=torch.int64, shape=shapes[k],
+                           scope=scope_hash("s"), scope_name="s", peer=0)
+        assert got.clock == k and torch.equal(got.tensor, sent[k])
 
 
-def test_small_frames_and_tls_links_take_the_copying_path(tmp_path, monkeypatch):
+def test_small_frames_and_tls_links_take_the_copying_path(link_pair, tmp_path, monkeypatch):
     """Only large CPU tensors on plaintext links are written directly: a TLS socket may not
     be used by two threads, so a TLS link never calls the direct writer (and its frames
     arrive intact); neither does a small frame on a plaintext link."""
@@ -418,20 +406,15 @@ def test_small_frames_and_tls_links_take_the_copying_path(tmp_path, monkeypatch)
     original = SocketLink._write_now
     monkeypatch.setattr(SocketLink, "_write_now",
                         lambda self, h, p: calls.append(p.numel()) or original(self, h, p))
-    a, b = socket.socketpair()
-    la, lb = SocketLink(a, 0, 1, linger=1.0), SocketLink(b, 1, 0, linger=1.0)
-    try:
-        la.send_tensor(torch.zeros(10, dtype=torch.int64), 0, 0, 1 << 20)
-        lb.recv(30.0)
-        deadline = time.monotonic() + 10
-        while la._out and time.monotonic() < deadline:   # written and dequeued
-            time.sleep(0.01)
-        la.send_tensor(torch.zeros(1 << 15, dtype=torch.int64), 0, 1, 1 << 20)
-        lb.recv(30.0)
-        assert calls == [8 << 15]   # the small frame did not call it; the large one did
-    finally:
-        la.close()
-        lb.close()
+    la, lb = link_pair
+    la.send_tensor(torch.zeros(10, dtype=torch.int64), 0, 0, 1 << 20)
+    lb.recv(30.0)
+    deadline = time.monotonic() + 10
+    while la._out and time.monotonic() < deadline:   # written and dequeued
+        time.sleep(0.01)
+    la.send_tensor(torch.zeros(1 << 15, dtype=torch.int64), 0, 1, 1 << 20)
+    lb.recv(30.0)
+    assert calls == [8 << 15]   # the small frame did not call it; the large one did
     calls.clear()
     create_certificates(tmp_path, HOSTS)
     ls, addr = _listeners()
