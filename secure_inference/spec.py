@@ -23,8 +23,34 @@ from torch import nn
 from .brelu import INT32_MAX, BlockReLU, as_block_sizes, block_costs
 from .multisite import MultiSiteActivation  # defined there; importable from here as before
 from .sites import ReluSite, find_relu_sites, sites_by_name
+from .widths import CALIBRATION_KEY, Calibration, CalibrationError
 
 Spec = dict[str, np.ndarray]
+
+
+class BlockSpec(dict):
+    """A block spec ``{site_name: int32 [C, 2]}`` that may carry its :class:`Calibration`.
+
+    It is a plain dict of the sites (everything that takes a spec takes it); ``calibration``
+    (None for an uncalibrated spec) holds the recorded DReLU input ranges the compiler turns
+    into comparison widths. Spec files store it under the reserved key
+    :data:`~secure_inference.widths.CALIBRATION_KEY`; files without it load as before.
+    """
+
+    def __init__(self, sites: Mapping[str, np.ndarray] | None = None,
+                 calibration: Calibration | None = None) -> None:
+        super().__init__(sites or {})
+        if calibration is not None and not isinstance(calibration, Calibration):
+            raise TypeError(f"calibration must be a Calibration, got {type(calibration).__name__}")
+        self.calibration = calibration
+
+    def __reduce__(self):
+        return (BlockSpec, (dict(self), self.calibration))
+
+
+def spec_calibration(spec: Mapping | None) -> Calibration | None:
+    """The :class:`Calibration` a spec carries (None for plain dicts and uncalibrated specs)."""
+    return getattr(spec, "calibration", None)
 
 
 class SpecError(ValueError):
@@ -294,7 +320,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _empty_bytes
         if key in self._SCALAR:
             return _checked_scalar(super().find_class(module, name))
-        if key == ("numpy", "dtype") or (module == "numpy.dtypes" and name.endswith("DType")):
+        if key == ("numpy", "dtype") or (module == "numpy.dtypes" and name.isidentifier()
+                                         and name.endswith("DType")):
             return super().find_class(module, name)
         raise SpecError(f"refusing to unpickle {module}.{name}: a block spec holds only "
                         "arrays, dicts, lists, strings and numbers")
@@ -371,11 +398,17 @@ def safe_unpickle(data: bytes):
     return _finish(obj, "spec", 0, [0, 0])
 
 
-def _as_spec_dict(obj, source: str) -> Spec:
+def _as_spec_dict(obj, source: str) -> BlockSpec:
     if not isinstance(obj, dict):
         raise SpecError(f"{source}: expected a dict of site name -> [C, 2] array, "
                         f"got {type(obj).__name__}")
-    out: Spec = {}
+    out = BlockSpec()
+    if CALIBRATION_KEY in obj:
+        obj = dict(obj)
+        try:
+            out.calibration = Calibration.from_plain(obj.pop(CALIBRATION_KEY), source)
+        except CalibrationError as e:
+            raise SpecError(str(e)) from None
     for name, value in obj.items():
         if not isinstance(name, str):
             raise SpecError(f"{source}: site names must be strings, got {name!r}")
@@ -402,17 +435,27 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def save_spec(spec: Mapping[str, object], path: str | os.PathLike) -> None:
-    """Write a spec as a pickle (``.pickle``/``.pkl``) or JSON (``.json``) file."""
+def save_spec(spec: Mapping[str, object], path: str | os.PathLike,
+              calibration: Calibration | None = None) -> None:
+    """Write a spec as a pickle (``.pickle``/``.pkl``) or JSON (``.json``) file.
+
+    A calibrated spec (``calibration``, default: the one ``spec`` carries) is written as the
+    plain dict of sites plus the reserved key ``__calibration__`` holding plain numbers, so the
+    file stays readable by the restricted unpickler and by other tools."""
     clean = _as_spec_dict(dict(spec), "spec")
+    calibration = calibration if calibration is not None else spec_calibration(spec)
     if str(path).endswith(".json"):
-        atomic_write_bytes(path, spec_to_json(clean).encode())
+        atomic_write_bytes(path, spec_to_json(clean, calibration).encode())
     else:
-        atomic_write_bytes(path, pickle.dumps(clean, protocol=4))
+        plain: dict = dict(clean)
+        if calibration is not None:
+            plain[CALIBRATION_KEY] = calibration.to_plain()
+        atomic_write_bytes(path, pickle.dumps(plain, protocol=4))
 
 
-def load_spec(path: str | os.PathLike) -> Spec:
-    """Read a spec file (pickle via the restricted unpickler, or JSON).
+def load_spec(path: str | os.PathLike) -> BlockSpec:
+    """Read a spec file (pickle via the restricted unpickler, or JSON) as a :class:`BlockSpec`
+    (its ``calibration`` set when the file carries one).
 
     Limits, checked before memory of the announced size is spent: the file is at most
     :data:`MAX_SPEC_FILE_BYTES` (64 MiB); each site's array is integer [C, 2] with
@@ -444,9 +487,14 @@ def load_spec(path: str | os.PathLike) -> Spec:
     return _as_spec_dict(safe_unpickle(data), str(path))
 
 
-def spec_to_json(spec: Mapping[str, np.ndarray]) -> str:
-    """JSON text ``{"site": [[h, w], ...]}`` for people and other tools."""
-    return json.dumps({k: np.asarray(v).astype(int).tolist() for k, v in spec.items()}, indent=1)
+def spec_to_json(spec: Mapping[str, np.ndarray], calibration: Calibration | None = None) -> str:
+    """JSON text ``{"site": [[h, w], ...]}`` for people and other tools (plus
+    ``"__calibration__": {...}`` for a calibrated spec)."""
+    obj: dict = {k: np.asarray(v).astype(int).tolist() for k, v in spec.items()}
+    calibration = calibration if calibration is not None else spec_calibration(spec)
+    if calibration is not None:
+        obj[CALIBRATION_KEY] = calibration.to_plain()
+    return json.dumps(obj, indent=1)
 
 
 def _json_rows(name: str, rows) -> np.ndarray:
@@ -472,7 +520,7 @@ def _json_rows(name: str, rows) -> np.ndarray:
     return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
 
-def spec_from_json(text: str) -> Spec:
+def spec_from_json(text: str) -> BlockSpec:
     """Inverse of :func:`spec_to_json`; malformed, ragged or nested input is a SpecError."""
     if len(text) > MAX_SPEC_FILE_BYTES:
         raise SpecError(f"block spec JSON of {len(text)} characters is larger than the limit of "
@@ -489,4 +537,5 @@ def spec_from_json(text: str) -> Spec:
     if not isinstance(obj, dict):
         raise SpecError(f"JSON spec: expected a dict of site name -> [C, 2] array, "
                         f"got {type(obj).__name__}")
-    return _as_spec_dict({k: _json_rows(k, v) for k, v in obj.items()}, "JSON spec")
+    return _as_spec_dict({k: (v if k == CALIBRATION_KEY else _json_rows(k, v))
+                          for k, v in obj.items()}, "JSON spec")
