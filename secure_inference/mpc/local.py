@@ -141,7 +141,8 @@ def run_program(program: Program, weights: Weights, batches: list[torch.Tensor],
 def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
               spec: dict | None = None, *, batch_size: int | None = None, tls: bool = True,
               frac_bits: int = DEFAULT_FRAC_BITS, drelu_bits: int | None = None,
-              drop_bits: int = 0, timeout: float = 120.0, in_process: bool = False,
+              drop_bits: int = 0, drelu_width: int | None = None,
+              margin: float | None = None, timeout: float = 120.0, in_process: bool = False,
               threads: int | None = None,
               report_path: str | os.PathLike | None = None,
               plot_path: str | os.PathLike | None = None,
@@ -153,7 +154,11 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
 
     Returns the revealed outputs [N, ...] (float64; what the client learns) and the run report
     (:func:`~.report.build_report`); ``report_path``/``plot_path`` also write them to files.
-    ``drelu_bits``/``drop_bits`` select an approximate DReLU; ``frac_bits`` the fixed point;
+    A calibrated ``spec`` (:func:`~.calibrate.calibrate`) gives every calibrated DReLU layer
+    its own comparison width (its range times ``margin``, default the calibration's);
+    ``drelu_width=64`` ignores the calibration, another value sets every DReLU layer's width.
+    ``drelu_bits``/``drop_bits`` select an approximate DReLU for the layers without a width;
+    ``frac_bits`` the fixed point;
     ``threads`` the torch threads of each party process; ``limits`` what the server and
     helper accept (default: enough for ``inputs``, see :func:`run_program`); ``device`` one
     torch device for all parties or one per role (client, server, helper); ``prg`` the
@@ -164,12 +169,15 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
     check_cipher(prg)
     batches = split_batches(inputs, batch_size)
     shape = (batches[0].shape[0],) + tuple(batches[0].shape[1:])
-    program, weights = compile_model(model, shape, spec=spec)
+    program, weights = compile_model(model, shape, spec=spec, frac_bits=frac_bits,
+                                     drelu_width=drelu_width, margin=margin)
     cfg = drelu_config(drelu_bits, drop_bits)
     results = run_program(program, weights, batches, tls=tls, frac_bits=frac_bits, drelu=cfg,
                           timeout=timeout, in_process=in_process, threads=threads,
                           limits=limits, device=device, prg=prg)
-    info = {"frac_bits": frac_bits, "drelu": str(cfg) if cfg else "exact", "prg": prg,
+    info = {"frac_bits": frac_bits, "drelu": str(cfg) if cfg else "exact",
+            "drelu_widths": "calibrated" if program.frac_bits is not None else
+            ("uniform" if drelu_width not in (None, 64) else "64"), "prg": prg,
             "tls": tls,
             "transport": "in-process" if in_process else "loopback TCP, 3 processes",
             "device": device if isinstance(device, str) else [str(d) for d in device]}

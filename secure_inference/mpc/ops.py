@@ -31,8 +31,21 @@ from .protocols.linear import (add, add_public, concat, conv2d, conv_op, linear,
 from .protocols.pooling import avg_pool2d, global_avg_pool2d
 from .ring import encode, is_power_of_two, reciprocal_fixed
 from .runtime import ROLE_SERVER, Party
+from .settings import DReLUConfig
 
-__all__ = ["Op", "OPS", "register", "op_of", "layer_drelus", "ErrorContext", "public_matrix"]
+__all__ = ["Op", "OPS", "register", "op_of", "layer_drelus", "ErrorContext", "public_matrix",
+           "WIDTH_ATTR", "layer_drelu_config"]
+
+WIDTH_ATTR = "drelu_bits"
+"""The layer attribute holding a DReLU layer's calibrated comparison width (public, part of the
+program and its fingerprint). Absent: the session's DReLU (exact 64-bit by default)."""
+
+
+def layer_drelu_config(layer) -> DReLUConfig | None:
+    """The DReLU a layer's comparisons use: its calibrated width (exact within its range, no
+    low bits dropped), or None for the session default."""
+    bits = layer.attrs.get(WIDTH_ATTR)
+    return None if bits is None else DReLUConfig(ring_bits=int(bits))
 
 Tensor = torch.Tensor
 
@@ -75,6 +88,12 @@ class Op:
                   frac_bits: int) -> list[Tensor]:
         """The ring values (real value times its scale before the shift) it truncates."""
         return []
+
+    def comparison_inputs(self, layer, ins: list[Tensor]) -> Tensor | None:
+        """The values its DReLUs compare with zero (real units; a bound where the protocol's
+        own values are not formed in plaintext), or None for an op without DReLUs. The
+        calibration records their largest magnitude per layer."""
+        return None
 
 
 OPS: dict[str, Op] = {}
@@ -215,10 +234,13 @@ class Relu(Op):
         return torch.relu(ins[0])
 
     def run_secure(self, party, layer, ins, weights, pre):
-        return R.relu(party, ins[0], scope=layer.name)
+        return R.relu(party, ins[0], layer_drelu_config(layer), scope=layer.name)
 
     def drelus(self, layer, shape):
         return math.prod(shape)
+
+    def comparison_inputs(self, layer, ins):
+        return ins[0]
 
     def error_var(self, layer, ins, v_in, y, weights, ctx):
         return v_in[0] * (ins[0] > 0)   # 1-Lipschitz; where the value is cut, no error passes
@@ -240,10 +262,22 @@ class BlockRelu(Op):
         return ins[0] * mask
 
     def run_secure(self, party, layer, ins, weights, pre):
-        return R.block_relu(party, ins[0], layer.attrs["block_sizes"], scope=layer.name)
+        return R.block_relu(party, ins[0], layer.attrs["block_sizes"], layer_drelu_config(layer),
+                            scope=layer.name)
 
     def drelus(self, layer, shape):
         return R.block_relu_plan(shape, layer.attrs["block_sizes"]).decisions
+
+    def comparison_inputs(self, layer, ins):
+        x, sums = ins[0], []
+        for (h, w_), idx in BlockReLU(layer.attrs["block_sizes"]).groups():
+            if h == 0 or w_ == 0:
+                continue
+            xs = x.index_select(1, idx)
+            hh, ww = min(h, xs.shape[2]), min(w_, xs.shape[3])
+            sums.append(F.avg_pool2d(xs, (hh, ww), (hh, ww), ceil_mode=True,
+                                     divisor_override=1).reshape(-1))
+        return torch.cat(sums) if sums else x.new_zeros(0)
 
     def error_var(self, layer, ins, v_in, y, weights, ctx):
         x, var = ins[0], v_in[0]
@@ -276,11 +310,21 @@ class MaxPool(Op):
         return F.max_pool2d(ins[0], *self._args(layer))
 
     def run_secure(self, party, layer, ins, weights, pre):
-        return R.max_pool2d(party, ins[0], *self._args(layer), scope=layer.name)
+        return R.max_pool2d(party, ins[0], *self._args(layer), layer_drelu_config(layer),
+                            scope=layer.name)
 
     def drelus(self, layer, shape):
         k = layer.attrs["kernel_size"]
         return sum(R.max_pool_comparisons(k[0] * k[1])) * math.prod(shape)
+
+    def comparison_inputs(self, layer, ins):
+        # every comparison of the tree is a − b for a, b in one window: |a − b| ≤ max − min
+        # (padding positions repeat a valid element of their window, see max_pool_plan)
+        k, st, pad = self._args(layer)
+        x = ins[0]
+        hi = F.max_pool2d(x, k, st, pad)
+        lo = -F.max_pool2d(-x, k, st, pad)
+        return hi - lo
 
     def error_var(self, layer, ins, v_in, y, weights, ctx):
         _, arg = F.max_pool2d(ins[0], *self._args(layer), return_indices=True)

@@ -248,6 +248,10 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
         raise ValueError("the server (P1) must pass the weights")
     if party.role != ROLE_SERVER and weights is not None:
         raise ValueError(f"only the server holds weights, party {party.role} got some")
+    if program.frac_bits is not None and program.frac_bits != party.frac_bits:
+        raise ValueError(f"the program's comparison widths were chosen for frac_bits="
+                         f"{program.frac_bits} but this party runs frac_bits={party.frac_bits}: "
+                         "compile with the session's --frac-bits")
     cpu0 = time.process_time()
     set_default_config(party, drelu)
     check_program(party, program)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .ops import layer_drelus
+from .ops import WIDTH_ATTR, layer_drelus
 
 __all__ = ["Layer", "Program", "Weights", "UnsupportedOperationError"]
 
@@ -47,6 +47,9 @@ class Program:
     layers: list[Layer]
     output: int
     input_shape: tuple[int, ...]
+    frac_bits: int | None = None
+    """The fixed point the calibrated comparison widths were chosen for (None: no calibrated
+    widths); a session at another ``frac_bits`` refuses the program."""
 
     def __iter__(self):
         return iter(self.layers)
@@ -75,7 +78,14 @@ class Program:
                 else:
                     h.update(repr((key, v)).encode())
         h.update(repr((self.output, tuple(self.input_shape[1:]))).encode())
+        if self.frac_bits is not None:   # absent for uncalibrated programs: digests unchanged
+            h.update(repr(("frac_bits", self.frac_bits)).encode())
         return h.digest()
+
+    def widths(self) -> dict[str, int]:
+        """The comparison width of every DReLU layer (64 where none was set: the session's DReLU)."""
+        return {layer.name: int(layer.attrs.get(WIDTH_ATTR, 64)) for layer in self.layers
+                if layer_drelus(layer)}
 
     def describe(self) -> str:
         """One line per layer: name, op, inputs, output shape."""

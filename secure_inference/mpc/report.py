@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .ops import layer_drelus
+from .ops import WIDTH_ATTR, layer_drelus
 from .program import Program
 from .session import (PARTY_KEYS, SCOPE_HEADER, SCOPE_KEYS, SCOPE_OUTPUT, SCOPE_PREPROCESS,
                       SCOPE_SETUP)
@@ -61,7 +61,8 @@ def build_report(program: Program, results: Sequence[dict[str, Any]], *,
             "name": layer.name, "op": layer.op, "where": layer.where,
             "output_shape": list(layer.shape[1:]),
             "bytes_sent": dict(zip(PARTY_KEYS, online)), "bytes": sum(online),
-            "setup_bytes": sum(setup), "rounds": rounds, "wall_s": wall, "drelus": drelus})
+            "setup_bytes": sum(setup), "rounds": rounds, "wall_s": wall, "drelus": drelus,
+            "drelu_width": (layer.attrs.get(WIDTH_ATTR, "session") if drelus else None)})
     out_bytes = [_sent(st, SCOPE_OUTPUT) for st in stats]
     hdr_bytes = [_sent(st, SCOPE_HEADER) for st in stats]
     pre_bytes = [_sent(st, SCOPE_PREPROCESS) for st in stats]
@@ -75,8 +76,14 @@ def build_report(program: Program, results: Sequence[dict[str, Any]], *,
                            default=0) for st in stats)
     total_bytes = (sum(online_total) + sum(tot_setup) + sum(hdr_bytes) + sum(key_bytes)
                    + sum(pre_bytes))
+    widths = program.widths()
     report = {
         "meta": dict(meta or {}),
+        "drelu_widths": {"calibrated": program.frac_bits is not None,
+                         "min": min(widths.values(), default=None),
+                         "max": max(widths.values(), default=None),
+                         "what": "bits each DReLU layer compares (layers[].drelu_width; "
+                                 "'session': the session's DReLU, 64 bits unless --drelu-bits)"},
         "cpu_seconds": dict(zip(PARTY_KEYS, (float(r.get("cpu_seconds", 0.0)) for r in results))),
         "images": images, "batch_sizes": sizes,
         "layers": layers,

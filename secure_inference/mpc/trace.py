@@ -40,9 +40,12 @@ from torch import nn
 from ..brelu import BlockReLU, as_block_sizes
 from ..conversions import fold_bn
 from ..sites import find_relu_sites, run_model
-from ..spec import apply_block_spec
+from ..spec import apply_block_spec, spec_calibration
 from ..tracing import ModuleTracer
+from ..widths import FULL_WIDTH, Calibration, CalibrationError
+from .ops import WIDTH_ATTR, layer_drelus
 from .program import Layer, Program, UnsupportedOperationError, Weights
+from .ring import DEFAULT_FRAC_BITS
 
 __all__ = ["compile_model", "fold_bn", "resize_matrices"]
 
@@ -395,7 +398,9 @@ def resize_matrices(in_hw: tuple[int, int], kwargs: dict[str, Any]
 # --------------------------------------------------------------------------------------------
 
 def compile_model(model: nn.Module, input_shape: Sequence[int], *,
-                  spec: dict | None = None) -> tuple[Program, Weights]:
+                  spec: dict | None = None, calibration: Calibration | None = None,
+                  frac_bits: int = DEFAULT_FRAC_BITS, drelu_width: int | None = None,
+                  margin: float | None = None) -> tuple[Program, Weights]:
     """Trace ``model`` for inputs of ``input_shape`` ([N, C, H, W] or [C, H, W]) into a
     :class:`Program` (public) and its :class:`Weights` (the server's).
 
@@ -403,12 +408,22 @@ def compile_model(model: nn.Module, input_shape: Sequence[int], *,
     of the model first; a model that already carries Block-ReLUs is compiled as it is.
     MMLab models run in ``mode='tensor'`` (classifier logits, segmentor decode-head logits).
     Raises :class:`UnsupportedOperationError` for anything the secure runtime cannot run.
+
+    Comparison widths: with a ``calibration`` (default: the one a calibrated ``spec``
+    carries, see :func:`~.calibrate.calibrate`), every calibrated DReLU layer gets the smallest
+    exact width that holds its recorded range times ``margin`` (default: the calibration's)
+    at ``frac_bits`` (:func:`secure_inference.widths.comparison_width`); uncalibrated layers
+    keep the session's DReLU (64 bits). ``drelu_width=64`` ignores the calibration (today's
+    programs); another ``drelu_width`` gives every DReLU layer that width (the caller vouches
+    for the range). Widths are part of the program and its fingerprint.
     """
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == 3:
         shape = (1,) + shape
     if len(shape) != 4:
         raise ValueError(f"input_shape must be [N, C, H, W] or [C, H, W], got {input_shape}")
+    if calibration is None:
+        calibration = spec_calibration(spec)
     if spec:
         model = apply_block_spec(copy.deepcopy(model), spec, shape[1:])
     was_training = model.training
@@ -434,7 +449,42 @@ def compile_model(model: nn.Module, input_shape: Sequence[int], *,
     out_node = tracer.node_of(out)
     if out_node is None:
         raise UnsupportedOperationError("the model output does not depend on the input")
-    return _lower(tracer.nodes, out_node, sites, shape)
+    program, weights = _lower(tracer.nodes, out_node, sites, shape)
+    assign_widths(program, calibration, frac_bits=frac_bits, drelu_width=drelu_width,
+                  margin=margin)
+    return program, weights
+
+
+def assign_widths(program: Program, calibration: Calibration | None, *, frac_bits: int,
+                  drelu_width: int | None = None, margin: float | None = None) -> None:
+    """Set every DReLU layer's comparison width (see :func:`compile_model`) in place."""
+    for layer in program.layers:
+        layer.attrs.pop(WIDTH_ATTR, None)
+    program.frac_bits = None
+    if drelu_width is not None:
+        width = int(drelu_width)
+        if not 3 <= width <= FULL_WIDTH:
+            raise ValueError(f"drelu_width must be in [3, 64], got {drelu_width}")
+        if width == FULL_WIDTH:
+            return
+        for layer in program.layers:
+            if layer_drelus(layer):
+                layer.attrs[WIDTH_ATTR] = width
+        return
+    if calibration is None:
+        return
+    dr_layers = {layer.name: layer for layer in program.layers if layer_drelus(layer)}
+    unknown = [name for name in calibration.ranges if name not in dr_layers]
+    if unknown:
+        raise CalibrationError(
+            f"the calibration names {len(unknown)} DReLU layer(s) this program does not have "
+            f"(e.g. '{unknown[0]}'; the program's DReLU layers: {list(dr_layers)[:4]}...): it was "
+            "made for another model, spec or input size; recalibrate with si-calibrate")
+    for name, layer in dr_layers.items():
+        width = calibration.width(name, frac_bits, margin)
+        if name in calibration.ranges and width < FULL_WIDTH:
+            layer.attrs[WIDTH_ATTR] = width
+    program.frac_bits = int(frac_bits)
 
 
 def _lower(nodes: list[dict], out_node: int, sites, shape) -> tuple[Program, Weights]:

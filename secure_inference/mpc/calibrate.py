@@ -1,0 +1,225 @@
+"""Calibration: the DReLU input ranges and the fixed-point headroom of a model, recorded on
+calibration images, so that each DReLU layer can compare only the bits it needs.
+
+One step after finetuning (``si-calibrate``): the calibration images run through the plaintext
+(float64) program with its block spec; for every DReLU layer the largest |input| of its
+comparisons is recorded (ReLU inputs, Block-ReLU patch sums, max-pool window spreads), and for
+the whole program the largest activation and the largest ring value a local truncation sees.
+The result is a spec (:class:`~secure_inference.spec.BlockSpec`) that carries the ranges; the
+compiler turns them into per-layer comparison widths (:func:`~.trace.assign_widths`).
+
+Refused (:class:`HeadroomError`): a model whose values leave less than ``margin`` times their
+size of room in the 64-bit ring at ``frac_bits`` (the product of two encodings, 2^(2f) times
+the real value, must stay far below 2^63, else local truncations fail and the secure output is
+garbage without a word). The ranges are public; see :mod:`secure_inference.widths` for what
+they reveal and what happens to inputs outside them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..spec import BlockSpec
+from ..widths import (DEFAULT_MARGIN, FULL_WIDTH, Calibration, CalibrationError,
+                      width_range)
+from ..wire_costs import mul_drelu_bytes
+from .analysis import run_float, truncation_failures
+from .ops import layer_drelus, op_of
+from .program import Layer, Program, Weights
+from .ring import DEFAULT_FRAC_BITS
+from .trace import assign_widths, compile_model
+
+__all__ = ["HeadroomError", "calibrate", "calibrate_program", "check_headroom",
+           "width_table", "MIN_FRAC_BITS"]
+
+MIN_FRAC_BITS = 8
+"""Fewest fractional bits :class:`HeadroomError` suggests (below, the rounding error of every
+weight and activation is larger than most networks tolerate)."""
+
+
+class HeadroomError(CalibrationError):
+    """The model's values do not fit the fixed-point ring with the requested margin."""
+
+
+@dataclass
+class _Recorder:
+    """Running maxima over calibration batches."""
+
+    ranges: dict[str, float]
+    max_activation: float = 0.0
+    max_activation_layer: str = ""
+    max_ring: float = 0.0
+    max_ring_layer: str = ""
+    nonfinite: str = ""          # the first layer with a NaN or infinite value
+
+
+def _check_images(images: torch.Tensor, program: Program) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"calibration images must be a tensor [N, C, H, W], got "
+                        f"{type(images).__name__}")
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    want = tuple(program.input_shape[1:])
+    if images.dim() != 4 or tuple(images.shape[1:]) != want:
+        raise ValueError(f"calibration images must be [N, {', '.join(map(str, want))}] (the "
+                         f"compiled input size), got {list(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError("no calibration images: pass at least one (ideally hundreds of "
+                         "training images)")
+    if not images.is_floating_point():
+        raise TypeError(f"calibration images must be preprocessed floats, got {images.dtype} "
+                        "(uint8 pixels? normalise them as the model's data preprocessor does)")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("calibration images contain NaN or infinite values")
+    return images
+
+
+def calibrate_program(program: Program, weights: Weights, images: torch.Tensor, *,
+                      margin: float = DEFAULT_MARGIN, frac_bits: int = DEFAULT_FRAC_BITS,
+                      batch_size: int = 32,
+                      progress: Callable[[int], None] | None = None,
+                      check: bool = True) -> Calibration:
+    """Record the ranges of ``program`` on ``images`` [N, C, H, W] (plaintext, float64).
+
+    ``progress(n)`` is called after each batch of n images. With ``check`` (default) a
+    program without ``margin`` times headroom at ``frac_bits`` raises :class:`HeadroomError`.
+    """
+    images = _check_images(images, program)
+    if not (math.isfinite(margin) and margin >= 1):
+        raise ValueError(f"margin must be a finite number >= 1, got {margin}")
+    rec = _Recorder(ranges={layer.name: 0.0 for layer in program.layers if layer_drelus(layer)})
+
+    def hook(layer: Layer, ins: list[torch.Tensor], y: torch.Tensor) -> None:
+        op = op_of(layer)
+        if layer.name in rec.ranges:
+            cmp = op.comparison_inputs(layer, ins)
+            if cmp is not None and cmp.numel():
+                rec.ranges[layer.name] = max(rec.ranges[layer.name], float(cmp.abs().max()))
+        if y.numel():
+            top = float(y.abs().max())
+            if not math.isfinite(top) and not rec.nonfinite:
+                rec.nonfinite = layer.name
+            if top > rec.max_activation:
+                rec.max_activation, rec.max_activation_layer = top, layer.name
+            ring = top * 2.0 ** frac_bits
+            for values in op.truncated(layer, ins, y, weights, frac_bits):
+                if values.numel():
+                    ring = max(ring, float(values.abs().max()))
+            if ring > rec.max_ring:
+                rec.max_ring, rec.max_ring_layer = ring, layer.name
+
+    bs = max(1, int(batch_size))
+    for start in range(0, images.shape[0], bs):
+        batch = images[start:start + bs].double()
+        run_float(program, weights, batch, hook=hook)
+        if progress is not None:
+            progress(batch.shape[0])
+    if rec.nonfinite or not math.isfinite(rec.max_ring):
+        raise HeadroomError(f"the model produces NaN or infinite values on the calibration "
+                            f"images (first at layer '{rec.nonfinite}'); check the weights and "
+                            "the preprocessing")
+    headroom = 2.0 ** 63 / rec.max_ring if rec.max_ring > 0 else float("inf")
+    cal = Calibration(ranges=rec.ranges, margin=float(margin), images=int(images.shape[0]),
+                      frac_bits=int(frac_bits), max_activation=rec.max_activation,
+                      headroom=min(headroom, 1e300))
+    if check:
+        check_headroom(cal, where=rec.max_ring_layer, activation_layer=rec.max_activation_layer)
+    return cal
+
+
+def check_headroom(calibration: Calibration, *, where: str = "", activation_layer: str = "",
+                   frac_bits: int | None = None) -> None:
+    """Raise :class:`HeadroomError` (what to do included) when the calibration's headroom at
+    ``frac_bits`` (default: the calibration's) is below its margin."""
+    f = calibration.frac_bits if frac_bits is None else int(frac_bits)
+    headroom = calibration.headroom * 4.0 ** (calibration.frac_bits - f)
+    if headroom >= calibration.margin:
+        return
+    # products carry 2^(2f): each fractional bit less gives 4x the room
+    need = math.ceil(math.log(calibration.margin / headroom, 4))
+    lower = f - need
+    at = f" (largest ring value at layer '{where}')" if where else ""
+    act = f" at layer '{activation_layer}'" if activation_layer else ""
+    fix = (f"run every party with --frac-bits {lower} (or lower) and calibrate again with it"
+           if lower >= MIN_FRAC_BITS else
+           "the activations are too large for the fixed point at any useful precision: "
+           "rescale the inputs or the weights (e.g. finetune with weight decay or clip the "
+           "activations) and calibrate again")
+    raise HeadroomError(
+        f"fixed-point headroom too small: the largest activation is "
+        f"{calibration.max_activation:.3g}{act}; at frac_bits={f} the ring values reach "
+        f"2^{math.log2(2.0 ** 63 / headroom):.1f}{at}, leaving {headroom:.3g}x room below "
+        f"2^63 where the margin asks for {calibration.margin:g}x (local truncations would fail "
+        f"and the secure output would be wrong); {fix}")
+
+
+def calibrate(model: nn.Module, images: torch.Tensor, spec: Mapping | None = None, *,
+              margin: float = DEFAULT_MARGIN, frac_bits: int = DEFAULT_FRAC_BITS,
+              batch_size: int = 32, progress: Callable[[int], None] | None = None
+              ) -> BlockSpec:
+    """A spec that carries the ranges of ``model`` (with ``spec`` applied) on ``images``.
+
+    ``images``: preprocessed calibration images [N, C, H, W] (training images: the ranges
+    become public). The returned :class:`~secure_inference.spec.BlockSpec` has the sites of
+    ``spec`` and a :class:`~secure_inference.widths.Calibration`; save it with
+    :func:`secure_inference.save_spec` and pass it wherever a spec goes (``compile_model``,
+    ``run_local``, the party CLIs' ``--spec``): every calibrated DReLU layer then compares
+    only the bits its range times ``margin`` needs. Raises :class:`HeadroomError` where the
+    fixed point at ``frac_bits`` has less than ``margin`` times room.
+    """
+    shape = tuple(images.shape[-3:])
+    sites = {k: v for k, v in (spec or {}).items()}
+    program, weights = compile_model(model, (1,) + shape, spec=sites or None,
+                                     drelu_width=FULL_WIDTH)
+    cal = calibrate_program(program, weights, images, margin=margin, frac_bits=frac_bits,
+                            batch_size=batch_size, progress=progress)
+    return BlockSpec(sites, cal)
+
+
+def width_table(program: Program, calibration: Calibration | None = None, *,
+                frac_bits: int = DEFAULT_FRAC_BITS, margin: float | None = None
+                ) -> list[dict[str, Any]]:
+    """Per DReLU layer of ``program``: op, DReLUs and payload values per image, the calibrated
+    range, the width the compiler gives it, the range that width holds, and the exact online
+    bytes per image at 64 bits and at that width (the non-linear layers only)."""
+    if calibration is not None:
+        assign_widths(program, calibration, frac_bits=frac_bits, margin=margin)
+    widths = program.widths()
+    rows = []
+    for layer in program.layers:
+        if layer.name not in widths:
+            continue
+        n = layer_drelus(layer, 1)
+        payload = _payload_values(layer)
+        width = widths[layer.name]
+        rng = calibration.ranges.get(layer.name) if calibration is not None else None
+        rows.append({"layer": layer.name, "op": layer.op, "drelus": n, "payload": payload,
+                     "range": rng, "width": width,
+                     "holds": width_range(width, frac_bits) if width < FULL_WIDTH else None,
+                     "bytes_64": _layer_bytes(layer, FULL_WIDTH),
+                     "bytes": _layer_bytes(layer, width)})
+    return rows
+
+
+def _payload_values(layer: Layer) -> int:
+    """Payload values (pixels multiplied by a decision) of one image."""
+    if layer.op == "block_relu":
+        from .protocols.relu import block_relu_plan
+        return block_relu_plan((1,) + tuple(layer.shape[1:]), layer.attrs["block_sizes"]).pixels
+    return layer_drelus(layer, 1)
+
+
+def _layer_bytes(layer: Layer, width: int) -> int:
+    """Exact online payload bytes of one image of a DReLU layer at ``width`` bits."""
+    if layer.op == "max_pool":
+        from .protocols.relu import max_pool_comparisons
+        k = layer.attrs["kernel_size"]
+        per = math.prod((1,) + tuple(layer.shape[1:]))
+        return sum(mul_drelu_bytes(c * per, c * per, width)
+                   for c in max_pool_comparisons(k[0] * k[1]))
+    return mul_drelu_bytes(layer_drelus(layer, 1), _payload_values(layer), width)
+
