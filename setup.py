@@ -56,6 +56,7 @@ setup(
         "si-client = secure_inference.cli.client:main",
         "si-crypto-provider = secure_inference.cli.crypto_provider:main",
         "si-certificates = secure_inference.cli.make_certificates:main",
+        "si-calibrate = secure_inference.cli.calibrate:main",
         "si-train = secure_inference.cli.mmlab_train:main",
         "si-test = secure_inference.cli.mmlab_test:main",
     ]},

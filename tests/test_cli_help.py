@@ -27,6 +27,7 @@ CLIS = {
                         "--config-file"),
     "make_certificates": ("research/secure_inference/make_certificates.py", "si-certificates",
                           "init-ca"),
+    "calibrate": ("research/calibrate.py", "si-calibrate", "--margin"),
     "mmlab_train": ("mmlab_tools/train.py", "si-train", "--relu-spec-file"),
     "mmlab_test": ("mmlab_tools/test.py", "si-test", "--relu-spec-file"),
 }

@@ -38,6 +38,15 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--frac-bits", type=int, help="fixed-point fractional bits (default 16)")
     g.add_argument("--drelu-bits", type=int, help="approximate DReLU: bits compared")
     g.add_argument("--drop-bits", type=int, help="approximate DReLU: low bits dropped first")
+    g.add_argument("--drelu-width", type=int, metavar="BITS",
+                   help="comparison width of every DReLU layer: 64 ignores a calibrated spec's "
+                   "per-layer widths (the exact 64-bit DReLU everywhere); another value sets "
+                   "every layer to it (exact only for inputs within +-2^(BITS-1-frac_bits)). "
+                   "Default: the widths of a calibrated --spec (si-calibrate), else 64")
+    g.add_argument("--drelu-margin", type=float, metavar="X",
+                   help="safety factor over a calibrated spec's ranges (default: the one "
+                   "si-calibrate recorded, 8); a larger margin costs about log2(X) bits per "
+                   "comparison")
     g.add_argument("--timeout", type=float, help="seconds to wait for a peer (default 120)")
     g.add_argument("--threads", type=int, help="torch threads for this party (parties sharing "
                    "a machine: cores / 3; too many threads make OpenMP workers spin)")
@@ -227,10 +236,17 @@ def close_party(party, exc: BaseException | None = None) -> None:
     close(party, exc)
 
 
-def compile_for(model, shape, batch: int):
-    """The secure program (and server weights) of ``model`` for batches of ``batch``."""
+def compile_for(model, shape, batch: int, cfg: dict[str, Any]):
+    """The secure program (and server weights) of ``model`` for batches of ``batch``, with the
+    comparison widths of the session: a calibrated spec's, unless --drelu-width says
+    otherwise (all three parties compute the same widths; the header compares them)."""
     from secure_inference.mpc.compile import compile_model
-    return compile_model(model, (batch,) + tuple(shape))
+    from secure_inference.spec import load_spec
+    calibration = load_spec(cfg["spec"]).calibration if cfg.get("spec") else None
+    margin = cfg.get("drelu_margin")
+    return compile_model(model, (batch,) + tuple(shape), calibration=calibration,
+                         frac_bits=int(cfg["frac_bits"]), drelu_width=cfg.get("drelu_width"),
+                         margin=None if margin is None else float(margin))
 
 
 def run_role(role: int, cfg: dict[str, Any], program, *, weights=None, images=None,
@@ -259,7 +275,7 @@ def serve_session(role: int, args: argparse.Namespace, checkpoint: str | None = 
     limits = limits_from(args)
     cfg = resolve(args)
     model, shape = build_model(cfg, checkpoint=checkpoint)
-    program, weights = compile_for(model, shape, 1)
+    program, weights = compile_for(model, shape, 1, cfg)
     del model
     print(f"{name}: compiled {len(program.layers)} secure layers; listening at {cfg[address]}",
           file=sys.stderr)

@@ -108,7 +108,7 @@ def run(argv: list[str] | None = None) -> int:
     if images.shape[0] == 0:
         raise UserError(f"--images {args.images} holds no images (0 images): nothing to run")
     batches = list(images.split(bs))
-    program, _ = compile_for(model, shape, bs)
+    program, _ = compile_for(model, shape, bs, cfg)
     del model
     labels = None
     if args.labels is not None:
@@ -126,7 +126,8 @@ def run(argv: list[str] | None = None) -> int:
     if args.output is not None:      # before the report exchange, which can still fail
         save_logits(args.output, logits)
     meta = {"model": cfg["model"], "spec": cfg.get("spec"), "frac_bits": cfg["frac_bits"],
-            "drelu": str(drelu(cfg) or "exact"), "prg": cfg["prg"], "tls": not cfg["plaintext"],
+            "drelu": str(drelu(cfg) or "exact"),
+            "drelu_widths": sorted(set(program.widths().values())), "prg": cfg["prg"], "tls": not cfg["plaintext"],
             "server": cfg["server"], "helper": cfg["helper"]}
     scores = score(logits, labels) if labels is not None else {}
     try:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .ops import layer_drelus, op_of
-from .program import Layer, Program, Weights
+from .program import FINGERPRINT_PARTS, Layer, Program, Weights
 from .protocols.linear import open_weights, preprocess, reconstruct, share
 from .protocols.drelu import resolve_config, set_default_config
 from .prg import cipher_code, cipher_name
@@ -139,13 +139,14 @@ def _announce_batches(party: Party, batch_sizes: Sequence[int] | None,
 # wire protocol: 2 = fused multiplication re-masked with ζ (issue 12); 3 = the DReLU's small
 # values mod 67 drawn from one stream per tag, rejected words replaced by the stream's next
 # ones (was: a new stream per block and per redraw), so parties of 2 and 3 draw differently
-PROTOCOL_VERSION = 3
+# 4 = per-layer comparison widths and the program's part digests in the header (96 bytes)
+PROTOCOL_VERSION = 4
 
 # The public settings that change the computation, besides the program itself: (name, how the
 # user sets it). They travel as four int64 words after the 32-byte fingerprint; ``prg`` (the
 # cipher of the correlated randomness, code 0 = aes) rides in the high 32 bits of the first
-# word, so the header keeps its 64 bytes and an AES session's header is byte-identical to the
-# release before the setting existed.
+# word. Since protocol version 4 the header ends with the 8-byte digests of FINGERPRINT_PARTS
+# (96 bytes in all), so that a mismatch names the part that differs (before: 64 bytes).
 SESSION_SETTINGS = (("protocol_version", "the same secure-inference release on all three hosts"),
                     ("frac_bits", "the same --frac-bits (session file: frac_bits)"),
                     ("drelu_ring_bits", "the same --drelu-bits (session file: drelu_bits)"),
@@ -178,14 +179,18 @@ def _shown(name: str, value: int) -> str:
 
 def check_program(party: Party, program: Program) -> None:
     """All three parties exchange the program's fingerprint and every public setting that
-    changes the computation (fixed point, DReLU, the randomness cipher, protocol version: 64
-    bytes each way) and stop with an error naming what differs if they do not all agree: a
+    changes the computation (fixed point, DReLU, the randomness cipher, protocol version,
+    the digests of the program's parts: 96 bytes each way) and stop with an error naming
+    what differs if they do not all agree: a
     mismatch would otherwise give a silently wrong answer (a server at f = 12 against f = 16
     elsewhere returns 1.7e10 where the plaintext gives 0.29; parties drawing with different
     ciphers hold unrelated masks)."""
     values = session_settings(party)
+    parts = program.fingerprint_parts()
     mine = torch.cat([torch.frombuffer(bytearray(program.fingerprint()), dtype=torch.uint8),
-                      torch.tensor(_pack_settings(values), dtype=torch.int64).view(torch.uint8)])
+                      torch.tensor(_pack_settings(values), dtype=torch.int64).view(torch.uint8),
+                      torch.frombuffer(bytearray(b"".join(parts[name] for name, _ in
+                                                          FINGERPRINT_PARTS)), dtype=torch.uint8)])
     size = mine.numel()
     with party.scope(HEADER_SCOPE):
         others = [p for p in (ROLE_CLIENT, ROLE_SERVER, ROLE_HELPER) if p != party.role]
@@ -195,7 +200,7 @@ def check_program(party: Party, program: Program) -> None:
             theirs = party.recv(p, (size,), torch.uint8).cpu()
             if torch.equal(theirs, mine):
                 continue
-            got = _unpack_settings(theirs[32:].clone().view(torch.int64).tolist())
+            got = _unpack_settings(theirs[32:64].clone().view(torch.int64).tolist())
             diff = [(name, fix, a, b) for (name, fix), a, b in zip(SESSION_SETTINGS, values, got)
                     if a != b]
             if diff:
@@ -203,9 +208,13 @@ def check_program(party: Party, program: Program) -> None:
                     _shown(name, b) for name, _, _, b in diff) + ", this party " + ", ".join(
                     _shown(name, a) for name, _, a, _ in diff) + "; all three parties need "
                     + "; ".join(fix for _, fix, _, _ in diff))
-            raise ProtocolError(f"party {party.role}: party {p} compiled a different program "
-                                "(model config, block spec or input size differ); all three "
-                                "parties must use the same architecture, spec and input shape")
+            differ = [(name, fix) for k, (name, fix) in enumerate(FINGERPRINT_PARTS)
+                      if not torch.equal(theirs[64 + 8 * k:72 + 8 * k], mine[64 + 8 * k:72 + 8 * k])]
+            if not differ:
+                differ = [("program", "the same secure-inference release and settings")]
+            raise ProtocolError(f"party {party.role}: party {p} compiled a different program: "
+                                + " and ".join(name for name, _ in differ) + " differ; all "
+                                "three parties need " + "; ".join(fix for _, fix in differ))
 
 
 def _barrier(party: Party) -> None:

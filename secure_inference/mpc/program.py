@@ -14,7 +14,7 @@ import torch
 
 from .ops import WIDTH_ATTR, layer_drelus
 
-__all__ = ["Layer", "Program", "Weights", "UnsupportedOperationError"]
+__all__ = ["Layer", "Program", "Weights", "UnsupportedOperationError", "FINGERPRINT_PARTS"]
 
 
 class UnsupportedOperationError(ValueError):
@@ -64,23 +64,32 @@ class Program:
 
     def fingerprint(self) -> bytes:
         """SHA-256 of the public program (ops, names, wiring, hyperparameters, shapes without
-        the batch): the three parties compare it before running."""
+        the batch, comparison widths): the three parties compare it before running."""
         h = hashlib.sha256()
         for layer in self.layers:
             h.update(repr((layer.name, layer.op, layer.inputs, tuple(layer.shape[1:]))).encode())
             for key in sorted(layer.attrs):
-                v = layer.attrs[key]
-                if isinstance(v, torch.Tensor):
-                    v = v.detach().cpu().numpy()
-                if isinstance(v, np.ndarray):
-                    h.update(key.encode() + str(v.dtype).encode() + repr(v.shape).encode())
-                    h.update(np.ascontiguousarray(v).tobytes())
-                else:
-                    h.update(repr((key, v)).encode())
+                _hash_attr(h, key, layer.attrs[key])
         h.update(repr((self.output, tuple(self.input_shape[1:]))).encode())
         if self.frac_bits is not None:   # absent for uncalibrated programs: digests unchanged
             h.update(repr(("frac_bits", self.frac_bits)).encode())
         return h.digest()
+
+    def fingerprint_parts(self) -> dict[str, bytes]:
+        """8-byte digests of the parts of the program a user sets separately, so that a
+        mismatch between parties can name the part that differs (:data:`FINGERPRINT_PARTS`)."""
+        parts = {name: hashlib.sha256(name.encode()) for name, _ in FINGERPRINT_PARTS}
+        parts["input size"].update(repr(tuple(self.input_shape[1:])).encode())
+        parts["comparison widths"].update(repr(self.frac_bits).encode())
+        for layer in self.layers:
+            parts["architecture"].update(repr((layer.name, layer.op, layer.inputs)).encode())
+            for key in sorted(layer.attrs):
+                part = ("block spec" if key in _SPEC_ATTRS else
+                        "comparison widths" if key == WIDTH_ATTR else "architecture")
+                parts[part].update(layer.name.encode())
+                _hash_attr(parts[part], key, layer.attrs[key])
+        parts["architecture"].update(repr(self.output).encode())
+        return {name: h.digest()[:8] for name, h in parts.items()}
 
     def widths(self) -> dict[str, int]:
         """The comparison width of every DReLU layer (64 where none was set: the session's DReLU)."""
@@ -91,6 +100,26 @@ class Program:
         """One line per layer: name, op, inputs, output shape."""
         return "\n".join(f"{i:4d} {l.op:15s} {l.name:40s} <- {l.inputs} {list(l.shape)}"
                          for i, l in enumerate(self.layers))
+
+
+def _hash_attr(h, key: str, v: Any) -> None:
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().numpy()
+    if isinstance(v, np.ndarray):
+        h.update(key.encode() + str(v.dtype).encode() + repr(v.shape).encode())
+        h.update(np.ascontiguousarray(v).tobytes())
+    else:
+        h.update(repr((key, v)).encode())
+
+
+_SPEC_ATTRS = ("block_sizes", "site")
+FINGERPRINT_PARTS = (("architecture", "the same model (config or torchvision name)"),
+                     ("block spec", "the same --spec file"),
+                     ("comparison widths", "the same calibrated --spec, --drelu-width, "
+                      "--drelu-margin and --frac-bits"),
+                     ("input size", "the same --input-shape"))
+"""The parts of a program :meth:`Program.fingerprint_parts` digests, with how a user makes
+them agree."""
 
 
 # name -> {'weight': float64 tensor, 'bias': float64 tensor or None}

@@ -15,6 +15,8 @@ win, then the file, then :data:`DEFAULTS`). Keys of the YAML file (all optional)
     frac_bits: 16
     drelu_bits: null                # approximate DReLU: compare this many bits ...
     drop_bits: 0                    # ... after dropping this many low bits
+    drelu_width: null               # 64: ignore a calibrated spec's widths; N: every layer N bits
+    drelu_margin: null              # safety factor over the calibrated ranges (default: the spec's)
     timeout: 120
     batch_size: 8                   # client only
     threads: 1                      # torch threads of this party (default: torch's choice)
@@ -33,7 +35,8 @@ from .session import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER
 from .transport import TLSConfig
 
 KEYS = ("model", "spec", "input_shape", "cfg_options", "server", "helper", "client", "certs",
-        "plaintext", "frac_bits", "drelu_bits", "drop_bits", "timeout", "batch_size", "threads",
+        "plaintext", "frac_bits", "drelu_bits", "drop_bits", "drelu_width", "drelu_margin",
+        "timeout", "batch_size", "threads",
         "device", "prg")
 DEFAULTS: dict[str, Any] = {"frac_bits": 16, "drop_bits": 0, "timeout": 120.0,
                             "plaintext": False, "client": "127.0.0.1", "batch_size": 1,
