@@ -2,8 +2,9 @@
 
 The knapsack step of the pipeline: read a distortion folder
 (:func:`secure_inference.distortion.store.load_results`), check it (and optionally the model's
-sites), solve one multiple-choice knapsack over all channels of all sites for a DReLU budget,
-and turn the chosen options into a block spec ``{site: int32 [C, 2]}``.
+sites), solve one multiple-choice knapsack over all channels of all sites for a budget of
+DReLUs or of bytes on the wire (``cost="bytes"``, priced by :mod:`.costs`), and turn the chosen
+options into a block spec ``{site: int32 [C, 2]}``.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import io
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -21,22 +22,37 @@ import numpy as np
 from ..brelu import block_costs
 from ..distortion.store import DistortionFileError, SiteDistortion
 from ..sites import ReluSite
+from .costs import (COSTS, UNITS_PER_BYTE, all_relu_bytes, byte_budget_units, option_units,
+                    spec_site_bytes)
 from .mckp import FlatInstance, MCKPResult, solve_mckp
 
 __all__ = ["KnapsackSolution", "all_relu_count", "budget_from_ratio", "check_distortion_results",
            "check_against_sites", "knapsack_block_spec", "site_table", "site_table_csv",
-           "site_table_markdown", "plot_site_drelus"]
+           "site_table_markdown", "plot_site_drelus", "plot_site_bytes"]
 
 
 @dataclass
 class KnapsackSolution:
-    """A block spec chosen by the knapsack, with the solver's result and timing."""
+    """A block spec chosen by the knapsack, with the solver's result and timing.
+
+    ``budget`` is in the unit of ``cost``: DReLUs per image (``"drelus"``) or bytes per image
+    (``"bytes"``). ``drelus`` and ``bytes`` are the chosen spec's DReLUs and exact bytes per
+    image of the recorded sites (bytes at ``widths``, 64 bits where a site has none), next to
+    the all-ReLU ``total_relus`` and ``total_bytes``. ``result`` is the solver's own: in DReLUs,
+    or for ``"bytes"`` in units of 1/:data:`~.costs.UNITS_PER_BYTE` byte of the linear price
+    (see :mod:`.costs`) under ``result.budget`` = the byte budget less the packing reserve.
+    """
 
     spec: dict[str, np.ndarray]
     result: MCKPResult
     budget: int
     total_relus: int
     seconds: float
+    cost: str = "drelus"
+    drelus: int = 0
+    bytes: int = 0
+    total_bytes: int = 0
+    widths: dict[str, int] = field(default_factory=dict)
 
 
 def all_relu_count(results: Mapping[str, SiteDistortion]) -> int:
@@ -44,11 +60,12 @@ def all_relu_count(results: Mapping[str, SiteDistortion]) -> int:
     return int(sum(r.channels * r.height * r.width for r in results.values()))
 
 
-def budget_from_ratio(ratio: float, total_relus: int) -> int:
-    """``floor(ratio × total_relus)``; ``ratio`` must lie in (0, 1]."""
+def budget_from_ratio(ratio: float, total_relus: int, what: str = "DReLU count") -> int:
+    """``floor(ratio × total_relus)``; ``ratio`` must lie in (0, 1]. The total may be any
+    all-ReLU count (``what`` names it in the error): DReLUs, or bytes per image."""
     ratio = float(ratio)
     if not (0.0 < ratio <= 1.0):
-        raise ValueError(f"ratio must be in (0, 1] (a share of the all-ReLU DReLU count), "
+        raise ValueError(f"ratio must be in (0, 1] (a share of the all-ReLU {what}), "
                          f"got {ratio}")
     return int(math.floor(ratio * total_relus + 1e-9))
 
@@ -96,13 +113,18 @@ def check_against_sites(results: Mapping[str, SiteDistortion], sites: Sequence[R
                 f"model gives {s.channels}x{s.height}x{s.width} at this input size")
 
 
-def _instance(results: Mapping[str, SiteDistortion]) -> tuple[FlatInstance, list[tuple[str, int, int]]]:
-    """All channels of all sites as one flat instance; returns it with (site, first, K) spans."""
+def _instance(results: Mapping[str, SiteDistortion], cost: str = "drelus",
+              widths: Mapping[str, int] | None = None
+              ) -> tuple[FlatInstance, list[tuple[str, int, int]]]:
+    """All channels of all sites as one flat instance (costs in DReLUs, or in byte units at
+    ``widths``); returns it with (site, first, K) spans."""
     costs, dists, lengths, spans = [], [], [], []
     first = 0
     for name, r in results.items():
         k = len(r.costs)
-        costs.append(np.tile(r.costs.astype(np.int64), r.channels))
+        price = (r.costs.astype(np.int64) if cost == "drelus" else
+                 option_units(r, int((widths or {}).get(name, 64))))
+        costs.append(np.tile(price, r.channels))
         dists.append(np.ascontiguousarray(r.distortion, dtype=np.float64).reshape(-1))
         lengths.append(np.full(r.channels, k, dtype=np.int64))
         spans.append((name, first, k))
@@ -112,24 +134,47 @@ def _instance(results: Mapping[str, SiteDistortion]) -> tuple[FlatInstance, list
     return FlatInstance(np.concatenate(costs), np.concatenate(dists), offsets), spans
 
 
-def knapsack_block_spec(results: Mapping[str, SiteDistortion], budget: int,
+def knapsack_block_spec(results: Mapping[str, SiteDistortion], budget: int, *,
+                        cost: str = "drelus", widths: Mapping[str, int] | None = None,
                         **solver_options) -> KnapsackSolution:
-    """Choose one candidate size per channel of every site, total DReLUs <= ``budget``,
-    minimising the summed distortion; returns the spec and the solver's result.
+    """Choose one candidate size per channel of every site, minimising the summed distortion
+    with total cost <= ``budget``; returns the spec and the solver's result.
+
+    ``cost="drelus"`` (default): ``budget`` is DReLUs per image. ``cost="bytes"``: ``budget``
+    is bytes per image that the runtime sends for these sites, every option priced at its
+    site's comparison width ``widths[site]`` (default 64; see :mod:`.costs`); the exact bytes
+    of the returned spec never exceed ``budget``. Both report DReLUs and exact bytes.
 
     Raises ``InfeasibleBudgetError`` when even the cheapest candidates exceed the budget.
     """
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
     check_distortion_results(results)
-    inst, spans = _instance(results)
+    widths = {name: int((widths or {}).get(name, 64)) for name in results}
+    inst, spans = _instance(results, cost, widths)
+    if cost == "drelus":
+        solver_budget = int(budget)
+    else:
+        if isinstance(budget, (bool, np.bool_)) or not float(budget).is_integer() or budget < 0:
+            raise ValueError(f"a byte budget must be a whole number >= 0, got {budget!r}")
+        solver_budget = byte_budget_units(int(budget), len(results))
     t0 = time.perf_counter()
-    res = solve_mckp(inst, None, int(budget), **solver_options)
+    res = solve_mckp(inst, None, solver_budget, **solver_options)
     seconds = time.perf_counter() - t0
     spec: dict[str, np.ndarray] = {}
     for name, first, _k in spans:
         r = results[name]
         picks = res.choice[first:first + r.channels]
         spec[name] = r.block_sizes[picks].astype(np.int32)
-    return KnapsackSolution(spec, res, int(budget), all_relu_count(results), seconds)
+    drelus = int(sum(int(block_costs(spec[n], r.height, r.width).sum())
+                     for n, r in results.items()))
+    exact = int(sum(spec_site_bytes(results, spec, widths).values()))
+    if cost == "bytes" and exact > int(budget):   # cannot happen: the reserve covers rounding
+        raise RuntimeError(f"exact bytes {exact} exceed the budget {budget} "
+                             f"(linear price {res.total_cost / UNITS_PER_BYTE} bytes)")
+    return KnapsackSolution(spec, res, int(budget), all_relu_count(results), seconds,
+                            cost=cost, drelus=drelus, bytes=exact,
+                            total_bytes=all_relu_bytes(results, widths), widths=widths)
 
 
 def _size_label(hw) -> str:
@@ -138,9 +183,13 @@ def _size_label(hw) -> str:
 
 
 def site_table(results: Mapping[str, SiteDistortion], spec: Mapping[str, np.ndarray],
-               top: int = 3) -> list[dict]:
-    """One row per site: DReLUs before (all ReLU) and after, identity share, common sizes."""
+               top: int = 3, widths: Mapping[str, int] | None = None) -> list[dict]:
+    """One row per site: DReLUs and exact bytes per image before (all ReLU) and after, the
+    comparison width that prices the bytes (``widths``, default 64), identity share, common
+    sizes."""
     rows = []
+    before_bytes = spec_site_bytes(results, {}, widths)
+    after_bytes = spec_site_bytes(results, spec, widths)
     for name, r in results.items():
         sizes = np.asarray(spec[name])
         before = r.channels * r.height * r.width
@@ -151,7 +200,9 @@ def site_table(results: Mapping[str, SiteDistortion], spec: Mapping[str, np.ndar
                          drelus_before=before, drelus_after=after,
                          kept_share=after / before if before else 0.0,
                          identity_share=labels.get("identity", 0) / r.channels,
-                         common_sizes=common))
+                         common_sizes=common,
+                         drelu_width=int((widths or {}).get(name, 64)),
+                         bytes_before=before_bytes[name], bytes_after=after_bytes[name]))
     return rows
 
 
@@ -167,20 +218,28 @@ def site_table_csv(rows: Sequence[dict]) -> str:
 
 def site_table_markdown(rows: Sequence[dict]) -> str:
     """The rows of :func:`site_table` as a markdown table with a total line."""
-    head = ("| site | C | H×W | DReLUs before | DReLUs after | kept | identity ch. | "
-            "most common sizes |\n|---|---:|---:|---:|---:|---:|---:|---|\n")
+    head = ("| site | C | H×W | DReLUs before | DReLUs after | kept | ℓ | bytes before | "
+            "bytes after | identity ch. | most common sizes |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
     lines = [f"| {r['site']} | {r['channels']} | {r['height']}×{r['width']} | "
              f"{r['drelus_before']:,} | {r['drelus_after']:,} | {100 * r['kept_share']:.2f}% | "
+             f"{r['drelu_width']} | {r['bytes_before']:,} | {r['bytes_after']:,} | "
              f"{100 * r['identity_share']:.1f}% | {r['common_sizes']} |" for r in rows]
     before = sum(r["drelus_before"] for r in rows)
     after = sum(r["drelus_after"] for r in rows)
+    b_before = sum(r["bytes_before"] for r in rows)
+    b_after = sum(r["bytes_after"] for r in rows)
     lines.append(f"| **total** | {sum(r['channels'] for r in rows)} | | {before:,} | {after:,} | "
-                 f"{100 * after / max(before, 1):.2f}% | | |")
-    return head + "\n".join(lines) + "\n"
+                 f"{100 * after / max(before, 1):.2f}% | | {b_before:,} | {b_after:,} "
+                 f"({100 * b_after / max(b_before, 1):.2f}%) | | |")
+    notes = ("\nBytes: exact payload bytes per image that the secure runtime sends for each "
+             "site's fused DReLU layer at comparison width ℓ (all parties; the DReLUs plus 24 "
+             "bytes per non-identity pixel; identity channels are free).\n")
+    return head + "\n".join(lines) + "\n" + notes
 
 
-def plot_site_drelus(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
-    """Bar plot (PNG) of DReLUs per site before and after, log scale, forward order."""
+def _plot_sites(rows: Sequence[dict], path: str | Path, title: str, key: str, scale: float,
+                ylabel: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -188,14 +247,26 @@ def plot_site_drelus(rows: Sequence[dict], path: str | Path, title: str = "") ->
     fig = Figure(figsize=(max(6.0, 0.25 * len(rows) + 2), 4.0))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.bar(x, [r["drelus_before"] for r in rows], color="#cccccc", label="all ReLU")
-    ax.bar(x, [max(r["drelus_after"], 0) for r in rows], color="#1f77b4", label="chosen")
+    ax.bar(x, [r[f"{key}_before"] / scale for r in rows], color="#cccccc", label="all ReLU")
+    ax.bar(x, [max(r[f"{key}_after"], 0) / scale for r in rows], color="#1f77b4",
+           label="chosen")
     ax.set_yscale("symlog", linthresh=1)
     ax.set_xticks(x)
     ax.set_xticklabels([r["site"] for r in rows], rotation=90, fontsize=6)
-    ax.set_ylabel("DReLUs per image")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+
+
+def plot_site_drelus(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
+    """Bar plot (PNG) of DReLUs per site before and after, log scale, forward order."""
+    _plot_sites(rows, path, title, "drelus", 1.0, "DReLUs per image")
+
+
+def plot_site_bytes(rows: Sequence[dict], path: str | Path, title: str = "") -> None:
+    """Bar plot (PNG) of the exact bytes per site (KB per image) before and after, log scale,
+    forward order."""
+    _plot_sites(rows, path, title, "bytes", 1e3, "KB per image (secure runtime)")
