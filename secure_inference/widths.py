@@ -21,7 +21,7 @@ It is a wrong answer, never a leak: every message is still masked exactly as at 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 __all__ = ["DEFAULT_MARGIN", "FULL_WIDTH", "MIN_WIDTH", "RANGE_SLACK_UNITS", "CALIBRATION_KEY",
@@ -85,8 +85,10 @@ class Calibration:
     calibration images (real units); ``margin``: the safety factor the widths use unless a
     caller overrides it; ``images``: how many calibration images; ``frac_bits``: the fixed point
     the headroom was checked at; ``max_activation``: the largest |value| of any layer;
-    ``headroom``: how many times ``max_activation`` fits into the fixed-point ring before a
-    product of two encodings overflows (2^63 / (max_activation · 2^(2f))).
+    ``headroom``: how many times the largest ring value (a product of two encodings, about
+    2^(2f) times the real value) fits below 2^63; ``truncation_failures``: the expected number
+    of catastrophic local-truncation failures per image at ``frac_bits`` (each puts an error
+    near 2^(64−2f) into one value; see :func:`secure_inference.mpc.compile.truncation_failures`).
     """
 
     ranges: Mapping[str, float]
@@ -95,7 +97,7 @@ class Calibration:
     frac_bits: int = 16
     max_activation: float = 0.0
     headroom: float = float("inf")
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    truncation_failures: float = 0.0
 
     def width(self, layer: str, frac_bits: int, margin: float | None = None) -> int:
         """The comparison width of ``layer`` (64 when it has no recorded range)."""
@@ -113,7 +115,8 @@ class Calibration:
         return {"version": 1, "ranges": {str(k): float(v) for k, v in self.ranges.items()},
                 "margin": float(self.margin), "images": int(self.images),
                 "frac_bits": int(self.frac_bits), "max_activation": float(self.max_activation),
-                "headroom": float(min(self.headroom, 1e300))}
+                "headroom": float(min(self.headroom, 1e300)),
+                "truncation_failures": float(self.truncation_failures)}
 
     @classmethod
     def from_plain(cls, obj: Any, source: str = "spec") -> "Calibration":
@@ -146,4 +149,6 @@ class Calibration:
         return cls(ranges=clean, margin=margin, images=images, frac_bits=frac,
                    max_activation=_finite(obj.get("max_activation", 0.0),
                                           f"{where}: max_activation"),
-                   headroom=_finite(obj.get("headroom", 1e300), f"{where}: headroom"))
+                   headroom=_finite(obj.get("headroom", 1e300), f"{where}: headroom"),
+                   truncation_failures=_finite(obj.get("truncation_failures", 0.0),
+                                               f"{where}: truncation_failures"))

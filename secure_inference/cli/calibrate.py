@@ -99,7 +99,8 @@ def run(argv: list[str] | None = None) -> int:
     b64, bw = sum(r["bytes_64"] for r in rows), sum(r["bytes"] for r in rows)
     summary = {"out": str(args.out), "images": cal.images, "margin": cal.margin,
                "frac_bits": cal.frac_bits, "max_activation": cal.max_activation,
-               "headroom": cal.headroom, "widths": [min(r["width"] for r in rows) if rows else None,
+               "headroom": cal.headroom,
+               "expected_truncation_failures_per_image": cal.truncation_failures, "widths": [min(r["width"] for r in rows) if rows else None,
                                                     max(r["width"] for r in rows) if rows else None],
                "nonlinear_MB_per_image_64bit": b64 / 1e6,
                "nonlinear_MB_per_image_calibrated": bw / 1e6}

@@ -27,7 +27,7 @@ from ..spec import BlockSpec
 from ..widths import (DEFAULT_MARGIN, FULL_WIDTH, Calibration, CalibrationError,
                       width_range)
 from ..wire_costs import mul_drelu_bytes
-from .analysis import run_float, truncation_failures
+from .analysis import run_float
 from .ops import layer_drelus, op_of
 from .program import Layer, Program, Weights
 from .ring import DEFAULT_FRAC_BITS
@@ -55,6 +55,7 @@ class _Recorder:
     max_ring: float = 0.0
     max_ring_layer: str = ""
     nonfinite: str = ""          # the first layer with a NaN or infinite value
+    failures: float = 0.0        # expected catastrophic truncation failures, all images
 
 
 def _check_images(images: torch.Tensor, program: Program) -> torch.Tensor:
@@ -109,6 +110,7 @@ def calibrate_program(program: Program, weights: Weights, images: torch.Tensor, 
             for values in op.truncated(layer, ins, y, weights, frac_bits):
                 if values.numel():
                     ring = max(ring, float(values.abs().max()))
+                    rec.failures += float(values.abs().sum()) / 2.0 ** 64
             if ring > rec.max_ring:
                 rec.max_ring, rec.max_ring_layer = ring, layer.name
 
@@ -125,7 +127,8 @@ def calibrate_program(program: Program, weights: Weights, images: torch.Tensor, 
     headroom = 2.0 ** 63 / rec.max_ring if rec.max_ring > 0 else float("inf")
     cal = Calibration(ranges=rec.ranges, margin=float(margin), images=int(images.shape[0]),
                       frac_bits=int(frac_bits), max_activation=rec.max_activation,
-                      headroom=min(headroom, 1e300))
+                      headroom=min(headroom, 1e300),
+                      truncation_failures=rec.failures / images.shape[0])
     if check:
         check_headroom(cal, where=rec.max_ring_layer, activation_layer=rec.max_activation_layer)
     return cal
@@ -181,11 +184,13 @@ def calibrate(model: nn.Module, images: torch.Tensor, spec: Mapping | None = Non
 
 
 def width_table(program: Program, calibration: Calibration | None = None, *,
-                frac_bits: int = DEFAULT_FRAC_BITS, margin: float | None = None
-                ) -> list[dict[str, Any]]:
-    """Per DReLU layer of ``program``: op, DReLUs and payload values per image, the calibrated
-    range, the width the compiler gives it, the range that width holds, and the exact online
-    bytes per image at 64 bits and at that width (the non-linear layers only)."""
+                frac_bits: int = DEFAULT_FRAC_BITS, margin: float | None = None,
+                batch: int = 1) -> list[dict[str, Any]]:
+    """Per DReLU layer of ``program``: op, DReLUs and payload values per batch of ``batch``
+    images, the calibrated range, the width the compiler gives it (after assigning the widths
+    of ``calibration``, if given), the range that width holds, and the exact online bytes of
+    one batch at 64 bits and at that width (one batch packs its Z_67 values together, so
+    a batch of b images may send a few bytes less than b single images)."""
     if calibration is not None:
         assign_widths(program, calibration, frac_bits=frac_bits, margin=margin)
     widths = program.widths()
@@ -193,33 +198,34 @@ def width_table(program: Program, calibration: Calibration | None = None, *,
     for layer in program.layers:
         if layer.name not in widths:
             continue
-        n = layer_drelus(layer, 1)
-        payload = _payload_values(layer)
+        n = layer_drelus(layer, batch)
+        payload = _payload_values(layer, batch)
         width = widths[layer.name]
         rng = calibration.ranges.get(layer.name) if calibration is not None else None
         rows.append({"layer": layer.name, "op": layer.op, "drelus": n, "payload": payload,
                      "range": rng, "width": width,
                      "holds": width_range(width, frac_bits) if width < FULL_WIDTH else None,
-                     "bytes_64": _layer_bytes(layer, FULL_WIDTH),
-                     "bytes": _layer_bytes(layer, width)})
+                     "bytes_64": _layer_bytes(layer, FULL_WIDTH, batch),
+                     "bytes": _layer_bytes(layer, width, batch)})
     return rows
 
 
-def _payload_values(layer: Layer) -> int:
-    """Payload values (pixels multiplied by a decision) of one image."""
+def _payload_values(layer: Layer, batch: int) -> int:
+    """Payload values (pixels multiplied by a decision) of a batch."""
     if layer.op == "block_relu":
         from .protocols.relu import block_relu_plan
-        return block_relu_plan((1,) + tuple(layer.shape[1:]), layer.attrs["block_sizes"]).pixels
-    return layer_drelus(layer, 1)
+        return block_relu_plan((batch,) + tuple(layer.shape[1:]),
+                               layer.attrs["block_sizes"]).pixels
+    return layer_drelus(layer, batch)
 
 
-def _layer_bytes(layer: Layer, width: int) -> int:
-    """Exact online payload bytes of one image of a DReLU layer at ``width`` bits."""
+def _layer_bytes(layer: Layer, width: int, batch: int) -> int:
+    """Exact online payload bytes of one batch through a DReLU layer at ``width`` bits."""
     if layer.op == "max_pool":
         from .protocols.relu import max_pool_comparisons
         k = layer.attrs["kernel_size"]
-        per = math.prod((1,) + tuple(layer.shape[1:]))
+        per = math.prod((batch,) + tuple(layer.shape[1:]))
         return sum(mul_drelu_bytes(c * per, c * per, width)
                    for c in max_pool_comparisons(k[0] * k[1]))
-    return mul_drelu_bytes(layer_drelus(layer, 1), _payload_values(layer), width)
+    return mul_drelu_bytes(layer_drelus(layer, batch), _payload_values(layer, batch), width)
 

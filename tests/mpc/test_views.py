@@ -25,6 +25,7 @@ threshold of 6.5 (false alarm below 1e-10 per message).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from torch import nn
 import secure_inference as si
 from secure_inference.mpc import protocols as P
 from secure_inference.mpc.compile import compile_model
+from secure_inference.mpc.trace import assign_widths
+from secure_inference.widths import Calibration
 from secure_inference.mpc.party import run_party
 from secure_inference.mpc.protocols import drelu as D
 from secure_inference.mpc.protocols import relu as R
@@ -48,6 +51,7 @@ RUNS = 12
 Z_THRESHOLD = 6.5
 PAIRS = ((0, 1), (0, 2), (1, 2))
 APPROX = D.DReLUConfig.approximate(40, 8)     # ℓ = 33: 5-byte openings
+WIDTHS = (3, 8, 13, 24, 27, 41, 48, 63)        # exact comparison widths: 1, 2, 3, 4, 6, 8 bytes
 IMAGE = (1, 2, 6, 6)
 WEIGHT = (3, 2, 3, 3)
 
@@ -163,10 +167,25 @@ def _cnn(seed: int):
     return compile_model(model, IMAGE, spec=spec)
 
 
-def _whole_cnn(drelu: D.DReLUConfig | None) -> Callable:
+# a calibration giving three of the CNN's DReLU layers widths of 2, 3 and 4 bytes (10, 20, 27
+# bits; the fourth stays at 64)
+CNN_RANGES = {"2": 2.0 ** -12, "4": 2.0 ** 2.5, "5.max_pool": 2.0 ** 9.5}
+CNN_WIDTHS = {"2": 10, "4": 20, "5.max_pool": 27}
+
+
+@functools.lru_cache(maxsize=None)
+def _cnn_calibrated(seed: int):
+    program, weights = _cnn(seed)
+    program = copy.deepcopy(program)
+    assign_widths(program, Calibration(ranges=CNN_RANGES, margin=1.0), frac_bits=16)
+    assert program.widths() == {**CNN_WIDTHS, "7": 64}
+    return program, weights
+
+
+def _whole_cnn(drelu: D.DReLUConfig | None, compiled: Callable = _cnn) -> Callable:
     def body(p, s: Secret):
-        program, weights = _cnn(int(s is SECRETS[1]))
-        assert program.fingerprint() == _cnn(0)[0].fingerprint()
+        program, weights = compiled(int(s is SECRETS[1]))
+        assert program.fingerprint() == compiled(0)[0].fingerprint()
         run_party(p, program, images=[s.image] if p.role == 0 else None,
                   weights=weights if p.role == 1 else None, drelu=drelu)
     return body
@@ -191,6 +210,11 @@ CASES: dict[str, tuple[Callable, int]] = {     # name: (body, bytes of one DReLU
     "cnn-approx": (_whole_cnn(APPROX), 5),
     "drelu-chacha20": (_nonlinear(lambda p, x: D.drelu(p, x)), 8),
     "cnn-chacha20": (_whole_cnn(None), 8),
+    # calibrated widths: every opening size from 1 to 8 bytes, and a whole CNN of mixed widths
+    **{f"drelu-w{bits}": (_nonlinear(lambda p, x, b=bits: D.drelu(p, x, D.DReLUConfig(b))),
+                          (bits + 7) // 8) for bits in WIDTHS},
+    "cnn-calibrated": (_whole_cnn(None, _cnn_calibrated),
+                       lambda scope: {"2": 2, "4": 3, "5.max_pool": 4}.get(scope.split("/")[0], 8)),
 }
 # The cipher of a case's correlated randomness (default aes): the views must not depend on it.
 CASE_PRG = {"drelu-chacha20": "chacha20", "cnn-chacha20": "chacha20"}
@@ -284,6 +308,8 @@ VIEW_TABLE = {
         [],
     ),
 }
+# a DReLU at any width sends the same messages (narrower openings and fewer Z_67 words)
+VIEW_TABLE.update({f"drelu-w{bits}": VIEW_TABLE["drelu"] for bits in WIDTHS})
 
 
 # ---------------------------------------------------------------------- running and decoding
@@ -329,7 +355,7 @@ def _experiment(case: str, receiver: int):
     def elements(scope, frm, t):
         if _is_public(scope, receiver):   # not decoded: compared by neither test
             return t.reshape(-1).view(torch.uint8).numpy().astype(np.uint64), 8
-        return _elements(t, frm, receiver, opening)
+        return _elements(t, frm, receiver, opening(scope) if callable(opening) else opening)
 
     decoded = [[[elements(*msg)[0] for msg in view] for view in runs] for runs in per_secret]
     widths = [elements(*msg)[1] for msg in per_secret[0][0]]

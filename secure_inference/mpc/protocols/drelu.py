@@ -93,6 +93,7 @@ from __future__ import annotations
 import math
 import torch
 
+from ... import wire_costs
 from ..runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party
 from ..settings import EXACT, DReLUConfig
 from .pair_random import pair_bits, pair_ring, pair_small
@@ -146,20 +147,14 @@ def resolve_config(party: Party, config: DReLUConfig | None) -> DReLUConfig:
 # --------------------------------------------------------------------------------------------
 
 def drelu_bytes(n: int, config: DReLUConfig = EXACT) -> int:
-    """Payload bytes of one batched DReLU of ``n`` elements, summed over all parties."""
-    if n == 0:
-        return 0
-    ell, nb = config.ring_bits, (config.ring_bits + 7) // 8
-    return (3 * zp_packed_bytes(n * (ell - 1))     # dealt bits of r', two compare messages
-            + 2 * n * nb                           # the masked opening t_j + r_j, both ways
-            + 8 * n)                               # output share s
+    """Payload bytes of one batched DReLU of ``n`` elements, summed over all parties
+    (:func:`secure_inference.wire_costs.drelu_bytes` at the config's ring width)."""
+    return wire_costs.drelu_bytes(n, config.ring_bits)
 
 
 def mul_drelu_bytes(n: int, m: int, config: DReLUConfig = EXACT) -> int:
     """Payload bytes of :func:`mul_drelu` with ``n`` decisions and ``m`` payload values."""
-    if n == 0:
-        return 0
-    return drelu_bytes(n, config) + 24 * m
+    return wire_costs.mul_drelu_bytes(n, m, config.ring_bits)
 
 
 def plain_drelu(x: torch.Tensor) -> torch.Tensor:
