@@ -153,6 +153,15 @@ def run_crypten(python: Path, threads: int = 1) -> dict:
     return out
 
 
+def calibrated(model, chw, spec, images: int) -> dict:
+    """``spec`` calibrated on ``images`` Gaussian images (the benchmark's own input
+    distribution; the weights are random, so there are no training images): a spec carrying
+    per-layer ranges, so every DReLU layer compares only the bits it needs (margin 8)."""
+    from secure_inference.mpc.calibrate import calibrate
+    gen = torch.Generator().manual_seed(1234)   # public calibration data, not a secret
+    return calibrate(model, torch.randn((images,) + chw, generator=gen), spec)
+
+
 def run_ours_for_crypten(model, chw, spec, threads: int) -> dict:
     """One run of ours as the main loop does it (run_local, CPU, AES, TLS, batch 1) with
     ``threads`` torch threads per party; the figures the CrypTen comparison needs."""
@@ -187,7 +196,8 @@ def _spread(values: list[float]) -> dict | None:
 
 
 def crypten_comparison(python: Path, repeats: int, threads: int, rows: dict,
-                       with_ours: bool, out: Path, quiet_s: float = 0.0) -> None:
+                       with_ours: bool, out: Path, quiet_s: float = 0.0,
+                       calibration_images: int = 0) -> None:
     """Ours (ResNet18-CIFAR-100, all ReLUs and 6%) and CrypTen (all ReLUs) interleaved:
     ours, CrypTen, ours, CrypTen, ... ``repeats`` times, both sides at ``threads`` threads
     per party process, so drift in the machine's speed or load hits both alike. Every
@@ -198,7 +208,11 @@ def crypten_comparison(python: Path, repeats: int, threads: int, rows: dict,
     cases = []
     if with_ours:
         model, chw = build("resnet18_cifar100")
-        cases = [("all", None), ("6%", spec_at(model, chw, 0.06))]
+        six = spec_at(model, chw, 0.06)
+        cases = [("all", None), ("6%", six)]
+        if calibration_images:
+            cases += [("all calibrated", calibrated(model, chw, None, calibration_images)),
+                      ("6% calibrated", calibrated(model, chw, six, calibration_images))]
     reps = []
     for i in range(repeats):
         rep: dict = {"repeat": i + 1, "ours": {}}
@@ -384,6 +398,13 @@ def main() -> int:
     parser.add_argument("--only-throughput", action="store_true",
                         help="no networks: only --throughput-sizes and --link-mb (needs no "
                              "MMLab packages)")
+    parser.add_argument("--widths", nargs="+", default=["64"], choices=["64", "calibrated"],
+                        help="comparison widths of every case: 64 (exact 64-bit DReLU "
+                             "everywhere) and/or calibrated (each layer's width from a "
+                             "calibration on --calibration-images Gaussian images, margin 8); "
+                             "both: interleaved per case in the same run")
+    parser.add_argument("--calibration-images", type=int, default=32,
+                        help="images the calibrated cases are calibrated on")
     parser.add_argument("--link-mb", type=int, default=0,
                         help="measure loopback bandwidth with this many MB first (0: skip)")
     args = parser.parse_args()
@@ -416,11 +437,15 @@ def main() -> int:
         cases = [("all", None), ("6%", spec_at(model, chw, 0.06))]
         if name == "resnet50_in1k":
             cases = [c for c in reversed(cases) if c[0] in args.resnet50_specs]
+        cases = [(label + ("" if w == "64" else " calibrated"),
+                  spec if w == "64" else calibrated(model, chw, spec, args.calibration_images))
+                 for label, spec in cases for w in args.widths]
         for label, spec, device, batch in [(label, spec, device, batch)
                                            for label, spec in cases for device in args.devices
                                            for batch in args.batch_sizes]:
             default = device == "cpu" and batch == 1 and args.prg == "aes"
-            tag = label.strip('%') + ("" if default else f"_{device}_b{batch}_{args.prg}")
+            tag = label.strip('%').replace("% ", "_").replace(" ", "_") + (
+                "" if default else f"_{device}_b{batch}_{args.prg}")
             x = torch.randn((batch,) + chw)
             load = os.getloadavg()[0]
             start = time.perf_counter()
@@ -430,8 +455,10 @@ def main() -> int:
                             plot_path=args.out.with_name(f"bytes_{name}_{tag}.png"))
             wall = time.perf_counter() - start
             rep = res.report
-            pub_s, pub_gb = PUBLISHED[(name, label)]
+            pub_s, pub_gb = PUBLISHED[(name, label.split()[0])]
+            widths = sorted(set(res.program.widths().values()))
             row = {**report_figures(rep), "relus_all": total, "run_local_wall_s": wall,
+                   "drelu_widths": widths,
                    "load_average_before": load,
                    "published_s": pub_s, "published_GB": pub_gb,
                    # ours: preprocessing + online (the published runs generate their
@@ -449,7 +476,7 @@ def main() -> int:
                 row["wire_bound_s"] = bound
                 row["wire_share"] = bound / rep["per_image"]["seconds_preprocess_and_online"]
             rows[f"{name} {label}" + ("" if default else f" {device} b{batch} {args.prg}")] = row
-            print(f"{name:18s} {label:4s} {device:6s} b{batch:<3d} DReLUs {row['drelus']:>10,d}  preprocess "
+            print(f"{name:18s} {label:15s} bits {widths[0]}-{widths[-1]} {device:6s} b{batch:<3d} DReLUs {row['drelus']:>10,d}  preprocess "
                   f"{row['preprocess_s']:6.2f} s {row['preprocess_GB']:.3f} GB  online "
                   f"{row['online_s']:6.2f} s {row['online_GB']:.3f} GB  (+ setup "
                   f"{row['setup_GB']:.3f} GB)  published {pub_s} s / {pub_gb} GB", flush=True)
@@ -457,7 +484,9 @@ def main() -> int:
     if args.crypten:
         crypten_comparison(crypten_venv(args.crypten_venv), max(1, args.crypten_repeats),
                            max(1, args.crypten_threads), rows, not args.skip_ours, args.out,
-                           quiet_s=args.crypten_quiet)
+                           quiet_s=args.crypten_quiet,
+                           calibration_images=args.calibration_images
+                           if "calibrated" in args.widths else 0)
     print(f"machine: {platform.machine()} {platform.processor()} python {platform.python_version()}"
           f" torch {torch.__version__}")
     return 0
