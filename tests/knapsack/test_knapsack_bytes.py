@@ -65,7 +65,7 @@ def make_site(name, channels, height, width, seed=0, identity_free=False):
     # [1,1] exact, bigger patches worse, identity worst (unless free): a mix gets chosen
     d = rng.lognormal(0, 1, (channels, 1)) * (1 - costs / costs.max()) ** rng.uniform(0.3, 2, (channels, 1))
     d = d * rng.lognormal(0, 0.3, (channels, costs.size))
-    d[:, ident] = 0.0 if identity_free else 3 * d.max()
+    d[:, ident] = 0.0 if identity_free else 1.5 * d.max(1, keepdims=True)
     return SiteDistortion(name, d, sizes, costs, channels, height, width, num_samples=2, seed=0)
 
 
@@ -219,6 +219,8 @@ def test_knapsack_bytes_equal_the_runtime_bytes(mode):
     rows = np.concatenate([v for v in spec.values()])
     assert (rows[:, 0] == 0).any() and ((rows == 1).all(1)).any() and (rows.max(1) > 1).any()
     assert (spec["layer1.relu#0"][:, 0] == 0).all()
+    mixed = [n for n, v in spec.items() if 0 < (v[:, 0] == 0).sum() < len(v)]
+    assert mixed, "no site mixes identity and non-identity channels"
     expected = spec_site_bytes(results, spec, widths)
     assert expected["layer1.relu#0"] == 0
 
