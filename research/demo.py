@@ -9,7 +9,8 @@ Stages (each skips work already done when rerun; delete a stage's folder to redo
 4. knapsack   research/knapsack_patch_size_extractor.py for every --budgets ratio, plus the
               uniform Block-ReLU (--uniform-size) and the knapsack at exactly its DReLU count
 5. finetune   mmlab_tools/dist_train.sh with each spec, from the baseline
-6. evaluate   plaintext accuracy on the held-out test images, then secure inference with all
+6. evaluate   plaintext accuracy on the held-out test images, then (after calibrating each
+              model's comparison widths on training images) secure inference with all
               three parties as separate processes over loopback TCP with TLS
 7. report     one table (printed), results.json and two plots in the output folder
 
@@ -58,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=2, help="training processes (CPU or GPUs)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--frac-bits", type=int, default=None, help="fixed-point fractional bits")
+    p.add_argument("--calibration-images", type=int, default=256,
+                   help="training images each model is calibrated on before secure inference "
+                        "(per-layer comparison widths; 0: every DReLU at 64 bits)")
     return p.parse_args(argv)
 
 
@@ -184,13 +188,20 @@ def main(argv=None) -> None:
     secure_options = {"tls": True}
     if args.frac_bits is not None:
         secure_options["frac_bits"] = args.frac_bits
+    calibration = None
+    if args.calibration_images > 0:
+        import torch
+        calibration = torch.cat([x for x, _ in demo.split_inputs(
+            cfg, build_task_model(cfg), "train", limit=args.calibration_images)])
     rows = []
     for name, config, ckpt in [("all ReLUs", args.config, base_ckpt)] + [
             (n, args.finetune_config, c) for n, c in finetuned.items()]:
         log(f"evaluate {name}: plaintext on {n_test} test images, secure inference on "
-            f"{min(args.secure_images, n_test)} (3 processes, loopback TLS)")
+            f"{min(args.secure_images, n_test)} (3 processes, loopback TLS"
+            + (f", widths calibrated on {len(calibration)} training images)"
+               if calibration is not None else ", 64-bit DReLUs)"))
         rows.append(demo.evaluate_model(config, ckpt, name, batches, args.secure_images,
-                                        secure_options))
+                                        secure_options, calibration))
 
     # 7. report
     table = demo.format_table(rows)

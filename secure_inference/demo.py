@@ -87,6 +87,8 @@ class DemoRow:
     seconds_per_image: float | None = None
     rounds: int | None = None
     site_drelus: dict[str, int] = field(default_factory=dict)
+    bytes_per_image_64bit: float | None = None  # the same run with every DReLU at 64 bits (exact)
+    drelu_widths: list[int] | None = None      # bits compared per DReLU layer (min, max)
 
 
 def write_uniform_spec(config: str | os.PathLike, size: tuple[int, int],
@@ -111,21 +113,29 @@ def format_table(rows: Sequence[DemoRow]) -> str:
     """A fixed-width text table of the demo results."""
     n = max((r.secure_images for r in rows), default=0)
     head = ("budget", "DReLUs/img", "plain acc", f"plain@{n}", f"secure@{n}", "agreement",
-            "MB/img", "s/img")
-    lines = ["{:<12} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7}".format(*head)]
+            "MB/img", "MB@64bit", "bits", "s/img")
+    lines = ["{:<12} {:>11} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>6} {:>7}".format(*head)]
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
 
+    def mb(v):
+        return "-" if v is None else f"{v / 1e6:.2f}"
+
     for r in rows:
-        lines.append("{:<12} {:>11,} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7}".format(
+        bits = "-" if not r.drelu_widths else (
+            f"{r.drelu_widths[0]}" if r.drelu_widths[0] == r.drelu_widths[-1]
+            else f"{r.drelu_widths[0]}-{r.drelu_widths[-1]}")
+        lines.append("{:<12} {:>11,} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>6} {:>7}".format(
             r.budget, r.drelus, pct(r.plaintext_accuracy),
             pct(r.plaintext_accuracy_secure_images), pct(r.secure_accuracy),
-            pct(r.agreement),
-            "-" if r.bytes_per_image is None else f"{r.bytes_per_image / 1e6:.2f}",
+            pct(r.agreement), mb(r.bytes_per_image), mb(r.bytes_per_image_64bit), bits,
             "-" if r.seconds_per_image is None else f"{r.seconds_per_image:.2f}"))
     lines.append(f"plain acc: all test images; plain@{n}/secure@{n}: the {n} images run under "
                  "secure inference; agreement: same predicted class secure vs plaintext")
+    lines.append("MB/img: sent per image (set-up included) with the bits each DReLU layer "
+                 "compares (bits: calibrated on training images); MB@64bit: the same run with "
+                 "every DReLU at 64 bits (exact byte count)")
     if any(r.budget.startswith("uniform") for r in rows):
         lines.append("uniform HxW: the same patch size for every channel; knap@HxW: the "
                      "knapsack at exactly the uniform spec's DReLU count")
@@ -217,12 +227,15 @@ def secure_subset(total: int, count: int) -> torch.Tensor:
 
 def evaluate_model(config: str, checkpoint: str | os.PathLike, name: str,
                    batches: Sequence[tuple[torch.Tensor, torch.Tensor]], secure_images: int,
-                   secure_options: dict | None = None) -> DemoRow:
+                   secure_options: dict | None = None,
+                   calibration_inputs: torch.Tensor | None = None) -> DemoRow:
     """Plaintext accuracy on every batch; secure accuracy and agreement on a spread subset.
 
     Secure inference runs the three parties as separate processes over loopback TCP
     (:func:`secure_inference.mpc.run_local`); the revealed logits are compared with the
-    plaintext logits of the same Block-ReLU model.
+    plaintext logits of the same Block-ReLU model. With ``calibration_inputs`` (training
+    images) the model is calibrated first and every DReLU layer compares only the bits its
+    range needs; the row also gives the exact bytes the same run sends at 64 bits.
     """
     from .mmlab.finetune import load_finetuned
     from .mmlab.config_utils import input_shape_from_cfg, load_task_config
@@ -242,9 +255,15 @@ def evaluate_model(config: str, checkpoint: str | os.PathLike, name: str,
     if secure_images <= 0:
         return row
     from .mpc import run_local
+    from .mpc.calibrate import bytes_saved_by_widths, calibrate
+    options = dict(secure_options or {})
+    calibrated = None
+    if calibration_inputs is not None and len(calibration_inputs):
+        calibrated = calibrate(model, calibration_inputs,
+                               frac_bits=options.get("frac_bits", 16))
     pick = secure_subset(len(labels), secure_images)
     x = torch.cat([b[0] for b in batches])[pick]
-    result = run_local(model, x, **(secure_options or {}))
+    result = run_local(model, x, calibrated, **options)
     secure = torch.as_tensor(result.outputs).float()
     plain, truth = logits[pick], labels[pick]
     row.secure_images = len(x)
@@ -254,6 +273,11 @@ def evaluate_model(config: str, checkpoint: str | os.PathLike, name: str,
     row.max_abs_logit_error = float((secure - plain).abs().max())
     per_image = result.report["per_image"]
     row.bytes_per_image = per_image["bytes_with_setup"]
+    sizes = result.report["batch_sizes"]
+    row.bytes_per_image_64bit = (per_image["bytes_with_setup"]
+                                 + bytes_saved_by_widths(result.program, sizes) / sum(sizes))
+    widths = sorted(set(result.program.widths().values()))
+    row.drelu_widths = [widths[0], widths[-1]] if widths else None
     row.seconds_per_image = per_image["seconds_with_setup"]
     row.rounds = result.report["online"]["rounds"]
     return row

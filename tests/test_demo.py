@@ -38,10 +38,12 @@ def test_secure_subset_spreads_over_the_test_set():
 
 def test_table_and_plots(tmp_path):
     sites = {"a": 100, "b": 50}
-    rows = [DemoRow("all ReLUs", 150, 0.97, 60, 0.95, 0.95, 1.0, 0.001, 14e6, 1.2, 103, sites),
+    rows = [DemoRow("all ReLUs", 150, 0.97, 60, 0.95, 0.95, 1.0, 0.001, 14e6, 1.2, 103, sites,
+                    bytes_per_image_64bit=31e6, drelu_widths=[19, 23]),
             DemoRow("5%", 8, 0.92, 60, 0.9, 0.9, 1.0, 0.01, 2e6, 0.4, 103, {"a": 5, "b": 3})]
     table = format_table(rows)
     assert "secure@60" in table and "14.00" in table and "92.0%" in table
+    assert "31.00" in table and "19-23" in table
     paths = plot_results(tmp_path, rows)
     assert [p.name for p in paths] == ["accuracy_vs_drelus.png", "drelus_per_site.png"]
     assert all(p.stat().st_size > 1000 for p in paths)

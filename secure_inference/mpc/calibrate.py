@@ -28,13 +28,13 @@ from ..widths import (DEFAULT_MARGIN, FULL_WIDTH, Calibration, CalibrationError,
                       width_range)
 from ..wire_costs import mul_drelu_bytes
 from .analysis import run_float
-from .ops import layer_drelus, op_of
+from .ops import WIDTH_ATTR, layer_drelus, op_of
 from .program import Layer, Program, Weights
 from .ring import DEFAULT_FRAC_BITS
 from .trace import assign_widths, compile_model
 
 __all__ = ["HeadroomError", "calibrate", "calibrate_program", "check_headroom",
-           "width_table", "MIN_FRAC_BITS"]
+           "width_table", "bytes_saved_by_widths", "MIN_FRAC_BITS"]
 
 MIN_FRAC_BITS = 8
 """Fewest fractional bits :class:`HeadroomError` suggests (below, the rounding error of every
@@ -208,6 +208,20 @@ def width_table(program: Program, calibration: Calibration | None = None, *,
                      "bytes_64": _layer_bytes(layer, FULL_WIDTH, batch),
                      "bytes": _layer_bytes(layer, width, batch)})
     return rows
+
+
+def bytes_saved_by_widths(program: Program, batch_sizes: list[int]) -> int:
+    """Exact online bytes the program's comparison widths save over the 64-bit DReLU for a
+    session of batches of ``batch_sizes`` images (add it to a calibrated run's measured bytes
+    for the 64-bit figure; 0 for a program without widths)."""
+    saved = 0
+    for layer in program.layers:
+        width = layer.attrs.get(WIDTH_ATTR)
+        if width is None or not layer_drelus(layer):
+            continue
+        saved += sum(_layer_bytes(layer, FULL_WIDTH, b) - _layer_bytes(layer, int(width), b)
+                     for b in batch_sizes)
+    return saved
 
 
 def _payload_values(layer: Layer, batch: int) -> int:

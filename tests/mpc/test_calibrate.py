@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import secure_inference as si
-from secure_inference.mpc.calibrate import (HeadroomError, calibrate, calibrate_program,
-                                            width_table)
+from secure_inference.mpc.calibrate import (HeadroomError, bytes_saved_by_widths, calibrate,
+                                            calibrate_program, width_table)
 from secure_inference.mpc.compile import compile_model, truncation_failures
 from secure_inference.mpc.harness import run_in_process
 from secure_inference.mpc.local import run_local
@@ -306,6 +306,8 @@ def test_calibrated_run_matches_plaintext_with_the_bytes_of_its_widths():
         if program.layers[[l.name for l in program.layers].index(name)].op == "relu":
             assert row["bytes"] == mul_drelu_bytes(row["drelus"], row["drelus"], row["width"])
     assert result.report["online"]["rounds"] == plain.report["online"]["rounds"]
+    assert (plain.report["online"]["bytes"] - result.report["online"]["bytes"]
+            == bytes_saved_by_widths(program, [3]) > 0)
     assert result.report["online"]["bytes"] < plain.report["online"]["bytes"]
 
 
