@@ -21,6 +21,7 @@ $(STAMP): requirements.txt constraints.txt setup.py Makefile
 	$(PY) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" || \
 		$(PY) -m pip install -q "$(TRITON_FOR_CPU_TORCH)"
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
+	$(PY) -m secure_inference.venv_hook
 	@touch $(STAMP)
 
 test: $(STAMP) lint

@@ -115,3 +115,24 @@ def test_package_import_is_cheap_and_torch_still_gets_the_fixes():
         print("ok")
     """)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.processes
+def test_torchvision_imports_first_in_the_project_venv(tmp_path):
+    """The venv's start-up hook (secure_inference.venv_hook, written by make install) lets a
+    user import torchvision before secure_inference; without the hook's line the same
+    interpreter fails on this machine's CUDA torchvision beside CPU torch."""
+    from secure_inference import venv_hook
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("not running in a virtual environment")
+    assert (venv_hook.site_packages() / venv_hook.PTH_NAME).read_text() == venv_hook.PTH_LINE
+    out = run_python("""
+        import torchvision, torchvision.models, sys
+        assert "secure_inference" in sys.modules      # installed at start-up, torch after it
+        print(torchvision.models.resnet18(num_classes=3).fc.out_features)
+    """)
+    assert out.returncode == 0 and out.stdout.strip() == "3", out.stderr[-2000:]
+    # the hook itself, written into a fresh folder, is one line that the site module runs
+    path = venv_hook.install(tmp_path)
+    assert path.read_text().startswith("import ") and path.read_text().count("\n") == 1
+    assert venv_hook.remove(tmp_path) and not path.exists()
