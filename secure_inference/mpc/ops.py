@@ -253,12 +253,14 @@ class BlockRelu(Op):
     def run_float(self, layer, ins, weights, flips):
         sizes = layer.attrs["block_sizes"]
         mask = BlockReLU(sizes).mask(ins[0])
-        for name, n, c, i, j in flips:
-            if name == layer.name:
-                h, w = (int(v) for v in sizes[c])
-                h, w = min(h, mask.shape[2]), min(w, mask.shape[3])
-                patch = mask[n, c, i * h:(i + 1) * h, j * w:(j + 1) * w]
-                patch.copy_(1 - patch)
+        mine = [f for f in flips if f[0] == layer.name]
+        if mine:   # the mask may be an expanded view (one patch per map): write into a copy
+            mask = mask.clone()
+        for _, n, c, i, j in mine:
+            h, w = (int(v) for v in sizes[c])
+            h, w = min(h, mask.shape[2]), min(w, mask.shape[3])
+            patch = mask[n, c, i * h:(i + 1) * h, j * w:(j + 1) * w]
+            patch.copy_(1 - patch)
         return ins[0] * mask
 
     def run_secure(self, party, layer, ins, weights, pre):

@@ -1,0 +1,49 @@
+"""The plaintext analyses of a compiled program: flipping Block-ReLU decisions (what
+error_bound does for ambiguous patches), including patches that cover a whole map."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from secure_inference.mpc.compile import compile_model, error_bound, run_float
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(12, 2)).eval()
+
+
+def test_flipping_a_patch_that_covers_the_whole_map():
+    """A 2x2 patch on a 2x2 map: one decision per map; flipping it must not crash (the mask
+    was a stride-0 view) and must change exactly that channel of that image."""
+    model = _net()
+    spec = {"1": np.array([[2, 2]] * 3, dtype=np.int32)}
+    program, weights = compile_model(model, (2, 2, 4, 4), spec=spec)
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    name = next(layer.name for layer in program.layers if layer.op == "block_relu")
+    captured = {}
+
+    def hook(layer, ins, y):
+        if layer.op == "block_relu":
+            captured.setdefault("y", []).append((ins[0].clone(), y.clone()))
+
+    run_float(program, weights, x, hook=hook)
+    run_float(program, weights, x, hook=hook, flips=[(name, 1, 2, 0, 0)])
+    (x_in, plain), (_, flipped) = captured["y"]
+    keep = (x_in.sum((2, 3)) > 0).double()
+    expected = plain.clone()
+    expected[1, 2] = x_in[1, 2] * (1 - keep[1, 2])   # that patch decided the other way
+    assert torch.equal(flipped, expected)
+
+
+def test_error_bound_with_ambiguous_whole_map_patches():
+    model = _net()
+    with torch.no_grad():
+        model[0].bias.zero_()
+    spec = {"1": np.array([[2, 2]] * 3, dtype=np.int32)}
+    program, weights = compile_model(model, (1, 2, 4, 4), spec=spec)
+    x = torch.zeros(1, 2, 4, 4, dtype=torch.float64)   # every patch sum is 0: all ambiguous
+    bound = error_bound(program, weights, x, 16)
+    assert bound.shape == (1, 2) and bool(torch.isfinite(bound).all())
