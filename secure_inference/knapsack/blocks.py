@@ -22,6 +22,7 @@ import numpy as np
 from ..brelu import block_costs
 from ..distortion.store import DistortionFileError, SiteDistortion
 from ..sites import ReluSite
+from ..wire_costs import FULL_WIDTH
 from .costs import (COSTS, UNITS_PER_BYTE, all_relu_bytes, byte_budget_units, option_units,
                     spec_site_bytes)
 from .mckp import FlatInstance, MCKPResult, solve_mckp
@@ -123,7 +124,7 @@ def _instance(results: Mapping[str, SiteDistortion], cost: str = "drelus",
     for name, r in results.items():
         k = len(r.costs)
         price = (r.costs.astype(np.int64) if cost == "drelus" else
-                 option_units(r, int((widths or {}).get(name, 64))))
+                 option_units(r, int((widths or {}).get(name, FULL_WIDTH))))
         costs.append(np.tile(price, r.channels))
         dists.append(np.ascontiguousarray(r.distortion, dtype=np.float64).reshape(-1))
         lengths.append(np.full(r.channels, k, dtype=np.int64))
@@ -150,7 +151,7 @@ def knapsack_block_spec(results: Mapping[str, SiteDistortion], budget: int, *,
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
     check_distortion_results(results)
-    widths = {name: int((widths or {}).get(name, 64)) for name in results}
+    widths = {name: int((widths or {}).get(name, FULL_WIDTH)) for name in results}
     inst, spans = _instance(results, cost, widths)
     if cost == "drelus":
         solver_budget = int(budget)
@@ -201,7 +202,7 @@ def site_table(results: Mapping[str, SiteDistortion], spec: Mapping[str, np.ndar
                          kept_share=after / before if before else 0.0,
                          identity_share=labels.get("identity", 0) / r.channels,
                          common_sizes=common,
-                         drelu_width=int((widths or {}).get(name, 64)),
+                         drelu_width=int((widths or {}).get(name, FULL_WIDTH)),
                          bytes_before=before_bytes[name], bytes_after=after_bytes[name]))
     return rows
 
