@@ -48,6 +48,16 @@ _ZERO_NONCE = bytes(16)
 CIPHERS = ("aes", "chacha20")   # the position is the code compared at session start
 DEFAULT_CIPHER = "aes"
 _SIGN = -(1 << 63)              # int64 with only the top bit set
+# The plaintext of every keystream read (the keystream is the encryption of zero bytes): one
+# shared, read-only buffer, sliced, instead of a fresh bytes(n) per read (which costs more than
+# the cipher: every large allocation is new pages to fault in).
+_ZEROS = memoryview(bytes(1 << 20))
+_AES_SPARE = 15                 # update_into needs block_size − 1 spare bytes of output room
+
+
+def _zeros(nbytes: int):
+    """``nbytes`` zero bytes (a read-only view for up to 1 MiB)."""
+    return _ZEROS[:nbytes] if nbytes <= len(_ZEROS) else bytes(nbytes)
 
 
 def check_cipher(cipher: str) -> str:
@@ -172,7 +182,23 @@ class KeyStream(Stream):
 
     def read(self, nbytes: int) -> bytes:
         """The next ``nbytes`` bytes of the stream."""
-        return self._enc.update(bytes(nbytes))
+        return self._enc.update(_zeros(nbytes))
+
+    def _tensor(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        """The next bytes, encrypted straight into a new tensor (no copy of them)."""
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8, device=device)
+        buf = torch.empty(nbytes + _AES_SPARE, dtype=torch.uint8)
+        view = buf.numpy()
+        done = 0
+        while done < nbytes:
+            m = min(nbytes - done, len(_ZEROS))
+            wrote = self._enc.update_into(_ZEROS[:m], view[done:done + m + _AES_SPARE])
+            if wrote != m:      # CTR mode encrypts every byte at once; anything else is a bug
+                raise RuntimeError(f"AES-CTR wrote {wrote} of {m} keystream bytes")
+            done += m
+        out = buf[:nbytes]
+        return out if device.type == "cpu" else out.to(device)
 
 
 AesStream = KeyStream
@@ -201,8 +227,8 @@ class ChaChaStream(Stream):
             block, skip = divmod(self._pos, chacha.BLOCK_BYTES)
             nonce = block.to_bytes(4, "little") + bytes(12)   # cryptography: counter ‖ nonce
             self._enc = Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor()
-            self._enc.update(bytes(skip))
-        out = self._enc.update(bytes(nbytes))
+            self._enc.update(_zeros(skip))
+        out = self._enc.update(_zeros(nbytes))
         self._pos += nbytes
         self._enc_pos = self._pos
         return out

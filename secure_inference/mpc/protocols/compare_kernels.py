@@ -1,13 +1,21 @@
-"""CPU kernels (numba) of the DReLU's hot loops: PrivateCompare messages, the Z_67 wire format,
-the helper's decision and its dealt bit corrections.
+"""CPU kernels (numba) of the DReLU's hot loops: exact sampling mod small moduli, PrivateCompare
+messages, the Z_67 wire format, the helper's decision and its dealt bit corrections.
 
-The torch versions in :mod:`.drelu` make ~15 passes over an [n, ℓ] int16 array per message
-(one per operation, two of them integer remainders); these kernels make one pass per row and
-write the packed words directly, which is what makes the DReLU cheap in CPU time. They compute
-exactly what the torch versions compute (tested against them): same message layout
-(row-major, rotated rows), same packing (five values mod 67 per little-endian int32 word,
-``Σ v_i·67^i``), same checks on received words (error codes, turned into
-:class:`~secure_inference.mpc.runtime.ProtocolError` by the callers).
+The torch versions in :mod:`.private_compare` and :mod:`.zp` make ~15 passes over an [n, ℓ]
+int16 array per message (one per operation, two of them integer remainders); these kernels
+make one pass per row and write the packed words directly, which is what makes the DReLU cheap
+in CPU time. They compute exactly what the torch versions compute (tested against them and
+against plain-Python references): same message layout (row-major, rotated rows), same packing
+(five values mod 67 per little-endian int32 word, ``Σ v_i·67^i``), same checks on received
+words (error codes, turned into :class:`~secure_inference.mpc.runtime.ProtocolError` by the
+callers).
+
+How they are fast: rows are handled five at a time, since five rows of ℓ values are exactly ℓ
+packed words, so a group is computed into a small buffer and packed word by word with no
+carried packing state; within a row, the only sequential step (the suffix sums of
+PrivateCompare) is a loop of one addition, and every other step is an element-wise loop that
+LLVM vectorises; every remainder is an exact multiply-shift (:func:`_mod67_small`, :func:`_div67` and the sampling
+reduction) instead of a division, on values small enough for the bound proved next to it.
 """
 from __future__ import annotations
 
@@ -18,169 +26,275 @@ P = 67
 GROUP = 5
 WORD_LIMIT = P ** GROUP
 _POW = np.array([P ** i for i in range(GROUP)], dtype=np.int64)
+_SUB_BLOCK = 64             # words per vectorised step of the sampling kernel
 
 OK, WORD_OUT_OF_RANGE, NONZERO_PADDING = 0, 1, 2
+
+# ⌊v/67⌋ = (v·M) >> 38 with M = ⌈2^38/67⌉ for every 0 ≤ v < 2^31: M·67 − 2^38 = e ≤ 66, so the
+# error v·e/(67·2^38) stays below 2^31·66/(67·2^38) < 1/67 — never reaching the next integer.
+# M < 2^32 and v·M < 2^63: exact in int64.
+_M67 = -(-(1 << 38) // P)
+_S67 = 38
+
+# v mod 67 = v − 67·((v·15651) >> 20) for 0 ≤ v < 25575: 15651 = ⌈2^20/67⌉ and
+# 15651·67 − 2^20 = 41, so the error v·41/(67·2^20) stays below 1/67 while v·41 < 2^20; and
+# v·15651 < 2^31, so int32 arithmetic (sixteen lanes per vector) is exact.
+_M67_SMALL = 15651
+_S67_SMALL = 20
+SMALL_LIMIT = 25575
+
+_NJ = dict(cache=True, error_model="numpy", nogil=True)
+
+
+@numba.njit(inline="always", **_NJ)
+def _div67(v):
+    """⌊v/67⌋ for 0 ≤ v < 2^31 (int64)."""
+    return (v * _M67) >> _S67
+
+
+@numba.njit(inline="always", **_NJ)
+def _mod67_small(v):
+    """v mod 67 for 0 ≤ v < SMALL_LIMIT (int32)."""
+    return v - ((v * np.int32(_M67_SMALL)) >> np.int32(_S67_SMALL)) * np.int32(P)
+
+
+def _check_high(high: int) -> None:
+    if not 2 <= high <= 256:
+        raise ValueError(f"high must be in [2, 256], got {high}")
 
 
 def reduce_words(words: np.ndarray, high: int, out: np.ndarray) -> int:
     """``out[i] = words[i] mod high`` (uint16 → int16, 2 ≤ high ≤ 256); returns how many
     words lie at or above the largest multiple of ``high`` below 2^16 (the caller redraws
     those)."""
-    if not 2 <= high <= 256:
-        raise ValueError(f"high must be in [2, 256], got {high}")
-    # ⌊w/h⌋ = ⌊w·M / 2^40⌋ with M = ⌊2^40/h⌋ + 1 for every w < 2^16: the error w·(M·h − 2^40)
-    # is below 2^24 < 2^40/h, so it never reaches the next multiple
-    magic = (1 << 40) // high + 1
-    return _reduce_words(words, np.uint64(high), np.uint64(magic),
-                         np.uint64((65536 // high) * high), out)
+    _check_high(high)
+    bad = np.empty(words.size, dtype=np.int64)
+    return sample_words(words, high, out, bad)
 
 
-@numba.njit(cache=True)
-def _reduce_words(words: np.ndarray, high: np.uint64, magic: np.uint64, limit: np.uint64,
-                  out: np.ndarray) -> int:
-    bad = 0
-    for i in range(words.size):
-        w = np.uint64(words[i])
-        q = (w * magic) >> np.uint64(40)
-        out[i] = w - q * high
-        if w >= limit:
-            bad += 1
-    return bad
+def sample_words(words: np.ndarray, high: int, out: np.ndarray, bad: np.ndarray) -> int:
+    """``out[i] = words[i] mod high`` (uint16 → int16, 2 ≤ high ≤ 256) and the positions i
+    (ascending) of the words at or above the largest multiple of ``high`` below 2^16, the
+    rejected ones, in ``bad[:count]`` (int64, at least ``words.size`` long); returns count."""
+    _check_high(high)
+    if out.size < words.size or bad.size < words.size:
+        raise ValueError("out and bad must hold one entry per word")
+    return _sample_words(words, np.int64(high), np.int64(65536 // high),
+                         np.int64((65536 // high) * high), out, bad)
 
 
-@numba.njit(cache=True)
+@numba.njit(**_NJ)
+def _sample_words(words, high, inv, limit, out, bad) -> int:
+    # q = ⌊w·⌊2^16/h⌋ / 2^16⌋ is ⌊w/h⌋ or one less (w·(2^16/h − ⌊2^16/h⌋)/2^16 < w/2^16 < 1),
+    # so w − q·h lies in [0, 2h) and one conditional subtraction makes it w mod h. All in
+    # 32 bits (w·⌊2^16/h⌋ < 2^31), which LLVM vectorises sixteen words at a time.
+    n = words.size
+    h = np.uint32(high)
+    m = np.uint32(inv)
+    lim = np.uint32(limit)
+    for i in range(n):
+        w = np.uint32(words[i])
+        rem = w - ((w * m) >> np.uint32(16)) * h
+        out[i] = np.int16(rem - np.uint32(rem >= h) * h)
+    # the rejected positions: a vectorised test per run of 64 words, a scan only of runs with
+    # one (rare: 0.015% of the words for 67)
+    nbad = 0
+    full = n - n % _SUB_BLOCK
+    for a in range(0, full, _SUB_BLOCK):
+        ws = words[a:a + _SUB_BLOCK]
+        hit = np.uint32(0)
+        for i in range(_SUB_BLOCK):
+            hit |= np.uint32(np.uint32(ws[i]) >= lim)
+        if hit:
+            for i in range(_SUB_BLOCK):
+                if np.uint32(ws[i]) >= lim:
+                    bad[nbad] = a + i
+                    nbad += 1
+    for i in range(full, n):
+        if np.uint32(words[i]) >= lim:
+            bad[nbad] = i
+            nbad += 1
+    return nbad
+
+
+@numba.njit(**_NJ)
+def _pack_group(buf, values, words) -> None:
+    """Pack ``buf[:values]`` (zero padded to whole words) into ``words[:⌈values/5⌉]``."""
+    nw = (values + GROUP - 1) // GROUP
+    for k in range(values, nw * GROUP):
+        buf[k] = 0
+    for k in range(nw):
+        g = buf[GROUP * k:GROUP * k + GROUP]
+        words[k] = g[0] + P * (g[1] + P * (g[2] + P * (g[3] + P * g[4])))
+
+
+@numba.njit(**_NJ)
 def pc_message_packed(j: int, xbits: np.ndarray, r: np.ndarray, beta: np.ndarray,
                       s: np.ndarray, u: np.ndarray, shift: np.ndarray, bits: int,
                       words: np.ndarray) -> None:
     """Party ``j``'s PrivateCompare message for rows of (bit shares ``xbits`` [n, bits] mod 67,
     public ``r`` [n], bits ``beta`` [n], masks ``s``, ``u`` [n, bits], rotations ``shift`` [n])
-    packed into ``words`` (int32, ⌈n·bits/5⌉, zeroed). Same values as
-    :func:`.drelu.private_compare_message` followed by :func:`.drelu.pack_zp`."""
+    packed into ``words`` (int32, ⌈n·bits/5⌉). Same values as
+    :func:`.private_compare.private_compare_message` followed by :func:`.zp.pack_zp`.
+
+    Per value i (MSB first) c_i = σ(j·q_i − x_i) + j + Σ_{k<i} w_k with w_k = x_k(1 − 2q_k) +
+    j·q_k ∈ [−66, 67], so |c_i| ≤ 63·67 + 67 < 67·66: adding 67·66 (≡ 0) makes it positive,
+    c_i + 67·66 < 67·132 and s_i·(c_i mod 67) ± u_i ≤ 66·66 + 67, both below
+    :data:`SMALL_LIMIT` (:func:`_mod67_small`)."""
     n = r.shape[0]
     top = np.int64(-1) if bits == 64 else (np.int64(1) << bits) - 1
-    offset = np.int64(P * 200)        # keeps every intermediate positive: |c| < 65·67 + 67
-    d = np.empty(bits, dtype=np.uint64)
-    packer = np.zeros(3, dtype=np.int64)
-    for row in range(n):
-        flip = beta[row] != 0
-        q = (r[row] + 1) & top if flip else r[row]
-        special = flip and r[row] == top
-        sigma = -1 if flip else 1
-        prefix = np.int64(0)
-        for i in range(bits):                       # i = 0 is the most significant bit
-            qb = (q >> (bits - 1 - i)) & 1
-            x = np.int64(xbits[row, i])
-            c = sigma * (j * qb - x) + j + prefix   # σ(j·q_i − x_i) + j + Σ_{k<i} w_k
-            prefix += x * (1 - 2 * qb) + j * qb      # shares of x_i ⊕ q_i
-            if special:
-                c = 0 if i == 0 else j
-            cu = np.uint64(c + offset) % np.uint64(P)
-            mask = np.uint64(u[row, i]) if j == 0 else np.uint64(P - u[row, i])
-            d[i] = (cu * np.uint64(s[row, i]) + mask) % np.uint64(P)
-        off = shift[row]
-        for k in range(bits):                        # cyclic rotation by the row's offset
-            idx = k + off
-            if idx >= bits:
-                idx -= bits
-            _push(words, packer, np.int64(d[idx]))
-    _flush(words, packer)
+    jj = np.int32(j)
+    pos = np.int32(P * 66)
+    cb = np.empty(bits, dtype=np.int32)       # c_i of one row (+ 67·66)
+    st = np.empty(bits, dtype=np.int32)       # w_i of one row
+    buf = np.empty(GROUP * bits, dtype=np.int32)
+    for g0 in range(0, n, GROUP):
+        rows = min(GROUP, n - g0)
+        for t in range(rows):
+            row = g0 + t
+            flip = beta[row] != 0
+            q = (r[row] + 1) & top if flip else r[row]
+            sigma = np.int32(-1) if flip else np.int32(1)
+            xr = xbits[row]
+            for i in range(bits):                       # element-wise (vectorised)
+                qb = np.int32((q >> (bits - 1 - i)) & 1)
+                x = np.int32(xr[i])
+                cb[i] = sigma * (jj * qb - x) + jj + pos
+                st[i] = x - np.int32(2) * qb * x + jj * qb   # shares of x_i ⊕ q_i
+            acc = np.int32(0)
+            for i in range(bits):                       # the one sequential step
+                w = st[i]
+                cb[i] += acc
+                acc += w
+            if flip and r[row] == top:  # β = 1, R = 2^ℓ − 1: X ≤ R always; exactly one zero
+                cb[0] = 0
+                for i in range(1, bits):
+                    cb[i] = jj
+            off = shift[row]
+            if off < 0 or off >= bits:
+                raise ValueError("rotation offset out of range")
+            sr = s[row]
+            ur = u[row]
+            # d_i = (s_i·c_i ± u_i) mod 67, written rotated: position k of the row holds
+            # d[(k + off) mod bits], i.e. two contiguous runs (element-wise, vectorised)
+            k = bits - off
+            dst = buf[t * bits:t * bits + k]
+            ca, sa, ua = cb[off:], sr[off:], ur[off:]
+            for i in range(k):
+                ui = np.int32(ua[i])
+                mask = ui if j == 0 else np.int32(P) - ui
+                dst[i] = _mod67_small(_mod67_small(ca[i]) * np.int32(sa[i]) + mask)
+            dst = buf[t * bits + k:(t + 1) * bits]
+            for i in range(off):
+                ui = np.int32(ur[i])
+                mask = ui if j == 0 else np.int32(P) - ui
+                dst[i] = _mod67_small(_mod67_small(cb[i]) * np.int32(sr[i]) + mask)
+        base = (g0 // GROUP) * bits
+        _pack_group(buf, rows * bits, words[base:base + bits])
 
 
-@numba.njit(cache=True)
-def _push(words: np.ndarray, packer: np.ndarray, value: int) -> None:
-    """Append one value in [0, 67) to the packed stream; ``packer`` = [word being filled
-    (Σ v_i 67^i), values in it, index of that word], zeros at the start."""
-    packer[0] += value * _POW[packer[1]]
-    packer[1] += 1
-    if packer[1] == GROUP:
-        words[packer[2]] = packer[0]
-        packer[0] = 0
-        packer[1] = 0
-        packer[2] += 1
-
-
-@numba.njit(cache=True)
-def _flush(words: np.ndarray, packer: np.ndarray) -> None:
-    """Write the last, partly filled word (its missing values are the zero padding)."""
-    if packer[1]:
-        words[packer[2]] = packer[0]
-
-
-@numba.njit(cache=True)
-def _digit(words: np.ndarray, flat: int) -> int:
-    return (np.int64(words[flat // GROUP]) // _POW[flat % GROUP]) % P
-
-
-@numba.njit(cache=True)
+@numba.njit(**_NJ)
 def check_words(words: np.ndarray, count: int) -> int:
-    """OK, WORD_OUT_OF_RANGE or NONZERO_PADDING for ``count`` values packed in ``words``."""
-    for w in range(words.size):
-        if words[w] < 0 or words[w] >= WORD_LIMIT:
-            return WORD_OUT_OF_RANGE
-    for flat in range(count, words.size * GROUP):
-        if _digit(words, flat) != 0:
+    """OK, WORD_OUT_OF_RANGE or NONZERO_PADDING for ``count`` values packed in ``words``
+    (``⌈count/5⌉`` int32 words)."""
+    bad = False
+    for w in range(words.size):                         # vectorised (no early exit)
+        v = words[w]
+        bad |= (v < 0) | (v >= WORD_LIMIT)
+    if bad:
+        return WORD_OUT_OF_RANGE
+    for flat in range(count, words.size * GROUP):       # only the last word has padding
+        if (np.int64(words[flat // GROUP]) // _POW[flat % GROUP]) % P != 0:
             return NONZERO_PADDING
     return OK
 
 
-@numba.njit(cache=True)
+@numba.njit(**_NJ)
 def unpack_words(words: np.ndarray, out: np.ndarray) -> None:
     """The values packed in ``words`` (checked with :func:`check_words`) into ``out`` (int16)."""
     count = out.size
-    p = np.uint64(P)
-    for w in range(words.size):
-        v = np.uint64(words[w])
+    full = count // GROUP
+    for w in range(full):
+        v = np.int64(words[w])
+        o = GROUP * w
         for i in range(GROUP):
-            flat = w * GROUP + i
-            if flat < count:
-                out[flat] = v % p
-            v //= p
+            q = _div67(v)
+            out[o + i] = v - q * P
+            v = q
+    v = np.int64(words[full]) if full < words.size else np.int64(0)
+    for flat in range(full * GROUP, count):
+        q = _div67(v)
+        out[flat] = v - q * P
+        v = q
 
 
-@numba.njit(cache=True)
+@numba.njit(**_NJ)
 def pack_values(values: np.ndarray, words: np.ndarray) -> None:
     """Values in [0, 67) (flat) into int32 ``words`` (same layout as pack_zp)."""
-    packer = np.zeros(3, dtype=np.int64)
-    for flat in range(values.size):
-        _push(words, packer, np.int64(values[flat]))
-    _flush(words, packer)
+    count = values.size
+    full = count // GROUP
+    for k in range(full):
+        o = GROUP * k
+        words[k] = (np.int64(values[o]) + P * (np.int64(values[o + 1]) + P * (
+            np.int64(values[o + 2]) + P * (np.int64(values[o + 3])
+                                           + P * np.int64(values[o + 4])))))
+    if full * GROUP < count:
+        acc = np.int64(0)
+        for flat in range(count - 1, full * GROUP - 1, -1):
+            acc = acc * P + np.int64(values[flat])
+        words[full] = acc
 
 
-@numba.njit(cache=True)
+@numba.njit(**_NJ)
 def decide_packed(words0: np.ndarray, words1: np.ndarray, n: int, bits: int,
                   out: np.ndarray) -> None:
-    """The helper's PrivateCompare output: ``out[row]`` (zeroed bools) = some value of the row
-    has d0 + d1 ≡ 0 (mod 67). Both word arrays must have passed :func:`check_words`."""
-    count = n * bits
-    p = np.uint64(P)
-    row, col = 0, 0
-    for w in range(words0.size):
-        v0 = np.uint64(words0[w])
-        v1 = np.uint64(words1[w])
-        for i in range(GROUP):
-            if w * GROUP + i >= count:
-                break
-            if (v0 % p + v1 % p) % p == 0:
-                out[row] = True
-            v0 //= p
-            v1 //= p
-            col += 1
-            if col == bits:
-                col = 0
-                row += 1
+    """The helper's PrivateCompare output: ``out[row]`` = some value of the row has
+    d0 + d1 ≡ 0 (mod 67). Both word arrays must have passed :func:`check_words`."""
+    zero = np.empty(GROUP * bits, dtype=np.bool_)
+    for g0 in range(0, n, GROUP):
+        rows = min(GROUP, n - g0)
+        base = (g0 // GROUP) * bits
+        nw = (rows * bits + GROUP - 1) // GROUP
+        wa = words0[base:base + nw]
+        wb = words1[base:base + nw]
+        for k in range(nw):                             # element-wise over words
+            a = np.int64(wa[k])
+            b = np.int64(wb[k])
+            z = zero[GROUP * k:GROUP * k + GROUP]
+            for i in range(GROUP):
+                qa = _div67(a)
+                qb = _div67(b)
+                sm = (a - qa * P) + (b - qb * P)    # in [0, 132]: ≡ 0 iff 0 or 67
+                z[i] = (sm == 0) | (sm == P)
+                a = qa
+                b = qb
+        for t in range(rows):
+            hit = False
+            zr = zero[t * bits:(t + 1) * bits]
+            for i in range(bits):
+                hit |= zr[i]
+            out[g0 + t] = hit
 
 
-@numba.njit(cache=True)
+@numba.njit(**_NJ)
 def deal_corrections_packed(r: np.ndarray, shares0: np.ndarray, bits: int,
                             words: np.ndarray) -> None:
     """(bit_i(r) − shares0) mod 67 for the ``bits`` low bits of each r (MSB first), packed:
     P1's shares of the bits of r when P0's are ``shares0`` [n·bits]."""
-    packer = np.zeros(3, dtype=np.int64)
-    for row in range(r.shape[0]):
-        for i in range(bits):
-            bit = (r[row] >> (bits - 1 - i)) & 1
-            _push(words, packer, (bit - np.int64(shares0[row * bits + i])) % P)
-    _flush(words, packer)
+    n = r.shape[0]
+    buf = np.empty(GROUP * bits, dtype=np.int32)
+    for g0 in range(0, n, GROUP):
+        rows = min(GROUP, n - g0)
+        for t in range(rows):
+            row = g0 + t
+            rv = r[row]
+            dst = buf[t * bits:(t + 1) * bits]
+            sh = shares0[row * bits:(row + 1) * bits]
+            for i in range(bits):                       # element-wise (vectorised)
+                v = np.int32((rv >> (bits - 1 - i)) & 1) - np.int32(sh[i])   # in [−66, 1]
+                dst[i] = v + np.int32(P) * np.int32(v < 0)
+        base = (g0 // GROUP) * bits
+        _pack_group(buf, rows * bits, words[base:base + bits])
 
 
 def warm_up() -> None:

@@ -55,11 +55,13 @@ def small_host(read: Read, count: int, high: int) -> torch.Tensor:
     limit = _check_high(high)
     out = np.empty(count, dtype=np.int16)
     rejected = []
+    found = np.empty(min(BLOCK, count), dtype=np.int64)   # one block's rejected positions
     for a in range(0, count, BLOCK):  # cache-sized reads of the stream, in order
         size = min(BLOCK, count - a)
         words = read(2 * size).cpu().numpy().view(np.uint16)
-        if K.reduce_words(words, high, out[a:a + size]):
-            rejected.append(a + np.flatnonzero(words >= limit))
+        nbad = K.sample_words(words, high, out[a:a + size], found)
+        if nbad:
+            rejected.append(a + found[:nbad])
     bad = np.concatenate(rejected) if rejected else np.empty(0, dtype=np.int64)
     while bad.size:                   # rare: the rejected positions take the next words
         more = read(2 * bad.size).cpu().numpy().view(np.uint16)

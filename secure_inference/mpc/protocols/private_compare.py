@@ -65,7 +65,7 @@ class CompareRandomness:
 
 def compare_randomness(party: Party, other: int, n: int, bits: int,
                         tag: str) -> CompareRandomness:
-    s = pair_small(party, other, n * bits, P - 1, f"{tag}.s").view(n, bits) + 1
+    s = pair_small(party, other, n * bits, P - 1, f"{tag}.s").view(n, bits).add_(1)
     u = pair_small(party, other, n * bits, P, f"{tag}.u").view(n, bits)
     shift = pair_small(party, other, n, bits, f"{tag}.shift").to(torch.int64)
     return CompareRandomness(s, u, shift)
