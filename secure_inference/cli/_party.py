@@ -135,6 +135,15 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
+def check_addresses(cfg: dict[str, Any]) -> None:
+    """A missing or malformed --server/--helper address is a one-line UserError."""
+    from secure_inference.mpc.session_config import SessionConfigError, party_addresses
+    try:
+        party_addresses(cfg)
+    except SessionConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
 def tls_config(role: int, cfg: dict[str, Any]):
     """This party's TLS material (None with --plaintext); missing material is a UserError."""
     from secure_inference.mpc.session_config import TLSSetupError
@@ -274,6 +283,8 @@ def serve_session(role: int, args: argparse.Namespace, checkpoint: str | None = 
                            else ("helper", "helped with", "helper"))
     limits = limits_from(args)
     cfg = resolve(args)
+    check_addresses(cfg)       # addresses and TLS files first: compiling takes a while
+    tls_config(role, cfg)
     model, shape = build_model(cfg, checkpoint=checkpoint)
     program, weights = compile_for(model, shape, 1, cfg)
     del model

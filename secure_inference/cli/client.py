@@ -19,8 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-from ._party import (UserError, add_common_args, build_model, close_party, compile_for, connect,
-                     drelu, resolve, run_cli, tls_config)
+from ._party import (UserError, add_common_args, build_model, check_addresses, close_party,
+                     compile_for, connect, drelu, resolve, run_cli, tls_config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +96,7 @@ def run(argv: list[str] | None = None) -> int:
     bs = int(cfg["batch_size"])
     if bs < 1:
         raise UserError(f"--batch-size must be at least 1, got {bs}")
+    check_addresses(cfg)
     tls_config(0, cfg)
     import torch
     from tqdm import tqdm
