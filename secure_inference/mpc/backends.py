@@ -5,9 +5,11 @@ One interface (:class:`Backend`): ``conv2d(x, w, stride, padding, dilation, grou
 
 * :class:`CpuInt64Backend`: torch's int64 ``conv2d``/``matmul`` on CPU wrap around modulo
   2^64 exactly (tested against Python integers on random 64-bit values).
-* :class:`CpuHybridBackend` (the CPU default): the int64 kernels, with large ungrouped
-  convolutions computed from float64 convolutions of balanced 22-bit limbs (faster on CPU,
-  same exact result; 3 convolutions when one operand is small plaintext weights, else 6).
+* :class:`CpuHybridBackend` (the CPU default): the int64 kernels, with each ungrouped
+  convolution routed by its public shape to the faster of two exact int64 paths: torch's
+  int64 ``conv2d`` (output maps of 64 pixels and more), or im2col + one int64 matrix product
+  against the weights transposed once per weight tensor (smaller output maps, where the
+  convolution's inner loop runs over only a few pixels and is up to 3× slower).
 * :class:`LimbFloatBackend`: CUDA has no int64 convolution, so each operand is split into
   ``L`` unsigned limbs of ``b`` bits, ``x = Σ x_i 2^(b·i)``, and the product is
   ``Σ_{b(i+j) < 64} 2^(b(i+j)) · conv(x_i, w_j)`` mod 2^64. Each ``conv(x_i, w_j)`` runs in
@@ -18,6 +20,8 @@ One interface (:class:`Backend`): ``conv2d(x, w, stride, padding, dilation, grou
   On CUDA, cuDNN is switched off for these calls (no FFT/Winograd algorithms, which are not
   exact) and TF32 is disabled, so convolutions run as im2col + GEMM in true float arithmetic.
   The limb arithmetic does not depend on the device, so it is also tested on CPU.
+
+All paths compute the same exact residues, so which one runs never changes a share.
 """
 from __future__ import annotations
 
@@ -208,50 +212,94 @@ def fits_small(t: torch.Tensor) -> bool:
     return bool(((t > -bound) & (t < bound)).all())
 
 
-class CpuHybridBackend(CpuInt64Backend):
-    """The CPU default: exact convolutions from float64 convolutions of balanced limbs.
+def _pair(v: IntPair) -> tuple[int, int]:
+    if isinstance(v, int):
+        return v, v
+    a, b = (int(t) for t in v)
+    return a, b
 
-    On one thread here torch's int64 conv2d reaches only ~0.3 GMAC/s while float64 runs up to
-    ~18× faster. Both operands are split into three balanced limbs of 22 bits
-    (:func:`balanced_limbs`; shifts 0, 22, 44) and only the 6 limb pairs whose shift is below
-    64 are convolved: |digit| ≤ 2^21, so a reduction of K < 2^11 products stays below 2^53 and
-    float64 is exact; longer reductions are split over input channels and summed in int64.
-    When the caller declares the weights small — the server's plaintext fixed-point weights,
-    |w| < 2^21, checked when they are opened — they are one limb and only 3 convolutions run (measured here: 3–10× faster than the int64
-    kernel from 8×8 outputs up; 2.4× at 4×4). Grouped (depthwise) and small-output
-    convolutions, and matmul, keep the int64 kernels.
+
+def conv_output_hw(hw: Sequence[int], kernel: Sequence[int], stride: IntPair = 1,
+                   padding: IntPair = 0, dilation: IntPair = 1) -> tuple[int, int]:
+    """Output height and width of a convolution (torch's formula)."""
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    return ((int(hw[0]) + 2 * ph - dh * (int(kernel[0]) - 1) - 1) // sh + 1,
+            (int(hw[1]) + 2 * pw - dw * (int(kernel[1]) - 1) - 1) // sw + 1)
+
+
+def im2col(x: torch.Tensor, kernel: Sequence[int], stride: IntPair = 1, padding: IntPair = 0,
+           dilation: IntPair = 1) -> tuple[torch.Tensor, int, int]:
+    """The patches of ``x`` [N, C, H, W] (any dtype, int64 included, which torch's
+    ``unfold`` refuses) as rows: ``[N·oh·ow, C·kh·kw]``, row ``(n, i, j)`` holding the zero-
+    padded window of output pixel (i, j) in the order of ``w.reshape(C_out, C·kh·kw)``
+    (channel, then kernel row, then kernel column); returns it with oh, ow."""
+    kh, kw = int(kernel[0]), int(kernel[1])
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    n, c, h, w = x.shape
+    oh, ow = conv_output_hw((h, w), (kh, kw), stride, padding, dilation)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"a {kh}x{kw} kernel (dilation {dh}x{dw}, padding {ph}x{pw}) does not "
+                         f"fit an input of {h}x{w}")
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x.contiguous()
+    s0, s1, s2, s3 = xp.stride()
+    windows = xp.as_strided((n, oh, ow, c, kh, kw),
+                            (s0, s2 * sh, s3 * sw, s1, s2 * dh, s3 * dw))
+    return windows.reshape(n * oh * ow, c * kh * kw), oh, ow
+
+
+class CpuHybridBackend(CpuInt64Backend):
+    """The CPU default: exact int64 convolutions, each on the faster of two int64 paths.
+
+    Measured on one thread here (torch 2.13, ResNet18-CIFAR layer shapes, batch 1, 64-bit
+    operands; benchmark/mpc/README_linear.md): torch's int64 ``conv2d`` runs 2–8 GMAC/s from
+    8×8 output maps up, but only ~1–2 GMAC/s at 4×4 (its inner loop runs over the output
+    pixels); im2col + one int64 matrix product ``patches @ Wᵀ`` (inner loop over the output
+    channels) runs 5–7 GMAC/s there, 3× faster, and 10–25% slower on larger maps. So maps
+    below :attr:`GEMM_BELOW_PIXELS` output pixels take the matrix product, the rest the
+    convolution. ``Wᵀ`` is computed once per weight tensor (and version) and kept while the
+    tensor lives: P0's F, P1's W and P2's B are the same tensors for every image.
+
+    The float64 convolutions of balanced 22-bit limbs used before (6 limb products for two
+    64-bit operands, 3 with the server's small weights) are 1.5–3.5× slower than these int64
+    paths on this torch, and are no longer used on CPU (:func:`balanced_limbs` remains).
+
+    The path follows from the public shapes only, never from the values (the server's timings
+    reach the client). ``small_weight`` (the caller declares |w| < 2^21, the server's
+    plaintext weights, checked when they are opened) is still checked once per weight tensor
+    and a false declaration raises, but both paths are exact for any weights.
     """
 
     name = "cpu-hybrid"
+    SMALL_BITS = SMALL_WEIGHT_BITS
+    GEMM_BELOW_PIXELS = 64           # output maps below this many pixels: im2col + matmul
 
     def __init__(self) -> None:
         self._small_seen: dict[int, tuple[weakref.ref, int]] = {}
-    LIMB_BITS = 22
-    LIMBS = 3
-    SMALL_BITS = SMALL_WEIGHT_BITS   # an operand declared below 2^21 is used as one limb
-    MAX_REDUCTION = 1 << 11          # (2^21)^2 · 2^11 = 2^53
-    MIN_OUTPUT_PIXELS = 64           # below these output sizes the int64 kernel wins (measured)
-    MIN_OUTPUT_PIXELS_SMALL = 16
+        self._transposed: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+    def conv_path(self, x_shape: Sequence[int], w_shape: Sequence[int], stride: IntPair = 1,
+                  padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1) -> str:
+        """The kernel a convolution of these public shapes runs on: ``"conv"`` (torch's
+        int64 conv2d) or ``"gemm"`` (im2col + int64 matmul)."""
+        if groups != 1:
+            return "conv"
+        oh, ow = conv_output_hw(x_shape[2:], w_shape[2:], stride, padding, dilation)
+        return "gemm" if oh * ow < self.GEMM_BELOW_PIXELS else "conv"
 
     def conv2d(self, x, w, stride=1, padding=0, dilation=1, groups=1, *,
                small_weight: bool = False):
         """``small_weight`` declares that every |w| < 2^21 (the server's plaintext weights,
-        checked once when they are opened): 3 limb convolutions instead of 6. The path is
-        chosen from this declaration and the public shapes only, never from the values:
-        the server's timings reach the client, so a value-dependent path would reveal one
-        bit per layer about the weights. A declaration that is false raises."""
+        checked once when they are opened); a declaration that is false raises. The kernel
+        is chosen by :meth:`conv_path` from the shapes only, never from the values."""
         _check_int64(x, w)
-        if x.is_meta or w.is_meta or groups != 1:
-            return super().conv2d(x, w, stride, padding, dilation, groups)
-        out_hw = F.conv2d(x.to("meta"), w.to("meta"), None, stride, padding, dilation).shape[-2:]
-        min_pixels = self.MIN_OUTPUT_PIXELS_SMALL if small_weight else self.MIN_OUTPUT_PIXELS
-        if (out_hw[0] * out_hw[1] < min_pixels
-                or w.shape[2] * w.shape[3] >= self.MAX_REDUCTION):
+        if x.is_meta or w.is_meta:
             return super().conv2d(x, w, stride, padding, dilation, groups)
         if small_weight and not self._checked_small(w):
             raise ValueError(f"conv2d was told the weights are below 2^{self.SMALL_BITS} in "
                              "magnitude, and they are not")
-        return self._limb_conv(x, w, (stride, padding, dilation), small_weight)
+        if self.conv_path(x.shape, w.shape, stride, padding, dilation, groups) == "conv":
+            return super().conv2d(x, w, stride, padding, dilation, groups)
+        return self._gemm_conv(x, w, stride, padding, dilation)
 
     def _checked_small(self, w: torch.Tensor) -> bool:
         """:func:`fits_small`, read once per weight tensor and version: the server passes the
@@ -266,26 +314,36 @@ class CpuHybridBackend(CpuInt64Backend):
         self._small_seen[key] = (weakref.ref(w), w._version)
         return True
 
-    def _limb_conv(self, x: torch.Tensor, w: torch.Tensor, geom: tuple,
-                   small: bool) -> torch.Tensor:
-        bits, count = self.LIMB_BITS, self.LIMBS
-        xl = [d.to(torch.float64) for d in balanced_limbs(x, bits, count)]
-        wl = [w.to(torch.float64)] if small else \
-            [d.to(torch.float64) for d in balanced_limbs(w, bits, count)]
-        pairs = _pairs_below_64(bits, count, len(wl))
-        step = self.MAX_REDUCTION // (w.shape[2] * w.shape[3]) - 1  # channels per exact chunk
-        products = _conv_products(x.shape[0], geom)
-        out = None
-        for c0 in range(0, x.shape[1], step):    # int64 sum of exact partial convolutions
-            part = _limb_combine([t[:, c0:c0 + step] for t in xl],
-                                 [t[:, c0:c0 + step] for t in wl], pairs, bits, products)
-            out = part if out is None else out.add_(part)
-        return out
+    def _weights_t(self, w: torch.Tensor) -> torch.Tensor:
+        """``w.reshape(C_out, K).T`` contiguous, computed once per weight tensor and version
+        (dropped when the tensor is freed)."""
+        key = id(w)
+        seen = self._transposed.get(key)
+        if seen is not None and seen[0]() is w and seen[1] == w._version:
+            return seen[2]
+        wt = w.reshape(w.shape[0], -1).t().contiguous()
+        table = self._transposed
+        ref = weakref.ref(w, lambda _r, key=key: table.pop(key, None)
+                          if table.get(key, (None,))[0] is _r else None)
+        table[key] = (ref, w._version, wt)
+        return wt
+
+    def _gemm_conv(self, x: torch.Tensor, w: torch.Tensor, stride: IntPair, padding: IntPair,
+                   dilation: IntPair) -> torch.Tensor:
+        """conv2d (groups 1) as im2col + one int64 matmul: exact mod 2^64 like the int64
+        convolution (the same products and sums, wrapping the same way)."""
+        if x.shape[1] != w.shape[1]:
+            raise ValueError(f"input has {x.shape[1]} channels, the weights expect {w.shape[1]}")
+        n, cout = x.shape[0], w.shape[0]
+        cols, oh, ow = im2col(x, w.shape[2:], stride, padding, dilation)
+        out = torch.mm(cols, self._weights_t(w))                 # [N·oh·ow, C_out]
+        return out.reshape(n, oh * ow, cout).transpose(1, 2).contiguous().reshape(
+            n, cout, oh, ow)
 
 
 def get_backend(device: torch.device | str) -> Backend:
-    """The default backend for a device: int64 kernels (limbs for large convs) on CPU, float64
-    limbs on CUDA."""
+    """The default backend for a device: int64 kernels on CPU (:class:`CpuHybridBackend`),
+    float64 limbs on CUDA."""
     device = torch.device(device)
     if device.type == "cuda":
         return LimbFloatBackend(torch.float64)

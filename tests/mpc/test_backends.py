@@ -173,36 +173,41 @@ def test_cpu_hybrid_conv_is_exact_for_random_and_small_weights(xs, ws, geom):
     assert fits_small(small) and not fits_small(edge)
 
 
-def _float_convs(backend, x, w, **kw) -> int:
-    """How many float64 convolutions the backend runs for one ring convolution."""
-    calls = 0
-    real = torch.nn.functional.conv2d
+def _kernel_calls(backend, x, w, geom=(1, 1, 1), **kw) -> list[tuple[str, torch.dtype]]:
+    """The torch kernels (conv2d or mm, and their dtypes) one ring convolution runs."""
+    calls = []
+    real_conv, real_mm = torch.nn.functional.conv2d, torch.mm
 
-    def counting(inp, *args, **kwargs):
-        nonlocal calls
-        calls += inp.dtype == torch.float64
-        return real(inp, *args, **kwargs)
-    torch.nn.functional.conv2d = counting
+    def conv(inp, *args, **kwargs):
+        calls.append(("conv2d", inp.dtype))
+        return real_conv(inp, *args, **kwargs)
+
+    def mm(a, *args, **kwargs):
+        calls.append(("mm", a.dtype))
+        return real_mm(a, *args, **kwargs)
+    torch.nn.functional.conv2d, torch.mm = conv, mm
     try:
-        backend.conv2d(x, w, 1, 1, 1, **kw)
+        backend.conv2d(x, w, *geom, **kw)
     finally:
-        torch.nn.functional.conv2d = real
+        torch.nn.functional.conv2d, torch.mm = real_conv, real_mm
     return calls
 
 
-def test_cpu_hybrid_path_never_depends_on_the_weights_values():
+@pytest.mark.parametrize("xs", [(1, 8, 12, 12), (1, 8, 4, 4)])   # conv path, gemm path
+def test_cpu_hybrid_path_never_depends_on_the_weights_values(xs):
     """The server's per-layer timings reach the client: a path chosen from the values of W
-    (3 limb convolutions when every |w| < 2^21, else 6) told it one bit per layer. The path
-    now follows only the caller's declaration and the shapes."""
+    would tell it something about them. The kernels follow only the public shapes (and the
+    caller's declaration, which is checked)."""
     from secure_inference.mpc.backends import CpuHybridBackend
     fast = CpuHybridBackend()
-    x = torch.randint(_LO, _HI, (1, 8, 12, 12))
+    x = torch.randint(_LO, _HI, xs)
     small = torch.randint(-100, 100, (4, 8, 3, 3))
     large = small.clone()
     large.view(-1)[0] = 1 << 30
-    assert _float_convs(fast, x, small) == _float_convs(fast, x, large)
-    assert (_float_convs(fast, x, small, small_weight=True)
-            < _float_convs(fast, x, small, small_weight=False))
+    calls = _kernel_calls(fast, x, small)
+    assert calls == _kernel_calls(fast, x, large) == _kernel_calls(fast, x, small,
+                                                                   small_weight=True)
+    assert calls == [("conv2d", torch.int64)] if xs[2] == 12 else [("mm", torch.int64)]
     with pytest.raises(ValueError, match="not"):
         fast.conv2d(x, large, 1, 1, 1, small_weight=True)
 
@@ -235,3 +240,107 @@ def test_cpu_hybrid_conv_worst_case_sums_stay_exact():
     for w in (torch.full((2, 301, 3, 3), v, dtype=torch.int64),
               torch.full((2, 301, 3, 3), -(1 << 21) + 1, dtype=torch.int64)):
         assert torch.equal(fast.conv2d(x, w, 1, 1, 1), base.conv2d(x, w, 1, 1, 1))
+
+
+# ------------------------------------------------------------------ CPU int64 paths (issue 21)
+
+def _edge(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the ring's edge values at its first elements."""
+    t = t.clone()
+    vals = torch.tensor([_LO, _HI, 0, -1, _LO, _HI, 1, _LO + 1])
+    t.view(-1)[:len(vals)] = vals[:t.numel()]
+    return t
+
+
+GEMM_CASES = [  # (N, Cin, H, W, Cout, (kh, kw), stride, padding, dilation, groups)
+    (1, 5, 6, 5, 3, (3, 3), (1, 1), (1, 1), (1, 1), 1),     # 6x5 output: gemm
+    (2, 4, 7, 7, 6, (3, 3), (2, 2), (1, 0), (1, 1), 1),     # batch 2, asymmetric padding
+    (1, 3, 9, 8, 4, (3, 2), (1, 2), (2, 1), (2, 1), 1),     # dilated, asymmetric kernel
+    (1, 6, 5, 5, 2, (1, 1), (2, 2), (0, 0), (1, 1), 1),     # 1x1 stride 2 (downsample)
+    (1, 4, 4, 4, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1),     # 4x4, the ResNet18 layer4 maps
+    (1, 2, 3, 3, 3, (3, 3), (1, 1), (3, 3), (2, 2), 1),     # padding larger than the input
+    (1, 4, 12, 12, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1),   # 144 pixels: conv path
+    (1, 4, 6, 6, 4, (3, 3), (1, 1), (1, 1), (1, 1), 2),     # grouped: conv path
+]
+
+
+@pytest.mark.parametrize("case", GEMM_CASES)
+def test_cpu_hybrid_conv_paths_match_python_integers(case):
+    """Both int64 paths (im2col + matmul, torch's conv2d) against the plain definition in
+    Python integers mod 2^64, on uniform 64-bit operands with the edge values −2^63, 2^63 − 1,
+    0, −1 in both, and with small weights declared small."""
+    from secure_inference.mpc.backends import CpuHybridBackend
+    n, cin, h, w_, cout, k, s, p, d, g = case
+    fast = CpuHybridBackend()
+    x = _edge(rand64(n, cin, h, w_))
+    w = _edge(rand64(cout, cin // g, *k))
+    ref = conv2d_python(x, w, s, p, d, g)
+    got = fast.conv2d(x, w, s, p, d, g)
+    assert got.dtype == torch.int64 and got.is_contiguous()
+    assert torch.equal(got, ref)
+    small = torch.randint(-(1 << 21) + 1, 1 << 21, w.shape)
+    small.view(-1)[:2] = torch.tensor([(1 << 21) - 1, -(1 << 21) + 1])
+    assert torch.equal(fast.conv2d(x, small, s, p, d, g, small_weight=True),
+                       conv2d_python(x, small, s, p, d, g))
+    # the same exact result on the other path (and torch's own int64 conv2d agrees)
+    assert torch.equal(CpuInt64Backend().conv2d(x, w, s, p, d, g), ref)
+    if g == 1:
+        assert torch.equal(fast._gemm_conv(x, w, s, p, d), ref)
+
+
+def test_cpu_hybrid_gemm_path_is_taken_for_small_maps_only():
+    from secure_inference.mpc.backends import CpuHybridBackend
+    fast = CpuHybridBackend()
+    assert fast.conv_path((1, 512, 4, 4), (512, 512, 3, 3), 1, 1) == "gemm"
+    assert fast.conv_path((1, 256, 8, 8), (512, 256, 1, 1), 2, 0) == "gemm"
+    assert fast.conv_path((1, 256, 8, 8), (256, 256, 3, 3), 1, 1) == "conv"
+    assert fast.conv_path((1, 64, 32, 32), (64, 64, 3, 3), 1, 1) == "conv"
+    assert fast.conv_path((1, 8, 4, 4), (8, 2, 3, 3), 1, 1, 1, 4) == "conv"   # grouped
+
+
+def test_im2col_matches_unfold_and_refuses_kernels_larger_than_the_input():
+    from secure_inference.mpc.backends import im2col
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    for k, s, p, d in [((3, 3), 1, 1, 1), ((2, 3), (2, 1), (1, 2), (2, 1)), ((1, 1), 2, 0, 1)]:
+        cols, oh, ow = im2col(x, k, s, p, d)
+        ref = torch.nn.functional.unfold(x, k, dilation=d, padding=p, stride=s)  # [N, K, P]
+        assert torch.equal(cols, ref.transpose(1, 2).reshape(-1, ref.shape[1]))
+        assert oh * ow == ref.shape[2]
+    with pytest.raises(ValueError, match="does not fit"):
+        im2col(x, (9, 3))
+
+
+def test_cpu_hybrid_transposed_weights_follow_in_place_changes_and_new_tensors():
+    """The cached Wᵀ is keyed by the tensor and its version: an in-place change of the same
+    tensor, or another tensor (possibly at a reused address), is never served a stale copy."""
+    from secure_inference.mpc.backends import CpuHybridBackend
+    fast = CpuHybridBackend()
+    x = _edge(rand64(1, 4, 4, 4))
+    w = _edge(rand64(3, 4, 3, 3))
+    assert torch.equal(fast.conv2d(x, w, 1, 1), conv2d_python(x, w, (1, 1), (1, 1), (1, 1), 1))
+    w.add_(12345)
+    assert torch.equal(fast.conv2d(x, w, 1, 1), conv2d_python(x, w, (1, 1), (1, 1), (1, 1), 1))
+    for _ in range(3):   # fresh tensors, whose ids may repeat once the old ones are freed
+        v = rand64(3, 4, 3, 3)
+        assert torch.equal(fast.conv2d(x, v, 1, 1), conv2d_python(x, v, (1, 1), (1, 1), (1, 1), 1))
+        del v
+    del w
+    import gc
+    gc.collect()
+    assert len(fast._transposed) == 0   # entries go with their tensors
+
+
+def test_cpu_hybrid_gemm_path_at_resnet18_layer4_shape_equals_the_int64_conv():
+    """The real layer4 shape (512 → 512, 3x3, 4x4 maps; K = 4608 products per output) on the
+    matrix-product path, with worst-case operands (every element −2^63 or 2^63 − 1, so every
+    product and partial sum wraps), against torch's int64 conv2d and one output element in
+    Python integers."""
+    from secure_inference.mpc.backends import CpuHybridBackend
+    fast = CpuHybridBackend()
+    x = torch.where(torch.rand(1, 512, 4, 4) < 0.5, _LO, _HI)
+    w = _edge(rand64(8, 512, 3, 3))
+    got = fast.conv2d(x, w, 1, 1)
+    assert torch.equal(got, CpuInt64Backend().conv2d(x, w, 1, 1))
+    acc = sum(int(x[0, c, i, j]) * int(w[5, c, i + 1, j + 1])
+              for c in range(512) for i in range(0, 2) for j in range(0, 2))   # pixel (0, 0)
+    assert int(got[0, 5, 0, 0]) == signed(acc)
