@@ -22,6 +22,9 @@ from types import ModuleType
 BEFORE = frozenset({"torchvision", "mmcv", "mmengine", "mmseg", "mmpretrain", "mmdet"})
 
 _lock = threading.RLock()
+failures: list[BaseException] = []
+"""Errors of fixes applied during torch's import (kept, not raised: an exception there would
+leave a half-imported torch behind; the package that needed the fix fails with its own error)."""
 
 
 def apply() -> dict[str, bool]:
@@ -43,7 +46,10 @@ class _ThenApply(importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         module.__spec__.loader = module.__loader__ = self._loader   # torch sees its own loader
         self._loader.exec_module(module)
-        apply()
+        try:
+            apply()
+        except Exception as exc:  # noqa: BLE001 - never break torch's own import
+            failures.append(exc)
 
     def __getattr__(self, name: str):
         return getattr(self._loader, name)

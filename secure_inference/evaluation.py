@@ -42,6 +42,12 @@ def load_image_array(path: str | Path, shape: Sequence[int], flag: str = "--imag
     if arr.ndim != 4 or tuple(arr.shape[1:]) != tuple(shape):
         raise InputDataError(f"{path}: expected an array [N, {', '.join(map(str, shape))}], got "
                              f"{list(arr.shape)}")
+    if arr.dtype.kind != "f":
+        raise InputDataError(
+            f"{path}: the array holds {arr.dtype} values, but {flag} .npy files are "
+            "preprocessed float images (normalised as the model was trained, e.g. "
+            "(pixel - mean) / std); raw pixels: pass a folder of image files instead (they are "
+            "normalised with the config's mean/std), or save float32 preprocessed images")
     return torch.from_numpy(arr.astype(np.float32))
 
 

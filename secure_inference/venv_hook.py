@@ -19,8 +19,10 @@ import sysconfig
 from pathlib import Path
 
 PTH_NAME = "zz_secure_inference_compat.pth"   # after the editable install's .pth (sorted)
-PTH_LINE = ("import sys; exec('try:\\n import secure_inference._compat_hook as _h\\n"
-            " _h.install()\\nexcept Exception:\\n pass')\n")
+DISABLE_ENV = "SI_NO_STARTUP_HOOK"   # set (non-empty) to start an interpreter without it
+PTH_LINE = ("import os; exec('try:\\n import secure_inference._compat_hook as _h\\n"
+            " _h.install()\\nexcept Exception:\\n pass') "
+            "if not os.environ.get('SI_NO_STARTUP_HOOK') else None\n")
 
 
 def site_packages() -> Path:

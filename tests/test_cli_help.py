@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -147,7 +148,10 @@ def test_research_scripts_say_what_to_do_when_their_folder_shadows_the_library(s
     default editable mode), `secure_inference` is the namespace folder
     research/secure_inference/: the script stops with the reinstall command instead of an
     AttributeError deep inside (what a user of `pip install -e .` saw)."""
+    # a user's own environment: without the project venv's start-up hook (which would import
+    # the real library before the script's folder could shadow it)
     proc = subprocess.run([sys.executable, "-c", EDITABLE_DEFAULT, str(ROOT), script],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=dict(os.environ, SI_NO_STARTUP_HOOK="1"))
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "editable_mode=compat" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,4 +1,5 @@
 """The compatibility layer: each fix is needed here and works (proved in fresh interpreters)."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -7,9 +8,10 @@ import pytest
 import torch
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
+def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300,
+                          env=None if env is None else dict(os.environ, **env))
 
 
 @pytest.mark.processes
@@ -17,7 +19,7 @@ def test_torchvision_fails_without_the_fix_and_imports_with_it():
     from secure_inference.mmlab import compat
     if compat.torchvision_ops_loadable():
         pytest.skip("torchvision's C++ ops load here: the fix is not needed")
-    bare = run_python("import torchvision")
+    bare = run_python("import torchvision", env={"SI_NO_STARTUP_HOOK": "1"})  # no venv hook
     assert bare.returncode != 0 and "torchvision::nms" in bare.stderr
     fixed = run_python("""
         import secure_inference, torchvision, torch
@@ -70,7 +72,8 @@ def test_mmengine_checkpoint_loads_safely_and_unsafe_globals_stay_refused(tmp_pa
             "state_dict": {"w": torch.ones(2)}}
     path = tmp_path / "ckpt.pth"
     torch.save(ckpt, path)
-    bare = run_python(f"import torch; torch.load({str(path)!r}, weights_only=True)")
+    bare = run_python(f"import torch; torch.load({str(path)!r}, weights_only=True)",
+                      env={"SI_NO_STARTUP_HOOK": "1"})   # without the venv's start-up hook
     assert bare.returncode != 0 and "HistoryBuffer" in bare.stderr
     # a fresh process that has not created a HistoryBuffer yet loads it too
     fresh = run_python(f"import secure_inference, torch; "
@@ -132,6 +135,9 @@ def test_torchvision_imports_first_in_the_project_venv(tmp_path):
         print(torchvision.models.resnet18(num_classes=3).fc.out_features)
     """)
     assert out.returncode == 0 and out.stdout.strip() == "3", out.stderr[-2000:]
+    off = run_python("import sys; print('secure_inference' in sys.modules)",
+                     env={venv_hook.DISABLE_ENV: "1"})
+    assert off.stdout.strip() == "False", off.stderr[-2000:]
     # the hook itself, written into a fresh folder, is one line that the site module runs
     path = venv_hook.install(tmp_path)
     assert path.read_text().startswith("import ") and path.read_text().count("\n") == 1

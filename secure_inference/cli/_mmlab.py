@@ -3,6 +3,31 @@ from __future__ import annotations
 
 import argparse
 
+MMLAB_PACKAGES = ("mmengine", "mmcv", "mmpretrain", "mmseg")
+
+
+def missing_mmlab(exc: BaseException) -> str | None:
+    """The one-line fix for a ModuleNotFoundError of an MMLab package (None otherwise)."""
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in MMLAB_PACKAGES:
+        return (f"this needs the MMLab packages ({exc.name} is not installed): pip install "
+                "'secure-inference[mmlab]' (or `make install` in the repository), or use a "
+                "torchvision model name / module:factory instead of an MMLab config")
+    return None
+
+
+def run_mmlab_cli(main, name: str, argv: list[str] | None = None) -> int:
+    """Run an MMLab command's ``main``; a missing MMLab package ends with the fix, exit 1."""
+    import sys
+    try:
+        return main(argv)
+    except ModuleNotFoundError as exc:
+        message = missing_mmlab(exc)
+        if message is None:
+            raise
+        print(f"{name}: error: {message}", file=sys.stderr)
+        return 1
+
+
 # secure_inference.mmlab.runner.LAUNCHERS, named here so that --help loads no mmengine
 # (tests/test_cli_help.py checks that they agree)
 LAUNCHERS = ("none", "pytorch")

@@ -79,6 +79,9 @@ def user_message(exc: BaseException) -> str | None:
     from secure_inference.mpc.transport import ProtocolError
     if isinstance(exc, (UserError, ProtocolError)):
         return str(exc)
+    from ._mmlab import missing_mmlab
+    if missing_mmlab(exc):
+        return missing_mmlab(exc)
     if isinstance(exc, FileNotFoundError):
         return str(exc) if not exc.filename else f"file not found: {exc.filename}"
     if isinstance(exc, PermissionError):

@@ -108,6 +108,8 @@ def run(argv: list[str] | None = None) -> int:
     images = load_images(args.images, cfg, shape)
     if images.shape[0] == 0:
         raise UserError(f"--images {args.images} holds no images (0 images): nothing to run")
+    from secure_inference.mpc.ring import check_inputs
+    check_inputs(images, int(cfg["frac_bits"]), what=f"--images {args.images}")
     batches = list(images.split(bs))
     program, _ = compile_for(model, shape, bs, cfg)
     del model

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from ._mmlab import add_cfg_options, add_launcher_args
+from ._mmlab import add_cfg_options, add_launcher_args, run_mmlab_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (a missing MMLab package is one line with the fix)."""
+    return run_mmlab_cli(_main, "si-test", argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, evaluate and print the metrics (rank 0); 0 when done."""
     args = parse_args(argv)
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))

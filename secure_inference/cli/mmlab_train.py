@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from ._mmlab import add_cfg_options, add_launcher_args
+from ._mmlab import add_cfg_options, add_launcher_args, run_mmlab_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (a missing MMLab package is one line with the fix)."""
+    return run_mmlab_cli(_main, "si-train", argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and train; 0 when done."""
     args = parse_args(argv)
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))

@@ -141,7 +141,10 @@ def mmcv_ops_available() -> bool:
     """True when the compiled ``mmcv._ext`` extension is importable."""
     if importlib.util.find_spec("mmcv") is None:
         return True  # nothing to patch
-    return importlib.util.find_spec("mmcv._ext") is not None
+    try:   # finding mmcv._ext imports mmcv, which fails without mmengine
+        return importlib.util.find_spec("mmcv._ext") is not None
+    except ImportError:
+        return True  # mmcv cannot load at all: nothing to patch, its own error comes later
 
 
 def install_mmcv_ops_standin() -> bool:

@@ -24,7 +24,7 @@ from .compile import Program, Weights, compile_model, truncation_failures
 from .party import SessionLimits, run_party
 from .settings import DReLUConfig
 from .report import build_report, plot_report, save_report
-from .ring import DEFAULT_FRAC_BITS
+from .ring import DEFAULT_FRAC_BITS, check_inputs
 from .runtime import ROLE_CLIENT, ROLE_SERVER, Party
 from .harness import (Devices, PrgChoice, _refuse_in_bootstrap, run_in_process,
                       run_local_processes)
@@ -168,6 +168,8 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
         _refuse_in_bootstrap()   # a party process re-running a script without a main guard
     check_cipher(prg)
     batches = split_batches(inputs, batch_size)
+    for b in batches:
+        check_inputs(b, frac_bits, what="the inputs")
     shape = (batches[0].shape[0],) + tuple(batches[0].shape[1:])
     program, weights = compile_model(model, shape, spec=spec, frac_bits=frac_bits,
                                      drelu_width=drelu_width, margin=margin)

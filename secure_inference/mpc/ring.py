@@ -34,6 +34,41 @@ import torch
 RING_BITS = 64
 DEFAULT_FRAC_BITS = 16
 RING_DTYPE = torch.int64
+INPUT_HEADROOM_BITS = 47
+"""Inputs must satisfy |x|·2^(2f) < 2^47 (|x| < 32768 at f = 16): the first layer's products
+carry 2f fractional bits, and each local truncation of a value v fails with probability
+|v|/2^64, so larger inputs make the secure output wrong without a word."""
+
+
+class InputRangeError(ValueError):
+    """Inputs a session cannot encode correctly (not finite, or too large for the fixed point)."""
+
+
+def check_inputs(x: torch.Tensor, frac_bits: int = DEFAULT_FRAC_BITS,
+                 what: str = "the images") -> None:
+    """Refuse inputs the fixed point cannot carry: integer tensors (raw pixels?), NaN or
+    infinite values, and magnitudes at or above 2^(47 − 2f) (:data:`INPUT_HEADROOM_BITS`).
+    Called before anything is sent, so a mistake costs no secure run."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise InputRangeError(f"{what} must be preprocessed floating-point values, got "
+                              f"{getattr(x, 'dtype', type(x).__name__)} (raw uint8 pixels? "
+                              "normalise them as the model's data preprocessor does)")
+    if x.numel() == 0:
+        return
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise InputRangeError(f"{what} contain {bad} NaN or infinite value(s); fix the "
+                              "preprocessing before secure inference")
+    top = float(x.abs().max())
+    limit = 2.0 ** (INPUT_HEADROOM_BITS - 2 * int(frac_bits))
+    if top >= limit:
+        raise InputRangeError(
+            f"{what} reach |x| = {top:.4g}, beyond what {frac_bits} fractional bits carry "
+            f"(|x| < {limit:.4g}; products of the first layer would overflow the 64-bit ring "
+            "and the secure output would be wrong): normalise the inputs as the model was "
+            f"trained (e.g. (pixel - mean) / std), or use fewer fractional bits (--frac-bits; "
+            "each bit less allows 4x larger inputs)")
 
 
 def encode(x: torch.Tensor | float, frac_bits: int = DEFAULT_FRAC_BITS,

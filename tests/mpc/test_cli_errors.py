@@ -100,3 +100,37 @@ def test_client_keeps_logits_when_the_server_dies_in_the_report_exchange(tmp_pat
     rep = json.loads((tmp_path / "run.json").read_text())
     assert rep["complete"] is False and "report exchange" in rep["note"]
     assert rep["images"] == 2 and "top1_accuracy" in rep["metrics"]
+
+
+@pytest.mark.parametrize("case", ["uint8", "nan", "huge"])
+def test_client_refuses_images_the_fixed_point_cannot_carry(case, tmp_path):
+    """Raw pixels, NaN and values too large for frac_bits: one line before connecting (issue
+    22 item 1: images scaled to 1e6 ran and returned garbage with exit code 0)."""
+    x = np.zeros((2, 3, 32, 32), np.uint8 if case == "uint8" else np.float32)
+    if case == "nan":
+        x[1, 0, 0, 0] = np.nan
+    if case == "huge":
+        x[0, 1, 2, 3] = 1e6
+    np.save(tmp_path / "x.npy", x)
+    proc = _run("client.py", "--images", tmp_path / "x.npy", *MODEL, *NOWHERE, "--plaintext")
+    expected = {"uint8": "preprocessed float images", "nan": "NaN",
+                "huge": "--frac-bits"}[case]
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "Connection refused" not in proc.stderr   # refused before it dialled anyone
+
+
+def test_mmlab_commands_without_mmlab_say_what_to_install(tmp_path):
+    """Without the [mmlab] extra: one line naming the fix, not a ModuleNotFoundError trace."""
+    blocker = tmp_path / "sitecustomize.py"   # makes `import mmengine` fail in the child
+    blocker.write_text("import sys\nsys.modules['mmengine'] = None\n")
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    config = ROOT / "configs" / "demo" / "digits_resnet18.py"
+    for cmd in ([sys.executable, "-m", "secure_inference.cli.mmlab_train", str(config)],
+                [sys.executable, str(CLI / "crypto_provider.py"), "--model", str(config),
+                 *NOWHERE, "--plaintext"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                              env=dict(os.environ, **env))
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert "secure-inference[mmlab]" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
