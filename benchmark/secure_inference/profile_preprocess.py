@@ -66,8 +66,8 @@ def main() -> None:
     from secure_inference.mpc.party import SessionLimits
     from secure_inference.mpc.session import ROLE_CLIENT, ROLE_SERVER
 
+    torch.manual_seed(0)   # the same (randomly initialised) model and images in every run
     model, chw = build("resnet18_cifar100")
-    torch.manual_seed(0)
     batches = [torch.randn((1,) + chw) for _ in range(args.images)]
     program, weights = compile_model(model, (1,) + chw)
     limits = SessionLimits.admitting([1] * args.images)

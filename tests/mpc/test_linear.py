@@ -327,3 +327,51 @@ def test_protocols_on_cuda_match_cpu_ring_results():
         return [None if t is None else t.cpu() for t in (_open(p, conv), _open(p, prod))]
     got = run_in_process(fn, device="cuda")[0]
     assert torch.equal(got[0], F.conv2d(x, w, padding=1)) and torch.equal(got[1], x * x)
+
+
+# --- the CPU backend's kernels leave every message and share unchanged (issue 21) ---------
+
+def _preprocessed_ring_conv(p, x, w, geom, backend):
+    """Ring conv2d (int64 values, no truncation) of two layers, preprocessed, on ``backend``:
+    every party's shares, its preprocessed tensors and its view."""
+    p.backend = backend
+    s, pad, d = geom
+    P.open_weights(p, w if p.role == 1 else None, weight_shape=w.shape, name="conv")
+    pre = P.preprocess(p, [("conv", x.shape, w.shape, P.conv_op(p, s, pad, d, 1))])["conv"]
+    xs = _inputs(p, x)
+    y = P.conv2d(p, xs, w if p.role == 1 else None, None, weight_shape=w.shape, stride=s,
+                 padding=pad, dilation=d, name="conv", truncate=False, pre=pre)
+    y2 = P.conv2d(p, xs, w if p.role == 1 else None, None, weight_shape=w.shape, stride=s,
+                  padding=pad, dilation=d, name="conv", truncate=False)   # not preprocessed
+    return [t for t in (pre.a, pre.z0, pre.c1, y, y2) if t is not None and not t.is_meta]
+
+
+@pytest.mark.parametrize("xs,ws,geom", [
+    ((1, 16, 4, 4), (8, 16, 3, 3), (1, 1, 1)),     # 4x4 map: im2col + matmul path
+    ((2, 6, 9, 8), (4, 6, 3, 3), (2, 2, 2)),       # batch 2, 5x4 maps, dilated: matmul path
+    ((1, 6, 10, 10), (4, 6, 3, 3), (1, 1, 1)),     # 10x10 map: int64 conv2d path
+])
+def test_cpu_backend_paths_give_bit_identical_shares_and_messages(xs, ws, geom):
+    """With the pair keys fixed a session is deterministic: the default CPU backend, torch's
+    int64 kernels and the float64-limb backend (the CUDA algorithm) must give every party the
+    same shares and every message the same bytes, and the output must be exact mod 2^64."""
+    from secure_inference.mpc.backends import CpuHybridBackend, CpuInt64Backend, LimbFloatBackend
+    from secure_inference.mpc.harness import _run_in_process_with_keys
+    keys = {(0, 1): b"\x01" * 32, (0, 2): b"\x02" * 32, (1, 2): b"\x03" * 32}
+    x = with_edges(rand64(*xs))
+    w = server_weights(*ws)
+    runs = []
+    for backend in (CpuHybridBackend, CpuInt64Backend, LimbFloatBackend):
+        res, views = _run_in_process_with_keys(
+            functools.partial(_preprocessed_ring_conv, x=x, w=w, geom=geom,
+                              backend=backend()), keys)
+        runs.append((res, [[m for _, _, m in v.received] for v in views]))
+    (res, views), others = runs[0], runs[1:]
+    for other_res, other_views in others:
+        for mine, theirs in zip(res + views, other_res + other_views):
+            assert len(mine) == len(theirs)
+            assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    ref = F.conv2d(x, w, None, *geom)
+    assert torch.equal(res[0][2] + res[1][1], ref)     # P0: a, z0, y, y2; P1: c1, y, y2
+    assert torch.equal(res[0][3] + res[1][2], ref)
+    assert len(views[1]) == 4 and all(m.numel() for m in views[1])   # c1, E, E, c1
