@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .compile import Program, Weights, compile_model, truncation_failures
+from .compile import Program, Weights, compile_model, error_std, truncation_failures
 from .party import SessionLimits, run_party
 from .settings import DReLUConfig
 from .report import build_report, plot_report, save_report
@@ -92,11 +92,19 @@ def truncation_report(program: Program, weights: Weights, batches: Sequence[torc
     failures per image for these inputs (:func:`~.compile.truncation_failures`). Only a caller
     that holds both the model and the images can compute it (``run_local``); in a three-host
     run nobody does, and the server operator computes it on representative images."""
-    t = truncation_failures(program, weights, torch.cat([b.double() for b in batches]),
-                            frac_bits)
+    x = torch.cat([b.double() for b in batches])
+    t = truncation_failures(program, weights, x, frac_bits)
+    _, ambiguous = error_std(program, weights, x, frac_bits)
     return {"frac_bits": frac_bits,
             "expected_truncation_failures_per_image": t["per_image"],
             "truncated_values_per_image": t["values"],
+            "ambiguous_block_decisions_per_image": len(ambiguous) / x.shape[0],
+            "ambiguous_what": "Block-ReLU patches whose plaintext sum lies within 8 standard "
+                              "deviations of the fixed-point error of zero: the secure run may "
+                              "decide them the other way (the whole patch kept or zeroed), "
+                              "a deviation from plaintext that is not a truncation failure; "
+                              "more fractional bits make them rarer "
+                              "(secure_inference.mpc.compile.error_bound bounds their effect)",
             "what": "a local truncation fails with probability |v|/2^64 (v: the ring value "
                     "before the shift, about |x|·2^(2f)); a failure puts an error near "
                     "2^(64-2f) into one value. One more fractional bit quadruples it"}

@@ -30,7 +30,7 @@ from .protocols.linear import open_weights, preprocess, reconstruct, share
 from .protocols.drelu import resolve_config, set_default_config
 from .prg import cipher_code, cipher_name
 from .settings import DReLUConfig
-from .ring import check_inputs, decode, encode
+from .ring import decode, encode
 from .session import SCOPE_HEADER, SCOPE_OUTPUT, SCOPE_PREPROCESS, SCOPE_REPORT, SCOPE_SETUP
 from .stats import CommStats, ScopeStats
 from .runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party, ProtocolError
@@ -251,7 +251,6 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
             if img.dim() != 4 or tuple(img.shape[1:]) != tuple(program.input_shape[1:]):
                 raise ValueError(f"images must be batches [N, {', '.join(map(str, program.input_shape[1:]))}]"
                                  f" (the compiled input size), got {list(img.shape)}")
-            check_inputs(img, party.frac_bits)
     elif images is not None:
         raise ValueError(f"only the client passes images, party {party.role} got some")
     if party.role == ROLE_SERVER and weights is None:

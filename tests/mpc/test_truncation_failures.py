@@ -83,3 +83,25 @@ def test_error_bound_and_run_local_report_state_the_expected_failures(tmp_path):
     assert acc["expected_truncation_failures_per_image"] == pytest.approx(failures["per_image"])
     assert acc["truncated_values_per_image"] == failures["values"] > 0
     assert res.report["accuracy"] == acc
+
+
+def test_run_local_reports_the_ambiguous_block_decisions():
+    """Patch sums within the fixed-point error of zero (issue 22 item 2): the report counts
+    them per image, as error_std finds them."""
+    import numpy as np
+
+    from secure_inference.mpc.compile import error_std
+    from secure_inference.mpc.local import run_local
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[0].weight[1:3].zero_()   # channels 1, 2: sums exactly 0 (bias 0): ambiguous
+        model[0].bias[1:3].zero_()
+    spec = {"1": np.array([[2, 2]] * 4, dtype=np.int32)}
+    x = torch.randn(2, 3, 8, 8)
+    res = run_local(model, x, spec, in_process=True)
+    program, weights = compile_model(model, tuple(x.shape), spec=spec)
+    _, ambiguous = error_std(program, weights, x.double(), 16)
+    per_image = res.report["accuracy"]["ambiguous_block_decisions_per_image"]
+    assert per_image == len(ambiguous) / 2 >= 2 * 16   # two channels of 4x4 patches each
