@@ -18,6 +18,10 @@ Budgets (--budgets), DReLUs per image:
 
 Methods (--methods):
   knapsack          per-channel patch sizes, exact knapsack over exact distortion
+  knapsack_bytes    the same knapsack with every option priced in exact bytes on the wire
+                    (at --bytes-width bits per comparison), under the byte budget of the
+                    knapsack's own spec at that budget: the two compared at equal bytes
+                    per image (its bytes <= the knapsack's; its DReLUs may be more)
   knapsack_linear   the same over the linear (first-order) distortion estimate
   uniform           the uniform HxW Block-ReLU
   linearisation     the knapsack restricted to {ReLU, identity} per channel (SNL-style)
@@ -32,8 +36,16 @@ METHOD with the first K seeds only.
 
 Outputs in --work-dir:
   results.json              settings, baseline accuracy, budgets, specs, one entry per run
-  results.md                table: accuracy mean ± std per budget and method, gaps
+  results.md                table: accuracy mean ± std per budget and method, DReLUs and
+                            bytes per image, gaps
   accuracy_vs_drelus.png    plot: log DReLUs per image, one line per method, std error bars
+  accuracy_vs_bytes.png     plot: bytes per image (MB), one marker set per method, every
+                            seed and the mean ± std
+
+Bytes per image (--bytes-width, default 64): the exact bytes the secure runtime sends for the
+DReLU layers (ReLU / Block-ReLU, fused DReLU + multiplication per site) of one image with
+every comparison at that many bits; the convolutions' bytes do not depend on the spec and are
+not counted. Recorded for every spec and run; the width used by knapsack_bytes' prices.
   specs/, distortion/, runs/<method>/<budget>/seed<k>/final.pth   (specs, caches, models)
 
 Parallel runs: --jobs N finetunes N runs at a time in worker processes (--threads torch threads
@@ -59,7 +71,7 @@ from pathlib import Path
 
 # the method names, here so that --help loads no torch (tests/study checks that they are
 # the keys of secure_inference.study.methods.METHODS)
-METHOD_NAMES = ("knapsack", "knapsack_linear", "uniform", "linearisation", "knapsack_kd",
+METHOD_NAMES = ("knapsack", "knapsack_bytes", "knapsack_linear", "uniform", "linearisation", "knapsack_kd",
                 "iterative")
 
 
@@ -96,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images for the iterative method's re-measurements (the first N of "
                          "the distortion samples; default: all). Exact distortion of a network "
                          "full of Block-ReLUs costs about 3x that of the baseline")
+    ap.add_argument("--bytes-width", type=int, default=64, metavar="BITS",
+                    help="comparison width at which bytes per image are counted and "
+                         "knapsack_bytes prices its options (3-64, default 64: the runtime "
+                         "without calibration)")
     ap.add_argument("--distill-temperature", type=float, default=4.0)
     ap.add_argument("--distill-weight", type=float, default=1.0)
     ap.add_argument("--cfg-options", nargs="*", default=[], metavar="KEY=VALUE",
@@ -137,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                       iterative_rounds=args.iterative_rounds,
                       iterative_samples=args.iterative_samples,
                       distill_temperature=args.distill_temperature,
-                      distill_weight=args.distill_weight, cfg_options=cfg_options)
+                      distill_weight=args.distill_weight, cfg_options=cfg_options,
+                      bytes_width=args.bytes_width)
         study.check()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -150,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     def write_outputs(data) -> None:
         (work / "results.md").write_text(report.format_table(data))
         report.plot(data, work / "accuracy_vs_drelus.png")
+        report.plot_bytes(data, work / "accuracy_vs_bytes.png")
 
     def on_event(kind: str, info: dict) -> None:
         stamp = time.strftime("%H:%M:%S")
@@ -160,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         elif kind == "skip":
             print(f"[{stamp}] done already: {info['run']}", flush=True)
         elif kind == "spec":
+            nbytes = "" if info.get("bytes") is None else f", {info['bytes']:,} bytes"
             print(f"[{stamp}] spec {info['method']}@{info['budget']}: {info['drelus']:,} / "
-                  f"{info['budget_drelus']:,} DReLUs ({info['seconds']:.0f} s)", flush=True)
+                  f"{info['budget_drelus']:,} DReLUs{nbytes} ({info['seconds']:.0f} s)",
+                  flush=True)
         elif kind == "start":
             what = "queued" if info.get("queued") else "..."
             print(f"[{stamp}] run {info['index'] + 1}/{info['pending']}: {info['run']} {what}",
@@ -188,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(results.data)
     print(f"\n{report.format_table(results.data)}")
     print(f"[{time.strftime('%H:%M:%S')}] finished in {time.time() - started:.0f} s; "
-          f"outputs in {work}: results.json, results.md, accuracy_vs_drelus.png", flush=True)
+          f"outputs in {work}: results.json, results.md, accuracy_vs_drelus.png, "
+          "accuracy_vs_bytes.png", flush=True)
     return 0
 
 

@@ -2,6 +2,10 @@
 
 =================  ======================================================================
 knapsack           per-channel patch sizes by the exact knapsack over *exact* distortion
+knapsack_bytes     the knapsack over exact distortion with every option priced in *bytes on
+                   the wire* (:mod:`secure_inference.knapsack.costs`), under a byte budget
+                   equal to the exact bytes per image of the ``knapsack`` (DReLU-count)
+                   spec at the same budget: both are compared at equal bytes per image
 knapsack_linear    the same knapsack over the *linear* (first-order) distortion estimate
 uniform            one patch size H×W for every channel (only at ``HxW`` budgets)
 linearisation      the knapsack restricted to {ReLU [1,1], identity [0,1]} per channel
@@ -17,6 +21,11 @@ iterative          knapsack in rounds: solve at a budget between the all-ReLU co
 Distortion is measured once per method and network (cached on disk through the resumable
 extraction jobs of :mod:`secure_inference.distortion.jobs`); sites that are not replaceable
 (functional ReLU calls) keep all their ReLUs and their count is taken off the budget first.
+
+Every spec's exact bytes per image (:func:`spec_wire_bytes`: the runtime's fused DReLU layer
+of every site, the fixed sites included, at one comparison width ``bytes_width``, 64 by
+default) are recorded next to its DReLUs. ``knapsack_bytes`` is the only method whose DReLU
+count may exceed the budget's: its budget is the bytes, not the DReLUs.
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ from torch import nn
 from ..distortion.jobs import Job, run_job
 from ..distortion.store import SiteDistortion
 from ..knapsack import all_relu_count, knapsack_block_spec
+from ..knapsack.costs import site_bytes, spec_bytes
 from ..sites import ReluSite, find_relu_sites, total_relus
 from ..spec import Spec, apply_block_spec, count_drelus
 from .budgets import Budget, uniform_spec
@@ -51,6 +61,8 @@ class Method:
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("knapsack", "knapsack over exact per-channel distortion", "exact"),
+    Method("knapsack_bytes", "knapsack over exact distortion priced in bytes on the wire, at "
+           "the knapsack's bytes per image", "exact"),
     Method("knapsack_linear", "knapsack over the linear distortion estimate", "linear"),
     Method("uniform", "one patch size for every channel (HxW budgets only)", None),
     Method("linearisation", "knapsack restricted to {ReLU, identity} per channel", "exact"),
@@ -66,11 +78,25 @@ IDENTITY = (0, 1)
 
 @dataclass
 class BuiltSpec:
-    """A method's spec at a budget, its DReLU count per image and how it was found."""
+    """A method's spec at a budget, its DReLU count and exact bytes per image (at the
+    builder's ``bytes_width``) and how it was found."""
 
     spec: Spec
     drelus: int
     details: dict = field(default_factory=dict)
+    bytes: int | None = None
+
+
+def spec_wire_bytes(spec: Mapping[str, np.ndarray], sites: Sequence[ReluSite],
+                    width: int = 64) -> int:
+    """Exact bytes per image that the secure runtime sends for the DReLU layers of every site
+    of ``sites`` under ``spec`` (sites absent from it: ordinary ReLU), every layer compared
+    at ``width`` bits (:func:`secure_inference.knapsack.costs.site_bytes`)."""
+    total = 0
+    for s in sites:
+        sizes = spec[s.name] if s.name in spec else np.ones((s.channels, 2), np.int32)
+        total += site_bytes(np.asarray(sizes), s.height, s.width, int(width))
+    return int(total)
 
 
 def spec_digest(spec: Mapping[str, np.ndarray]) -> str:
@@ -128,14 +154,16 @@ class SpecBuilder:
     distortion runs are stored (resumable; a rerun reads them back). ``model_id`` names the
     model in the distortion fingerprints. ``remeasure_samples``: how many of the samples the
     iterative method's re-measurements use (None: all); exact distortion of a network full of
-    Block-ReLUs costs about three times that of the baseline.
+    Block-ReLUs costs about three times that of the baseline. ``bytes_width``: the comparison
+    width (bits) at which every spec's bytes per image are counted and at which
+    ``knapsack_bytes`` prices its options (64: the runtime's default without calibration).
     """
 
     def __init__(self, model: nn.Module, samples: torch.Tensor, cache_dir: str | Path, *,
                  model_id: str, seed: int = 0, num_projections: int = 8,
                  iterative_rounds: int = 3, iterative_distortion: str = "exact",
                  remeasure_samples: int | None = None, batch_size: int = 16,
-                 forward_batch: int = 64) -> None:
+                 forward_batch: int = 64, bytes_width: int = 64) -> None:
         if remeasure_samples is not None and not 1 <= remeasure_samples <= len(samples):
             raise ValueError(f"remeasure_samples must lie in [1, {len(samples)}], got "
                              f"{remeasure_samples}")
@@ -148,6 +176,7 @@ class SpecBuilder:
         self.iterative_rounds = int(iterative_rounds)
         self.iterative_distortion = iterative_distortion
         self.remeasure_samples = remeasure_samples
+        self.bytes_width = int(bytes_width)
         self.batch_size = int(batch_size)
         self.forward_batch = int(forward_batch)
         self.input_shape = tuple(int(s) for s in samples.shape[1:])
@@ -194,8 +223,29 @@ class SpecBuilder:
                           "solver_distortion": float(res.total_distortion),
                           "optimal": bool(res.optimal)}
 
+    def wire_bytes(self, spec: Mapping[str, np.ndarray]) -> int:
+        """Exact bytes per image of ``spec`` on this model at ``bytes_width``."""
+        return spec_wire_bytes(spec, self.sites, self.bytes_width)
+
+    def _knapsack_bytes(self, budget: Budget) -> tuple[Spec, dict]:
+        """The byte-priced knapsack under the exact bytes of the count knapsack's spec."""
+        results = self.distortion("exact")
+        widths = {name: self.bytes_width for name in results}
+        count_spec, _ = self._knapsack(results, budget.drelus)
+        bound = spec_bytes(results, count_spec, widths)   # the replaceable sites' bytes
+        sol = knapsack_block_spec(results, bound, cost="bytes", widths=widths)
+        res = sol.result
+        fixed = self.wire_bytes(count_spec) - bound        # the fixed sites' (all ReLU) bytes
+        return sol.spec, {"byte_budget": int(bound + fixed),
+                          "byte_budget_replaceable": int(bound),
+                          "bytes_width": self.bytes_width,
+                          "solver_cost_units": int(res.total_cost),
+                          "solver_distortion": float(res.total_distortion),
+                          "optimal": bool(res.optimal)}
+
     def build(self, method: str, budget: Budget) -> BuiltSpec:
-        """The spec of ``method`` at ``budget`` (DReLUs ≤ budget; uniform: = budget)."""
+        """The spec of ``method`` at ``budget`` (DReLUs ≤ budget; uniform: = budget;
+        knapsack_bytes: bytes ≤ those of the knapsack's spec at ``budget``)."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
         info = METHODS[method]
@@ -206,16 +256,23 @@ class SpecBuilder:
             spec, details = uniform_spec(self.sites, budget.uniform_size), {}
         elif method == "iterative":
             spec, details = self._iterative(budget.drelus)
+        elif method == "knapsack_bytes":
+            spec, details = self._knapsack_bytes(budget)
         else:
             results = self.distortion(info.distortion or "exact")
             if method == "linearisation":
                 results = restrict_candidates(results)
             spec, details = self._knapsack(results, budget.drelus)
         drelus = count_drelus(spec, self.sites)["total"]
-        if drelus > budget.drelus:
+        nbytes = self.wire_bytes(spec)
+        if method == "knapsack_bytes":
+            if nbytes > details["byte_budget"]:
+                raise RuntimeError(f"{method} at {budget.label}: spec sends {nbytes:,} bytes "
+                                   f"per image, above the budget {details['byte_budget']:,}")
+        elif drelus > budget.drelus:
             raise RuntimeError(f"{method} at {budget.label}: spec has {drelus:,} DReLUs, "
                                f"above the budget {budget.drelus:,}")
-        return BuiltSpec(spec, drelus, details)
+        return BuiltSpec(spec, drelus, details, nbytes)
 
     def _iterative(self, drelus: int) -> tuple[Spec, dict]:
         first = self.distortion(self.iterative_distortion)

@@ -81,10 +81,14 @@ class ResultsFile:
         """Write the whole file atomically (readers see the old or the new file)."""
         atomic_write_bytes(self.path, (json.dumps(self.data, indent=1) + "\n").encode())
 
-    def check_settings(self, settings: Mapping[str, Any]) -> None:
-        """Adopt ``settings`` for a new file; refuse a rerun whose settings differ."""
+    def check_settings(self, settings: Mapping[str, Any],
+                       defaults: Mapping[str, Any] | None = None) -> None:
+        """Adopt ``settings`` for a new file; refuse a rerun whose settings differ. A setting
+        the file does not record counts as recorded with its value in ``defaults`` (settings
+        added after the file was made)."""
         old = self.data.get("settings") or {}
         if old:
+            old = {**{k: v for k, v in (defaults or {}).items() if k not in old}, **old}
             diffs = [f"{k}: recorded {old.get(k)!r}, now {settings.get(k)!r}"
                      for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
             if diffs:

@@ -52,6 +52,8 @@ class Study:
     distill_temperature: float = 4.0
     distill_weight: float = 1.0
     cfg_options: dict = field(default_factory=dict)
+    bytes_width: int = 64            # comparison width (bits) of the bytes per image recorded
+                                     # for every spec and run, and of knapsack_bytes' prices
 
     def check(self) -> None:
         """Raise ValueError for unknown methods or empty lists."""
@@ -62,6 +64,8 @@ class Study:
             raise ValueError("a study needs at least one method, budget and seed")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"duplicate methods in {self.methods}")
+        if not 3 <= int(self.bytes_width) <= 64:
+            raise ValueError(f"bytes_width must lie in [3, 64] bits, got {self.bytes_width}")
 
     def settings(self) -> dict[str, Any]:
         """What a rerun must match (the work dir and the run lists may change). The config
@@ -74,6 +78,11 @@ class Study:
         for k in ("config", "checkpoint"):
             out[k] = os.path.relpath(Path(out[k]).resolve(), work)
         return out
+
+
+SETTING_DEFAULTS = {"bytes_width": 64}
+"""Settings added after the first studies: a results file that does not record them was made
+with these values (so its work dir can still be resumed)."""
 
 
 def path_from_work(work_dir: str | os.PathLike, recorded: str) -> Path:
@@ -182,8 +191,10 @@ def eval_context(study: Study, baseline: nn.Module | None = None,
 
 def execute_run(study: Study, ctx: EvalContext, run: RunKey, spec, spec_drelus: int,
                 budget_drelus: int) -> dict:
-    """Finetune and evaluate one run (its folder cleared first); returns its results entry."""
+    """Finetune and evaluate one run (its folder cleared first); returns its results entry
+    (with the finetuned model's exact bytes per image at ``study.bytes_width``)."""
     from ..mmlab.finetune import load_finetuned
+    from .methods import spec_wire_bytes
     work = Path(study.work_dir)
     run_dir = run_folder(work, run)
     if run_dir.exists():
@@ -196,13 +207,16 @@ def execute_run(study: Study, ctx: EvalContext, run: RunKey, spec, spec_drelus: 
                     distill=distill, cfg_options=study.cfg_options)
     t1 = time.perf_counter()
     model = load_finetuned(ctx.cfg, ckpt)
-    drelus = count_drelus(extract_block_spec(model, ctx.shape), ctx.sites)["total"]
+    final_spec = extract_block_spec(model, ctx.shape)
+    drelus = count_drelus(final_spec, ctx.sites)["total"]
     if drelus != spec_drelus:
         raise RuntimeError(f"{run.id}: the finetuned model has {drelus:,} DReLUs but its "
                            f"spec has {spec_drelus:,}")
     accuracy = top1_accuracy(model, ctx.batches)
     t2 = time.perf_counter()
-    return {"drelus": drelus, "budget_drelus": budget_drelus, "accuracy": accuracy,
+    return {"drelus": drelus, "budget_drelus": budget_drelus,
+            "bytes": spec_wire_bytes(final_spec, ctx.sites, study.bytes_width),
+            "bytes_width": int(study.bytes_width), "accuracy": accuracy,
             "checkpoint": str(ckpt.relative_to(work)),
             "seconds_finetune": round(t1 - t0, 2), "seconds_eval": round(t2 - t1, 2)}
 
@@ -258,7 +272,7 @@ def run_study(study: Study, on_event: Event | None = None, jobs: int = 1,
     work = Path(study.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     results = ResultsFile(work / RESULTS_NAME)
-    results.check_settings(study.settings())
+    results.check_settings(study.settings(), SETTING_DEFAULTS)
     cfg = load_task_config(study.config, study.cfg_options or None)
     baseline = load_finetuned(cfg, study.checkpoint)
     ctx = eval_context(study, baseline, cfg)
@@ -272,9 +286,18 @@ def run_study(study: Study, on_event: Event | None = None, jobs: int = 1,
                                     "test_images": sum(len(b[1]) for b in ctx.batches),
                                     "seconds_eval": round(time.perf_counter() - t0, 2)}
         results.save()
+    if "bytes" not in results.data["baseline"]:
+        from .methods import spec_wire_bytes
+        results.data["baseline"].update(bytes=spec_wire_bytes({}, sites, study.bytes_width),
+                                        bytes_width=int(study.bytes_width))
     results.data.setdefault("budgets", {}).update(
         {b.label: {"drelus": b.drelus, "share": b.drelus / total_relus(sites)}
          for b in budgets})
+    for label, entry in results.data["specs"].items():   # specs recorded before bytes were
+        if "bytes" not in entry and (work / entry["file"]).is_file():
+            from .methods import spec_wire_bytes
+            entry["bytes"] = spec_wire_bytes(load_spec(work / entry["file"]), sites,
+                                             study.bytes_width)
     results.save()
     emit("baseline", dict(results.data["baseline"], sites=len(sites)))
 
@@ -300,7 +323,8 @@ def run_study(study: Study, on_event: Event | None = None, jobs: int = 1,
                                   seed=study.distortion_seed,
                                   num_projections=study.num_projections,
                                   iterative_rounds=study.iterative_rounds,
-                                  remeasure_samples=study.iterative_samples)
+                                  remeasure_samples=study.iterative_samples,
+                                  bytes_width=study.bytes_width)
         return builder
 
     def get_spec(method: str, budget: Budget) -> tuple[Any, dict, Path]:
@@ -315,7 +339,8 @@ def run_study(study: Study, on_event: Event | None = None, jobs: int = 1,
         built = get_builder().build(name, budget)
         save_spec(built.spec, path)
         entry = {"method": name, "budget": budget.label, "budget_drelus": budget.drelus,
-                 "drelus": built.drelus, "file": str(path.relative_to(work)),
+                 "drelus": built.drelus, "bytes": built.bytes,
+                 "bytes_width": int(study.bytes_width), "file": str(path.relative_to(work)),
                  "seconds": round(time.perf_counter() - t0, 2), **built.details}
         with lock:
             results.data["specs"][key] = entry
