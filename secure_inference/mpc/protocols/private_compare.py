@@ -128,7 +128,7 @@ def private_compare_packed(role: int, xbits: torch.Tensor, r: torch.Tensor, beta
     if r.device.type != "cpu":
         return pack_zp(private_compare_message(role, xbits, r, beta, rnd, bits))
     n = r.numel()
-    words = np.zeros(-(-n * bits // _ZP_GROUP), dtype=np.int32)
+    words = np.empty(-(-n * bits // _ZP_GROUP), dtype=np.int32)   # every word is written
     K.pc_message_packed(int(role), xbits.to(torch.int16).contiguous().numpy(),
                         r.reshape(n).contiguous().numpy(), beta.reshape(n).contiguous().numpy(),
                         rnd.s.to(torch.int16).contiguous().numpy(),
@@ -163,6 +163,6 @@ def deal_corrections(r: torch.Tensor, shares0: torch.Tensor, bits: int) -> torch
     if r.device.type != "cpu":
         corr = bit_decompose(r, bits, torch.int16) - shares0.view(n, bits)
         return pack_zp(torch.remainder(corr, P))
-    words = np.zeros(-(-n * bits // _ZP_GROUP), dtype=np.int32)
+    words = np.empty(-(-n * bits // _ZP_GROUP), dtype=np.int32)   # every word is written
     K.deal_corrections_packed(r.contiguous().numpy(), shares0.contiguous().numpy(), bits, words)
     return torch.from_numpy(words).view(torch.uint8)

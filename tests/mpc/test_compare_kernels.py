@@ -1,0 +1,249 @@
+"""The DReLU's numba kernels (secure_inference.mpc.protocols.compare_kernels) against plain-Python
+references written from the protocol's definition (not from the torch versions): exact sampling
+mod h with the rejected positions, the PrivateCompare message packed for the wire (β = 1 and
+R = 2^ℓ − 1 rows, every rotation), the Z_67 word checks, unpacking and packing, the helper's
+decision and its dealt corrections, at widths 3 … 64, for n = 0, 1 and counts around the
+five-row groups the kernels work in."""
+from __future__ import annotations
+
+import random
+
+import numba
+import numpy as np
+import pytest
+
+from secure_inference.mpc.protocols import compare_kernels as K
+
+P = 67
+
+
+def _pack_ref(values: list[int]) -> list[int]:
+    """Five values per word, Σ v_i·67^i, the last word zero padded."""
+    out = []
+    for a in range(0, len(values), 5):
+        chunk = values[a:a + 5] + [0] * (5 - len(values[a:a + 5]))
+        out.append(sum(v * P ** i for i, v in enumerate(chunk)))
+    return out
+
+
+def _unpack_ref(words: list[int], count: int) -> list[int]:
+    vals = []
+    for w in words:
+        for _ in range(5):
+            vals.append(w % P)
+            w //= P
+    return vals[:count]
+
+
+def _msb_bits(v: int, bits: int) -> list[int]:
+    v %= 1 << bits
+    return [(v >> (bits - 1 - i)) & 1 for i in range(bits)]
+
+
+def _pc_ref(j, xbits, r, beta, s, u, shift, bits) -> list[int]:
+    """SecureNN's PrivateCompare message of party j, row by row, in Python integers."""
+    mod = 1 << bits
+    out = []
+    for row in range(len(r)):
+        rr = int(r[row]) % mod
+        b = int(beta[row])
+        q = (rr + 1) % mod if b else rr
+        qb = _msb_bits(q, bits)
+        x = [int(v) for v in xbits[row]]
+        sigma = 1 - 2 * b
+        c = []
+        for i in range(bits):
+            higher = sum(x[k] + j * qb[k] - 2 * qb[k] * x[k] for k in range(i))
+            c.append(sigma * (j * qb[i] - x[i]) + j + higher)
+        if b and rr == mod - 1:
+            c = [0] + [j] * (bits - 1)
+        d = []
+        for i in range(bits):
+            mask = int(u[row][i]) if j == 0 else -int(u[row][i])
+            d.append((int(s[row][i]) * c[i] + mask) % P)
+        off = int(shift[row])
+        out.extend(d[(k + off) % bits] for k in range(bits))
+    return out
+
+
+def _pc_inputs(rng: random.Random, n: int, bits: int):
+    top = (1 << bits) - 1
+    xbits = np.array([[rng.randrange(P) for _ in range(bits)] for _ in range(n)],
+                     dtype=np.int16).reshape(n, bits)
+    r_u = [rng.choice([0, 1, top, top - 1, rng.randrange(1 << bits)]) for _ in range(n)]
+    beta = np.array([rng.randrange(2) for _ in range(n)], dtype=np.int64)
+    if n:
+        r_u[0], beta[0] = top, 1          # the special row
+    if n > 3:
+        r_u[3], beta[3] = top, 0
+    r = np.array([v - (1 << 64) if v >= 1 << 63 else v for v in r_u], dtype=np.int64)
+    s = np.array([[rng.choice([1, 66, rng.randrange(1, P)]) for _ in range(bits)]
+                  for _ in range(n)], dtype=np.int16).reshape(n, bits)
+    u = np.array([[rng.choice([0, 66, rng.randrange(P)]) for _ in range(bits)]
+                  for _ in range(n)], dtype=np.int16).reshape(n, bits)
+    shift = np.array([rng.choice([0, bits - 1, rng.randrange(bits)]) for _ in range(n)],
+                     dtype=np.int64)
+    return xbits, r, beta, s, u, shift
+
+
+@pytest.mark.parametrize("bits", [3, 26, 27, 63, 64])
+@pytest.mark.parametrize("n", [0, 1, 4, 5, 6, 12])
+def test_pc_message_packed_equals_the_protocol_definition(bits, n):
+    rng = random.Random(1000 * bits + n)
+    xbits, r, beta, s, u, shift = _pc_inputs(rng, n, bits)
+    for j in (0, 1):
+        words = np.full(-(-n * bits // 5), -7, dtype=np.int32)   # garbage: all must be written
+        K.pc_message_packed(j, xbits, r, beta, s, u, shift, bits, words)
+        assert words.tolist() == _pack_ref(_pc_ref(j, xbits, r, beta, s, u, shift, bits))
+
+
+def test_pc_message_has_one_zero_exactly_where_the_comparison_says():
+    """Both parties' messages from shares of X: the sum has a zero (mod 67) iff β ⊕ [X > R]."""
+    rng = random.Random(5)
+    bits, n = 27, 40
+    xbits, r, beta, s, u, shift = _pc_inputs(rng, n, bits)
+    x = [rng.randrange(1 << bits) for _ in range(n)]
+    x[1] = int(r[1]) % (1 << bits)                        # X = R
+    x0 = np.array([[rng.randrange(P) for _ in range(bits)] for _ in range(n)], dtype=np.int16)
+    x1 = np.array([[(b - int(x0[row, i])) % P for i, b in enumerate(_msb_bits(x[row], bits))]
+                   for row in range(n)], dtype=np.int16)
+    nw = -(-n * bits // 5)
+    w0, w1 = np.empty(nw, dtype=np.int32), np.empty(nw, dtype=np.int32)
+    K.pc_message_packed(0, x0, r, beta, s, u, shift, bits, w0)
+    K.pc_message_packed(1, x1, r, beta, s, u, shift, bits, w1)
+    d0 = _unpack_ref(w0.tolist(), n * bits)
+    d1 = _unpack_ref(w1.tolist(), n * bits)
+    out = np.empty(n, dtype=np.bool_)
+    K.decide_packed(w0, w1, n, bits, out)
+    for row in range(n):
+        zeros = sum((d0[row * bits + i] + d1[row * bits + i]) % P == 0 for i in range(bits))
+        want = bool(beta[row]) ^ (x[row] > int(r[row]) % (1 << bits))
+        assert (zeros == 1) == want and zeros <= 1
+        assert bool(out[row]) == want
+
+
+def test_pc_message_refuses_a_rotation_out_of_range():
+    xbits, r, beta, s, u, shift = _pc_inputs(random.Random(2), 3, 5)
+    shift[1] = 5
+    with pytest.raises(ValueError, match="rotation"):
+        K.pc_message_packed(0, xbits, r, beta, s, u, shift, 5, np.empty(3, dtype=np.int32))
+
+
+def test_sample_words_every_word_and_every_modulus():
+    words = np.arange(65536, dtype=np.uint16)
+    rng = np.random.default_rng(3)
+    rng.shuffle(words)
+    out = np.empty(words.size, dtype=np.int16)
+    bad = np.empty(words.size, dtype=np.int64)
+    for high in range(2, 257):
+        count = K.sample_words(words, high, out, bad)
+        limit = (65536 // high) * high
+        assert np.array_equal(out, (words % high).astype(np.int16)), high
+        assert np.array_equal(bad[:count], np.flatnonzero(words >= limit)), high
+    with pytest.raises(ValueError):
+        K.sample_words(words, 257, out, bad)
+    with pytest.raises(ValueError):
+        K.sample_words(words, 67, out[:-1], bad)
+
+
+@pytest.mark.parametrize("size", [0, 1, 63, 64, 65, 127, 128, 200])
+def test_sample_words_rejected_positions_at_run_edges(size):
+    """Rejections at the first and last word of each run of 64 and in the tail, in order."""
+    high, limit = 67, (65536 // 67) * 67
+    words = np.full(size, 5, dtype=np.uint16)
+    want = sorted({i for i in (0, 62, 63, 64, 127, 128, size - 1) if 0 <= i < size})
+    words[want] = [limit + (i % (65536 - limit)) for i in want]
+    out = np.empty(size, dtype=np.int16)
+    bad = np.empty(size, dtype=np.int64)
+    assert K.sample_words(words, high, out, bad) == len(want)
+    assert bad[:len(want)].tolist() == want
+    assert out.tolist() == [int(w) % high for w in words]
+
+
+def test_multiply_shift_remainders_are_exact_on_their_whole_range():
+    mod_small = numba.njit(lambda v: K._mod67_small(v))
+    div = numba.njit(lambda v: K._div67(v))
+    v = np.arange(K.SMALL_LIMIT, dtype=np.int32)
+    assert np.array_equal(np.array([mod_small(np.int32(x)) for x in v[:300]]), v[:300] % P)
+    assert np.array_equal(numba.njit(lambda a: np.array([K._mod67_small(x) for x in a]))(v),
+                          v % P)
+    big = np.concatenate([np.arange(0, 5000), np.arange(2 ** 31 - 5000, 2 ** 31),
+                          np.random.default_rng(0).integers(0, 2 ** 31, 20000),
+                          np.arange(1, 2 ** 31 // P) * P, np.arange(1, 2 ** 31 // P) * P - 1])
+    got = numba.njit(lambda a: np.array([K._div67(x) for x in a]))(big.astype(np.int64))
+    assert np.array_equal(got, big // P)
+    assert div(np.int64(K.WORD_LIMIT - 1)) == (K.WORD_LIMIT - 1) // P
+
+
+@pytest.mark.parametrize("count", [0, 1, 4, 5, 6, 9, 10, 11, 1003])
+def test_pack_unpack_check_against_plain_python(count):
+    rng = random.Random(count)
+    vals = [rng.choice([0, 66, rng.randrange(P)]) for _ in range(count)]
+    words = np.full(-(-count // 5), -1, dtype=np.int32)
+    K.pack_values(np.array(vals, dtype=np.int16), words)
+    assert words.tolist() == _pack_ref(vals)
+    assert K.check_words(words, count) == K.OK
+    out = np.full(count, -1, dtype=np.int16)
+    K.unpack_words(words, out)
+    assert out.tolist() == vals == _unpack_ref(words.tolist(), count)
+
+
+@pytest.mark.parametrize("count", [1, 3, 5, 7, 10, 12])
+def test_check_words_refuses_out_of_range_words_and_nonzero_padding(count):
+    nw = -(-count // 5)
+    for pos in range(nw):
+        for bad in (-1, -(2 ** 31), K.WORD_LIMIT, 2 ** 31 - 1):
+            words = np.zeros(nw, dtype=np.int32)
+            words[pos] = bad
+            assert K.check_words(words, count) == K.WORD_OUT_OF_RANGE
+    for digit in range(count % 5 or 5, 5):      # each padding digit of the last word
+        if count % 5 == 0:
+            break
+        words = np.zeros(nw, dtype=np.int32)
+        words[-1] = P ** digit
+        assert K.check_words(words, count) == K.NONZERO_PADDING
+        words[-1] = P ** digit * 66
+        assert K.check_words(words, count) == K.NONZERO_PADDING
+    words = np.zeros(nw, dtype=np.int32)
+    words[-1] = P ** ((count - 1) % 5) * 66        # the last real value: fine
+    assert K.check_words(words, count) == K.OK
+    assert K.check_words(np.zeros(0, dtype=np.int32), 0) == K.OK
+
+
+@pytest.mark.parametrize("bits", [3, 26, 63, 64])
+@pytest.mark.parametrize("n", [0, 1, 4, 5, 6, 13])
+def test_decide_packed_against_plain_python(bits, n):
+    rng = random.Random(bits * 100 + n)
+    count = n * bits
+    d0 = [rng.randrange(P) for _ in range(count)]
+    d1 = [(P - d + 1 + rng.randrange(P - 1)) % P for d in d0]     # d0 + d1 ≢ 0 anywhere yet
+    for row in range(n):      # zeros at the row's first value, last value, or none
+        where = row % 3
+        if where < 2:
+            i = row * bits + (0 if where == 0 else bits - 1)
+            d1[i] = (P - d0[i]) % P
+    w0 = np.array(_pack_ref(d0), dtype=np.int32)
+    w1 = np.array(_pack_ref(d1), dtype=np.int32)
+    out = np.zeros(n, dtype=np.bool_)
+    out[::2] = True                                   # stale values must be overwritten
+    K.decide_packed(w0, w1, n, bits, out)
+    want = [any((d0[row * bits + i] + d1[row * bits + i]) % P == 0 for i in range(bits))
+            for row in range(n)]
+    assert out.tolist() == want
+    assert want == [row % 3 < 2 for row in range(n)]
+
+
+@pytest.mark.parametrize("bits", [3, 26, 63, 64])
+@pytest.mark.parametrize("n", [0, 1, 5, 6, 11])
+def test_deal_corrections_packed_against_plain_python(bits, n):
+    rng = random.Random(bits + 7 * n)
+    top = (1 << bits) - 1
+    r_u = [rng.choice([0, top, rng.randrange(1 << bits), rng.randrange(1 << 64)])
+           for _ in range(n)]        # only the low ``bits`` bits count
+    r = np.array([v - (1 << 64) if v >= 1 << 63 else v for v in r_u], dtype=np.int64)
+    shares0 = [rng.choice([0, 1, 66, rng.randrange(P)]) for _ in range(n * bits)]
+    words = np.full(-(-n * bits // 5), -3, dtype=np.int32)
+    K.deal_corrections_packed(r, np.array(shares0, dtype=np.int16), bits, words)
+    want = [(b - shares0[row * bits + i]) % P
+            for row in range(n) for i, b in enumerate(_msb_bits(r_u[row], bits))]
+    assert words.tolist() == _pack_ref(want)
