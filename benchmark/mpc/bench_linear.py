@@ -13,6 +13,16 @@ shared × shared (Beaver) matrix product:
   CPU) and, for the convolution, Python integers on a reduced slice (extrapolated per MAC).
 
 Usage:  python benchmark/mpc/bench_linear.py [--reps 5] [--plaintext] [--json out.json]
+        python benchmark/mpc/bench_linear.py --kernels [--reps 7] [--json out.json]
+
+``--kernels``: the preprocessing's ring products alone, in this process on one thread, for
+every conv shape of ResNet18-CIFAR (batch 1): 64-bit × 64-bit (P0's conv(A, F), P2's
+conv(A, B)) and 64-bit × small weights (P1's online conv), on torch's int64 conv2d, on
+im2col + int64 matmul (cached Wᵀ), on the float64 convolutions of balanced 22-bit limbs
+that were the CPU default before issue 21 (6 limb products, 3 with small weights), and on
+the default backend (which picks per shape). Times are the thread's CPU time (min of
+``--reps``), which the other jobs on a shared machine disturb far less than wall time;
+every result is checked equal to torch's int64 conv2d.
 """
 from __future__ import annotations
 
@@ -29,6 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from secure_inference.mpc import prg  # noqa: E402
 from secure_inference.mpc import protocols as P  # noqa: E402
+from secure_inference.mpc import backends as B  # noqa: E402
 from secure_inference.mpc.backends import CpuInt64Backend, LimbFloatBackend  # noqa: E402
 from secure_inference.mpc.ring import encode  # noqa: E402
 from secure_inference.mpc.runtime import merge_stats  # noqa: E402
@@ -135,13 +146,94 @@ def analytic_bytes() -> dict[str, dict[str, int]]:
             "matmul": {"per_image": 8 * mm_out + 16 * (mm_a + mm_b), "once": 0}}
 
 
+RESNET18_CIFAR_CONVS = [  # (x shape, w shape, stride, padding, layers of this shape)
+    ((1, 3, 32, 32), (64, 3, 3, 3), 1, 1, 1), ((1, 64, 32, 32), (64, 64, 3, 3), 1, 1, 4),
+    ((1, 64, 32, 32), (128, 64, 3, 3), 2, 1, 1), ((1, 128, 16, 16), (128, 128, 3, 3), 1, 1, 3),
+    ((1, 64, 32, 32), (128, 64, 1, 1), 2, 0, 1), ((1, 128, 16, 16), (256, 128, 3, 3), 2, 1, 1),
+    ((1, 256, 8, 8), (256, 256, 3, 3), 1, 1, 3), ((1, 128, 16, 16), (256, 128, 1, 1), 2, 0, 1),
+    ((1, 256, 8, 8), (512, 256, 3, 3), 2, 1, 1), ((1, 512, 4, 4), (512, 512, 3, 3), 1, 1, 3),
+    ((1, 256, 8, 8), (512, 256, 1, 1), 2, 0, 1)]
+
+
+def old_limb_conv(x, w, stride, padding, small: bool):
+    """The CPU default before issue 21: float64 convolutions of balanced 22-bit limbs (all
+    pairs with shift < 64), split over input channels so every float sum stays below 2^53."""
+    xl = [d.to(torch.float64) for d in B.balanced_limbs(x, 22, 3)]
+    wl = [w.to(torch.float64)] if small else \
+        [d.to(torch.float64) for d in B.balanced_limbs(w, 22, 3)]
+    pairs = B._pairs_below_64(22, 3, len(wl))
+    step = (1 << 11) // (w.shape[2] * w.shape[3]) - 1
+    products = B._conv_products(x.shape[0], (stride, padding, 1, 1))
+    out = None
+    for c0 in range(0, x.shape[1], step):
+        part = B._limb_combine([t[:, c0:c0 + step] for t in xl],
+                               [t[:, c0:c0 + step] for t in wl], pairs, 22, products)
+        out = part if out is None else out.add_(part)
+    return out
+
+
+def kernel_bench(reps: int) -> dict:
+    """Thread CPU seconds per conv shape and kernel, and the per-image sums (see --kernels)."""
+    torch.set_num_threads(1)
+    hybrid = B.CpuHybridBackend()
+    rows, totals = [], {}
+    for xs, ws, s, p, count in RESNET18_CIFAR_CONVS:
+        x, w = prg.private_stream().ring(xs), prg.private_stream().ring(ws)
+        small = torch.randint(-(1 << 21) + 1, 1 << 21, ws)
+        refs = {"full": F.conv2d(x, w, None, s, p), "small": F.conv2d(x, small, None, s, p)}
+        kernels = {}
+        for kind, wv in (("full", w), ("small", small)):
+            kernels[f"{kind}/int64 conv2d"] = functools.partial(F.conv2d, x, wv, None, s, p)
+            kernels[f"{kind}/im2col+matmul"] = functools.partial(hybrid._gemm_conv, x, wv, s, p,
+                                                                 1)
+            kernels[f"{kind}/f64 limbs (old)"] = functools.partial(old_limb_conv, x, wv, s, p,
+                                                                   kind == "small")
+            kernels[f"{kind}/default"] = functools.partial(hybrid.conv2d, x, wv, s, p,
+                                                           small_weight=kind == "small")
+        for name, fn in kernels.items():
+            assert torch.equal(fn(), refs[name.split("/")[0]]), name
+        best = dict.fromkeys(kernels, float("inf"))
+        for _ in range(reps):          # interleaved, so load changes hit every kernel alike
+            for name, fn in kernels.items():
+                t0 = time.thread_time()
+                fn()
+                best[name] = min(best[name], time.thread_time() - t0)
+        macs = refs["full"].numel() * ws[1] * ws[2] * ws[3]
+        rows.append({"x": xs, "w": ws, "stride": s, "padding": p, "layers": count,
+                     "path": hybrid.conv_path(xs, ws, s, p), "gmac": macs / 1e9, "s": best})
+        for name, v in best.items():
+            totals[name] = totals.get(name, 0.0) + v * count
+    return {"rows": rows, "per_image_s": totals}
+
+
+def print_kernels(res: dict) -> None:
+    names = list(res["per_image_s"])
+    print("thread CPU ms per conv (min of reps), one thread; 'full' = 64-bit x 64-bit (P0, P2 "
+          "preprocessing), 'small' = x 64-bit weights below 2^21 (P1 online)")
+    for r in res["rows"]:
+        print(f"{str(r['x']):18s} {str(r['w']):18s} s{r['stride']} x{r['layers']} "
+              f"[{r['path']}]  " + "  ".join(f"{n.split('/')[1]}:{r['s'][n] * 1e3:.1f}"
+                                             for n in names if n.startswith("full")))
+    print("per image (sum over ResNet18-CIFAR's convs):")
+    for n in names:
+        print(f"    {n:24s} {res['per_image_s'][n] * 1e3:8.1f} ms")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per op (default 5)")
     ap.add_argument("--plaintext", action="store_true", help="plaintext TCP instead of TLS")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
+    ap.add_argument("--kernels", action="store_true",
+                    help="time the ring products of ResNet18-CIFAR's convs on each kernel")
     args = ap.parse_args(argv)
+    if args.kernels:
+        res = kernel_bench(args.reps)
+        print_kernels(res)
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2))
+        return 0
 
     res = run_local_processes(functools.partial(party_bench, reps=args.reps),
                               tls=not args.plaintext, timeout=300, wall_timeout=1800)
