@@ -153,8 +153,8 @@ def test_balanced_limbs_reconstruct_and_stay_in_range():
     ((1, 8, 4, 4), (8, 8, 3, 3), (1, 1, 1)),             # small output: int64 kernel
 ])
 def test_cpu_hybrid_conv_is_exact_for_random_and_small_weights(xs, ws, geom):
-    """Random 64-bit weights (6 limb pairs) and small plaintext weights up to the 2^21 bound
-    (3 convolutions; one weight of 2^21 switches to 6 pairs) all equal the int64 kernel."""
+    """Random 64-bit weights and small plaintext weights up to the 2^21 bound (declared small
+    or not; one weight of 2^21 is not small) all equal the int64 kernel, on both paths."""
     from secure_inference.mpc.backends import CpuHybridBackend
     fast, base = CpuHybridBackend(), CpuInt64Backend()
     x = torch.randint(_LO, _HI, xs)
