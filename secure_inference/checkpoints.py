@@ -24,10 +24,24 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError/RuntimeError for unsafe content
-        raise ModelLoadError(f"cannot load checkpoint {path} safely: {e}") from None
+        raise ModelLoadError(f"cannot load checkpoint {path} safely: {_why(e)}") from None
     if not isinstance(ckpt, dict):
         raise ModelLoadError(f"checkpoint {path} holds {type(ckpt).__name__}, expected a dict")
     return ckpt
+
+
+def _why(exc: Exception) -> str:
+    """What a user can do about a failed safe load (torch's own advice is for programmers)."""
+    text = str(exc)
+    if "Unsupported global" in text:
+        name = text.split("GLOBAL ", 1)[1].split()[0] if "GLOBAL " in text else "an object"
+        return (f"it holds a pickled Python object ({name}), not only weights (a whole model "
+                "saved with torch.save(model)?). Save the weights instead: "
+                "torch.save(model.state_dict(), path), and load those; this tool never runs "
+                "code from a checkpoint file")
+    return (f"it is not a torch checkpoint (truncated, or another kind of file; torch says: "
+            f"{type(exc).__name__}: {text[:200]}); expected a file written by torch.save or an "
+            "mmengine checkpoint")
 
 
 def state_dict_of(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -39,22 +39,48 @@ def load_config(path: str | os.PathLike, cfg_options: dict | None = None):
     return load_task_config(path, cfg_options)
 
 
+def split_model_arguments(name: str) -> tuple[str, dict]:
+    """``NAME,key=value,...`` → (NAME, {key: value}); values are Python literals
+    (``resnet18,num_classes=10``, ``pkg.mod:factory,width=4``)."""
+    import ast
+    base, *items = str(name).split(",")
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ModelLoadError(f"model '{name}': '{item}' is not key=value (write e.g. "
+                                 "resnet18,num_classes=10)")
+        try:
+            kwargs[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key] = value.strip()   # a bare word: a string
+    return base.strip(), kwargs
+
+
 def build_named_model(name: str) -> nn.Module:
-    """A torchvision model by name, or ``module:factory``, built without pretrained weights."""
+    """A torchvision model by name, or ``module:factory``, built without pretrained weights;
+    ``,key=value`` suffixes are keyword arguments (``resnet18,num_classes=10``)."""
+    name, kwargs = split_model_arguments(name)
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
             raise ModelLoadError(f"cannot import factory '{name}': {e}") from None
-        model = factory()
+        try:
+            model = factory(**kwargs)
+        except TypeError as e:
+            raise ModelLoadError(f"factory '{name}' does not take {kwargs}: {e}") from None
         if not isinstance(model, nn.Module):
             raise ModelLoadError(f"factory '{name}' returned {type(model).__name__}, "
                                  "expected a torch.nn.Module")
         return model
     import torchvision
     try:
-        return torchvision.models.get_model(name, weights=None)
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    except TypeError as e:
+        raise ModelLoadError(f"torchvision's {name} does not take {kwargs}: {e}") from None
     except ValueError:
         raise ModelLoadError(
             f"'{name}' is neither a config file, a 'module:factory' path, nor a torchvision "
@@ -89,8 +115,25 @@ def load_model(model: str, checkpoint: str | None = None,
         raise ModelLoadError(f"config file not found: {model}")
     net = build_named_model(model)
     if checkpoint is not None:
-        load_weights(net, checkpoint)
+        try:
+            load_weights(net, checkpoint)
+        except ModelLoadError as e:
+            hint = _classes_hint(net, checkpoint, model)
+            raise ModelLoadError(f"{e}{hint}") from None
     return net.eval()
+
+
+def _classes_hint(net: nn.Module, checkpoint, model: str) -> str:
+    """'; build it with ...,num_classes=K' when only the classifier's size differs."""
+    sd = state_dict_of(read_checkpoint(checkpoint))
+    mine = net.state_dict()
+    diff = [k for k in mine if k in sd and tuple(sd[k].shape) != tuple(mine[k].shape)]
+    if diff and all(sd[k].shape[0] != mine[k].shape[0] and sd[k].shape[1:] == mine[k].shape[1:]
+                    for k in diff) and len({sd[k].shape[0] for k in diff}) == 1:
+        k = sd[diff[0]].shape[0]
+        return (f"; the checkpoint's {diff[0]} has {k} outputs: build the model with them, "
+                f"--model {split_model_arguments(model)[0]},num_classes={k}")
+    return ""
 
 
 def input_shape_of(model: str, default: Sequence[int] | None = None,

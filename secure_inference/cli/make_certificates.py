@@ -30,7 +30,14 @@ import argparse
 import sys
 from pathlib import Path
 
-PROG = "make_certificates.py"
+def program_name() -> str:
+    """How the user called this command: ``si-certificates`` (the console script) or
+    ``make_certificates.py`` (research/secure_inference/), named so in help and advice."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name in ("si-certificates", "make_certificates.py") else "si-certificates"
+
+
+PROG = program_name()
 COMMANDS = ("local", "request", "init-ca", "sign", "check")
 
 LOCAL_HELP = """\
@@ -110,13 +117,13 @@ def _role(value: str) -> int:
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and one sub-parser per command."""
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=_formatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.replace('make_certificates.py', PROG), formatter_class=_formatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND",
                                 title="commands (without one, FOLDER ... means `local FOLDER ...`)")
     subs: dict[str, argparse.ArgumentParser] = {}
 
     p = sub.add_parser("local", help="one machine: CA and all three parties' keys in FOLDER",
-                       description=LOCAL_HELP, formatter_class=_formatter)
+                       description=LOCAL_HELP.replace('make_certificates.py', PROG), formatter_class=_formatter)
     p.add_argument("folder", type=Path, help="output folder (created if missing)")
     for role in ("client", "server", "helper"):
         p.add_argument(f"--{role}-host", action="append", default=None, metavar="HOST",
@@ -127,7 +134,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     subs["local"] = p
 
     p = sub.add_parser("request", help="step 1, on each party host: private key + CSR",
-                       description=REQUEST_HELP, formatter_class=_formatter)
+                       description=REQUEST_HELP.replace('make_certificates.py', PROG), formatter_class=_formatter)
     p.add_argument("--role", type=_role, required=True, help="client, server or helper")
     p.add_argument("--host", action="append", required=True, metavar="HOST",
                    help="hostname or IP address the other parties use to reach this host "
@@ -140,7 +147,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     subs["request"] = p
 
     p = sub.add_parser("init-ca", help="step 2a, CA operator: make the CA (ca.key, ca.pem)",
-                       description=INIT_CA_HELP, formatter_class=_formatter)
+                       description=INIT_CA_HELP.replace('make_certificates.py', PROG), formatter_class=_formatter)
     p.add_argument("folder", type=Path, metavar="DIR", help="CA folder (created if missing)")
     p.add_argument("--days", type=int, default=3650, help="CA validity in days (default 3650)")
     p.add_argument("--force", action="store_true",
@@ -148,7 +155,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     subs["init-ca"] = p
 
     p = sub.add_parser("sign", help="step 2b, CA operator: check and sign a party's CSR",
-                       description=SIGN_HELP, formatter_class=_formatter)
+                       description=SIGN_HELP.replace('make_certificates.py', PROG), formatter_class=_formatter)
     p.add_argument("csr", type=Path, metavar="CSR", help="the party's ROLE.csr")
     p.add_argument("--ca", type=Path, required=True, metavar="DIR",
                    help="CA folder made by init-ca (ca.key, ca.pem)")
@@ -163,7 +170,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     subs["sign"] = p
 
     p = sub.add_parser("check", help="step 3, on each party host: check FOLDER before use",
-                       description=CHECK_HELP, formatter_class=_formatter)
+                       description=CHECK_HELP.replace('make_certificates.py', PROG), formatter_class=_formatter)
     p.add_argument("folder", type=Path, metavar="FOLDER",
                    help="folder with ca.pem, ROLE.pem, ROLE.key")
     p.add_argument("--role", type=_role, required=True, help="client, server or helper")

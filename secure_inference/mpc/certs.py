@@ -109,8 +109,9 @@ def _check_free(paths: Iterable[Path], overwrite: bool, what: str) -> None:
     if existing and not overwrite:
         one = len(existing) == 1
         raise FileExistsError(f"{', '.join(existing)} already exist{'s' if one else ''} ({what}); "
-                              f"pass --force (overwrite=True) to replace "
-                              f"{'it' if one else 'them'}, or choose another path")
+                              f"replace {'it' if one else 'them'} with --force (from Python: "
+                              f"overwrite=True) "
+                              f"or choose another path")
 
 
 def _write_file(path: Path, data: bytes, mode: int) -> None:

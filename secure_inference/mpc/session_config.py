@@ -122,12 +122,12 @@ def tls_config(role: int, cfg: Mapping[str, Any]) -> TLSConfig | None:
     if cfg["plaintext"]:
         return None
     if not cfg.get("certs"):
-        raise TLSSetupError("TLS needs --certs FOLDER (make it with make_certificates.py), or "
-                            "--plaintext on loopback")
+        raise TLSSetupError("TLS needs --certs FOLDER (made with si-certificates; see its "
+                            "--help), or --plaintext on loopback")
     if not Path(cfg["certs"]).is_dir():
         raise TLSSetupError(f"certs: {cfg['certs']} is not a folder; pass --certs (or 'certs:' "
                             "in --config-file) pointing at the folder made by "
-                            "make_certificates.py")
+                            "si-certificates (see si-certificates --help)")
     try:
         return TLSConfig.from_dir(cfg["certs"], role)
     except FileNotFoundError as exc:

@@ -761,6 +761,20 @@ def party_common_name(role: int) -> str:
     return f"secure-inference party {role} ({PARTY_NAMES[role]})"
 
 
+def _tls_advice(cfg: "TLSConfig", name: str, folder: Path) -> str:
+    """What to do about missing TLS files: only the CA certificate, only this party's, or all."""
+    own = [p for p in (cfg.cert_file, cfg.key_file) if not p.exists()]
+    if not own:
+        return (f"copy the CA certificate ca.pem (public; from whoever runs the CA, or the "
+                f"folder si-certificates init-ca wrote) into {folder}")
+    if cfg.ca_file.exists() and cfg.cert_file.exists():
+        return (f"{name}.key is this host's private key: it is created next to the request "
+                f"by si-certificates request --role {name} and never leaves the host")
+    return (f"on this host run si-certificates request --role {name} --host ADDRESS --out "
+            f"{folder} and have the CA sign the request (or, all parties on one machine: "
+            f"si-certificates local {folder}); see si-certificates --help")
+
+
 @dataclass
 class TLSConfig:
     """Where one party finds its TLS material (see :mod:`secure_inference.mpc.certs`)."""
@@ -777,8 +791,8 @@ class TLSConfig:
         cfg = cls(folder / "ca.pem", folder / f"{name}.pem", folder / f"{name}.key")
         missing = [str(p) for p in (cfg.ca_file, cfg.cert_file, cfg.key_file) if not p.exists()]
         if missing:
-            raise FileNotFoundError(f"TLS files missing for party {role}: {missing}; create "
-                                    "them with research/secure_inference/make_certificates.py")
+            raise FileNotFoundError(f"TLS files missing for party {role}: {missing}; "
+                                    + _tls_advice(cfg, name, folder))
         return cfg
 
     def context(self, server_side: bool) -> ssl.SSLContext:
