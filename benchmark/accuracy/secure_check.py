@@ -1,12 +1,24 @@
-"""Issue 14 item 4: secure inference of finished study models, next to their plaintext accuracy.
+"""Secure inference of finished study models next to their plaintext accuracy (issue 14 item 4;
+issue 21 item 5: with comparison widths calibrated on training images).
 
 For each chosen method at one budget and seed of a compare_methods.py work dir, runs the
 finetuned model under three-party secure inference (three local processes, loopback TCP with
 TLS) on --images test images spread evenly over the test set, and writes a table (secure
-accuracy, plaintext accuracy on the same images and on all, agreement, MB and s per image).
+accuracy, plaintext accuracy on the same images and on all, agreement, the largest logit
+difference, MB and s per image).
+
+Calibration (--calibration-images N, default 512; 0: every DReLU at 64 bits): the model, which
+already carries its Block-ReLUs, is calibrated on the first N images of the config's
+secure_inference.distortion_data (TRAINING images, deterministic pipeline; never a test image)
+with secure_inference.mpc.calibrate.calibrate(model, images, None, margin=--margin); the
+returned spec carries the ranges and run_local gives every DReLU layer its own comparison
+width. MB/img is what that run sent (set-up included); MB@64bit the same run with every DReLU
+at 64 bits (exact: the measured bytes plus bytes_saved_by_widths); bits the widths (min-max).
 
   FMNIST_DATA=work_dirs/data/fashion-mnist python benchmark/accuracy/secure_check.py \\
-      --work work_dirs/fmnist_study/compare --budget 7x7 --seed 0 --images 1000
+      --work work_dirs/fmnist_short/bytes --budget 7x7 --seed 0 \\
+      --methods knapsack knapsack_bytes --images 1000 --calibration-images 512 \\
+      --out benchmark/accuracy/bytes_study/secure_check
 """
 from __future__ import annotations
 
@@ -17,6 +29,82 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+LABELS = {"knapsack": "knap", "knapsack_bytes": "knap_bytes"}
+
+
+def training_images(cfg, model, count: int):
+    """The first ``count`` images of the config's distortion data (training images, test
+    pipeline) through the model's preprocessor: [N, C, H, W]."""
+    import torch
+
+    from secure_inference.mmlab.datasets import build_distortion_dataset, preprocessed_batches
+    dataset = build_distortion_dataset(cfg)
+    if hasattr(dataset, "test_mode") and dataset.test_mode:
+        raise SystemExit("secure_inference.distortion_data is a test split; calibration must "
+                         "see training images only")
+    if count > len(dataset):
+        raise SystemExit(f"--calibration-images {count}: the training data has only "
+                         f"{len(dataset)} images")
+    return torch.cat([x for x, _ in preprocessed_batches(dataset, model, range(count), 64)]), \
+        len(dataset)
+
+
+def evaluate(config: str, checkpoint: Path, name: str, batches, images: int, threads: int,
+             calibration_images: int, margin: float):
+    """One row (secure_inference.demo.DemoRow) and the per-layer widths of its run."""
+    import torch
+
+    from secure_inference import demo
+    from secure_inference.mmlab.config_utils import input_shape_from_cfg, load_task_config
+    from secure_inference.mmlab.finetune import load_finetuned
+    from secure_inference.mpc import run_local
+    from secure_inference.mpc.calibrate import bytes_saved_by_widths, calibrate
+    from secure_inference.sites import find_relu_sites
+    from secure_inference.spec import count_drelus, extract_block_spec
+
+    cfg = load_task_config(config)
+    shape = input_shape_from_cfg(cfg)
+    model = load_finetuned(cfg, checkpoint)
+    logits, labels = demo.plaintext_logits(model, batches)
+    counts = count_drelus(extract_block_spec(model, shape), find_relu_sites(model, shape))
+    row = demo.DemoRow(budget=name, drelus=counts.pop("total"),
+                       plaintext_accuracy=float((logits.argmax(1) == labels).float().mean()),
+                       site_drelus=counts)
+    extra = {"checkpoint": str(checkpoint), "calibration_images": calibration_images,
+             "margin": margin}
+    spec = None
+    if calibration_images > 0:
+        cal_x, train_len = training_images(cfg, model, calibration_images)
+        t0 = time.perf_counter()
+        spec = calibrate(model, cal_x, None, margin=margin)
+        extra.update(calibration_seconds=round(time.perf_counter() - t0, 2),
+                     training_images_available=train_len)
+    pick = demo.secure_subset(len(labels), images)
+    x = torch.cat([b[0] for b in batches])[pick]
+    result = run_local(model, x, spec, tls=True, threads=threads)
+    secure = torch.as_tensor(result.outputs).float()
+    plain, truth = logits[pick], labels[pick]
+    row.secure_images = len(x)
+    row.plaintext_accuracy_secure_images = float((plain.argmax(1) == truth).float().mean())
+    row.secure_accuracy = float((secure.argmax(1) == truth).float().mean())
+    row.agreement = float((secure.argmax(1) == plain.argmax(1)).float().mean())
+    row.max_abs_logit_error = float((secure - plain).abs().max())
+    per_image = result.report["per_image"]
+    sizes = result.report["batch_sizes"]
+    row.bytes_per_image = per_image["bytes_with_setup"]
+    row.bytes_per_image_64bit = (per_image["bytes_with_setup"]
+                                 + bytes_saved_by_widths(result.program, sizes) / sum(sizes))
+    widths = result.program.widths()
+    row.drelu_widths = [min(widths.values()), max(widths.values())] if widths else None
+    row.seconds_per_image = per_image["seconds_with_setup"]
+    row.rounds = result.report["online"]["rounds"]
+    diff = (secure - plain).abs().max(1).values
+    extra.update(widths=dict(widths), mismatched_images=[int(i) for i in
+                                                         pick[secure.argmax(1)
+                                                              != plain.argmax(1)]],
+                 median_abs_logit_error=float(diff.median()),
+                 bytes_saved_per_image=row.bytes_per_image_64bit - row.bytes_per_image)
+    return row, extra
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,18 +115,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", nargs="+", default=["knapsack", "uniform"])
     ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--calibration-images", type=int, default=512, metavar="N",
+                    help="calibrate the comparison widths on the first N training images "
+                         "(default 512; 0: every DReLU at 64 bits)")
+    ap.add_argument("--margin", type=float, default=8.0,
+                    help="calibration margin: widths hold margin x the largest |input| seen "
+                         "(default 8)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per party")
     ap.add_argument("--out", type=Path, default=HERE / "secure_check")
     args = ap.parse_args(argv)
+    if args.calibration_images < 0:
+        ap.error("--calibration-images must be >= 0")
 
     import torch
     torch.set_num_threads(args.threads)
     from secure_inference import demo
     from secure_inference.mmlab.config_utils import load_task_config
     from secure_inference.mmlab.finetune import build_task_model
+    from secure_inference.study.runs import path_from_work
 
     data = json.loads((args.work / "results.json").read_text())
-    from secure_inference.study.runs import path_from_work
     config = str(path_from_work(args.work, data["settings"]["config"]))
     chosen = []
     for method in args.methods:
@@ -47,22 +143,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {method}@{args.budget}#seed{args.seed} has not finished in "
                   f"{args.work}; rerun the study first", file=sys.stderr)
             return 2
-        chosen.append((method, args.work / run["checkpoint"]))
+        chosen.append((method, args.work / run["checkpoint"], run))
     cfg = load_task_config(config)
     batches = list(demo.split_inputs(cfg, build_task_model(cfg), "test"))
-    rows = []
-    for method, ckpt in chosen:
+    rows, extras = [], {}
+    for method, ckpt, run in chosen:
         t0 = time.time()
-        label = f"knap@{args.budget}" if method == "knapsack" else f"{method} {args.budget}"
-        rows.append(demo.evaluate_model(config, ckpt, label, batches,
-                                        args.images, {"tls": True, "threads": args.threads}))
+        label = f"{LABELS.get(method, method)}@{args.budget}"
+        row, extra = evaluate(config, ckpt, label, batches, args.images, args.threads,
+                              args.calibration_images, args.margin)
+        extra.update(study_accuracy=run["accuracy"], study_bytes=run.get("bytes"),
+                     seconds=round(time.time() - t0, 1))
+        rows.append(row)
+        extras[label] = extra
         print(f"{method}: {time.time() - t0:.0f} s", flush=True)
     table = demo.format_table(rows)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.txt").write_text(table + "\n")
     demo.write_results(args.out, rows, {"work": str(args.work), "budget": args.budget,
-                                        "seed": args.seed, "images": args.images})
+                                        "seed": args.seed, "images": args.images,
+                                        "calibration_images": args.calibration_images,
+                                        "margin": args.margin, "models": extras})
     return 0
 
 
