@@ -9,6 +9,9 @@
 #   IMAGES      .npy [N, C, H, W] or a folder of images (client)
 #   SPEC        Block-ReLU spec (.pickle/.json), optional ("" for all ReLUs)
 #   CLIENT ARGS e.g. --labels y.npy --report run.json --plot run.png --input-shape 3 32 32
+#               (session settings among them reach all three parties through session.yaml:
+#               --input-shape, --frac-bits, --drelu-width, --drelu-margin, --drelu-bits,
+#               --drop-bits, --prg)
 # Environment: WORK (default: a new temp folder) holds certs/, session.yaml and logs;
 #              PYTHON (default .venv/bin/python); SERVER_PORT/HELPER_PORT (7101/7102);
 #              THREADS torch threads per party (default 1: three parties share the cores);
@@ -17,7 +20,7 @@
 #              DEVICE the torch device of every party (default cpu), or per party
 #              CLIENT_DEVICE / SERVER_DEVICE / HELPER_DEVICE (e.g. cuda:0, cuda:1, cpu).
 set -euo pipefail
-if [[ $# -lt 3 ]]; then sed -n '2,18p' "$0"; exit 2; fi
+if [[ $# -lt 3 ]]; then sed -n '2,21p' "$0"; exit 2; fi
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
@@ -33,6 +36,21 @@ HELPER_DEVICE="${HELPER_DEVICE:-$DEVICE}"
 
 "$PYTHON" "$HERE/make_certificates.py" "$WORK/certs" --force \
   --client-host 127.0.0.1 --server-host 127.0.0.2 --helper-host 127.0.0.3 > /dev/null
+# session settings given among the client's arguments go into the session file, so the
+# server and the helper compile the same program (a shape for the client only killed them)
+session=()
+client_args=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --input-shape)
+      [[ $# -ge 4 ]] || { echo "run_local.sh: --input-shape needs C H W" >&2; exit 2; }
+      session+=("input_shape: [$2, $3, $4]"); shift 4 ;;
+    --frac-bits|--drelu-width|--drelu-margin|--drelu-bits|--drop-bits|--prg)
+      [[ $# -ge 2 ]] || { echo "run_local.sh: $1 needs a value" >&2; exit 2; }
+      key="${1#--}"; session+=("${key//-/_}: $2"); shift 2 ;;
+    *) client_args+=("$1"); shift ;;
+  esac
+done
 {
   echo "model: $MODEL"
   [[ -n "$SPEC" ]] && echo "spec: $(realpath "$SPEC")"
@@ -41,7 +59,8 @@ HELPER_DEVICE="${HELPER_DEVICE:-$DEVICE}"
   echo "helper: 127.0.0.3:$HELPER_PORT"
   echo "certs: $WORK/certs"
   echo "threads: ${THREADS:-1}"
-  echo "prg: ${PRG:-aes}"
+  printf '%s\n' "${session[@]}" | grep -q '^prg:' || echo "prg: ${PRG:-aes}"
+  for line in "${session[@]}"; do echo "$line"; done
 } > "$WORK/session.yaml"
 
 pids=()
@@ -54,10 +73,28 @@ trap cleanup EXIT
 # shellcheck disable=SC2086
 "$PYTHON" "$HERE/server.py" --config-file "$WORK/session.yaml" --checkpoint "$CHECKPOINT" \
   --device "$SERVER_DEVICE" ${SERVER_ARGS:-} > "$WORK/server.log" 2>&1 & pids+=($!)
-status=0
 "$PYTHON" "$HERE/client.py" --config-file "$WORK/session.yaml" --device "$CLIENT_DEVICE" \
-  --images "$IMAGES" "$@" || status=$?
-for p in "${pids[@]}"; do wait "$p" || status=$?; done
+  --images "$IMAGES" ${client_args[@]+"${client_args[@]}"} & client=$!
+pids+=("$client")
+# whichever party ends first: a failing server or helper ends the run at once (the client
+# would otherwise wait for it until its timeout)
+status=0
+declare -A name=([${pids[0]}]=helper [${pids[1]}]=server [$client]=client)
+remaining=("${pids[@]}")
+while [[ ${#remaining[@]} -gt 0 ]]; do
+  code=0
+  wait -n -p ended "${remaining[@]}" || code=$?
+  left=()
+  for p in "${remaining[@]}"; do [[ "$p" == "$ended" ]] || left+=("$p"); done
+  remaining=(${left[@]+"${left[@]}"})
+  if [[ $code -ne 0 && $status -eq 0 ]]; then
+    status=$code
+    if [[ "${name[$ended]}" != client ]]; then
+      echo "run_local.sh: the ${name[$ended]} exited with status $code; stopping the others" >&2
+      for p in "${remaining[@]}"; do kill "$p" 2>/dev/null || true; done
+    fi
+  fi
+done
 pids=()
 if [[ $status -ne 0 ]]; then
   echo "a party failed (exit $status); logs in $WORK:" >&2

@@ -134,3 +134,23 @@ def test_mmlab_commands_without_mmlab_say_what_to_install(tmp_path):
         assert proc.returncode == 1, proc.stderr[-2000:]
         assert "secure-inference[mmlab]" in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_run_local_sh_gives_the_shape_to_all_and_stops_when_a_party_dies(tmp_path):
+    """The script's own usage example (--input-shape among the client arguments) reaches the
+    server and helper through the session file; a server that dies at once (missing
+    checkpoint) ends the run at once instead of the client waiting out its 120 s timeout."""
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 32, 32), np.float32))
+    env = dict(os.environ, WORK=str(tmp_path / "work"), PYTHON=sys.executable,
+               SERVER_PORT="7331", HELPER_PORT="7332")
+    proc = subprocess.run(
+        ["bash", str(CLI / "run_local.sh"), "resnet18", str(tmp_path / "missing.pth"),
+         str(tmp_path / "x.npy"), "", "--", "--input-shape", "3", "32", "32",
+         "--frac-bits", "14"], env=env, capture_output=True, text=True, timeout=100)
+    session = (tmp_path / "work" / "session.yaml").read_text()
+    assert "input_shape: [3, 32, 32]" in session and "frac_bits: 14" in session
+    assert proc.returncode != 0
+    assert "the server exited with status 1" in proc.stderr, proc.stderr[-3000:]
+    assert "checkpoint file not found" in proc.stderr
+    helper_log = (tmp_path / "work" / "helper.log").read_text()
+    assert "no input shape known" not in helper_log   # the helper got the shape too
