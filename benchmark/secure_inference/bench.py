@@ -405,6 +405,10 @@ def main() -> int:
                              "both: interleaved per case in the same run")
     parser.add_argument("--calibration-images", type=int, default=32,
                         help="images the calibrated cases are calibrated on")
+    parser.add_argument("--emulate", default=None, metavar="NETWORK",
+                        help="emulate this network on every link (LAN, WAN-40ms, WAN-80ms or "
+                             "MBITS:RTT_MS): check a loopback row's estimate for it against a "
+                             "measured run")
     parser.add_argument("--link-mb", type=int, default=0,
                         help="measure loopback bandwidth with this many MB first (0: skip)")
     args = parser.parse_args()
@@ -450,7 +454,7 @@ def main() -> int:
             load = os.getloadavg()[0]
             start = time.perf_counter()
             res = run_local(model, x, spec, tls=True, timeout=3600, device=device, prg=args.prg,
-                            threads=args.threads,
+                            threads=args.threads, network=args.emulate,
                             report_path=args.out.with_name(f"report_{name}_{tag}.json"),
                             plot_path=args.out.with_name(f"bytes_{name}_{tag}.png"))
             wall = time.perf_counter() - start
@@ -458,7 +462,9 @@ def main() -> int:
             pub_s, pub_gb = PUBLISHED[(name, label.split()[0])]
             widths = sorted(set(res.program.widths().values()))
             row = {**report_figures(rep), "relus_all": total, "run_local_wall_s": wall,
-                   "drelu_widths": widths,
+                   "drelu_widths": widths, "emulated_network": args.emulate,
+                   "estimated_s": {k: v["seconds_per_image"] for k, v in rep["networks"].items()
+                                   if isinstance(v, dict)},
                    "load_average_before": load,
                    "published_s": pub_s, "published_GB": pub_gb,
                    # ours: preprocessing + online (the published runs generate their
@@ -475,7 +481,8 @@ def main() -> int:
                 bound = rep["per_image"]["bytes_preprocess_and_online"] / 1e9 / link["tls_GBps"]
                 row["wire_bound_s"] = bound
                 row["wire_share"] = bound / rep["per_image"]["seconds_preprocess_and_online"]
-            rows[f"{name} {label}" + ("" if default else f" {device} b{batch} {args.prg}")] = row
+            rows[f"{name} {label}" + ("" if default else f" {device} b{batch} {args.prg}")
+                 + (f" emulated {args.emulate}" if args.emulate else "")] = row
             print(f"{name:18s} {label:15s} bits {widths[0]}-{widths[-1]} {device:6s} b{batch:<3d} DReLUs {row['drelus']:>10,d}  preprocess "
                   f"{row['preprocess_s']:6.2f} s {row['preprocess_GB']:.3f} GB  online "
                   f"{row['online_s']:6.2f} s {row['online_GB']:.3f} GB  (+ setup "

@@ -157,7 +157,10 @@ def run(argv: list[str] | None = None) -> int:
                "preprocess_seconds_per_image": per["preprocess_seconds"],
                "online_MB_per_image": per["online_bytes"] / 1e6,
                "preprocess_MB_per_image": per["preprocess_bytes"] / 1e6,
-               "setup_MB": report["setup"]["bytes"] / 1e6, "rounds": report["online"]["rounds"]}
+               "setup_MB": report["setup"]["bytes"] / 1e6, "rounds": report["online"]["rounds"],
+               "estimated_seconds_per_image": {
+                   name: round(v["seconds_per_image"], 3)
+                   for name, v in report["networks"].items() if isinstance(v, dict)}}
     if scores:
         summary.update(scores)
         report["metrics"] = scores

@@ -28,6 +28,7 @@ from .ring import DEFAULT_FRAC_BITS, check_inputs
 from .runtime import ROLE_CLIENT, ROLE_SERVER, Party
 from .harness import (Devices, PrgChoice, _refuse_in_bootstrap, run_in_process,
                       run_local_processes)
+from .netem import EmulatedLink, NetworkProfile, network_profile
 from .prg import DEFAULT_CIPHER, check_cipher
 
 __all__ = ["LocalResult", "run_local", "run_program", "split_batches", "drelu_config", "default_threads"]
@@ -75,12 +76,19 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 1) // 3)
 
 
+def _emulate(party: Party, network: NetworkProfile | None) -> None:
+    if network is not None:
+        party.wrap_links(lambda link: EmulatedLink(link, network))
+
+
 def _local_party(party: Party, private: Any, program: Program, drelu: DReLUConfig | None,
                  threads: int | None = None,
-                 limits: SessionLimits | None = None) -> dict[str, Any]:
+                 limits: SessionLimits | None = None,
+                 network: NetworkProfile | None = None) -> dict[str, Any]:
     """Body of one local party process: run the program on this role's private input only
     (client: the image batches; server: the weights; helper: None)."""
     torch.set_num_threads(threads or default_threads())
+    _emulate(party, network)
     images = private if party.role == ROLE_CLIENT else None
     weights = private if party.role == ROLE_SERVER else None
     return run_party(party, program, images=images, weights=weights, drelu=drelu, limits=limits)
@@ -116,7 +124,8 @@ def run_program(program: Program, weights: Weights, batches: list[torch.Tensor],
                 in_process: bool = False, certs_dir: str | os.PathLike | None = None,
                 host: str = "127.0.0.1", threads: int | None = None,
                 limits: SessionLimits | None = None, device: Devices = "cpu",
-                prg: PrgChoice = DEFAULT_CIPHER) -> list[dict[str, Any]]:
+                prg: PrgChoice = DEFAULT_CIPHER,
+                network: str | NetworkProfile | None = None) -> list[dict[str, Any]]:
     """Run a compiled program with three parties; returns their :func:`run_party` results.
 
     ``in_process=True`` uses threads and in-memory links (fast tests); otherwise three
@@ -126,12 +135,15 @@ def run_program(program: Program, weights: Weights, batches: list[torch.Tensor],
     these ``batches`` need (the caller is the client). ``device``: one torch device for all
     three parties or one per role (client, server, helper); CPU by default. ``prg``: the
     cipher of the correlated randomness, ``"aes"`` (default) or ``"chacha20"`` (drawn on
-    each party's device); see :mod:`.prg`.
+    each party's device); see :mod:`.prg`. ``network``: emulate that network on every link
+    (:mod:`.netem`: a profile name such as ``"WAN-40ms"`` or ``"MBITS:RTT_MS"``).
     """
+    network = None if network is None else network_profile(network)
     if limits is None:
         limits = SessionLimits.admitting([b.shape[0] for b in batches])
     if in_process:
         def fn(party: Party) -> dict[str, Any]:
+            _emulate(party, network)
             return run_party(party, program,
                              images=batches if party.role == ROLE_CLIENT else None,
                              weights=weights if party.role == ROLE_SERVER else None, drelu=drelu,
@@ -140,7 +152,7 @@ def run_program(program: Program, weights: Weights, batches: list[torch.Tensor],
     # private inputs travel by value through each party's own pipe: no files to leave behind
     private = {ROLE_CLIENT: [b.detach().cpu() for b in batches], ROLE_SERVER: weights}
     fn = functools.partial(_local_party, program=program, drelu=drelu, threads=threads,
-                           limits=limits)
+                           limits=limits, network=network)
     return run_local_processes(fn, tls=tls, timeout=timeout, frac_bits=frac_bits,
                                certs_dir=certs_dir, host=host, private=private, device=device,
                                prg=prg)
@@ -156,7 +168,8 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
               plot_path: str | os.PathLike | None = None,
               meta: dict[str, Any] | None = None,
               limits: SessionLimits | None = None, device: Devices = "cpu",
-              prg: str = DEFAULT_CIPHER) -> LocalResult:
+              prg: str = DEFAULT_CIPHER,
+              network: str | NetworkProfile | None = None) -> LocalResult:
     """Secure inference of ``model`` (with the Block-ReLU ``spec`` applied, if given) on
     ``inputs`` [N, C, H, W] by three local processes over loopback TCP (TLS by default).
 
@@ -170,7 +183,9 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
     ``threads`` the torch threads of each party process; ``limits`` what the server and
     helper accept (default: enough for ``inputs``, see :func:`run_program`); ``device`` one
     torch device for all parties or one per role (client, server, helper); ``prg`` the
-    cipher of the correlated randomness (``"aes"`` or ``"chacha20"``, see :mod:`.prg`).
+    cipher of the correlated randomness (``"aes"`` or ``"chacha20"``, see :mod:`.prg`);
+    ``network`` emulates a network on every link (:mod:`.netem`; the report's ``networks``
+    section estimates the same from bytes and rounds, for comparison).
     """
     if not in_process:
         _refuse_in_bootstrap()   # a party process re-running a script without a main guard
@@ -184,13 +199,14 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
     cfg = drelu_config(drelu_bits, drop_bits)
     results = run_program(program, weights, batches, tls=tls, frac_bits=frac_bits, drelu=cfg,
                           timeout=timeout, in_process=in_process, threads=threads,
-                          limits=limits, device=device, prg=prg)
+                          limits=limits, device=device, prg=prg, network=network)
     info = {"frac_bits": frac_bits, "drelu": str(cfg) if cfg else "exact",
             "drelu_widths": "calibrated" if program.frac_bits is not None else
             ("uniform" if drelu_width not in (None, 64) else "64"), "prg": prg,
             "tls": tls,
             "transport": "in-process" if in_process else "loopback TCP, 3 processes",
-            "device": device if isinstance(device, str) else [str(d) for d in device]}
+            "device": device if isinstance(device, str) else [str(d) for d in device],
+            "emulated_network": None if network is None else network_profile(network).describe()}
     info.update(meta or {})
     report = build_report(program, results, meta=info)
     report["accuracy"] = truncation_report(program, weights, batches, frac_bits)

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from .netem import NETWORKS, network_estimates
 from .ops import WIDTH_ATTR, layer_drelus
 from .program import Program
 from .session import (PARTY_KEYS, SCOPE_HEADER, SCOPE_KEYS, SCOPE_OUTPUT, SCOPE_PREPROCESS,
@@ -116,6 +117,24 @@ def build_report(program: Program, results: Sequence[dict[str, Any]], *,
                       "seconds_with_setup": (online_s + setup_s + pre_s) / images,
                       "bytes_with_setup": total_bytes / images},
     }
+    per = report["per_image"]
+    rounds_per_image = (report["online"]["rounds"] + report["preprocess"]["rounds"]) / images
+    report["networks"] = {
+        "what": "estimated seconds per image = compute (this run's preprocessing + online on "
+                "loopback) + bytes per image (all parties, preprocessing + online) / bandwidth "
+                "+ rounds per image (online + preprocessing, amortised over the batch) x RTT; "
+                "bytes as if on one shared link (an upper bound: the three links run in "
+                "parallel). Set-up (once per session) not included",
+        "rounds_per_image": rounds_per_image,
+        **network_estimates(per["seconds_preprocess_and_online"],
+                            per["bytes_preprocess_and_online"], rounds_per_image, NETWORKS)}
+    report["what"] = {
+        "layers": "per layer: bytes, bytes_sent, setup_bytes and rounds are totals over all "
+                  "images and batches of the session (online phase); wall_s is the maximum "
+                  "over the three parties of each one's time in the layer, summed over "
+                  "batches; drelus is the total over all images",
+        "per_image": "totals divided by the number of images",
+        "bytes": "payload bytes (frame headers in total.overhead_bytes)"}
     return report
 
 
@@ -149,6 +168,12 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike, *, title: str |
     ax.set_title(title or f"bytes per layer: {report['online']['bytes'] / 1e6:.1f} MB online, "
                  f"{report['images']} image(s)")
     ax.legend()
+    nets = {k: v for k, v in report.get("networks", {}).items() if isinstance(v, dict)}
+    if nets:
+        text = "estimated s/image: " + "; ".join(
+            f"{name} {v['seconds_per_image']:.2f}" for name, v in nets.items())
+        ax.text(0.99, 0.80, text, transform=ax.transAxes, ha="right", va="top", fontsize=7,
+                bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -164,6 +164,11 @@ class Party:
         self.send(other, x)
         return self.recv(other, x.shape, x.dtype)
 
+    def wrap_links(self, wrap) -> None:
+        """Replace every link by ``wrap(link)`` (before the session starts; e.g.
+        :class:`~.netem.EmulatedLink` for a network emulation)."""
+        self._links = {peer: wrap(link) for peer, link in self._links.items()}
+
     def _link(self, peer: int) -> Link:
         try:
             return self._links[peer]
