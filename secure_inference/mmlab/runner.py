@@ -60,10 +60,18 @@ def teardown_distributed() -> None:
     Leaving a gloo group alive until interpreter exit can abort the process
     ("terminate called without an active exception") after the work is done.
     """
+    import gc
+
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        # the mmengine Runner lives in reference cycles (hooks, its model wrapper): collect it
+        # now, so DDP's reducer and its pending gloo work are freed while the group and the
+        # interpreter are alive, not during interpreter shutdown (where freeing a tensor held
+        # by a gloo worker thread aborts the process after the work is done)
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def configure_runtime(cfg, *, launcher: str = "none", work_dir: str | None = None,
