@@ -246,6 +246,11 @@ class Relu(Op):
         return v_in[0] * (ins[0] > 0)   # 1-Lipschitz; where the value is cut, no error passes
 
 
+def _as_maps(x: Tensor) -> Tensor:
+    """[N, C] values as [N, C, 1, 1] maps (Block-ReLU after a Linear layer); maps unchanged."""
+    return x[:, :, None, None] if x.dim() == 2 else x
+
+
 @register
 class BlockRelu(Op):
     name = "block_relu"
@@ -271,7 +276,7 @@ class BlockRelu(Op):
         return R.block_relu_plan(shape, layer.attrs["block_sizes"]).decisions
 
     def comparison_inputs(self, layer, ins):
-        x, sums = ins[0], []
+        x, sums = _as_maps(ins[0]), []
         for (h, w_), idx in BlockReLU(layer.attrs["block_sizes"]).groups():
             if h == 0 or w_ == 0:
                 continue
@@ -282,6 +287,9 @@ class BlockRelu(Op):
         return torch.cat(sums) if sums else x.new_zeros(0)
 
     def error_var(self, layer, ins, v_in, y, weights, ctx):
+        if ins[0].dim() == 2:   # a site after a Linear layer: one pixel per channel
+            return self.error_var(layer, [_as_maps(ins[0])], [_as_maps(v_in[0])],
+                                  _as_maps(y), weights, ctx).reshape(y.shape)
         x, var = ins[0], v_in[0]
         v = var.clone()
         for (h, w_), idx in BlockReLU(layer.attrs["block_sizes"]).groups():

@@ -47,3 +47,20 @@ def test_error_bound_with_ambiguous_whole_map_patches():
     x = torch.zeros(1, 2, 4, 4, dtype=torch.float64)   # every patch sum is 0: all ambiguous
     bound = error_bound(program, weights, x, 16)
     assert bound.shape == (1, 2) and bool(torch.isfinite(bound).all())
+
+
+def test_block_relu_after_a_linear_layer_runs_securely():
+    """A site after a Linear layer ([N, C] values) with identity and ReLU channels mixed: it
+    compiled to a Block-ReLU layer that the runtime refused ("expects [N, C, H, W]")."""
+    import secure_inference as si
+    from secure_inference.mpc.local import run_local
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    spec = {"2": np.array([[1, 1], [0, 1], [1, 1], [0, 1], [1, 1], [1, 1]], np.int32)}
+    x = torch.randn(3, 3, 2, 2)
+    result = run_local(model, x, spec, in_process=True)
+    with torch.no_grad():
+        ref = si.apply_block_spec(model, spec, (3, 2, 2))(x).double()
+    assert (result.outputs - ref).abs().max() < 1e-3
+    layer = next(l for l in result.report["layers"] if l["op"] == "block_relu")
+    assert layer["drelus"] == 3 * 4      # four non-identity channels, one pixel each

@@ -130,7 +130,10 @@ class BlockReLUPlan:
 
 
 def block_relu_plan(shape, block_sizes, device: torch.device | str = "cpu") -> BlockReLUPlan:
-    """The :class:`BlockReLUPlan` for an [N, C, H, W] input and block sizes [C, 2]."""
+    """The :class:`BlockReLUPlan` for an [N, C, H, W] input and block sizes [C, 2] (an [N, C]
+    input, a site after a Linear layer, is planned as [N, C, 1, 1])."""
+    if len(shape) == 2:
+        shape = tuple(shape) + (1, 1)
     if len(shape) != 4:
         raise ValueError(f"Block-ReLU expects an [N, C, H, W] input, got shape {list(shape)}")
     nb, ch, height, width = (int(s) for s in shape)
@@ -168,9 +171,13 @@ def block_relu(party: Party, x: torch.Tensor, block_sizes, config: DReLUConfig |
                *, scope: str = "block_relu") -> torch.Tensor:
     """Shares of BlockReLU(block_sizes)(x) for shares ``x`` [N, C, H, W] (P2: placeholders).
 
-    Semantics and cost in the module docstring; one DReLU call for the whole layer.
+    Semantics and cost in the module docstring; one DReLU call for the whole layer. An
+    [N, C] input (after a Linear layer) is one pixel per channel.
     """
     _check_shares(party, x)
+    if len(_shape(x)) == 2:
+        flat = x.reshape(*_shape(x), 1, 1)
+        return block_relu(party, flat, block_sizes, config, scope=scope).reshape(_shape(x))
     plan = block_relu_plan(_shape(x), block_sizes, device="cpu" if x.device.type == "meta"
                            else x.device)
     cfg = resolve_config(party, config)
