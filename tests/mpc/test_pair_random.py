@@ -113,3 +113,30 @@ def test_torch_path_on_cuda_equals_host_path():
     a = small_host(host, BLOCK + 77, 67)
     b = small_torch(on_cuda(tch), BLOCK + 77, 67, "cuda")
     assert b.device.type == "cuda" and torch.equal(a, b.cpu())
+
+
+@pytest.mark.parametrize("cipher", prg.CIPHERS)
+def test_keystream_tensors_are_the_cipher_output_however_read(cipher):
+    """bytes_tensor (AES: encrypted straight into the tensor, in pieces of at most 1 MiB) and
+    read give the cipher's keystream itself, in order, whatever the read sizes."""
+    import hashlib
+    import hmac
+
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    ident = "scope\x00tag\x000"
+    sub = hmac.new(KEY, ident.encode(), hashlib.sha256).digest()
+    sizes = [0, 1, 15, 16, 17, (1 << 20) - 1, 1 << 20, (1 << 20) + 1, 3 * (1 << 20) + 5, 7]
+    total = sum(sizes) * 2
+    if cipher == "aes":
+        enc = Cipher(algorithms.AES(sub), modes.CTR(bytes(16))).encryptor()
+    else:
+        enc = Cipher(algorithms.ChaCha20(sub, bytes(16)), mode=None).encryptor()
+    want = enc.update(bytes(total))
+    stream = prg.derive_stream(KEY, ident, cipher)
+    got = b""
+    for n in sizes:
+        t = stream.bytes_tensor(n)
+        assert t.dtype == torch.uint8 and t.numel() == n and t.is_contiguous()
+        got += bytes(t.numpy()) + stream.read(n)
+    assert got == want
