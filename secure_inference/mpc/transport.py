@@ -960,6 +960,10 @@ def _accept_peers(me: int, wanted: set[int], listener: socket.socket, tls: TLSCo
 
     def admit(raw: socket.socket, addr) -> None:
         try:
+            if ctx is None and not is_loopback(str(addr[0])):
+                # without TLS nothing authenticates a hello: only this machine may speak
+                raise _Refused(f"plaintext connection from {addr[0]} refused: without TLS "
+                               "only loopback peers are accepted")
             sock, peer = _admit(raw, me, wanted, ctx,
                                 max(0.001, min(handshake_timeout, deadline - time.monotonic())))
             outcome = (addr, sock, peer, None)
@@ -1102,12 +1106,18 @@ def connect_links(me: int, addresses: dict[int, tuple[str, int]], listener: sock
     logger. ``timeout`` bounds the whole set-up. ``max_queued``: see :class:`SocketLink`.
     """
     if tls is None:
-        hosts = [h for r, (h, _) in addresses.items() if r != me]
+        # every address, this party's own too: a plaintext listener on 0.0.0.0 would let any
+        # host's unauthenticated hello take a party's role
+        hosts = [h for _, (h, _) in sorted(addresses.items())]
+        if listener is not None:
+            hosts.append(str(listener.getsockname()[0]))
         if not allow_plaintext:
             raise ValueError("refusing plaintext links: pass TLS material, or allow_plaintext=True "
                              "for loopback tests")
         if not all(is_loopback(h) for h in hosts):
-            raise ValueError(f"plaintext links are only allowed on loopback, peers are at {hosts}")
+            raise ValueError(f"plaintext links are only allowed on loopback addresses (this "
+                             f"party's listening address included), got {hosts}: use TLS "
+                             "(--certs) for other addresses")
     else:
         _check_own_certificate(me, tls)
     if handshake_timeout is None:

@@ -225,6 +225,26 @@ def test_plaintext_only_on_loopback_and_only_when_asked():
                       tls=None, allow_plaintext=True)
 
 
+def test_plaintext_refuses_a_listener_on_every_interface():
+    """A helper told to listen on 0.0.0.0 without TLS while its peers are on loopback was
+    accepted, and then any host's unauthenticated hello could take a role (security review):
+    the party's own address and its listener's are checked too."""
+    import socket
+    listener = socket.socket()
+    try:
+        listener.bind(("0.0.0.0", 0))
+        listener.listen()
+        addresses = {0: ("127.0.0.1", 0), 1: ("127.0.0.1", 1),
+                     2: ("0.0.0.0", listener.getsockname()[1])}
+        with pytest.raises(ValueError, match="this party's listening address included"):
+            connect_links(2, addresses, listener, tls=None, allow_plaintext=True, timeout=2)
+        loop = {**addresses, 2: ("127.0.0.1", listener.getsockname()[1])}
+        with pytest.raises(ValueError, match="0.0.0.0"):   # the listener itself is checked
+            connect_links(2, loop, listener, tls=None, allow_plaintext=True, timeout=2)
+    finally:
+        listener.close()
+
+
 # --- three processes over loopback --------------------------------------------------------
 
 
