@@ -33,7 +33,7 @@ def _quarter(a, b, c, d):
 def chacha20_kernel(params_ptr, out_ptr, n_blocks, BLOCKS: tl.constexpr):
     """``out[16 * i + j]`` = word j of keystream block ``first + i``; ``params``: 8 key
     words, the first block counter, 3 nonce words (int64 holding uint32 values)."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)   # pid * BLOCKS overflows int32 beyond 2^31 blocks
     idx = pid * BLOCKS + tl.arange(0, BLOCKS)
     live = idx < n_blocks
     zero = tl.zeros([BLOCKS], dtype=tl.uint32)
