@@ -2,11 +2,13 @@
 
 * :mod:`.budgets`  DReLU budgets (uniform patch sizes, shares of the all-ReLU count, counts)
   and the uniform Block-ReLU spec;
-* :mod:`.methods`  the methods (knapsack from exact or linear distortion, uniform, channel
-  linearisation, knapsack + distillation, iterative knapsack), each building a spec at a budget;
+* :mod:`.methods`  the methods (knapsack from exact or linear distortion, knapsack priced in
+  bytes at the count knapsack's bytes, uniform, channel linearisation, knapsack +
+  distillation, iterative knapsack), each building a spec at a budget, and the exact bytes
+  per image of a spec;
 * :mod:`.results`  the results JSON (atomic, resumable) and the run plan;
 * :mod:`.runs`     finetuning and evaluating one run, and the study loop;
-* :mod:`.report`   table and plot of accuracy against DReLUs per image.
+* :mod:`.report`   table and plots of accuracy against DReLUs and against bytes per image.
 
 ``research/compare_methods.py`` is the command line around these.
 """
