@@ -6,7 +6,11 @@ decision and its dealt corrections, at widths 3 … 64, for n = 0, 1 and counts 
 five-row groups the kernels work in."""
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+import textwrap
 
 import numba
 import numpy as np
@@ -247,3 +251,72 @@ def test_deal_corrections_packed_against_plain_python(bits, n):
     want = [(b - shares0[row * bits + i]) % P
             for row in range(n) for i, b in enumerate(_msb_bits(r_u[row], bits))]
     assert words.tolist() == _pack_ref(want)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 15, 16, 17, 23, 31, 32, 33, 63, 64])
+def test_pc_message_wide_and_exact_row_paths_agree_with_the_definition(bits):
+    """Enough rows that most take the fixed-width path (reading into the next row) and the
+    last ones the exact path; special rows and extreme rotations in both."""
+    rng = random.Random(bits)
+    n = 37
+    xbits, r, beta, s, u, shift = _pc_inputs(rng, n, bits)
+    top = (1 << bits) - 1
+    for row in (1, 9, 30, 36):
+        r[row] = top - (1 << 64) if top >= 1 << 63 else top
+        beta[row] = 1
+    shift[5], shift[35] = bits - 1, bits - 1
+    for j in (0, 1):
+        words = np.full(-(-n * bits // 5), -7, dtype=np.int32)
+        K.pc_message_packed(j, xbits, r, beta, s, u, shift, bits, words)
+        assert words.tolist() == _pack_ref(_pc_ref(j, xbits, r, beta, s, u, shift, bits))
+
+
+def test_pc_message_checks_its_arrays():
+    xbits, r, beta, s, u, shift = _pc_inputs(random.Random(4), 6, 7)
+    words = np.empty(-(-6 * 7 // 5), dtype=np.int32)
+    with pytest.raises(ValueError, match="words"):
+        K.pc_message_packed(0, xbits, r, beta, s, u, shift, 7, words[:-1])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        K.pc_message_packed(0, xbits[:, ::-1], r, beta, s, u, shift, 7, words)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        K.pc_message_packed(0, xbits, r, beta, s[:5], u, shift, 7, words)
+
+
+_BOUNDS_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    from secure_inference.mpc.protocols import compare_kernels as K
+    rng = np.random.default_rng(0)
+    for bits in (1, 3, 16, 17, 23, 32, 33, 63, 64):
+        for n in (0, 1, 4, 5, 6, 7, 11, 12, 13, 40):
+            x = rng.integers(0, 67, (n, bits)).astype(np.int16)
+            s = rng.integers(1, 67, (n, bits)).astype(np.int16)
+            u = rng.integers(0, 67, (n, bits)).astype(np.int16)
+            r = rng.integers(0, 2, n).astype(np.int64)
+            beta = rng.integers(0, 2, n).astype(np.int64)
+            shift = rng.integers(0, bits, n).astype(np.int64)
+            nw = -(-n * bits // 5)
+            w0, w1 = np.empty(nw, np.int32), np.empty(nw, np.int32)
+            K.pc_message_packed(0, x, r, beta, s, u, shift, bits, w0)
+            K.pc_message_packed(1, x, r, beta, s, u, shift, bits, w1)
+            assert K.check_words(w0, n * bits) == K.OK
+            K.unpack_words(w0, np.empty(n * bits, np.int16))
+            K.decide_packed(w0, w1, n, bits, np.empty(n, np.bool_))
+            K.deal_corrections_packed(r, x.reshape(-1), bits, w0)
+            K.pack_values(x.reshape(-1), w1)
+    for size in (0, 1, 63, 64, 65, 1000):
+        w = rng.integers(65000, 65536, size).astype(np.uint16)
+        K.sample_words(w, 67, np.empty(size, np.int16), np.empty(size, np.int64))
+    print("in bounds")
+""")
+
+
+@pytest.mark.processes
+def test_kernels_stay_in_bounds(tmp_path):
+    """Every kernel, compiled afresh with numba's bounds checking on, at widths and row counts
+    around the wide-row and group edges: an index past an array raises there (a read past the
+    end would otherwise give garbage that the value tests cannot see)."""
+    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", _BOUNDS_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "in bounds" in proc.stdout

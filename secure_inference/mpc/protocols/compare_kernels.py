@@ -128,11 +128,116 @@ def _pack_group(buf, values, words) -> None:
         words[k] = g[0] + P * (g[1] + P * (g[2] + P * (g[3] + P * g[4])))
 
 
-@numba.njit(**_NJ)
 def pc_message_packed(j: int, xbits: np.ndarray, r: np.ndarray, beta: np.ndarray,
                       s: np.ndarray, u: np.ndarray, shift: np.ndarray, bits: int,
                       words: np.ndarray) -> None:
     """Party ``j``'s PrivateCompare message for rows of (bit shares ``xbits`` [n, bits] mod 67,
+    public ``r`` [n], bits ``beta`` [n], masks ``s``, ``u`` [n, bits], rotations ``shift`` [n];
+    all C-contiguous) packed into ``words`` (int32, ⌈n·bits/5⌉). Same values as
+    :func:`.private_compare.private_compare_message` followed by :func:`.zp.pack_zp`.
+
+    Most rows go through :func:`_pc_padded` (element-wise loops of a fixed width ≥ ``bits``,
+    reading into the next row, whose extra lanes are computed and thrown away: no short-loop
+    remainders, which dominate rows of 20–30 values); the last rows, where such a read would
+    pass the end of the arrays, through :func:`_pc_exact`. Both compute the same values."""
+    if not 1 <= bits <= 64:
+        raise ValueError(f"bits must be in [1, 64], got {bits}")
+    n = r.shape[0]
+    for a in (xbits, s, u):
+        if a.shape != (n, bits) or not a.flags.c_contiguous:
+            raise ValueError("xbits, s and u must be C-contiguous [n, bits] arrays")
+    if words.size != -(-n * bits // GROUP):
+        raise ValueError(f"words must hold {-(-n * bits // GROUP)} words, got {words.size}")
+    width = 16 if bits <= 16 else 32 if bits <= 32 else 64
+    safe = max(0, (n * bits - width) // bits + 1) if n else 0   # rows whose wide reads fit
+    safe -= safe % GROUP
+    if safe:
+        _PC_PADDED[width](j, xbits, r, beta, s, u, shift, bits, words, safe)
+    if safe < n:
+        _pc_exact(j, xbits[safe:], r[safe:], beta[safe:], s[safe:], u[safe:], shift[safe:],
+                  bits, words[safe * bits // GROUP:])
+
+
+def _make_pc_padded(width: int):
+    """:func:`pc_message_packed` on rows [0, safe) (a multiple of five, and row safe − 1 plus
+    ``width`` values still inside the arrays) with element-wise loops over ``width`` lanes.
+    Unsigned indices: numba then skips the negative-index wrap-around on every access."""
+
+    @numba.njit(**_NJ)
+    def pc_padded(j, xbits, r, beta, s, u, shift, bits, words, safe):
+        top = np.int64(-1) if bits == 64 else (np.int64(1) << bits) - 1
+        jj = np.int32(j)
+        pos = np.int32(P * 66)
+        xf = xbits.reshape(-1)
+        sf = s.reshape(-1)
+        uf = u.reshape(-1)
+        cb = np.empty(width, dtype=np.int32)
+        st = np.empty(width, dtype=np.int32)
+        dd = np.zeros(2 * width, dtype=np.int32)
+        buf = np.empty(GROUP * bits + width, dtype=np.int32)
+        for g0 in range(0, safe, GROUP):
+            for t in range(GROUP):
+                row = g0 + t
+                flip = beta[row] != 0
+                q = (r[row] + 1) & top if flip else r[row]
+                sigma = np.int32(-1) if flip else np.int32(1)
+                uo = np.uint64(row * bits)
+                for i in range(width):      # lanes ≥ bits: the next row's values, unused
+                    qb = np.int32((q >> ((bits - 1 - i) & 63)) & 1)
+                    x = np.int32(xf[uo + np.uint64(i)])
+                    cb[i] = sigma * (jj * qb - x) + jj + pos
+                    st[i] = x - np.int32(2) * qb * x + jj * qb
+                acc = np.int32(0)
+                for i in range(bits):                   # the one sequential step
+                    w = st[i]
+                    cb[i] += acc
+                    acc += w
+                if flip and r[row] == top:  # β = 1, R = 2^ℓ − 1: exactly one zero
+                    cb[0] = 0
+                    for i in range(1, bits):
+                        cb[i] = jj
+                off = shift[row]
+                if off < 0 or off >= bits:
+                    raise ValueError("rotation offset out of range")
+                if j == 0:
+                    for i in range(width):
+                        k = uo + np.uint64(i)
+                        dd[i] = _mod67_small(_mod67_small(cb[i]) * np.int32(sf[k])
+                                             + np.int32(uf[k]))
+                else:
+                    for i in range(width):
+                        k = uo + np.uint64(i)
+                        dd[i] = _mod67_small(_mod67_small(cb[i]) * np.int32(sf[k])
+                                             + (np.int32(P) - np.int32(uf[k])))
+                # rotation: position k of the row holds d[(k + off) mod bits]; the first run
+                # is copied ``width`` wide (what lands past position bits − off is overwritten
+                # by the second run, the next row, or lies past the group's values)
+                ub = np.uint64(t * bits)
+                uoff = np.uint64(off)
+                for i in range(width):
+                    buf[ub + np.uint64(i)] = dd[uoff + np.uint64(i)]
+                ub = np.uint64(t * bits + bits - off)
+                for i in range(off):
+                    buf[ub + np.uint64(i)] = dd[np.uint64(i)]
+            uw = np.uint64((g0 // GROUP) * bits)
+            for k in range(bits):
+                g = np.uint64(GROUP * k)
+                words[uw + np.uint64(k)] = buf[g] + P * (buf[g + np.uint64(1)] + P * (
+                    buf[g + np.uint64(2)] + P * (buf[g + np.uint64(3)]
+                                                 + P * buf[g + np.uint64(4)])))
+
+    return pc_padded
+
+
+_PC_PADDED = {w: _make_pc_padded(w) for w in (16, 32, 64)}
+
+
+@numba.njit(**_NJ)
+def _pc_exact(j: int, xbits: np.ndarray, r: np.ndarray, beta: np.ndarray,
+              s: np.ndarray, u: np.ndarray, shift: np.ndarray, bits: int,
+              words: np.ndarray) -> None:
+    """:func:`pc_message_packed` with loops of exactly ``bits`` values per row: party ``j``'s
+    PrivateCompare message for rows of (bit shares ``xbits`` [n, bits] mod 67,
     public ``r`` [n], bits ``beta`` [n], masks ``s``, ``u`` [n, bits], rotations ``shift`` [n])
     packed into ``words`` (int32, ⌈n·bits/5⌉). Same values as
     :func:`.private_compare.private_compare_message` followed by :func:`.zp.pack_zp`.
@@ -306,6 +411,8 @@ def warm_up() -> None:
     words = np.zeros(2, dtype=np.int32)
     reduce_words(np.zeros(4, dtype=np.uint16), 67, np.zeros(4, dtype=np.int16))
     pc_message_packed(0, i16, i64, i64, i16, i16, i64, bits, words)
+    for kernel in _PC_PADDED.values():
+        kernel(0, i16, i64, i64, i16, i16, i64, bits, words, 0)
     check_words(words, n * bits)
     unpack_words(words, np.zeros(n * bits, dtype=np.int16))
     pack_values(np.zeros(n * bits, dtype=np.int16), words)
