@@ -320,3 +320,27 @@ def test_kernels_stay_in_bounds(tmp_path):
                           text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "in bounds" in proc.stdout
+
+
+@pytest.mark.parametrize("bits", [3, 26])
+def test_helper_kernels_across_their_row_blocks(bits):
+    """More rows than one block of the helper's kernels (decision and corrections)."""
+    rng = random.Random(bits)
+    n = 2 * K._DECIDE_ROWS + 61
+    count = n * bits
+    d0 = [rng.randrange(P) for _ in range(count)]
+    d1 = [(P - d + 1 + rng.randrange(P - 1)) % P for d in d0]
+    for row in range(0, n, 7):
+        i = row * bits + rng.randrange(bits)
+        d1[i] = (P - d0[i]) % P
+    out = np.empty(n, dtype=np.bool_)
+    K.decide_packed(np.array(_pack_ref(d0), dtype=np.int32),
+                    np.array(_pack_ref(d1), dtype=np.int32), n, bits, out)
+    assert out.tolist() == [row % 7 == 0 for row in range(n)]
+    r_u = [rng.randrange(1 << 64) for _ in range(n)]
+    r = np.array([v - (1 << 64) if v >= 1 << 63 else v for v in r_u], dtype=np.int64)
+    words = np.empty(-(-count // 5), dtype=np.int32)
+    K.deal_corrections_packed(r, np.array(d0, dtype=np.int16), bits, words)
+    want = [(b - d0[row * bits + i]) % P
+            for row in range(n) for i, b in enumerate(_msb_bits(r_u[row], bits))]
+    assert words.tolist() == _pack_ref(want)

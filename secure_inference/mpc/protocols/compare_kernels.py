@@ -27,6 +27,7 @@ GROUP = 5
 WORD_LIMIT = P ** GROUP
 _POW = np.array([P ** i for i in range(GROUP)], dtype=np.int64)
 _SUB_BLOCK = 64             # words per vectorised step of the sampling kernel
+_DECIDE_ROWS = 320          # rows per block of the helper's kernels (a multiple of GROUP)
 
 OK, WORD_OUT_OF_RANGE, NONZERO_PADDING = 0, 1, 2
 
@@ -355,30 +356,28 @@ def decide_packed(words0: np.ndarray, words1: np.ndarray, n: int, bits: int,
                   out: np.ndarray) -> None:
     """The helper's PrivateCompare output: ``out[row]`` = some value of the row has
     d0 + d1 ≡ 0 (mod 67). Both word arrays must have passed :func:`check_words`."""
-    zero = np.empty(GROUP * bits, dtype=np.bool_)
-    for g0 in range(0, n, GROUP):
-        rows = min(GROUP, n - g0)
-        base = (g0 // GROUP) * bits
+    zero = np.empty(_DECIDE_ROWS * bits + GROUP, dtype=np.uint8)
+    for g0 in range(0, n, _DECIDE_ROWS):      # blocks of whole words (a multiple of 5 rows)
+        rows = min(_DECIDE_ROWS, n - g0)
+        base = np.uint64((g0 // GROUP) * bits)
         nw = (rows * bits + GROUP - 1) // GROUP
-        wa = words0[base:base + nw]
-        wb = words1[base:base + nw]
-        for k in range(nw):                             # element-wise over words
-            a = np.int64(wa[k])
-            b = np.int64(wb[k])
-            z = zero[GROUP * k:GROUP * k + GROUP]
+        for k in range(nw):                             # flat over the block's words
+            a = np.int64(words0[base + np.uint64(k)])
+            b = np.int64(words1[base + np.uint64(k)])
+            z = np.uint64(GROUP * k)
             for i in range(GROUP):
                 qa = _div67(a)
                 qb = _div67(b)
                 sm = (a - qa * P) + (b - qb * P)    # in [0, 132]: ≡ 0 iff 0 or 67
-                z[i] = (sm == 0) | (sm == P)
+                zero[z + np.uint64(i)] = np.uint8((sm == 0) | (sm == P))
                 a = qa
                 b = qb
         for t in range(rows):
-            hit = False
-            zr = zero[t * bits:(t + 1) * bits]
+            hit = np.uint8(0)
+            zt = np.uint64(t * bits)
             for i in range(bits):
-                hit |= zr[i]
-            out[g0 + t] = hit
+                hit |= zero[zt + np.uint64(i)]
+            out[np.uint64(g0 + t)] = hit != 0
 
 
 @numba.njit(**_NJ)
@@ -387,19 +386,27 @@ def deal_corrections_packed(r: np.ndarray, shares0: np.ndarray, bits: int,
     """(bit_i(r) − shares0) mod 67 for the ``bits`` low bits of each r (MSB first), packed:
     P1's shares of the bits of r when P0's are ``shares0`` [n·bits]."""
     n = r.shape[0]
-    buf = np.empty(GROUP * bits, dtype=np.int32)
-    for g0 in range(0, n, GROUP):
-        rows = min(GROUP, n - g0)
+    buf = np.empty(_DECIDE_ROWS * bits + GROUP, dtype=np.int32)
+    for g0 in range(0, n, _DECIDE_ROWS):      # blocks of whole words (a multiple of 5 rows)
+        rows = min(_DECIDE_ROWS, n - g0)
         for t in range(rows):
             row = g0 + t
             rv = r[row]
-            dst = buf[t * bits:(t + 1) * bits]
-            sh = shares0[row * bits:(row + 1) * bits]
+            so = np.uint64(row * bits)
+            bo = np.uint64(t * bits)
             for i in range(bits):                       # element-wise (vectorised)
-                v = np.int32((rv >> (bits - 1 - i)) & 1) - np.int32(sh[i])   # in [−66, 1]
-                dst[i] = v + np.int32(P) * np.int32(v < 0)
-        base = (g0 // GROUP) * bits
-        _pack_group(buf, rows * bits, words[base:base + bits])
+                v = (np.int32((rv >> (bits - 1 - i)) & 1)
+                     - np.int32(shares0[so + np.uint64(i)]))          # in [−66, 1]
+                buf[bo + np.uint64(i)] = v + np.int32(P) * np.int32(v < 0)
+        m = rows * bits
+        nw = (m + GROUP - 1) // GROUP
+        for k in range(m, nw * GROUP):
+            buf[k] = 0
+        uw = np.uint64((g0 // GROUP) * bits)
+        for k in range(nw):
+            g = np.uint64(GROUP * k)
+            words[uw + np.uint64(k)] = buf[g] + P * (buf[g + np.uint64(1)] + P * (
+                buf[g + np.uint64(2)] + P * (buf[g + np.uint64(3)] + P * buf[g + np.uint64(4)])))
 
 
 def warm_up() -> None:

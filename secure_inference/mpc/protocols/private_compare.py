@@ -160,6 +160,8 @@ def private_compare_decide(d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
 def deal_corrections(r: torch.Tensor, shares0: torch.Tensor, bits: int) -> torch.Tensor:
     """P1's shares of the ``bits`` low bits of r over Z_67 (P0's are ``shares0``), packed."""
     n = r.numel()
+    if shares0.numel() != n * bits:
+        raise ValueError(f"expected {n * bits} shares of bits, got {shares0.numel()}")
     if r.device.type != "cpu":
         corr = bit_decompose(r, bits, torch.int16) - shares0.view(n, bits)
         return pack_zp(torch.remainder(corr, P))
