@@ -26,7 +26,7 @@ import torch
 
 from .ops import layer_drelus, op_of
 from .program import FINGERPRINT_PARTS, Layer, Program, Weights
-from .protocols.linear import open_weights, preprocess, reconstruct, share
+from .protocols.linear import check_weight_bound, open_weights, preprocess, reconstruct, share
 from .protocols.drelu import resolve_config, set_default_config
 from .prg import cipher_code, cipher_name
 from .settings import DReLUConfig
@@ -228,6 +228,24 @@ def _barrier(party: Party) -> None:
                 raise ProtocolError(f"party {party.role}: bad ready message from party {p}")
 
 
+def check_server_weights(party: Party, program: Program, weights: Weights) -> None:
+    """Every server-weight layer's weights checked before the session starts (present, the
+    public shape, within the encoding bound): a failure at layer k mid-session would tell the
+    client which layer's weights are large."""
+    for layer in program.layers:
+        if not op_of(layer).server_weights:
+            continue
+        entry = weights.get(layer.name) if isinstance(weights, dict) else None
+        if not entry or entry.get("weight") is None:
+            raise ValueError(f"the server has no weights for layer '{layer.name}'")
+        w = entry["weight"]
+        shape = tuple(layer.attrs["weight_shape"])
+        if tuple(w.shape) != shape:
+            raise ValueError(f"weights of '{layer.name}' have shape {list(w.shape)}, public "
+                             f"shape is {list(shape)}")
+        check_weight_bound(layer.name, encode(w, party.frac_bits), party.frac_bits)
+
+
 def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] | None = None,
               weights: Weights | None = None, drelu: DReLUConfig | None = None,
               on_batch: Callable[[int], None] | None = None,
@@ -261,6 +279,8 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
         raise ValueError(f"the program's comparison widths were chosen for frac_bits="
                          f"{program.frac_bits} but this party runs frac_bits={party.frac_bits}: "
                          "compile with the session's --frac-bits")
+    if party.role == ROLE_SERVER:
+        check_server_weights(party, program, weights)
     cpu0 = time.process_time()
     set_default_config(party, drelu)
     check_program(party, program)

@@ -3,6 +3,7 @@ error_bound does for ambiguous patches), including patches that cover a whole ma
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -64,3 +65,28 @@ def test_block_relu_after_a_linear_layer_runs_securely():
     assert (result.outputs - ref).abs().max() < 1e-3
     layer = next(l for l in result.report["layers"] if l["op"] == "block_relu")
     assert layer["drelus"] == 3 * 4      # four non-identity channels, one pixel each
+
+
+def test_server_checks_every_layers_weights_before_the_session_starts():
+    """A too-large weight in the LAST layer stops the server before the header exchange
+    (security review: checked layer by layer, a failure told the client which layer)."""
+    from secure_inference.mpc.harness import run_in_process
+    from secure_inference.mpc.party import run_party
+    from secure_inference.mpc.runtime import ProtocolError
+    from secure_inference.mpc.session import SCOPE_HEADER
+    model = _net()
+    with torch.no_grad():
+        model[3].weight[0, 0] = 100.0          # > 32: beyond 2^21 at 16 fractional bits
+    program, weights = compile_model(model, (1, 2, 4, 4))
+    sent_before_failure = []
+
+    def fn(party):
+        try:
+            run_party(party, program, images=[torch.randn(1, 2, 4, 4)] if party.role == 0
+                      else None, weights=weights if party.role == 1 else None)
+        finally:
+            sent_before_failure.append((party.role, party.stats.total(SCOPE_HEADER).sent))
+
+    with pytest.raises((ValueError, ProtocolError), match="layer '3' has a weight of magnitude"):
+        run_in_process(fn, timeout=30)
+    assert dict(sent_before_failure)[1] == 0     # the server sent no header, nothing after it

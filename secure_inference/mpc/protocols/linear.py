@@ -57,7 +57,7 @@ from ..session import SCOPE_PREPROCESS, SCOPE_SETUP
 Share = torch.Tensor
 BilinearOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["share", "reconstruct", "add", "sub", "neg", "add_public", "mul_public", "truncate",
+__all__ = ["check_weight_bound", "share", "reconstruct", "add", "sub", "neg", "add_public", "mul_public", "truncate",
            "concat", "mul", "matmul", "open_weights", "conv2d", "linear", "to_ring",
            "Preprocessed", "preprocess", "conv_op", "linear_op"]
 
@@ -236,6 +236,20 @@ def matmul(party: Party, x: Share, y: Share, *, truncate: bool = True,
 
 # --- layers with the server's plaintext weights ---------------------------------------------
 
+def check_weight_bound(name: str, w: torch.Tensor, frac_bits: int) -> None:
+    """Refuse encoded server weights at or beyond 2^SMALL_WEIGHT_BITS (the bound the secure
+    convolution is built for), naming the layer and the fix."""
+    if not fits_small(w):
+        biggest = float(w.abs().max()) / 2 ** frac_bits
+        bound = 2.0 ** (SMALL_WEIGHT_BITS - frac_bits)
+        raise ValueError(
+            f"layer '{name}' has a weight of magnitude {biggest:.4g}; encoded with "
+            f"{frac_bits} fractional bits it reaches 2^{SMALL_WEIGHT_BITS}, the bound "
+            f"the secure convolution is built for (|w| < {bound:g} at f = "
+            f"{frac_bits}). Use fewer fractional bits (--frac-bits) or rescale this "
+            "layer (e.g. move the factor into the next layer)")
+
+
 def open_weights(party: Party, weight: torch.Tensor | None, *, weight_shape: Sequence[int],
                  name: str) -> None:
     """Session set-up for one weight tensor of the server: P1 sends ``F = W − B`` to P0 once.
@@ -264,15 +278,7 @@ def _open_weights(party: Party, weight: torch.Tensor | None, weight_shape: Seque
         if tuple(w.shape) != shape:
             raise ValueError(f"weights of '{name}' have shape {list(w.shape)}, public shape is "
                              f"{list(shape)}")
-        if not fits_small(w):
-            biggest = float(w.abs().max()) / 2 ** party.frac_bits
-            bound = 2.0 ** (SMALL_WEIGHT_BITS - party.frac_bits)
-            raise ValueError(
-                f"layer '{name}' has a weight of magnitude {biggest:.4g}; encoded with "
-                f"{party.frac_bits} fractional bits it reaches 2^{SMALL_WEIGHT_BITS}, the bound "
-                f"the secure convolution is built for (|w| < {bound:g} at f = "
-                f"{party.frac_bits}). Use fewer fractional bits (--frac-bits) or rescale this "
-                "layer (e.g. move the factor into the next layer)")
+        check_weight_bound(name, w, party.frac_bits)
         if opened is not None:
             if not torch.equal(opened.tensor, w):
                 raise ValueError(f"weights of '{name}' changed within the session; use a new name")
