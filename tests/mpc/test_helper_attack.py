@@ -41,7 +41,11 @@ def _tiny_run(seed: int):
             original = R.mul_drelu
 
             def spy(p, d, v, *args, **kwargs):
-                captured["v1"] = v.clone()
+                # the patch is module-wide and the other parties run in threads of this
+                # process: keep only the server's share (the client's call raced it, and a
+                # captured client share made the control attack fail now and then)
+                if p.role == ROLE_SERVER:
+                    captured["v1"] = v.clone()
                 return original(p, d, v, *args, **kwargs)
             R.mul_drelu = spy
             try:
