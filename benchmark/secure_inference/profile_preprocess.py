@@ -17,7 +17,6 @@ import cProfile
 import functools
 import io
 import pstats
-import sys
 import time
 from pathlib import Path
 
@@ -58,9 +57,13 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    sys.path.insert(0, str(HERE))
+    import importlib.util
+
     import torch
-    from bench import build
+    loader = importlib.util.spec_from_file_location("si_bench", HERE / "bench.py")
+    bench = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(bench)   # bench.py's model builder, without a sys.path edit
+    build = bench.build
     from secure_inference.mpc.compile import compile_model
     from secure_inference.mpc.harness import run_local_processes
     from secure_inference.mpc.party import SessionLimits
