@@ -10,12 +10,17 @@ against plain-Python references): same message layout (row-major, rotated rows),
 words (error codes, turned into :class:`~secure_inference.mpc.runtime.ProtocolError` by the
 callers).
 
-How they are fast: rows are handled five at a time, since five rows of ℓ values are exactly ℓ
-packed words, so a group is computed into a small buffer and packed word by word with no
-carried packing state; within a row, the only sequential step (the suffix sums of
-PrivateCompare) is a loop of one addition, and every other step is an element-wise loop that
-LLVM vectorises; every remainder is an exact multiply-shift (:func:`_mod67_small`, :func:`_div67` and the sampling
-reduction) instead of a division, on values small enough for the bound proved next to it.
+How they are fast: rows are handled in blocks of a multiple of five rows, since five rows of ℓ
+values are exactly ℓ packed words, so a block is computed into a small buffer and packed word
+by word with no carried packing state; within a row, the only sequential step (the suffix sums
+of PrivateCompare) is a loop of one addition, and every other step is an element-wise loop
+that LLVM vectorises, over a fixed width of 16, 32 or 64 lanes where the arrays allow it (no
+scalar remainder loops, which dominate rows of 20–30 values); indices are unsigned (numba then
+skips its negative-index wrap-around); every remainder is an exact multiply-shift
+(:func:`_mod67_small`, :func:`_div67` and the sampling reduction) instead of a division, on
+values small enough for the bound proved next to it. Nothing checks bounds inside the
+kernels: the Python-level callers check the array sizes, and a test compiles every kernel
+with numba's bounds checking on and runs it at the edges.
 """
 from __future__ import annotations
 
