@@ -84,9 +84,9 @@ def _worker(args) -> None:
     x = encode(torch.randn(n, dtype=torch.float64), FRAC_BITS)
     x0 = torch.randint(-(1 << 63), (1 << 63) - 1, (n,), dtype=torch.int64)
     x1 = x - x0
-    del_private = {0: x0, 1: x1}
+    private = {0: x0, 1: x1}
     body = functools.partial(me._party_body, bits=bits, n=n, prof_dir=args.profile)
-    res = run_local_processes(body, tls=not args.no_tls, timeout=900.0, private=del_private)
+    res = run_local_processes(body, tls=not args.no_tls, timeout=900.0, private=private)
     got = res[0][0] + res[1][0]
     wrong = int((got != D.plain_drelu(x)).sum())
     byts = sum(r[3] for r in res)
