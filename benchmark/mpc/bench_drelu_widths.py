@@ -69,13 +69,12 @@ def _party_body(party, share, bits: int, n: int, prof_dir: str | None):
 
 def _worker(args) -> None:
     """Run one measurement with whatever ``secure_inference`` is first on the path; print JSON."""
-    sys.path.insert(0, HERE)   # the party processes unpickle _party_body from this module
     import functools
 
     import torch
 
-    import bench_drelu_widths as me
     import secure_inference
+    me = sys.modules[__name__]   # the party processes re-import this script as their main
     from secure_inference.mpc.harness import run_local_processes
     from secure_inference.mpc.protocols import drelu as D
     from secure_inference.mpc.ring import encode
