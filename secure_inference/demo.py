@@ -255,7 +255,7 @@ def evaluate_model(config: str, checkpoint: str | os.PathLike, name: str,
     if secure_images <= 0:
         return row
     from .mpc import run_local
-    from .mpc.calibrate import bytes_saved_by_widths, calibrate
+    from .mpc.calibrate import calibrate
     options = dict(secure_options or {})
     calibrated = None
     if calibration_inputs is not None and len(calibration_inputs):
@@ -264,20 +264,30 @@ def evaluate_model(config: str, checkpoint: str | os.PathLike, name: str,
     pick = secure_subset(len(labels), secure_images)
     x = torch.cat([b[0] for b in batches])[pick]
     result = run_local(model, x, calibrated, **options)
+    score_secure_run(row, result, logits[pick], labels[pick])
+    return row
+
+
+def score_secure_run(row: DemoRow, result, plain: torch.Tensor, truth: torch.Tensor
+                     ) -> torch.Tensor:
+    """Fill ``row``'s secure columns from a ``run_local`` result on images whose plaintext
+    logits are ``plain`` and labels ``truth``: accuracies, agreement, logit error, bytes per
+    image at the run's widths and (exact) at 64 bits, the widths, seconds, rounds. Returns
+    the secure logits."""
+    from .mpc.calibrate import bytes_saved_by_widths
     secure = torch.as_tensor(result.outputs).float()
-    plain, truth = logits[pick], labels[pick]
-    row.secure_images = len(x)
+    row.secure_images = len(secure)
     row.plaintext_accuracy_secure_images = float((plain.argmax(1) == truth).float().mean())
     row.secure_accuracy = float((secure.argmax(1) == truth).float().mean())
     row.agreement = float((secure.argmax(1) == plain.argmax(1)).float().mean())
     row.max_abs_logit_error = float((secure - plain).abs().max())
     per_image = result.report["per_image"]
-    row.bytes_per_image = per_image["bytes_with_setup"]
     sizes = result.report["batch_sizes"]
+    row.bytes_per_image = per_image["bytes_with_setup"]
     row.bytes_per_image_64bit = (per_image["bytes_with_setup"]
                                  + bytes_saved_by_widths(result.program, sizes) / sum(sizes))
     widths = sorted(set(result.program.widths().values()))
     row.drelu_widths = [widths[0], widths[-1]] if widths else None
     row.seconds_per_image = per_image["seconds_with_setup"]
     row.rounds = result.report["online"]["rounds"]
-    return row
+    return secure

@@ -75,3 +75,26 @@ def test_table_and_plot_with_a_uniform_row(tmp_path):
     assert "uniform 4x4" in table and "knap@4x4" in table and "exactly the uniform" in table
     paths = plot_results(tmp_path, rows)
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_score_secure_run_fills_the_secure_columns():
+    from torch import nn
+
+    from secure_inference.demo import score_secure_run
+    from secure_inference.mpc.calibrate import calibrate
+    from secure_inference.mpc.local import run_local
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).eval()
+    x = torch.randn(4, 1, 6, 6)
+    with torch.no_grad():
+        plain = model(x)
+    truth = plain.argmax(1)
+    truth[0] = (truth[0] + 1) % 3                       # one wrong label: accuracy 3/4
+    result = run_local(model, x, calibrate(model, torch.randn(8, 1, 6, 6)), in_process=True)
+    row = DemoRow("cal", 256, 0.0)
+    secure = score_secure_run(row, result, plain, truth)
+    assert row.secure_images == 4 and row.secure_accuracy == row.plaintext_accuracy_secure_images
+    assert row.plaintext_accuracy_secure_images == 0.75 and row.agreement == 1.0
+    assert row.max_abs_logit_error == float((secure - plain).abs().max()) < 1e-2
+    assert row.bytes_per_image_64bit > row.bytes_per_image > 0
+    assert row.drelu_widths[1] < 64 and row.rounds == result.report["online"]["rounds"]

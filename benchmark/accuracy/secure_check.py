@@ -58,7 +58,7 @@ def evaluate(config: str, checkpoint: Path, name: str, batches, images: int, thr
     from secure_inference.mmlab.config_utils import input_shape_from_cfg, load_task_config
     from secure_inference.mmlab.finetune import load_finetuned
     from secure_inference.mpc import run_local
-    from secure_inference.mpc.calibrate import bytes_saved_by_widths, calibrate
+    from secure_inference.mpc.calibrate import calibrate
     from secure_inference.sites import find_relu_sites
     from secure_inference.spec import count_drelus, extract_block_spec
 
@@ -82,22 +82,9 @@ def evaluate(config: str, checkpoint: Path, name: str, batches, images: int, thr
     pick = demo.secure_subset(len(labels), images)
     x = torch.cat([b[0] for b in batches])[pick]
     result = run_local(model, x, spec, tls=True, threads=threads)
-    secure = torch.as_tensor(result.outputs).float()
-    plain, truth = logits[pick], labels[pick]
-    row.secure_images = len(x)
-    row.plaintext_accuracy_secure_images = float((plain.argmax(1) == truth).float().mean())
-    row.secure_accuracy = float((secure.argmax(1) == truth).float().mean())
-    row.agreement = float((secure.argmax(1) == plain.argmax(1)).float().mean())
-    row.max_abs_logit_error = float((secure - plain).abs().max())
-    per_image = result.report["per_image"]
-    sizes = result.report["batch_sizes"]
-    row.bytes_per_image = per_image["bytes_with_setup"]
-    row.bytes_per_image_64bit = (per_image["bytes_with_setup"]
-                                 + bytes_saved_by_widths(result.program, sizes) / sum(sizes))
+    plain = logits[pick]
+    secure = demo.score_secure_run(row, result, plain, labels[pick])
     widths = result.program.widths()
-    row.drelu_widths = [min(widths.values()), max(widths.values())] if widths else None
-    row.seconds_per_image = per_image["seconds_with_setup"]
-    row.rounds = result.report["online"]["rounds"]
     diff = (secure - plain).abs().max(1).values
     extra.update(widths=dict(widths), mismatched_images=[int(i) for i in
                                                          pick[secure.argmax(1)
