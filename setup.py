@@ -57,6 +57,7 @@ setup(
         "si-crypto-provider = secure_inference.cli.crypto_provider:main",
         "si-certificates = secure_inference.cli.make_certificates:main",
         "si-calibrate = secure_inference.cli.calibrate:main",
+        "si-compare = secure_inference.cli.compare_methods:main",
         "si-train = secure_inference.cli.mmlab_train:main",
         "si-test = secure_inference.cli.mmlab_test:main",
     ]},

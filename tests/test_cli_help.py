@@ -29,6 +29,7 @@ CLIS = {
     "make_certificates": ("research/secure_inference/make_certificates.py", "si-certificates",
                           "init-ca"),
     "calibrate": ("research/calibrate.py", "si-calibrate", "--margin"),
+    "compare_methods": ("research/compare_methods.py", "si-compare", "--distill-weight"),
     "mmlab_train": ("mmlab_tools/train.py", "si-train", "--relu-spec-file"),
     "mmlab_test": ("mmlab_tools/test.py", "si-test", "--relu-spec-file"),
 }

@@ -25,7 +25,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Flags every party understands (defaults come from --config-file, then DEFAULTS)."""
     g = parser.add_argument_group("session (same for all three parties)")
     g.add_argument("--config-file", type=Path, help="YAML file with any of the settings below")
-    g.add_argument("--model", help="MMLab config file (.py) or torchvision model name")
+    g.add_argument("--model", help="MMLab config file (.py), torchvision model name with optional "
+                   "arguments (resnet18,num_classes=10) or package.module:factory")
     g.add_argument("--spec", help="Block-ReLU spec (.pickle or .json); omit for all ReLUs")
     g.add_argument("--input-shape", type=int, nargs=3, metavar=("C", "H", "W"),
                    help="image size (default: the config's secure_inference.input_shape)")

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", "--config", dest="model", required=True,
-                        help="MMLab config (.py), torchvision model name or module:factory")
+                        help="MMLab config (.py), torchvision model name (arguments after commas: "
+                        "resnet18,num_classes=10) or package.module:factory")
     parser.add_argument("--checkpoint", help="the finetuned weights (.pth)")
     parser.add_argument("--spec", help="its Block-ReLU spec (.pickle/.json); omit for all "
                         "ReLUs (a finetuned checkpoint's own spec is used when it records one)")

@@ -95,15 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="HxW (uniform count), share in (0,1], or DReLU count")
     ap.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES,
                     help="methods to compare (default: all)")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="finetune seeds")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0],
+                    help="finetune seeds: every method is finetuned once per seed (default: 0)")
     ap.add_argument("--max-seeds", nargs="*", default=[], metavar="METHOD=K",
                     help="run METHOD with the first K seeds only")
     ap.add_argument("--num-samples", type=int, default=256,
                     help="training images averaged over by the distortion (default 256)")
-    ap.add_argument("--distortion-seed", type=int, default=0)
+    ap.add_argument("--distortion-seed", type=int, default=0,
+                    help="seed of the distortion step's image sample and projections "
+                         "(public; default 0)")
     ap.add_argument("--num-projections", type=int, default=8,
                     help="random projections per sample of the linear estimate")
-    ap.add_argument("--iterative-rounds", type=int, default=3)
+    ap.add_argument("--iterative-rounds", type=int, default=3,
+                    help="rounds of the iterative method: budgets fall geometrically from "
+                         "the all-ReLU count to the target (default 3)")
     ap.add_argument("--iterative-samples", type=int, default=None,
                     help="images for the iterative method's re-measurements (the first N of "
                          "the distortion samples; default: all). Exact distortion of a network "
@@ -112,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comparison width at which bytes per image are counted and "
                          "knapsack_bytes prices its options (3-64, default 64: the runtime "
                          "without calibration)")
-    ap.add_argument("--distill-temperature", type=float, default=4.0)
-    ap.add_argument("--distill-weight", type=float, default=1.0)
+    ap.add_argument("--distill-temperature", type=float, default=4.0,
+                    help="softmax temperature of knapsack_kd's distillation (default 4)")
+    ap.add_argument("--distill-weight", type=float, default=1.0,
+                    help="weight of knapsack_kd's distillation loss (default 1)")
     ap.add_argument("--cfg-options", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides (values parsed as Python literals when possible)")
     ap.add_argument("--threads", type=int, default=None,

@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("model and data")
     src.add_argument("--config", help="MMLab config (.py) with a secure_inference entry")
-    src.add_argument("--model", help="torchvision model name or package.module:factory "
+    src.add_argument("--model", help="torchvision model name (arguments after commas: "
+                     "resnet18,num_classes=10) or package.module:factory "
                      "(instead of --config; needs --image-folder and --input-shape)")
     src.add_argument("--checkpoint", help="weights file (mmengine or plain state dict)")
     src.add_argument("--image-folder", help="images for --model (resized, centre-cropped)")

@@ -344,6 +344,12 @@ def _fname(func) -> str:
     mod = getattr(func, "__module__", "") or ""
     if mod.startswith("torch.nn.functional"):
         return f"F.{getattr(func, '__name__', name)}"
+    owner, _, short = name.rpartition(".")
+    if owner in ("_VariableFunctionsClass", "_C._VariableFunctions", "_TensorBase",
+                 "TensorBase"):
+        # torch's C bindings: name them as the user wrote them (torch.sigmoid, Tensor.sigmoid)
+        return f"torch.{short}" if owner.startswith("_V") or owner.startswith("_C") \
+            else f"Tensor.{short}"
     return name if "." in name else f"torch.{name}"
 
 

@@ -60,3 +60,23 @@ def test_certificate_command_calls_itself_by_the_name_the_user_typed():
     out = subprocess.run([sys.executable, str(script), "sign", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert "usage: make_certificates.py sign" in out.stdout
+
+
+def test_unsupported_operations_are_named_as_the_user_wrote_them():
+    from torch import nn
+
+    from secure_inference.mpc.compile import UnsupportedOperationError, compile_model
+
+    class Gate(nn.Module):
+        def __init__(self, method: bool) -> None:
+            super().__init__()
+            self.conv, self.method = nn.Conv2d(1, 2, 3), method
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y.sigmoid() if self.method else torch.sigmoid(y)
+
+    for method, name in ((False, "torch.sigmoid"), (True, "Tensor.sigmoid")):
+        with pytest.raises(UnsupportedOperationError) as info:
+            compile_model(Gate(method).eval(), (1, 1, 5, 5))
+        assert name in str(info.value) and "_VariableFunctionsClass" not in str(info.value)
