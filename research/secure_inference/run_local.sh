@@ -82,18 +82,21 @@ status=0
 declare -A name=([${pids[0]}]=helper [${pids[1]}]=server [$client]=client)
 remaining=("${pids[@]}")
 while [[ ${#remaining[@]} -gt 0 ]]; do
-  code=0
-  wait -n -p ended "${remaining[@]}" || code=$?
   left=()
-  for p in "${remaining[@]}"; do [[ "$p" == "$ended" ]] || left+=("$p"); done
-  remaining=(${left[@]+"${left[@]}"})
-  if [[ $code -ne 0 && $status -eq 0 ]]; then
-    status=$code
-    if [[ "${name[$ended]}" != client ]]; then
-      echo "run_local.sh: the ${name[$ended]} exited with status $code; stopping the others" >&2
-      for p in "${remaining[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${remaining[@]}"; do
+    if kill -0 "$p" 2>/dev/null; then left+=("$p"); continue; fi
+    code=0
+    wait "$p" || code=$?          # an exited child: bash keeps its status for this wait
+    if [[ $code -ne 0 && $status -eq 0 ]]; then
+      status=$code
+      if [[ "${name[$p]}" != client ]]; then
+        echo "run_local.sh: the ${name[$p]} exited with status $code; stopping the others" >&2
+        for q in "${remaining[@]}"; do [[ "$q" == "$p" ]] || kill "$q" 2>/dev/null || true; done
+      fi
     fi
-  fi
+  done
+  remaining=(${left[@]+"${left[@]}"})
+  [[ ${#remaining[@]} -gt 0 ]] && sleep 0.2
 done
 pids=()
 if [[ $status -ne 0 ]]; then
