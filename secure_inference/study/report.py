@@ -131,11 +131,7 @@ def plot(data: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
     ax.set_title(title or "Accuracy against DReLU budget (mean ± std over seeds)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_bytes(data: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
@@ -172,6 +168,11 @@ def plot_bytes(data: Mapping[str, Any], path: str | Path, title: str = "") -> Pa
                  fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str | Path) -> Path:
+    """Lay out and write a figure as PNG (creating its folder)."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
