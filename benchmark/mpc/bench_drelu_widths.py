@@ -121,7 +121,26 @@ def _run_worker(tree: str, width: int, n: int, no_tls: bool, profile: str | None
         raise RuntimeError(f"worker imported {row['code']}, not {tree}")
     if row["wrong"]:
         raise RuntimeError(f"{tree}: ℓ={width} n={n}: {row['wrong']} wrong DReLUs")
+    del row["code"]   # a path of this machine: the results name commits instead
     return row
+
+
+def _portable(arg: str, variants: dict[str, str]) -> str:
+    """A command-line argument with this machine's checkout paths named by their role."""
+    for v, tree in variants.items():
+        if os.path.realpath(arg) == os.path.realpath(tree):
+            return f"<{v}-tree>"
+    return os.path.relpath(arg, REPO) if os.path.isabs(arg) and arg.startswith(REPO) else arg
+
+
+def _describe_tree(tree: str) -> str:
+    """The commit a checkout is at (``+dirty`` with uncommitted changes), for the results:
+    paths of this machine mean nothing elsewhere."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", tree, *args], capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -159,11 +178,12 @@ def main(argv: list[str] | None = None) -> dict:
         os.makedirs(args.profile, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     results: dict = {"date": now.isoformat(timespec="seconds"),
-                     "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+                     "command": " ".join(["python"] + [_portable(a, variants) for a in sys.argv]),
                      "machine": f"{platform.processor() or platform.machine()}, "
                                 f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
                      "transport": "plaintext TCP loopback" if args.no_tls else "TLS 1.3 loopback",
-                     "trees": variants, "runs": [], "summary": []}
+                     "trees": {v: _describe_tree(t) for v, t in variants.items()},
+                     "runs": [], "summary": []}
     for n in args.sizes:
         for width in args.widths:
             rows: dict[str, list[dict]] = {v: [] for v in variants}
