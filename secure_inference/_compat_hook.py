@@ -22,9 +22,7 @@ from types import ModuleType
 BEFORE = frozenset({"torchvision", "mmcv", "mmengine", "mmseg", "mmpretrain", "mmdet"})
 
 _lock = threading.RLock()
-failures: list[BaseException] = []
-"""Errors of fixes applied during torch's import (kept, not raised: an exception there would
-leave a half-imported torch behind; the package that needed the fix fails with its own error)."""
+
 
 
 def apply() -> dict[str, bool]:
@@ -49,7 +47,11 @@ class _ThenApply(importlib.abc.Loader):
         try:
             apply()
         except Exception as exc:  # noqa: BLE001 - never break torch's own import
-            failures.append(exc)
+            # raising here would leave a half-imported torch behind; the package that needed
+            # the fix fails later with its own error, this says why
+            import warnings
+            warnings.warn(f"secure_inference could not apply its compatibility fixes: "
+                          f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
 
     def __getattr__(self, name: str):
         return getattr(self._loader, name)

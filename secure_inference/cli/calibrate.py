@@ -69,9 +69,9 @@ def run(argv: list[str] | None = None) -> int:
         raise UserError(f"--out {args.out}: use a .pickle or .json file name")
     from tqdm import tqdm
 
-    from secure_inference.mpc.calibrate import calibrate, width_table
+    from secure_inference.mpc.calibrate import calibrate_program, width_table
     from secure_inference.mpc.compile import compile_model
-    from secure_inference.spec import save_spec
+    from secure_inference.spec import BlockSpec, extract_block_spec, save_spec
 
     from ._party import build_model
     from .client import load_images
@@ -82,21 +82,17 @@ def run(argv: list[str] | None = None) -> int:
         images = images[:args.num_images]
     if images.shape[0] == 0:
         raise UserError(f"--images {args.images} holds no images")
-    # the sites of the model as it stands (the --spec, or a checkpoint's recorded spec)
-    from secure_inference.spec import extract_block_spec
-    spec = extract_block_spec(model, shape)
+    # the model as it stands (the --spec, or a checkpoint's recorded spec), compiled once:
+    # the ranges are recorded on it and its width table is printed from it
+    program, weights = compile_model(model, (1,) + tuple(shape), drelu_width=64)
     with tqdm(total=int(images.shape[0]), desc="calibration", unit="img",
               file=sys.stderr) as bar:
-        calibrated = calibrate(model, images, None, margin=args.margin,
-                               frac_bits=args.frac_bits, batch_size=args.batch_size,
-                               progress=bar.update)
-    calibrated.update(spec)
-    save_spec(calibrated, args.out)
-    program, _ = compile_model(model, (1,) + tuple(shape), calibration=calibrated.calibration,
-                               frac_bits=args.frac_bits)
-    rows = width_table(program, calibrated.calibration, frac_bits=args.frac_bits)
+        cal = calibrate_program(program, weights, images, margin=args.margin,
+                                frac_bits=args.frac_bits, batch_size=args.batch_size,
+                                progress=bar.update)
+    save_spec(BlockSpec(extract_block_spec(model, shape), cal), args.out)
+    rows = width_table(program, cal, frac_bits=args.frac_bits)
     print_table(rows)
-    cal = calibrated.calibration
     b64, bw = sum(r["bytes_64"] for r in rows), sum(r["bytes"] for r in rows)
     summary = {"out": str(args.out), "images": cal.images, "margin": cal.margin,
                "frac_bits": cal.frac_bits, "max_activation": cal.max_activation,

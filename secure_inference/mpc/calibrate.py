@@ -30,6 +30,7 @@ from ..wire_costs import mul_drelu_bytes
 from .analysis import run_float
 from .ops import WIDTH_ATTR, layer_drelus, op_of
 from .program import Layer, Program, Weights
+from .protocols.relu import block_relu_plan, max_pool_comparisons
 from .ring import DEFAULT_FRAC_BITS
 from .trace import assign_widths, compile_model
 
@@ -175,7 +176,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, spec: Mapping | None = Non
     fixed point at ``frac_bits`` has less than ``margin`` times room.
     """
     shape = tuple(images.shape[-3:])
-    sites = {k: v for k, v in (spec or {}).items()}
+    sites = dict(spec or {})
     program, weights = compile_model(model, (1,) + shape, spec=sites or None,
                                      drelu_width=FULL_WIDTH)
     cal = calibrate_program(program, weights, images, margin=margin, frac_bits=frac_bits,
@@ -227,7 +228,6 @@ def bytes_saved_by_widths(program: Program, batch_sizes: list[int]) -> int:
 def _payload_values(layer: Layer, batch: int) -> int:
     """Payload values (pixels multiplied by a decision) of a batch."""
     if layer.op == "block_relu":
-        from .protocols.relu import block_relu_plan
         return block_relu_plan((batch,) + tuple(layer.shape[1:]),
                                layer.attrs["block_sizes"]).pixels
     return layer_drelus(layer, batch)
@@ -236,7 +236,6 @@ def _payload_values(layer: Layer, batch: int) -> int:
 def _layer_bytes(layer: Layer, width: int, batch: int) -> int:
     """Exact online payload bytes of one batch through a DReLU layer at ``width`` bits."""
     if layer.op == "max_pool":
-        from .protocols.relu import max_pool_comparisons
         k = layer.attrs["kernel_size"]
         per = math.prod((batch,) + tuple(layer.shape[1:]))
         return sum(mul_drelu_bytes(c * per, c * per, width)

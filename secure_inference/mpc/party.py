@@ -243,7 +243,10 @@ def check_server_weights(party: Party, program: Program, weights: Weights) -> No
         if tuple(w.shape) != shape:
             raise ValueError(f"weights of '{layer.name}' have shape {list(w.shape)}, public "
                              f"shape is {list(shape)}")
-        check_weight_bound(layer.name, encode(w, party.frac_bits), party.frac_bits)
+        # the largest magnitude decides (rounding is monotone and symmetric): encode one value
+        # instead of a copy of every weight (open_weights encodes them once, later)
+        check_weight_bound(layer.name, encode(w.detach().abs().max().reshape(1), party.frac_bits),
+                           party.frac_bits)
 
 
 def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] | None = None,
