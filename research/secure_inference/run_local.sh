@@ -18,9 +18,10 @@
 #              SERVER_ARGS extra flags for the server and helper (e.g. "--frac-bits 14");
 #              PRG the randomness cipher of all three, aes (default) or chacha20;
 #              DEVICE the torch device of every party (default cpu), or per party
-#              CLIENT_DEVICE / SERVER_DEVICE / HELPER_DEVICE (e.g. cuda:0, cuda:1, cpu).
+#              CLIENT_DEVICE / SERVER_DEVICE / HELPER_DEVICE (e.g. cuda:0, cuda:1, cpu);
+#              GRACE seconds the others get to end after a server or helper failed (10).
 set -euo pipefail
-if [[ $# -lt 3 ]]; then sed -n '2,21p' "$0"; exit 2; fi
+if [[ $# -lt 3 ]]; then sed -n '2,22p' "$0"; exit 2; fi
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
@@ -80,7 +81,10 @@ pids+=("$client")
 # would otherwise wait for it until its timeout)
 status=0
 declare -A name=([${pids[0]}]=helper [${pids[1]}]=server [$client]=client)
+# After a server/helper failure the others get GRACE seconds (default 10) to end on their own
+# (the client notices a closed link at once and still saves what it has), then are stopped.
 remaining=("${pids[@]}")
+failed_at=""
 while [[ ${#remaining[@]} -gt 0 ]]; do
   left=()
   for p in "${remaining[@]}"; do
@@ -91,11 +95,14 @@ while [[ ${#remaining[@]} -gt 0 ]]; do
       status=$code
       if [[ "${name[$p]}" != client ]]; then
         echo "run_local.sh: the ${name[$p]} exited with status $code; stopping the others" >&2
-        for q in "${remaining[@]}"; do [[ "$q" == "$p" ]] || kill "$q" 2>/dev/null || true; done
+        failed_at=$SECONDS
       fi
     fi
   done
   remaining=(${left[@]+"${left[@]}"})
+  if [[ -n "$failed_at" && $((SECONDS - failed_at)) -ge ${GRACE:-10} ]]; then
+    for q in "${remaining[@]}"; do kill "$q" 2>/dev/null || true; done
+  fi
   [[ ${#remaining[@]} -gt 0 ]] && sleep 0.2
 done
 pids=()
