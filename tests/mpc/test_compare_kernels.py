@@ -271,6 +271,41 @@ def test_pc_message_wide_and_exact_row_paths_agree_with_the_definition(bits):
         assert words.tolist() == _pack_ref(_pc_ref(j, xbits, r, beta, s, u, shift, bits))
 
 
+@pytest.mark.parametrize("bits", [1, 3, 16, 17, 26, 27, 32, 33, 63, 64])
+@pytest.mark.parametrize("n", [0, 1, 4, 5, 6, 12, 37])
+def test_pc_message_from_packed_shares_equals_the_protocol_definition(bits, n):
+    """The message kernel fed the helper's packed words (P1's path: unpacked group by group
+    inside the kernel) gives the definition's message for the unpacked shares, on the wide
+    rows and on the exact tail, with special rows and extreme rotations."""
+    rng = random.Random(7000 + 100 * bits + n)
+    xbits, r, beta, s, u, shift = _pc_inputs(rng, n, bits)
+    if n > 30:
+        top = (1 << bits) - 1
+        r[30] = top - (1 << 64) if top >= 1 << 63 else top
+        beta[30] = 1
+        shift[35] = bits - 1
+    xwords = np.array(_pack_ref([int(v) for v in xbits.reshape(-1)]), dtype=np.int32)
+    for j in (0, 1):
+        words = np.full(-(-n * bits // 5), -7, dtype=np.int32)
+        K.pc_message_from_words(j, xwords, r, beta, s, u, shift, bits, words)
+        assert words.tolist() == _pack_ref(_pc_ref(j, xbits, r, beta, s, u, shift, bits))
+
+
+def test_pc_message_from_words_checks_its_arrays():
+    xbits, r, beta, s, u, shift = _pc_inputs(random.Random(4), 6, 7)
+    nw = -(-6 * 7 // 5)
+    xwords = np.zeros(nw, dtype=np.int32)
+    words = np.empty(nw, dtype=np.int32)
+    with pytest.raises(ValueError, match="xwords"):
+        K.pc_message_from_words(1, xwords[:-1], r, beta, s, u, shift, 7, words)
+    with pytest.raises(ValueError, match="xwords"):
+        K.pc_message_from_words(1, xwords.astype(np.int64), r, beta, s, u, shift, 7, words)
+    with pytest.raises(ValueError, match="beta"):
+        K.pc_message_from_words(1, xwords, r, beta[:5], s, u, shift, 7, words)
+    with pytest.raises(ValueError, match="shift"):
+        K.pc_message_packed(0, xbits, r, beta, s, u, shift[:5], 7, words)
+
+
 def test_pc_message_checks_its_arrays():
     xbits, r, beta, s, u, shift = _pc_inputs(random.Random(4), 6, 7)
     words = np.empty(-(-6 * 7 // 5), dtype=np.int32)
@@ -298,6 +333,7 @@ _BOUNDS_SCRIPT = textwrap.dedent("""
             w0, w1 = np.empty(nw, np.int32), np.empty(nw, np.int32)
             K.pc_message_packed(0, x, r, beta, s, u, shift, bits, w0)
             K.pc_message_packed(1, x, r, beta, s, u, shift, bits, w1)
+            K.pc_message_from_words(1, w0.copy(), r, beta, s, u, shift, bits, w1)
             assert K.check_words(w0, n * bits) == K.OK
             K.unpack_words(w0, np.empty(n * bits, np.int16))
             K.decide_packed(w0, w1, n, bits, np.empty(n, np.bool_))
@@ -306,6 +342,19 @@ _BOUNDS_SCRIPT = textwrap.dedent("""
     for size in (0, 1, 63, 64, 65, 1000):
         w = rng.integers(65000, 65536, size).astype(np.uint16)
         K.sample_words(w, 67, np.empty(size, np.int16), np.empty(size, np.int64))
+    import torch
+    from secure_inference.mpc.protocols import drelu_kernels as DK
+    for n in (0, 1, 7):
+        x = torch.from_numpy(rng.integers(-2**62, 2**62, n))
+        for bits, k in ((1, 0), (27, 3), (64, 0), (40, 24)):
+            a = DK.mask_input(x, x.clone(), bits, k)
+            nb = (bits + 7) // 8
+            DK.combine_opened(a, torch.zeros(n * nb, dtype=torch.uint8), bits, x & 1)
+        DK.drelu_output(1, x & 1, x.clone())
+        DK.mul_output(x & 1, x, x, x, x, None)
+        if n:
+            DK.mul_output(x & 1, x, x[:1].repeat(9), x[:1].repeat(9), x[:1].repeat(9),
+                          torch.from_numpy(rng.integers(0, n, 9)))
     print("in bounds")
 """)
 

@@ -149,48 +149,98 @@ def pc_message_packed(j: int, xbits: np.ndarray, r: np.ndarray, beta: np.ndarray
     if not 1 <= bits <= 64:
         raise ValueError(f"bits must be in [1, 64], got {bits}")
     n = r.shape[0]
-    for a in (xbits, s, u):
+    _check_pc_shapes(n, bits, s, u, words, beta, shift)
+    if xbits.shape != (n, bits) or not xbits.flags.c_contiguous:
+        raise ValueError("xbits, s and u must be C-contiguous [n, bits] arrays")
+    _pc_dispatch(j, xbits, r, beta, s, u, shift, bits, words, packed=False)
+
+
+def pc_message_from_words(j: int, xwords: np.ndarray, r: np.ndarray, beta: np.ndarray,
+                          s: np.ndarray, u: np.ndarray, shift: np.ndarray, bits: int,
+                          words: np.ndarray) -> None:
+    """:func:`pc_message_packed` with the bit shares given packed, as the helper deals them:
+    ``xwords`` holds the [n, bits] values mod 67 five per int32 word (⌈n·bits/5⌉ words that
+    passed :func:`check_words`). Each group of five rows is exactly ``bits`` words, unpacked
+    into a small buffer right where it is used, so no [n, bits] array of shares is written
+    and read back."""
+    if not 1 <= bits <= 64:
+        raise ValueError(f"bits must be in [1, 64], got {bits}")
+    n = r.shape[0]
+    _check_pc_shapes(n, bits, s, u, words, beta, shift)
+    if xwords.shape != words.shape or xwords.dtype != np.int32:
+        raise ValueError(f"xwords must hold {words.size} int32 words")
+    _pc_dispatch(j, xwords, r, beta, s, u, shift, bits, words, packed=True)
+
+
+def _check_pc_shapes(n: int, bits: int, s: np.ndarray, u: np.ndarray, words: np.ndarray,
+                     beta: np.ndarray, shift: np.ndarray) -> None:
+    if beta.shape != (n,) or shift.shape != (n,):
+        raise ValueError(f"r, beta and shift must hold {n} values each")
+    for a in (s, u):
         if a.shape != (n, bits) or not a.flags.c_contiguous:
             raise ValueError("xbits, s and u must be C-contiguous [n, bits] arrays")
     if words.size != -(-n * bits // GROUP):
         raise ValueError(f"words must hold {-(-n * bits // GROUP)} words, got {words.size}")
+
+
+def _pc_dispatch(j, x, r, beta, s, u, shift, bits, words, *, packed: bool) -> None:
+    n = r.shape[0]
     width = 16 if bits <= 16 else 32 if bits <= 32 else 64
     safe = max(0, (n * bits - width) // bits + 1) if n else 0   # rows whose wide reads fit
     safe -= safe % GROUP
     if safe:
-        _PC_PADDED[width](j, xbits, r, beta, s, u, shift, bits, words, safe)
+        _PC_PADDED[width, packed](j, x, r, beta, s, u, shift, bits, words, safe)
     if safe < n:
-        _pc_exact(j, xbits[safe:], r[safe:], beta[safe:], s[safe:], u[safe:], shift[safe:],
+        if packed:   # the tail's words start at a whole group of rows (safe is a multiple of 5)
+            tail = np.empty((n - safe) * bits, dtype=np.int16)
+            unpack_words(x[safe * bits // GROUP:], tail)
+            x = tail.reshape(n - safe, bits)
+        else:
+            x = x[safe:]
+        _pc_exact(j, x, r[safe:], beta[safe:], s[safe:], u[safe:], shift[safe:],
                   bits, words[safe * bits // GROUP:])
 
 
-def _make_pc_padded(width: int):
-    """:func:`pc_message_packed` on rows [0, safe) (a multiple of five, and row safe − 1 plus
-    ``width`` values still inside the arrays) with element-wise loops over ``width`` lanes.
-    Unsigned indices: numba then skips the negative-index wrap-around on every access."""
+def _make_pc_padded(width: int, packed: bool):
+    """:func:`pc_message_packed` (``packed``: :func:`pc_message_from_words`) on rows
+    [0, safe) (a multiple of five, and row safe − 1 plus ``width`` values still inside the
+    arrays) with element-wise loops over ``width`` lanes. Unsigned indices: numba then skips
+    the negative-index wrap-around on every access."""
 
     @numba.njit(**_NJ)
-    def pc_padded(j, xbits, r, beta, s, u, shift, bits, words, safe):
+    def pc_padded(j, xsrc, r, beta, s, u, shift, bits, words, safe):
         top = np.int64(-1) if bits == 64 else (np.int64(1) << bits) - 1
         jj = np.int32(j)
         pos = np.int32(P * 66)
-        xf = xbits.reshape(-1)
+        xf = xsrc.reshape(-1)
         sf = s.reshape(-1)
         uf = u.reshape(-1)
         cb = np.empty(width, dtype=np.int32)
         st = np.empty(width, dtype=np.int32)
         dd = np.zeros(2 * width, dtype=np.int32)
         buf = np.empty(GROUP * bits + width, dtype=np.int32)
+        xb = np.zeros(GROUP * bits + width, dtype=np.int32)   # packed: a group's shares
         for g0 in range(0, safe, GROUP):
+            if packed:      # five rows of ``bits`` values are exactly ``bits`` words
+                wb = np.uint64((g0 // GROUP) * bits)
+                for k in range(bits):
+                    v = np.int64(xf[wb + np.uint64(k)])
+                    o = np.uint64(GROUP * k)
+                    for i in range(GROUP):
+                        q = _div67(v)
+                        xb[o + np.uint64(i)] = np.int32(v - q * P)
+                        v = q
             for t in range(GROUP):
                 row = g0 + t
                 flip = beta[row] != 0
                 q = (r[row] + 1) & top if flip else r[row]
                 sigma = np.int32(-1) if flip else np.int32(1)
                 uo = np.uint64(row * bits)
+                xo = np.uint64(t * bits) if packed else uo
                 for i in range(width):      # lanes ≥ bits: the next row's values, unused
                     qb = np.int32((q >> ((bits - 1 - i) & 63)) & 1)
-                    x = np.int32(xf[uo + np.uint64(i)])
+                    x = (np.int32(xb[xo + np.uint64(i)]) if packed
+                         else np.int32(xf[uo + np.uint64(i)]))
                     cb[i] = sigma * (jj * qb - x) + jj + pos
                     st[i] = x - np.int32(2) * qb * x + jj * qb
                 acc = np.int32(0)
@@ -235,7 +285,8 @@ def _make_pc_padded(width: int):
     return pc_padded
 
 
-_PC_PADDED = {w: _make_pc_padded(w) for w in (16, 32, 64)}
+_PC_PADDED = {(w, packed): _make_pc_padded(w, packed) for w in (16, 32, 64)
+              for packed in (False, True)}
 
 
 @numba.njit(**_NJ)
@@ -416,15 +467,18 @@ def deal_corrections_packed(r: np.ndarray, shares0: np.ndarray, bits: int,
 
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel with the argument types the DReLU
-    uses, so no party compiles inside a timed run."""
+    uses, so no party compiles inside a timed run (also those of :mod:`.drelu_kernels`)."""
+    from . import drelu_kernels
+    drelu_kernels.warm_up()
     n, bits = 2, 3
     i16 = np.zeros((n, bits), dtype=np.int16)
     i64 = np.zeros(n, dtype=np.int64)
     words = np.zeros(2, dtype=np.int32)
     reduce_words(np.zeros(4, dtype=np.uint16), 67, np.zeros(4, dtype=np.int16))
     pc_message_packed(0, i16, i64, i64, i16, i16, i64, bits, words)
-    for kernel in _PC_PADDED.values():
-        kernel(0, i16, i64, i64, i16, i16, i64, bits, words, 0)
+    pc_message_from_words(1, np.zeros(2, dtype=np.int32), i64, i64, i16, i16, i64, bits, words)
+    for (_, packed), kernel in _PC_PADDED.items():
+        kernel(0, words if packed else i16, i64, i64, i16, i16, i64, bits, words, 0)
     check_words(words, n * bits)
     unpack_words(words, np.zeros(n * bits, dtype=np.int16))
     pack_values(np.zeros(n * bits, dtype=np.int16), words)

@@ -96,13 +96,15 @@ import torch
 from ... import wire_costs
 from ..runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party
 from ..settings import EXACT, DReLUConfig
+from ..transport import ProtocolError
+from . import drelu_kernels as DK
 from .pair_random import pair_bits, pair_ring, pair_small
 from .private_compare import (bit_decompose, compare_randomness, deal_corrections,
                               plain_private_compare, private_compare_decide,
-                              private_compare_decide_packed, private_compare_message,
-                              private_compare_packed)
-from .zp import (P, all_ones, pack_bytes, pack_elements, pack_zp, unpack_elements, unpack_zp,
-                 zp_packed_bytes)
+                              private_compare_decide_packed, private_compare_from_words,
+                              private_compare_message, private_compare_packed)
+from .zp import (P, all_ones, checked_words, pack_bytes, pack_elements, pack_zp,
+                 unpack_elements, unpack_zp, zp_packed_bytes)
 
 __all__ = ["P", "ROUNDS", "DReLUConfig", "EXACT", "drelu", "mul_drelu", "drelu_bytes",
            "mul_drelu_bytes", "zp_packed_bytes", "pack_zp", "unpack_zp", "pack_elements",
@@ -221,9 +223,15 @@ def _drelu_core(party: Party, x: torch.Tensor, config: DReLUConfig,
         raise TypeError(f"DReLU expects int64 shares, got {x.dtype}")
     low, top = bits - 1, all_ones(bits)
     xf = x.reshape(-1)
-    t = xf if (bits == 64 and k == 0) else (xf >> k) & top   # logical shift: top < 2^(64−k)
-    # round 1: open x̂ = t + r mod L; send the masked payload to P2
-    a_mine = (t + pair_ring(party, ROLE_HELPER, n, bits, "dr.r")) & top
+    host = dev.type == "cpu"        # one-pass numba kernels (:mod:`.drelu_kernels`)
+    # round 1: open x̂ = t + r mod L, t = x (exact) or ⌊x/2^k⌋ mod L (logical shift:
+    # top < 2^(64−k)); send the masked payload to P2
+    r_mine = pair_ring(party, ROLE_HELPER, n, bits, "dr.r")
+    if host:
+        a_mine = DK.mask_input(xf, r_mine, bits, k)
+    else:
+        t = xf if (bits == 64 and k == 0) else (xf >> k) & top
+        a_mine = (t + r_mine) & top
     party.send(other, pack_elements(a_mine, bits))
     if m:
         # z = v + m reaches P2 as two messages, v0 + m + ζ and v1 − ζ: m and ζ come from the
@@ -236,35 +244,53 @@ def _drelu_core(party: Party, x: torch.Tensor, config: DReLUConfig,
     # the comparison's randomness does not depend on x̂: draw it while the messages travel
     beta = pair_bits(party, other, n, "dr.beta")
     rnd = compare_randomness(party, other, n, low, "dr.pc")
+    rwords = None   # P1 on a CPU: the dealt shares stay packed until the message kernel
     if j == 0:
         rbits = pair_small(party, ROLE_HELPER, n * low, P, "dr.rbits").view(n, low)
     else:
         deal = party.recv(ROLE_HELPER, (zp_packed_bytes(n * low),), torch.uint8)
-        rbits = unpack_zp(deal, n * low, source="P2").view(n, low)
-    a_other = unpack_elements(party.recv(other, (pack_bytes(n, bits),), torch.uint8), n, bits,
-                              source=f"P{other}")
-    xhat = (a_mine + a_other) & top
+        if host:
+            rbits, rwords = None, checked_words(deal, n * low, "P2")
+        else:
+            rbits = unpack_zp(deal, n * low, source="P2").view(n, low)
+        del deal
+    opened = party.recv(other, (pack_bytes(n, bits),), torch.uint8)
+    if host:
+        status, xlow, g = DK.combine_opened(a_mine, opened, bits, beta)
+        if status != DK.OK:
+            raise ProtocolError(f"P{other}: element wider than {bits} bits (malformed message)")
+    else:
+        xhat = (a_mine + unpack_elements(opened, n, bits, source=f"P{other}")) & top
+        xlow, g = xhat & all_ones(low), 1 ^ ((xhat >> low) & 1) ^ beta
+        del xhat
+    del opened
     # round 2: PrivateCompare(bits of r', x̂', β) → P2 learns β ⊕ [r' > x̂']
-    msg = private_compare_packed(j, rbits, xhat & all_ones(low), beta, rnd, low)
+    if rwords is not None:
+        msg = private_compare_from_words(j, rwords, xlow, beta, rnd, low)
+    else:
+        msg = private_compare_packed(j, rbits, xlow, beta, rnd, low)
     party.send(ROLE_HELPER, msg)
-    del rbits, rnd, msg
-    # round 3: shares of s = MSB(r) ⊕ β' over Z_2^64; DReLU = g ⊕ s
-    g = 1 ^ ((xhat >> low) & 1) ^ beta
+    del rbits, rwords, rnd, msg, xlow
+    # round 3: shares of s = MSB(r) ⊕ β' over Z_2^64; DReLU = g ⊕ s (g = 1 ⊕ MSB(x̂) ⊕ β)
     if j == 0:
         s = party.pair_random(ROLE_HELPER, (n,), tag="out.s")
         sz = party.pair_random(ROLE_HELPER, (m,), tag="out.sz") if m else None
     else:
         got = party.recv(ROLE_HELPER, (n + m,))
         s, sz = got[:n], (got[n:] if m else None)
-    bits_out = (j * g + (1 - 2 * g) * s) if want_bits else None
     prod = None
-    if m:
+    if m and host:
+        prod = DK.mul_output(g, s, sz, mask, v, index)
+    elif m:
         sel = s if index is None else s[index]
         gi = g if index is None else g[index]
         vs = sz - mask * sel
         prod = torch.where(gi.bool(), v - vs, vs)
     elif payload is not None:
         prod = torch.zeros(0, dtype=torch.int64, device=dev)
+    bits_out = None
+    if want_bits:   # after the product: the kernel writes the bit shares over s
+        bits_out = DK.drelu_output(j, g, s) if host else j * g + (1 - 2 * g) * s
     return bits_out, prod
 
 

@@ -16,10 +16,11 @@ import torch
 from ..runtime import Party
 from . import compare_kernels as K
 from .pair_random import pair_small
-from .zp import P, _checked_cpu_words, all_ones, pack_zp, unpack_zp
+from .zp import P, all_ones, checked_words, pack_zp, unpack_zp
 
 __all__ = ["CompareRandomness", "compare_randomness", "bit_decompose", "plain_private_compare",
-           "private_compare_message", "private_compare_packed", "private_compare_decide",
+           "private_compare_message", "private_compare_packed", "private_compare_from_words",
+           "private_compare_decide",
            "private_compare_decide_packed", "deal_corrections"]
 
 _I64_MIN = -(1 << 63)
@@ -137,6 +138,22 @@ def private_compare_packed(role: int, xbits: torch.Tensor, r: torch.Tensor, beta
     return torch.from_numpy(words).view(torch.uint8)
 
 
+def private_compare_from_words(role: int, xwords: np.ndarray, r: torch.Tensor,
+                               beta: torch.Tensor, rnd: CompareRandomness | Any,
+                               bits: int) -> torch.Tensor:
+    """:func:`private_compare_packed` on a CPU with the bit shares of X still packed as the
+    helper dealt them: ``xwords``, the int32 words of ``r.numel()·bits`` values mod 67, checked
+    with :func:`.zp.checked_words` (no int16 array of the shares is made)."""
+    n = r.numel()
+    words = np.empty(-(-n * bits // _ZP_GROUP), dtype=np.int32)   # every word is written
+    K.pc_message_from_words(int(role), xwords, r.reshape(n).contiguous().numpy(),
+                            beta.reshape(n).contiguous().numpy(),
+                            rnd.s.to(torch.int16).contiguous().numpy(),
+                            rnd.u.to(torch.int16).contiguous().numpy(),
+                            rnd.shift.to(torch.int64).contiguous().numpy(), int(bits), words)
+    return torch.from_numpy(words).view(torch.uint8)
+
+
 def private_compare_decide_packed(data0: torch.Tensor, data1: torch.Tensor, n: int,
                                   bits: int) -> torch.Tensor:
     """P2's output from the two packed messages (bool [n]); refuses malformed messages."""
@@ -144,8 +161,8 @@ def private_compare_decide_packed(data0: torch.Tensor, data1: torch.Tensor, n: i
         d0 = unpack_zp(data0, n * bits, source="P0").view(n, bits)
         d1 = unpack_zp(data1, n * bits, source="P1").view(n, bits)
         return private_compare_decide(d0, d1)
-    w0 = _checked_cpu_words(data0, n * bits, "P0")
-    w1 = _checked_cpu_words(data1, n * bits, "P1")
+    w0 = checked_words(data0, n * bits, "P0")
+    w1 = checked_words(data1, n * bits, "P1")
     out = np.zeros(n, dtype=np.bool_)
     K.decide_packed(w0, w1, n, bits, out)
     return torch.from_numpy(out)

@@ -14,8 +14,8 @@ import torch
 from ..transport import ProtocolError
 from . import compare_kernels as K
 
-__all__ = ["P", "BLOCK", "zp_packed_bytes", "pack_zp", "unpack_zp", "pack_elements",
-           "pack_bytes", "unpack_elements", "i64", "all_ones", "require_little_endian"]
+__all__ = ["P", "BLOCK", "zp_packed_bytes", "pack_zp", "unpack_zp", "checked_words",
+           "pack_elements", "pack_bytes", "unpack_elements", "i64", "all_ones", "require_little_endian"]
 
 P = 67                      # PrivateCompare field (a prime above ℓ + 2 for every ℓ ≤ 64)
 _ZP_GROUP = 5               # values mod 67 per packed word: 67^5 = 1,350,125,107 < 2^31
@@ -89,7 +89,9 @@ def _zp_words(data: torch.Tensor, count: int, source: str) -> torch.Tensor:
     return data.view(torch.int32)
 
 
-def _checked_cpu_words(data: torch.Tensor, count: int, source: str) -> np.ndarray:
+def checked_words(data: torch.Tensor, count: int, source: str) -> np.ndarray:
+    """The int32 words (numpy, CPU) of a packed message of ``count`` values mod 67, after
+    its length, range and padding checks (:class:`ProtocolError` on any failure)."""
     words = _zp_words(data, count, source).numpy()
     err = K.check_words(words, count)
     if err == K.WORD_OUT_OF_RANGE:
@@ -103,7 +105,7 @@ def unpack_zp(data: torch.Tensor, count: int, *, source: str = "peer") -> torch.
     """Inverse of :func:`pack_zp` for ``count`` values (int16); refuses anything malformed."""
     if data.device.type != "cpu":
         return _unpack_zp_torch(data, count, source=source)
-    words = _checked_cpu_words(data, count, source)
+    words = checked_words(data, count, source)
     out = np.empty(count, dtype=np.int16)
     K.unpack_words(words, out)
     return torch.from_numpy(out)
