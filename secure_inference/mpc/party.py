@@ -140,7 +140,8 @@ def _announce_batches(party: Party, batch_sizes: Sequence[int] | None,
 # values mod 67 drawn from one stream per tag, rejected words replaced by the stream's next
 # ones (was: a new stream per block and per redraw), so parties of 2 and 3 draw differently
 # 4 = per-layer comparison widths and the program's part digests in the header (96 bytes)
-PROTOCOL_VERSION = 4
+# 5 = PrivateCompare's masks s and u drawn as one value (s − 1)·67 + u per compared bit
+PROTOCOL_VERSION = 5
 
 # The public settings that change the computation, besides the program itself: (name, how the
 # user sets it). They travel as four int64 words after the 32-byte fingerprint; ``prg`` (the

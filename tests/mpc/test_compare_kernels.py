@@ -97,7 +97,7 @@ def test_pc_message_packed_equals_the_protocol_definition(bits, n):
     xbits, r, beta, s, u, shift = _pc_inputs(rng, n, bits)
     for j in (0, 1):
         words = np.full(-(-n * bits // 5), -7, dtype=np.int32)   # garbage: all must be written
-        K.pc_message_packed(j, xbits, r, beta, s, u, shift, bits, words)
+        K.pc_message_packed(j, xbits, r, beta, K.join_su(s, u), shift, bits, words)
         assert words.tolist() == _pack_ref(_pc_ref(j, xbits, r, beta, s, u, shift, bits))
 
 
@@ -113,8 +113,8 @@ def test_pc_message_has_one_zero_exactly_where_the_comparison_says():
                    for row in range(n)], dtype=np.int16)
     nw = -(-n * bits // 5)
     w0, w1 = np.empty(nw, dtype=np.int32), np.empty(nw, dtype=np.int32)
-    K.pc_message_packed(0, x0, r, beta, s, u, shift, bits, w0)
-    K.pc_message_packed(1, x1, r, beta, s, u, shift, bits, w1)
+    K.pc_message_packed(0, x0, r, beta, K.join_su(s, u), shift, bits, w0)
+    K.pc_message_packed(1, x1, r, beta, K.join_su(s, u), shift, bits, w1)
     d0 = _unpack_ref(w0.tolist(), n * bits)
     d1 = _unpack_ref(w1.tolist(), n * bits)
     out = np.empty(n, dtype=np.bool_)
@@ -130,7 +130,8 @@ def test_pc_message_refuses_a_rotation_out_of_range():
     xbits, r, beta, s, u, shift = _pc_inputs(random.Random(2), 3, 5)
     shift[1] = 5
     with pytest.raises(ValueError, match="rotation"):
-        K.pc_message_packed(0, xbits, r, beta, s, u, shift, 5, np.empty(3, dtype=np.int32))
+        K.pc_message_packed(0, xbits, r, beta, K.join_su(s, u), shift, 5,
+                            np.empty(3, dtype=np.int32))
 
 
 def test_sample_words_every_word_and_every_modulus():
@@ -139,13 +140,13 @@ def test_sample_words_every_word_and_every_modulus():
     rng.shuffle(words)
     out = np.empty(words.size, dtype=np.int16)
     bad = np.empty(words.size, dtype=np.int64)
-    for high in range(2, 257):
+    for high in [*range(2, 258), K.SU_HIGH, 21845, 21846, 32767, K.MAX_HIGH]:
         count = K.sample_words(words, high, out, bad)
         limit = (65536 // high) * high
         assert np.array_equal(out, (words % high).astype(np.int16)), high
         assert np.array_equal(bad[:count], np.flatnonzero(words >= limit)), high
     with pytest.raises(ValueError):
-        K.sample_words(words, 257, out, bad)
+        K.sample_words(words, K.MAX_HIGH + 1, out, bad)
     with pytest.raises(ValueError):
         K.sample_words(words, 67, out[:-1], bad)
 
@@ -267,7 +268,7 @@ def test_pc_message_wide_and_exact_row_paths_agree_with_the_definition(bits):
     shift[5], shift[35] = bits - 1, bits - 1
     for j in (0, 1):
         words = np.full(-(-n * bits // 5), -7, dtype=np.int32)
-        K.pc_message_packed(j, xbits, r, beta, s, u, shift, bits, words)
+        K.pc_message_packed(j, xbits, r, beta, K.join_su(s, u), shift, bits, words)
         assert words.tolist() == _pack_ref(_pc_ref(j, xbits, r, beta, s, u, shift, bits))
 
 
@@ -287,7 +288,7 @@ def test_pc_message_from_packed_shares_equals_the_protocol_definition(bits, n):
     xwords = np.array(_pack_ref([int(v) for v in xbits.reshape(-1)]), dtype=np.int32)
     for j in (0, 1):
         words = np.full(-(-n * bits // 5), -7, dtype=np.int32)
-        K.pc_message_from_words(j, xwords, r, beta, s, u, shift, bits, words)
+        K.pc_message_from_words(j, xwords, r, beta, K.join_su(s, u), shift, bits, words)
         assert words.tolist() == _pack_ref(_pc_ref(j, xbits, r, beta, s, u, shift, bits))
 
 
@@ -297,24 +298,63 @@ def test_pc_message_from_words_checks_its_arrays():
     xwords = np.zeros(nw, dtype=np.int32)
     words = np.empty(nw, dtype=np.int32)
     with pytest.raises(ValueError, match="xwords"):
-        K.pc_message_from_words(1, xwords[:-1], r, beta, s, u, shift, 7, words)
+        K.pc_message_from_words(1, xwords[:-1], r, beta, K.join_su(s, u), shift, 7, words)
     with pytest.raises(ValueError, match="xwords"):
-        K.pc_message_from_words(1, xwords.astype(np.int64), r, beta, s, u, shift, 7, words)
+        K.pc_message_from_words(1, xwords.astype(np.int64), r, beta, K.join_su(s, u), shift,
+                                7, words)
     with pytest.raises(ValueError, match="beta"):
-        K.pc_message_from_words(1, xwords, r, beta[:5], s, u, shift, 7, words)
+        K.pc_message_from_words(1, xwords, r, beta[:5], K.join_su(s, u), shift, 7, words)
     with pytest.raises(ValueError, match="shift"):
-        K.pc_message_packed(0, xbits, r, beta, s, u, shift[:5], 7, words)
+        K.pc_message_packed(0, xbits, r, beta, K.join_su(s, u), shift[:5], 7, words)
+
+
+def test_redraw_words_replaces_and_compacts_the_rejected_positions():
+    high = K.SU_HIGH
+    limit = (65536 // high) * high
+    out = np.full(20, -1, dtype=np.int16)
+    bad = np.array([0, 3, 4, 9, 19], dtype=np.int64)
+    words = np.array([limit, 5, 65535, high + 7, limit - 1], dtype=np.uint16)
+    k = K.redraw_words(words, high, out, bad)
+    assert k == 2 and bad[:k].tolist() == [0, 4]
+    assert out[[0, 3, 4, 9, 19]].tolist() == [limit % high, 5, 65535 % high, 7,
+                                              (limit - 1) % high]
+    assert (out[[1, 2, 5]] == -1).all()
+    with pytest.raises(ValueError):
+        K.redraw_words(words[:4], high, out, bad)
+    with pytest.raises(ValueError):
+        K.redraw_words(words, high, out[:19], np.array([0, 3, 4, 9, 19], dtype=np.int64))
+
+
+def test_joint_masks_split_back_exactly():
+    """Every value of the joint draw su ∈ [0, 66·67) is one (s, u) pair, s ∈ [1, 66] and
+    u ∈ [0, 66], and back (a bijection: uniform su gives independent uniform s and u); the
+    message kernel reads the pair it encodes."""
+    s = np.repeat(np.arange(1, P, dtype=np.int16), P)
+    u = np.tile(np.arange(P, dtype=np.int16), P - 1)
+    su = K.join_su(s, u)
+    assert K.SU_HIGH == 66 * 67 and sorted(su.tolist()) == list(range(K.SU_HIGH))
+    # one row per (s, u) pair, bits = 1: the message is s·c ± u mod 67 with a known c
+    n = su.size
+    x = np.zeros((n, 1), dtype=np.int16)
+    r = np.zeros(n, dtype=np.int64)
+    beta = np.zeros(n, dtype=np.int64)
+    shift = np.zeros(n, dtype=np.int64)
+    for j in (0, 1):
+        words = np.empty(-(-n // 5), dtype=np.int32)
+        K.pc_message_packed(j, x, r, beta, su.reshape(n, 1), shift, 1, words)
+        assert words.tolist() == _pack_ref(_pc_ref(j, x, r, beta, s.reshape(n, 1),
+                                                   u.reshape(n, 1), shift, 1))
 
 
 def test_pc_message_checks_its_arrays():
     xbits, r, beta, s, u, shift = _pc_inputs(random.Random(4), 6, 7)
     words = np.empty(-(-6 * 7 // 5), dtype=np.int32)
     with pytest.raises(ValueError, match="words"):
-        K.pc_message_packed(0, xbits, r, beta, s, u, shift, 7, words[:-1])
+        K.pc_message_packed(0, xbits, r, beta, K.join_su(s, u), shift, 7, words[:-1])
     with pytest.raises(ValueError, match="C-contiguous"):
-        K.pc_message_packed(0, xbits[:, ::-1], r, beta, s, u, shift, 7, words)
+        K.pc_message_packed(0, xbits[:, ::-1], r, beta, K.join_su(s, u), shift, 7, words)
     with pytest.raises(ValueError, match="C-contiguous"):
-        K.pc_message_packed(0, xbits, r, beta, s[:5], u, shift, 7, words)
+        K.pc_message_packed(0, xbits, r, beta, K.join_su(s, u)[:5], shift, 7, words)
 
 
 _BOUNDS_SCRIPT = textwrap.dedent("""
@@ -331,9 +371,9 @@ _BOUNDS_SCRIPT = textwrap.dedent("""
             shift = rng.integers(0, bits, n).astype(np.int64)
             nw = -(-n * bits // 5)
             w0, w1 = np.empty(nw, np.int32), np.empty(nw, np.int32)
-            K.pc_message_packed(0, x, r, beta, s, u, shift, bits, w0)
-            K.pc_message_packed(1, x, r, beta, s, u, shift, bits, w1)
-            K.pc_message_from_words(1, w0.copy(), r, beta, s, u, shift, bits, w1)
+            K.pc_message_packed(0, x, r, beta, K.join_su(s, u), shift, bits, w0)
+            K.pc_message_packed(1, x, r, beta, K.join_su(s, u), shift, bits, w1)
+            K.pc_message_from_words(1, w0.copy(), r, beta, K.join_su(s, u), shift, bits, w1)
             assert K.check_words(w0, n * bits) == K.OK
             K.unpack_words(w0, np.empty(n * bits, np.int16))
             K.decide_packed(w0, w1, n, bits, np.empty(n, np.bool_))
@@ -342,6 +382,7 @@ _BOUNDS_SCRIPT = textwrap.dedent("""
     for size in (0, 1, 63, 64, 65, 1000):
         w = rng.integers(65000, 65536, size).astype(np.uint16)
         K.sample_words(w, 67, np.empty(size, np.int16), np.empty(size, np.int64))
+        K.redraw_words(w, 67, np.empty(size + 1, np.int16), np.arange(size, dtype=np.int64))
     import torch
     from secure_inference.mpc.protocols import drelu_kernels as DK
     for n in (0, 1, 7):

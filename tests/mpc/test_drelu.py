@@ -404,4 +404,27 @@ def test_word_reduction_kernel_matches_numpy_for_every_word():
         assert np.array_equal(out, (words % high).astype(np.int16))
         assert bad == 65536 - (65536 // high) * high
     with pytest.raises(ValueError):
-        K.reduce_words(words, 257, np.empty(65536, dtype=np.int16))
+        K.reduce_words(words, K.MAX_HIGH + 1, np.empty(65536, dtype=np.int16))
+
+
+@pytest.mark.parametrize("bits", [26, 64])
+def test_joint_compare_masks_give_the_same_message_on_every_path(bits):
+    """CompareRandomness holds s and u as one draw su; the torch path (other devices: s and u
+    derived from su) and the CPU kernels (su split inside them) give the same message."""
+    g = torch.Generator().manual_seed(bits)
+    n = 203
+    top = Z.all_ones(bits)
+    r = _rand_ring((n,), g) & top
+    beta = torch.randint(0, 2, (n,), generator=g)
+    xbits = torch.randint(0, 67, (n, bits), dtype=torch.int16, generator=g)
+    su = torch.randint(0, 66 * 67, (n, bits), dtype=torch.int16, generator=g)
+    su[0, :2] = torch.tensor([0, 66 * 67 - 1], dtype=torch.int16)
+    rnd = PC.CompareRandomness(su, torch.randint(0, bits, (n,), generator=g))
+    assert int(rnd.s.min()) >= 1 and int(rnd.s.max()) <= 66
+    assert int(rnd.u.min()) >= 0 and int(rnd.u.max()) <= 66
+    assert torch.equal((rnd.s - 1) * 67 + rnd.u, su.to(rnd.s.dtype))
+    for j in (0, 1):
+        want = Z._pack_zp_torch(D.private_compare_message(j, xbits, r, beta, rnd, bits))
+        assert torch.equal(D.private_compare_packed(j, xbits, r, beta, rnd, bits), want)
+        words = Z.checked_words(D.pack_zp(xbits), n * bits, "test")
+        assert torch.equal(PC.private_compare_from_words(j, words, r, beta, rnd, bits), want)

@@ -35,6 +35,7 @@ _SUB_BLOCK = 64             # words per vectorised step of the sampling kernel
 _DECIDE_ROWS = 320          # rows per block of the helper's kernels (a multiple of GROUP)
 
 OK, WORD_OUT_OF_RANGE, NONZERO_PADDING = 0, 1, 2
+MAX_HIGH = 1 << 15          # largest modulus of the 16-bit sampling (its values fit int16)
 
 # ⌊v/67⌋ = (v·M) >> 38 with M = ⌈2^38/67⌉ for every 0 ≤ v < 2^31: M·67 − 2^38 = e ≤ 66, so the
 # error v·e/(67·2^38) stays below 2^31·66/(67·2^38) < 1/67 — never reaching the next integer.
@@ -64,13 +65,30 @@ def _mod67_small(v):
     return v - ((v * np.int32(_M67_SMALL)) >> np.int32(_S67_SMALL)) * np.int32(P)
 
 
+SU_HIGH = 66 * P             # one draw holds both PrivateCompare masks: s − 1 and u
+
+
+@numba.njit(inline="always", **_NJ)
+def _split_su(v):
+    """(s, u) = (⌊v/67⌋ + 1, v mod 67) for 0 ≤ v < SU_HIGH (int32; SU_HIGH < SMALL_LIMIT, so
+    the multiply-shift quotient of :func:`_mod67_small` is exact)."""
+    q = (v * np.int32(_M67_SMALL)) >> np.int32(_S67_SMALL)
+    return q + np.int32(1), v - q * np.int32(P)
+
+
+def join_su(s: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The one draw (s − 1)·67 + u (int16) holding the PrivateCompare masks s ∈ [1, 66] and
+    u ∈ [0, 66]: uniform on [0, 66·67) exactly when s and u are independent and uniform."""
+    return ((s.astype(np.int32) - 1) * P + u.astype(np.int32)).astype(np.int16)
+
+
 def _check_high(high: int) -> None:
-    if not 2 <= high <= 256:
-        raise ValueError(f"high must be in [2, 256], got {high}")
+    if not 2 <= high <= MAX_HIGH:
+        raise ValueError(f"high must be in [2, {MAX_HIGH}], got {high}")
 
 
 def reduce_words(words: np.ndarray, high: int, out: np.ndarray) -> int:
-    """``out[i] = words[i] mod high`` (uint16 → int16, 2 ≤ high ≤ 256); returns how many
+    """``out[i] = words[i] mod high`` (uint16 → int16, 2 ≤ high ≤ 2^15); returns how many
     words lie at or above the largest multiple of ``high`` below 2^16 (the caller redraws
     those)."""
     _check_high(high)
@@ -79,7 +97,7 @@ def reduce_words(words: np.ndarray, high: int, out: np.ndarray) -> int:
 
 
 def sample_words(words: np.ndarray, high: int, out: np.ndarray, bad: np.ndarray) -> int:
-    """``out[i] = words[i] mod high`` (uint16 → int16, 2 ≤ high ≤ 256) and the positions i
+    """``out[i] = words[i] mod high`` (uint16 → int16, 2 ≤ high ≤ 2^15) and the positions i
     (ascending) of the words at or above the largest multiple of ``high`` below 2^16, the
     rejected ones, in ``bad[:count]`` (int64, at least ``words.size`` long); returns count."""
     _check_high(high)
@@ -123,6 +141,32 @@ def _sample_words(words, high, inv, limit, out, bad) -> int:
     return nbad
 
 
+def redraw_words(words: np.ndarray, high: int, out: np.ndarray, bad: np.ndarray) -> int:
+    """One round of redraws: ``out[bad[i]] = words[i] mod high`` for every rejected position
+    ``bad[i]`` (int64, ascending; one uint16 word each, in order); the positions whose new word
+    is rejected again are moved, still ascending, to the front of ``bad``; returns their
+    count."""
+    _check_high(high)
+    if words.size != bad.size:
+        raise ValueError("one word per rejected position")
+    if bad.size and (int(bad.min()) < 0 or int(bad.max()) >= out.size):
+        raise ValueError("rejected positions must lie inside out")
+    return _redraw_words(words, np.int64(high), np.int64((65536 // high) * high), out, bad)
+
+
+@numba.njit(**_NJ)
+def _redraw_words(words, high, limit, out, bad) -> int:
+    k = 0
+    for i in range(bad.size):
+        w = np.int64(words[i])
+        pos = bad[i]
+        out[pos] = np.int16(w % high)
+        if w >= limit:
+            bad[k] = pos
+            k += 1
+    return k
+
+
 @numba.njit(**_NJ)
 def _pack_group(buf, values, words) -> None:
     """Pack ``buf[:values]`` (zero padded to whole words) into ``words[:⌈values/5⌉]``."""
@@ -135,10 +179,11 @@ def _pack_group(buf, values, words) -> None:
 
 
 def pc_message_packed(j: int, xbits: np.ndarray, r: np.ndarray, beta: np.ndarray,
-                      s: np.ndarray, u: np.ndarray, shift: np.ndarray, bits: int,
+                      su: np.ndarray, shift: np.ndarray, bits: int,
                       words: np.ndarray) -> None:
     """Party ``j``'s PrivateCompare message for rows of (bit shares ``xbits`` [n, bits] mod 67,
-    public ``r`` [n], bits ``beta`` [n], masks ``s``, ``u`` [n, bits], rotations ``shift`` [n];
+    public ``r`` [n], bits ``beta`` [n], masks ``su`` [n, bits] (int16 in [0, 66·67), the
+    pair s = ⌊su/67⌋ + 1 ∈ [1, 66], u = su mod 67: :func:`join_su`), rotations ``shift`` [n];
     all C-contiguous) packed into ``words`` (int32, ⌈n·bits/5⌉). Same values as
     :func:`.private_compare.private_compare_message` followed by :func:`.zp.pack_zp`.
 
@@ -149,14 +194,14 @@ def pc_message_packed(j: int, xbits: np.ndarray, r: np.ndarray, beta: np.ndarray
     if not 1 <= bits <= 64:
         raise ValueError(f"bits must be in [1, 64], got {bits}")
     n = r.shape[0]
-    _check_pc_shapes(n, bits, s, u, words, beta, shift)
+    _check_pc_shapes(n, bits, su, words, beta, shift)
     if xbits.shape != (n, bits) or not xbits.flags.c_contiguous:
-        raise ValueError("xbits, s and u must be C-contiguous [n, bits] arrays")
-    _pc_dispatch(j, xbits, r, beta, s, u, shift, bits, words, packed=False)
+        raise ValueError("xbits and su must be C-contiguous [n, bits] arrays")
+    _pc_dispatch(j, xbits, r, beta, su, shift, bits, words, packed=False)
 
 
 def pc_message_from_words(j: int, xwords: np.ndarray, r: np.ndarray, beta: np.ndarray,
-                          s: np.ndarray, u: np.ndarray, shift: np.ndarray, bits: int,
+                          su: np.ndarray, shift: np.ndarray, bits: int,
                           words: np.ndarray) -> None:
     """:func:`pc_message_packed` with the bit shares given packed, as the helper deals them:
     ``xwords`` holds the [n, bits] values mod 67 five per int32 word (⌈n·bits/5⌉ words that
@@ -166,30 +211,29 @@ def pc_message_from_words(j: int, xwords: np.ndarray, r: np.ndarray, beta: np.nd
     if not 1 <= bits <= 64:
         raise ValueError(f"bits must be in [1, 64], got {bits}")
     n = r.shape[0]
-    _check_pc_shapes(n, bits, s, u, words, beta, shift)
+    _check_pc_shapes(n, bits, su, words, beta, shift)
     if xwords.shape != words.shape or xwords.dtype != np.int32:
         raise ValueError(f"xwords must hold {words.size} int32 words")
-    _pc_dispatch(j, xwords, r, beta, s, u, shift, bits, words, packed=True)
+    _pc_dispatch(j, xwords, r, beta, su, shift, bits, words, packed=True)
 
 
-def _check_pc_shapes(n: int, bits: int, s: np.ndarray, u: np.ndarray, words: np.ndarray,
+def _check_pc_shapes(n: int, bits: int, su: np.ndarray, words: np.ndarray,
                      beta: np.ndarray, shift: np.ndarray) -> None:
     if beta.shape != (n,) or shift.shape != (n,):
         raise ValueError(f"r, beta and shift must hold {n} values each")
-    for a in (s, u):
-        if a.shape != (n, bits) or not a.flags.c_contiguous:
-            raise ValueError("xbits, s and u must be C-contiguous [n, bits] arrays")
+    if su.shape != (n, bits) or not su.flags.c_contiguous or su.dtype != np.int16:
+        raise ValueError("xbits and su must be C-contiguous [n, bits] arrays (su: int16)")
     if words.size != -(-n * bits // GROUP):
         raise ValueError(f"words must hold {-(-n * bits // GROUP)} words, got {words.size}")
 
 
-def _pc_dispatch(j, x, r, beta, s, u, shift, bits, words, *, packed: bool) -> None:
+def _pc_dispatch(j, x, r, beta, su, shift, bits, words, *, packed: bool) -> None:
     n = r.shape[0]
     width = 16 if bits <= 16 else 32 if bits <= 32 else 64
     safe = max(0, (n * bits - width) // bits + 1) if n else 0   # rows whose wide reads fit
     safe -= safe % GROUP
     if safe:
-        _PC_PADDED[width, packed](j, x, r, beta, s, u, shift, bits, words, safe)
+        _PC_PADDED[width, packed](j, x, r, beta, su, shift, bits, words, safe)
     if safe < n:
         if packed:   # the tail's words start at a whole group of rows (safe is a multiple of 5)
             tail = np.empty((n - safe) * bits, dtype=np.int16)
@@ -197,8 +241,8 @@ def _pc_dispatch(j, x, r, beta, s, u, shift, bits, words, *, packed: bool) -> No
             x = tail.reshape(n - safe, bits)
         else:
             x = x[safe:]
-        _pc_exact(j, x, r[safe:], beta[safe:], s[safe:], u[safe:], shift[safe:],
-                  bits, words[safe * bits // GROUP:])
+        _pc_exact(j, x, r[safe:], beta[safe:], su[safe:], shift[safe:], bits,
+                  words[safe * bits // GROUP:])
 
 
 def _make_pc_padded(width: int, packed: bool):
@@ -208,13 +252,12 @@ def _make_pc_padded(width: int, packed: bool):
     the negative-index wrap-around on every access."""
 
     @numba.njit(**_NJ)
-    def pc_padded(j, xsrc, r, beta, s, u, shift, bits, words, safe):
+    def pc_padded(j, xsrc, r, beta, su, shift, bits, words, safe):
         top = np.int64(-1) if bits == 64 else (np.int64(1) << bits) - 1
         jj = np.int32(j)
         pos = np.int32(P * 66)
         xf = xsrc.reshape(-1)
-        sf = s.reshape(-1)
-        uf = u.reshape(-1)
+        suf = su.reshape(-1)
         cb = np.empty(width, dtype=np.int32)
         st = np.empty(width, dtype=np.int32)
         dd = np.zeros(2 * width, dtype=np.int32)
@@ -257,14 +300,12 @@ def _make_pc_padded(width: int, packed: bool):
                     raise ValueError("rotation offset out of range")
                 if j == 0:
                     for i in range(width):
-                        k = uo + np.uint64(i)
-                        dd[i] = _mod67_small(_mod67_small(cb[i]) * np.int32(sf[k])
-                                             + np.int32(uf[k]))
+                        sv, uv = _split_su(np.int32(suf[uo + np.uint64(i)]))
+                        dd[i] = _mod67_small(_mod67_small(cb[i]) * sv + uv)
                 else:
                     for i in range(width):
-                        k = uo + np.uint64(i)
-                        dd[i] = _mod67_small(_mod67_small(cb[i]) * np.int32(sf[k])
-                                             + (np.int32(P) - np.int32(uf[k])))
+                        sv, uv = _split_su(np.int32(suf[uo + np.uint64(i)]))
+                        dd[i] = _mod67_small(_mod67_small(cb[i]) * sv + (np.int32(P) - uv))
                 # rotation: position k of the row holds d[(k + off) mod bits]; the first run
                 # is copied ``width`` wide (what lands past position bits − off is overwritten
                 # by the second run, the next row, or lies past the group's values)
@@ -291,8 +332,7 @@ _PC_PADDED = {(w, packed): _make_pc_padded(w, packed) for w in (16, 32, 64)
 
 @numba.njit(**_NJ)
 def _pc_exact(j: int, xbits: np.ndarray, r: np.ndarray, beta: np.ndarray,
-              s: np.ndarray, u: np.ndarray, shift: np.ndarray, bits: int,
-              words: np.ndarray) -> None:
+              su: np.ndarray, shift: np.ndarray, bits: int, words: np.ndarray) -> None:
     """:func:`pc_message_packed` with loops of exactly ``bits`` values per row: party ``j``'s
     PrivateCompare message for rows of (bit shares ``xbits`` [n, bits] mod 67,
     public ``r`` [n], bits ``beta`` [n], masks ``s``, ``u`` [n, bits], rotations ``shift`` [n])
@@ -335,22 +375,21 @@ def _pc_exact(j: int, xbits: np.ndarray, r: np.ndarray, beta: np.ndarray,
             off = shift[row]
             if off < 0 or off >= bits:
                 raise ValueError("rotation offset out of range")
-            sr = s[row]
-            ur = u[row]
+            sur = su[row]
             # d_i = (s_i·c_i ± u_i) mod 67, written rotated: position k of the row holds
             # d[(k + off) mod bits], i.e. two contiguous runs (element-wise, vectorised)
             k = bits - off
             dst = buf[t * bits:t * bits + k]
-            ca, sa, ua = cb[off:], sr[off:], ur[off:]
+            ca, sua = cb[off:], sur[off:]
             for i in range(k):
-                ui = np.int32(ua[i])
+                si, ui = _split_su(np.int32(sua[i]))
                 mask = ui if j == 0 else np.int32(P) - ui
-                dst[i] = _mod67_small(_mod67_small(ca[i]) * np.int32(sa[i]) + mask)
+                dst[i] = _mod67_small(_mod67_small(ca[i]) * si + mask)
             dst = buf[t * bits + k:(t + 1) * bits]
             for i in range(off):
-                ui = np.int32(ur[i])
+                si, ui = _split_su(np.int32(sur[i]))
                 mask = ui if j == 0 else np.int32(P) - ui
-                dst[i] = _mod67_small(_mod67_small(cb[i]) * np.int32(sr[i]) + mask)
+                dst[i] = _mod67_small(_mod67_small(cb[i]) * si + mask)
         base = (g0 // GROUP) * bits
         _pack_group(buf, rows * bits, words[base:base + bits])
 
@@ -475,10 +514,12 @@ def warm_up() -> None:
     i64 = np.zeros(n, dtype=np.int64)
     words = np.zeros(2, dtype=np.int32)
     reduce_words(np.zeros(4, dtype=np.uint16), 67, np.zeros(4, dtype=np.int16))
-    pc_message_packed(0, i16, i64, i64, i16, i16, i64, bits, words)
-    pc_message_from_words(1, np.zeros(2, dtype=np.int32), i64, i64, i16, i16, i64, bits, words)
+    redraw_words(np.zeros(1, dtype=np.uint16), 67, np.zeros(4, dtype=np.int16),
+                 np.zeros(1, dtype=np.int64))
+    pc_message_packed(0, i16, i64, i64, i16, i64, bits, words)
+    pc_message_from_words(1, np.zeros(2, dtype=np.int32), i64, i64, i16, i64, bits, words)
     for (_, packed), kernel in _PC_PADDED.items():
-        kernel(0, words if packed else i16, i64, i64, i16, i16, i64, bits, words, 0)
+        kernel(0, words if packed else i16, i64, i64, i16, i64, bits, words, 0)
     check_words(words, n * bits)
     unpack_words(words, np.zeros(n * bits, dtype=np.int16))
     pack_values(np.zeros(n * bits, dtype=np.int16), words)

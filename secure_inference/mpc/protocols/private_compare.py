@@ -57,19 +57,40 @@ def plain_private_compare(x: torch.Tensor, r: torch.Tensor, beta: torch.Tensor,
 
 @dataclass
 class CompareRandomness:
-    """The P0–P1 common randomness of one batched PrivateCompare."""
+    """The P0–P1 common randomness of one batched PrivateCompare: per compared bit the
+    multiplier s ∈ [1, 66] and the re-randomiser u ∈ [0, 66], drawn together as one value
+    su = (s − 1)·67 + u uniform on [0, 66·67) (one 16-bit word of the stream for both:
+    exactly uniform and independent, as two draws would be, at half the keystream), and a
+    rotation per row."""
 
-    s: torch.Tensor      # [n, ℓ] uniform in 1..66
-    u: torch.Tensor      # [n, ℓ] uniform in 0..66
+    su: torch.Tensor     # [n, ℓ] int16 uniform in 0..66·67−1
     shift: torch.Tensor  # [n] rotation offsets in 0..ℓ−1
+
+    @property
+    def s(self) -> torch.Tensor:
+        """[n, ℓ] uniform in 1..66."""
+        return torch.div(self.su, P, rounding_mode="floor") + 1
+
+    @property
+    def u(self) -> torch.Tensor:
+        """[n, ℓ] uniform in 0..66."""
+        return torch.remainder(self.su, P)
 
 
 def compare_randomness(party: Party, other: int, n: int, bits: int,
                         tag: str) -> CompareRandomness:
-    s = pair_small(party, other, n * bits, P - 1, f"{tag}.s").view(n, bits).add_(1)
-    u = pair_small(party, other, n * bits, P, f"{tag}.u").view(n, bits)
+    su = pair_small(party, other, n * bits, K.SU_HIGH, f"{tag}.su").view(n, bits)
     shift = pair_small(party, other, n, bits, f"{tag}.shift").to(torch.int64)
-    return CompareRandomness(s, u, shift)
+    return CompareRandomness(su, shift)
+
+
+def _su_array(rnd: CompareRandomness | Any) -> np.ndarray:
+    """The joint masks as the CPU kernels take them (from ``rnd.su``, or from separate ``s``
+    and ``u`` as a plain reference object holds them)."""
+    su = getattr(rnd, "su", None)
+    if su is None:
+        return K.join_su(rnd.s.cpu().numpy(), rnd.u.cpu().numpy())
+    return su.to(torch.int16).contiguous().numpy()
 
 
 def private_compare_message(role: int, xbits: torch.Tensor, r: torch.Tensor, beta: torch.Tensor,
@@ -85,9 +106,10 @@ def private_compare_message(role: int, xbits: torch.Tensor, r: torch.Tensor, bet
     out = torch.empty((n, bits), dtype=torch.int16, device=r.device)
     beta = beta.reshape(n)
     chunk = _PC_CHUNK if r.device.type == "cpu" else _PC_CHUNK_DEVICE
+    s_all, u_all = rnd.s, rnd.u   # (computed once: on CompareRandomness they are derived)
     for a in range(0, n, chunk):  # row blocks keep the working set in cache (or few launches)
         b = min(n, a + chunk)
-        out[a:b] = _pc_rows(int(role), xbits[a:b], r[a:b], beta[a:b], rnd.s[a:b], rnd.u[a:b],
+        out[a:b] = _pc_rows(int(role), xbits[a:b], r[a:b], beta[a:b], s_all[a:b], u_all[a:b],
                             rnd.shift[a:b], bits)
     return out
 
@@ -132,9 +154,8 @@ def private_compare_packed(role: int, xbits: torch.Tensor, r: torch.Tensor, beta
     words = np.empty(-(-n * bits // _ZP_GROUP), dtype=np.int32)   # every word is written
     K.pc_message_packed(int(role), xbits.to(torch.int16).contiguous().numpy(),
                         r.reshape(n).contiguous().numpy(), beta.reshape(n).contiguous().numpy(),
-                        rnd.s.to(torch.int16).contiguous().numpy(),
-                        rnd.u.to(torch.int16).contiguous().numpy(),
-                        rnd.shift.to(torch.int64).contiguous().numpy(), int(bits), words)
+                        _su_array(rnd), rnd.shift.to(torch.int64).contiguous().numpy(),
+                        int(bits), words)
     return torch.from_numpy(words).view(torch.uint8)
 
 
@@ -147,9 +168,7 @@ def private_compare_from_words(role: int, xwords: np.ndarray, r: torch.Tensor,
     n = r.numel()
     words = np.empty(-(-n * bits // _ZP_GROUP), dtype=np.int32)   # every word is written
     K.pc_message_from_words(int(role), xwords, r.reshape(n).contiguous().numpy(),
-                            beta.reshape(n).contiguous().numpy(),
-                            rnd.s.to(torch.int16).contiguous().numpy(),
-                            rnd.u.to(torch.int16).contiguous().numpy(),
+                            beta.reshape(n).contiguous().numpy(), _su_array(rnd),
                             rnd.shift.to(torch.int64).contiguous().numpy(), int(bits), words)
     return torch.from_numpy(words).view(torch.uint8)
 
