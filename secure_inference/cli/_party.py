@@ -77,7 +77,7 @@ class UserError(Exception):
 
 def user_message(exc: BaseException) -> str | None:
     """One line naming the cause (and fix) of a user-facing error, or None for a bug."""
-    from secure_inference.mpc.transport import ProtocolError
+    from secure_inference.mpc.errors import ProtocolError
     if isinstance(exc, (UserError, ProtocolError)):
         return str(exc)
     from ._mmlab import missing_mmlab
@@ -202,7 +202,8 @@ def connect(role: int, cfg: dict[str, Any]):
     from secure_inference.mpc.harness import warm_up
     from secure_inference.mpc.runtime import Party
     from secure_inference.mpc.session_config import SessionConfigError, party_addresses
-    from secure_inference.mpc.transport import connect_links, listen
+    from secure_inference.mpc.transport.addresses import listen
+    from secure_inference.mpc.transport.connect import connect_links
     try:
         addresses = party_addresses(cfg)
     except SessionConfigError as exc:

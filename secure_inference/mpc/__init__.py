@@ -7,8 +7,8 @@ in-memory links) or :func:`run_local_processes`; protocols live in
 :mod:`secure_inference.mpc.protocols`.
 """
 from .ring import DEFAULT_FRAC_BITS, decode, encode, truncate_share
-from .runtime import (ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, CommStats, Party, ProtocolError,
-                      merge_stats)
+from .errors import ProtocolError
+from .runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, CommStats, Party, merge_stats
 from .harness import run_in_process, run_local_processes
 
 __all__ = ["DEFAULT_FRAC_BITS", "decode", "encode", "truncate_share", "ROLE_CLIENT",

@@ -1,6 +1,6 @@
 """A private CA and one certificate per party for mutually authenticated TLS 1.3 links.
 
-Two ways to get the files that :meth:`transport.TLSConfig.from_dir` loads (``ca.pem``,
+Two ways to get the files that :meth:`transport.tls.TLSConfig.from_dir` loads (``ca.pem``,
 ``<role>.pem`` and ``<role>.key`` in each party's folder):
 
 **Certificate requests (multi-host; recommended).** No private key ever leaves the machine it
@@ -19,7 +19,7 @@ was made on:
 parties' keys and certificates into one folder. Whoever runs it holds every key and can
 impersonate any party, so use it only where one person runs all three parties anyway.
 
-Each party certificate carries the party's common name (:func:`transport.party_common_name`,
+Each party certificate carries the party's common name (:func:`transport.tls.party_common_name`,
 checked against the role a peer claims), its hostnames/IP addresses as subjectAltNames (checked
 by the dialling side), and both TLS client and server usages, since a party dials some peers
 and accepts others. Both modes issue certificates with the same function, so the two are
@@ -42,7 +42,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .transport import PARTY_NAMES, party_common_name
+from .session import PARTY_NAMES
+from .transport.tls import party_common_name
 
 ROLE_BY_NAME: dict[str, int] = {name: role for role, name in PARTY_NAMES.items()}
 _LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
@@ -344,7 +345,7 @@ def check_request(csr: x509.CertificateSigningRequest, expected_role: int | None
 
     Refused (``ValueError``): a signature that does not verify (the request was altered or not
     made with the key it carries), a subject other than exactly one party common name
-    (:func:`transport.party_common_name`, the name the runtime checks), a role other than
+    (:func:`transport.tls.party_common_name`, the name the runtime checks), a role other than
     ``expected_role`` when given, a missing subjectAltName or one with entries other than valid
     DNS names and IP addresses, and keys other than EC P-256/P-384 or RSA of 2048+ bits.
     Other requested extensions are ignored: the signer sets its own.

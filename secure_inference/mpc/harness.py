@@ -22,8 +22,12 @@ from cryptography.hazmat.primitives import serialization
 
 from .prg import CIPHERS, DEFAULT_CIPHER, KEY_BYTES
 from .ring import DEFAULT_FRAC_BITS
-from .transport import (DEFAULT_MAX_FRAME, Link, ProtocolError, QueueLink, TLSConfig,
-                        connect_links, listen)
+from .errors import ProtocolError
+from .transport.addresses import listen
+from .transport.connect import connect_links
+from .transport.frames import DEFAULT_MAX_FRAME
+from .transport.link import Link, QueueLink
+from .transport.tls import TLSConfig
 
 from .protocols import compare_kernels
 from .runtime import DEFAULT_TIMEOUT, Party, PartyView

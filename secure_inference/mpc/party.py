@@ -33,7 +33,8 @@ from .settings import DReLUConfig
 from .ring import decode, encode
 from .session import SCOPE_HEADER, SCOPE_OUTPUT, SCOPE_PREPROCESS, SCOPE_REPORT, SCOPE_SETUP
 from .stats import CommStats, ScopeStats
-from .runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party, ProtocolError
+from .errors import ProtocolError
+from .runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party
 
 
 __all__ = ["run_party", "check_program", "gather_results", "run_layer", "layer_drelus",

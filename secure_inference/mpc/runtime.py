@@ -6,7 +6,7 @@ Z_2^64 (int64 tensors); the helper holds no data: where a function takes or retu
 passes/gets a *shape-only* tensor (``device='meta'``, see :meth:`Party.placeholder`) so every
 party runs the same shape logic. Fixed point: x_real ≈ x_int / 2^frac_bits.
 
-A :class:`Party` sends and receives checked frames (:mod:`.transport`), draws pairwise
+A :class:`Party` sends and receives checked frames (:mod:`.transport.frames`), draws pairwise
 correlated randomness (AES-CTR or ChaCha20 under keys agreed at session start, :mod:`.prg`;
 the session's ``prg`` setting) and private randomness, and counts every byte and round per
 scope.
@@ -43,9 +43,14 @@ from .ring import DEFAULT_FRAC_BITS
 from .settings import EXACT, DReLUConfig
 from .session import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, ROLES, SCOPE_KEYS, Role
 from .stats import CommStats, ScopeStats, merge_stats
-from .transport import DEFAULT_MAX_FRAME, Link, ProtocolError, decode_frame, scope_hash
+from .errors import ProtocolError
+from .transport.frames import DEFAULT_MAX_FRAME, decode_frame, scope_hash
+from .transport.link import Link
 
 DEFAULT_TIMEOUT = 60.0
+
+# ProtocolError's home is .errors; it stays importable from here until its last importers
+# (tests/mpc/test_drelu.py, benchmark/mpc/hostile_memory.py) import it from there.
 
 __all__ = ["Role", "ROLE_CLIENT", "ROLE_SERVER", "ROLE_HELPER", "ROLES", "Party",
            "ProtocolError", "ScopeStats", "CommStats", "merge_stats", "DEFAULT_TIMEOUT",

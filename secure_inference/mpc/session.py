@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-__all__ = ["Role", "ROLE_CLIENT", "ROLE_SERVER", "ROLE_HELPER", "ROLES", "PARTY_KEYS",
+__all__ = ["Role", "ROLE_CLIENT", "ROLE_SERVER", "ROLE_HELPER", "ROLES", "PARTY_KEYS", "PARTY_NAMES",
            "SCOPE_KEYS", "SCOPE_HEADER", "SCOPE_SETUP", "SCOPE_PREPROCESS", "SCOPE_OUTPUT",
            "SCOPE_REPORT"]
 
@@ -33,6 +33,7 @@ class Role(IntEnum):
 ROLE_CLIENT, ROLE_SERVER, ROLE_HELPER = Role.CLIENT, Role.SERVER, Role.HELPER
 ROLES = (ROLE_CLIENT, ROLE_SERVER, ROLE_HELPER)
 PARTY_KEYS = tuple(r.key for r in ROLES)        # ("client", "server", "helper")
+PARTY_NAMES = {int(r): r.key for r in ROLES}    # role number -> name (messages, TLS files)
 
 SCOPE_KEYS = "session-keys"     # pair-key agreement at session start
 SCOPE_HEADER = "header"         # program fingerprint and settings, batch sizes, ready barrier

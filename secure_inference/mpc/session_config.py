@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .session import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER
-from .transport import TLSConfig
+from .transport.tls import TLSConfig
 
 KEYS = ("model", "spec", "input_shape", "cfg_options", "server", "helper", "client", "certs",
         "plaintext", "frac_bits", "drelu_bits", "drop_bits", "drelu_width", "drelu_margin",

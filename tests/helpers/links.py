@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-from secure_inference.mpc.transport import connect_links
+from secure_inference.mpc.transport.connect import connect_links
 
 
 def connect_three(addresses: dict, listeners: dict, tls_for: Callable[[int], Any],

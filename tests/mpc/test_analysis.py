@@ -72,7 +72,7 @@ def test_server_checks_every_layers_weights_before_the_session_starts():
     (security review: checked layer by layer, a failure told the client which layer)."""
     from secure_inference.mpc.harness import run_in_process
     from secure_inference.mpc.party import run_party
-    from secure_inference.mpc.runtime import ProtocolError
+    from secure_inference.mpc.errors import ProtocolError
     from secure_inference.mpc.session import SCOPE_HEADER
     model = _net()
     with torch.no_grad():

@@ -18,7 +18,7 @@ from secure_inference.mpc.harness import run_in_process
 from secure_inference.mpc.local import run_local
 from secure_inference.mpc.party import run_party
 from secure_inference.mpc.protocols import drelu as D
-from secure_inference.mpc.runtime import ProtocolError
+from secure_inference.mpc.errors import ProtocolError
 from secure_inference.mpc.trace import assign_widths
 from secure_inference.spec import BlockSpec
 from secure_inference.widths import (RANGE_SLACK_UNITS, Calibration, CalibrationError,

@@ -17,8 +17,9 @@ from cryptography.x509.oid import NameOID
 
 from helpers.links import connect_three
 from secure_inference.mpc import certs
-from secure_inference.mpc.transport import (PARTY_NAMES, TLSConfig, listen,
-                                            party_common_name)
+from secure_inference.mpc.session import PARTY_NAMES
+from secure_inference.mpc.transport.addresses import listen
+from secure_inference.mpc.transport.tls import TLSConfig, party_common_name
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "research" / "secure_inference" / "make_certificates.py"

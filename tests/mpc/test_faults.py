@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from secure_inference.mpc.compile import compile_model
-from secure_inference.mpc.runtime import ProtocolError
+from secure_inference.mpc.errors import ProtocolError
 from secure_inference.mpc.harness import FAULT_PHASES, run_local_processes
 
 from helpers import mpc_process_fns as fns

@@ -22,10 +22,15 @@ from secure_inference.mpc.certs import create_certificates
 from secure_inference.mpc.compile import compile_model
 from secure_inference.mpc.local import run_program
 from secure_inference.mpc.party import HEADER_SCOPE, SessionLimits, _announce_batches, run_party
-from secure_inference.mpc.runtime import Party, ProtocolError
+from secure_inference.mpc.errors import ProtocolError
+from secure_inference.mpc.runtime import Party
 from secure_inference.mpc.harness import run_in_process
-from secure_inference.mpc.transport import (PARTY_NAMES, SocketLink, TLSConfig, connect_links,
-                                            encode_frame, listen, scope_hash)
+from secure_inference.mpc.session import PARTY_NAMES
+from secure_inference.mpc.transport.addresses import listen
+from secure_inference.mpc.transport.connect import connect_links
+from secure_inference.mpc.transport.frames import encode_frame, scope_hash
+from secure_inference.mpc.transport.socket_link import SocketLink
+from secure_inference.mpc.transport.tls import TLSConfig
 
 HOSTS = {r: ["localhost", "127.0.0.1"] for r in range(3)}
 HELLO = struct.Struct("<8sB")

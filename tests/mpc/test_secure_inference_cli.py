@@ -17,7 +17,7 @@ import torch
 import secure_inference as si
 from secure_inference.mpc.compile import compile_model
 from secure_inference.mpc.party import check_program, run_party
-from secure_inference.mpc.runtime import ProtocolError
+from secure_inference.mpc.errors import ProtocolError
 from secure_inference.mpc.harness import run_in_process
 
 from helpers.reference_models import mixed_spec, randomize_bn

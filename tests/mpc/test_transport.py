@@ -12,10 +12,14 @@ import torch
 
 from secure_inference.mpc.certs import create_certificates
 from secure_inference.mpc.ring import decode, encode
-from secure_inference.mpc.runtime import ProtocolError, merge_stats
+from secure_inference.mpc.errors import ProtocolError
+from secure_inference.mpc.runtime import merge_stats
 from secure_inference.mpc.harness import run_in_process, run_local_processes
-from secure_inference.mpc.transport import (SocketLink, TLSConfig, connect_links, decode_frame,
-                                            encode_frame, listen, scope_hash, split_prefix)
+from secure_inference.mpc.transport.addresses import listen
+from secure_inference.mpc.transport.connect import connect_links
+from secure_inference.mpc.transport.frames import decode_frame, encode_frame, scope_hash, split_prefix
+from secure_inference.mpc.transport.socket_link import SocketLink
+from secure_inference.mpc.transport.tls import TLSConfig
 
 from helpers import mpc_process_fns as fns
 from helpers.links import connect_three

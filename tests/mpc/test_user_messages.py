@@ -12,7 +12,7 @@ import torchvision
 
 from secure_inference.checkpoints import ModelLoadError, read_checkpoint
 from secure_inference.models import build_named_model, load_model, split_model_arguments
-from secure_inference.mpc.transport import TLSConfig
+from secure_inference.mpc.transport.tls import TLSConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,136 @@
+"""The per-connection handshake: TLS (if any) and the hello that names each side's role.
+
+The dialler sends its hello first; the listener answers only once it has accepted the dialler
+(certificate, role). :func:`dial_handshake` is the dialling side (errors are
+:class:`~secure_inference.mpc.errors.ProtocolError`), :func:`admit_connection` the listening side
+(a connection that is not an expected, authenticated party is :class:`Refused`).
+"""
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import time
+
+from ..errors import ProtocolError
+from ..session import PARTY_NAMES
+from .tls import TLSConfig, peer_role_from_cert
+
+__all__ = ["dial_handshake", "admit_connection", "Refused"]
+
+_HELLO = struct.Struct("<8sB")
+_HELLO_MAGIC = b"SI-HELLO"
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """Exactly ``n`` bytes; with ``deadline`` (monotonic) the whole read is bounded by it."""
+    data = b""
+    while len(data) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            sock.settimeout(left)
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ProtocolError("connection closed during the hello")
+        data += chunk
+    return data
+
+
+def dial_handshake(sock: socket.socket, me: int, expected: int, tls: TLSConfig | None,
+            host: str) -> tuple[socket.socket, int]:
+    """Dialling side: TLS handshake (if any) and hello; returns the socket and the peer role.
+
+    The dialler sends its hello first; the listener answers only once it has accepted the
+    dialler (certificate, role), so a connection closed here means the listener refused us.
+    """
+    if tls is not None:
+        try:
+            sock = tls.context(False).wrap_socket(sock, server_hostname=host)
+        except ssl.SSLCertVerificationError as exc:
+            raise ProtocolError(f"party {me}: TLS certificate of the peer at {host} was refused: "
+                                f"{exc.verify_message} (is it signed by this session's CA, and "
+                                "does its SAN list name this host?)") from exc
+        except (socket.timeout, TimeoutError) as exc:
+            raise ProtocolError(f"party {me}: the program at {host} accepted the connection "
+                                f"but did not complete a TLS handshake in time: it is probably "
+                                f"not party {expected} (another program may hold that port: "
+                                "check the address, or whether the port is in use there)") \
+                from exc
+        except (ssl.SSLError, OSError) as exc:
+            raise ProtocolError(f"party {me}: TLS handshake with {host} failed: {exc} (the peer "
+                                "may have refused our certificate: both sides need certificates "
+                                "from the same CA; or the program there is not party "
+                                f"{expected})") from exc
+    try:
+        sock.sendall(_HELLO.pack(_HELLO_MAGIC, me))
+        magic, peer = _HELLO.unpack(_recv_exact(sock, _HELLO.size))
+    except ProtocolError as exc:
+        raise ProtocolError(f"party {me}: party {expected} at {host} closed the connection "
+                            "during the hello: it refused this party (our certificate names "
+                            "another party or comes from another CA, or it does not expect "
+                            f"party {me}); its log says why") from exc
+    except ssl.SSLError as exc:
+        raise ProtocolError(f"party {me}: TLS failed after the handshake with {host}: {exc} "
+                            "(the peer refused our certificate?)") from exc
+    except OSError as exc:
+        raise ProtocolError(f"party {me}: hello with {host} failed: {exc}") from exc
+    if magic != _HELLO_MAGIC or peer not in PARTY_NAMES:
+        raise ProtocolError(f"party {me}: peer at {host} is not a secure-inference party")
+    if peer != expected:
+        raise ProtocolError(f"party {me}: expected party {expected} at {host}, it says {peer}")
+    if tls is not None and peer_role_from_cert(sock) != peer:
+        raise ProtocolError(f"party {me}: peer says it is party {peer} but its certificate "
+                            "belongs to another party")
+    return sock, peer
+
+
+class Refused(Exception):
+    """An incoming connection that is not an expected, authenticated party (dropped)."""
+
+
+def admit_connection(raw: socket.socket, me: int, wanted: set[int], ctx: ssl.SSLContext | None,
+           limit: float) -> tuple[socket.socket, int]:
+    """Listening side, one incoming connection: TLS handshake (if any), the dialler's hello,
+    checks, then our hello; all within ``limit`` seconds. Raises :class:`Refused`."""
+    deadline = time.monotonic() + limit
+    sock = raw
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.settimeout(limit)
+        if ctx is not None:
+            sock = ctx.wrap_socket(raw, server_side=True)  # the socket timeout bounds it all
+        magic, peer = _HELLO.unpack(_recv_exact(sock, _HELLO.size, deadline))
+        if magic != _HELLO_MAGIC or peer not in PARTY_NAMES:
+            raise Refused("not a secure-inference party (bad hello)")
+        if peer not in wanted:
+            raise Refused(f"says it is party {peer}, but party {me} accepts only parties "
+                           f"{sorted(wanted)}")
+        if ctx is not None:
+            try:
+                cert_role = peer_role_from_cert(sock)
+            except ProtocolError as exc:
+                raise Refused(str(exc)) from None
+            if cert_role != peer:
+                raise Refused(f"says it is party {peer} but its certificate belongs to party "
+                               f"{cert_role}")
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.sendall(_HELLO.pack(_HELLO_MAGIC, me))
+        return sock, peer
+    except BaseException as exc:
+        try:
+            sock.close()
+        except OSError:
+            pass
+        if isinstance(exc, Refused):
+            raise
+        if isinstance(exc, (socket.timeout, TimeoutError)) or time.monotonic() >= deadline:
+            raise Refused(f"no complete TLS handshake and hello within {limit:g} s "
+                           "(silent or too slow)") from None
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            raise Refused(f"TLS certificate refused: {exc.verify_message} (not signed by this "
+                           "session's CA?)") from None
+        if isinstance(exc, (ssl.SSLError, OSError, ProtocolError)):
+            raise Refused(f"TLS handshake or hello failed: {exc}") from None
+        raise
