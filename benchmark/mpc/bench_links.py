@@ -65,7 +65,7 @@ def _raw_member(role: int, ports: list[int], size: int, frame: int, out,
     for s in (send, recv):
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if certs is not None:   # the parties' own TLS contexts, no framing or I/O threads
-        from secure_inference.mpc.transport import TLSConfig
+        from secure_inference.mpc.transport.tls import TLSConfig
         import concurrent.futures
         tls = TLSConfig.from_dir(certs, role)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:   # both handshakes at once:

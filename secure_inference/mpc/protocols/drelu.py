@@ -96,7 +96,7 @@ import torch
 from ... import wire_costs
 from ..runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party
 from ..settings import EXACT, DReLUConfig
-from ..transport import ProtocolError
+from ..errors import ProtocolError
 from . import drelu_kernels as DK
 from .pair_random import pair_bits, pair_ring, pair_small
 from .private_compare import (bit_decompose, compare_randomness, deal_corrections,

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import torch
 
-from ..transport import ProtocolError
+from ..errors import ProtocolError
 from . import compare_kernels as K
 
 __all__ = ["P", "BLOCK", "zp_packed_bytes", "pack_zp", "unpack_zp", "checked_words",
