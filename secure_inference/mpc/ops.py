@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from ..brelu import BlockReLU
+from .protocols import activations as A
 from .protocols import relu as R
-from .protocols.linear import (add, add_public, concat, conv2d, conv_op, linear, linear_op,
+from .protocols.linear import (add, add_public, concat, conv2d, conv_op, linear, linear_op, mul,
                                mul_public, sub, truncate)
+from .protocols.pwl import PiecewiseLinear, approximation, clamp_pwl, hardsigmoid_pwl
 from .protocols.pooling import avg_pool2d, global_avg_pool2d
 from .ring import encode, is_power_of_two, reciprocal_fixed
 from .runtime import ROLE_SERVER, Party
@@ -316,12 +318,16 @@ class MaxPool(Op):
         a = layer.attrs
         return a["kernel_size"], a["stride"], a["padding"]
 
+    @staticmethod
+    def _ceil(layer) -> bool:
+        return bool(layer.attrs.get("ceil_mode", False))
+
     def run_float(self, layer, ins, weights, flips):
-        return F.max_pool2d(ins[0], *self._args(layer))
+        return F.max_pool2d(ins[0], *self._args(layer), ceil_mode=self._ceil(layer))
 
     def run_secure(self, party, layer, ins, weights, pre):
         return R.max_pool2d(party, ins[0], *self._args(layer), layer_drelu_config(layer),
-                            scope=layer.name)
+                            scope=layer.name, ceil_mode=self._ceil(layer))
 
     def drelus(self, layer, shape):
         k = layer.attrs["kernel_size"]
@@ -331,13 +337,41 @@ class MaxPool(Op):
         # every comparison of the tree is a − b for a, b in one window: |a − b| ≤ max − min
         # (padding positions repeat a valid element of their window, see max_pool_plan)
         k, st, pad = self._args(layer)
-        x = ins[0]
-        hi = F.max_pool2d(x, k, st, pad)
-        lo = -F.max_pool2d(-x, k, st, pad)
+        x, ceil = ins[0], self._ceil(layer)
+        hi = F.max_pool2d(x, k, st, pad, ceil_mode=ceil)
+        lo = -F.max_pool2d(-x, k, st, pad, ceil_mode=ceil)
         return hi - lo
 
     def error_var(self, layer, ins, v_in, y, weights, ctx):
-        _, arg = F.max_pool2d(ins[0], *self._args(layer), return_indices=True)
+        _, arg = F.max_pool2d(ins[0], *self._args(layer), ceil_mode=self._ceil(layer),
+                              return_indices=True)
+        return v_in[0].flatten(2).gather(2, arg.flatten(2)).reshape(y.shape)
+
+
+@register
+class AdaptiveMaxPool(Op):
+    """F.adaptive_max_pool2d to any output size: a max over public, possibly overlapping
+    windows (``window``: the largest window, which fixes the comparison tree)."""
+
+    name = "adaptive_max_pool"
+
+    def run_float(self, layer, ins, weights, flips):
+        return F.adaptive_max_pool2d(ins[0], layer.attrs["output_size"])
+
+    def run_secure(self, party, layer, ins, weights, pre):
+        return R.adaptive_max_pool2d(party, ins[0], layer.attrs["output_size"],
+                                     layer_drelu_config(layer), scope=layer.name)
+
+    def drelus(self, layer, shape):
+        kh, kw = layer.attrs["window"]
+        return sum(R.max_pool_comparisons(kh * kw)) * math.prod(shape)
+
+    def comparison_inputs(self, layer, ins):
+        size = layer.attrs["output_size"]
+        return F.adaptive_max_pool2d(ins[0], size) + F.adaptive_max_pool2d(-ins[0], size)
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        _, arg = F.adaptive_max_pool2d(ins[0], layer.attrs["output_size"], return_indices=True)
         return v_in[0].flatten(2).gather(2, arg.flatten(2)).reshape(y.shape)
 
 
@@ -461,13 +495,13 @@ class Concat(_LocalOp):
     name = "concat"
 
     def run_float(self, layer, ins, weights, flips):
-        return torch.cat(ins, dim=1)
+        return torch.cat(ins, dim=layer.attrs.get("dim", 1))
 
     def local(self, party, layer, ins):
-        return concat(ins, dim=1)
+        return concat(ins, dim=layer.attrs.get("dim", 1))
 
     def error_var(self, layer, ins, v_in, y, weights, ctx):
-        return torch.cat(v_in, dim=1)
+        return torch.cat(v_in, dim=layer.attrs.get("dim", 1))
 
 
 @register
@@ -555,3 +589,212 @@ class Resize(_LocalOp):
             out.append(y * 2.0 ** (2 * frac_bits))
         return out
 
+
+
+# --------------------------------------------------------------------------------------------
+# Data movement on shares (local, no communication): any reshape, permutation or slice that
+# keeps the batch dimension first
+# --------------------------------------------------------------------------------------------
+
+@register
+class Reshape(_LocalOp):
+    """x.reshape(N, *shape) (view, reshape, flatten, squeeze, unsqueeze)."""
+
+    name = "reshape"
+
+    def _apply(self, layer, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], *layer.attrs["shape"])
+
+    def run_float(self, layer, ins, weights, flips):
+        return self._apply(layer, ins[0])
+
+    def local(self, party, layer, ins):
+        return self._apply(layer, ins[0])
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        return self._apply(layer, v_in[0])
+
+
+@register
+class Permute(_LocalOp):
+    """x.permute(dims) with dims[0] = 0 (permute, transpose)."""
+
+    name = "permute"
+
+    def _apply(self, layer, x: Tensor) -> Tensor:
+        return x.permute(*layer.attrs["dims"]).contiguous()
+
+    def run_float(self, layer, ins, weights, flips):
+        return self._apply(layer, ins[0])
+
+    def local(self, party, layer, ins):
+        return self._apply(layer, ins[0])
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        return self._apply(layer, v_in[0])
+
+
+@register
+class Slice(_LocalOp):
+    """x.narrow(dim, start, length) for dim ≥ 1 (one piece of chunk, split)."""
+
+    name = "slice"
+
+    def _apply(self, layer, x: Tensor) -> Tensor:
+        a = layer.attrs
+        return x.narrow(a["dim"], a["start"], a["length"]).contiguous()
+
+    def run_float(self, layer, ins, weights, flips):
+        return self._apply(layer, ins[0])
+
+    def local(self, party, layer, ins):
+        return self._apply(layer, ins[0])
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        return self._apply(layer, v_in[0])
+
+
+# --------------------------------------------------------------------------------------------
+# The product of two shared tensors and the activations beyond ReLU
+# --------------------------------------------------------------------------------------------
+
+@register
+class Mul(Op):
+    """x ⊙ y for two image-dependent tensors (broadcasting, e.g. a squeeze-excitation gate
+    [N, C, 1, 1] against its [N, C, H, W] input): one Beaver product (:func:`.linear.mul`,
+    1 round, 8·|out| + 16·(|x| + |y|) bytes) and a local truncation."""
+
+    name = "mul"
+
+    def run_float(self, layer, ins, weights, flips):
+        return ins[0] * ins[1]
+
+    def run_secure(self, party, layer, ins, weights, pre):
+        return mul(party, ins[0], ins[1], scope=layer.name)
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        x, z = ins
+        return v_in[0] * z * z + v_in[1] * x * x + ctx.v_trunc
+
+    def truncated(self, layer, ins, y, weights, frac_bits):
+        return [y * 2.0 ** (2 * frac_bits)]
+
+
+class _PiecewiseLinearOp(Op):
+    """An activation evaluated as a public piecewise-linear table by
+    :func:`.activations.piecewise_linear` (k DReLUs per element, 3 rounds)."""
+
+    def table(self, layer) -> PiecewiseLinear:
+        raise NotImplementedError
+
+    def run_float(self, layer, ins, weights, flips):
+        return self.table(layer)(ins[0])
+
+    def run_secure(self, party, layer, ins, weights, pre):
+        return A.piecewise_linear(party, ins[0], self.table(layer), layer_drelu_config(layer),
+                                  scope=layer.name)
+
+    def drelus(self, layer, shape):
+        return len(self.table(layer).knots) * math.prod(shape)
+
+    def comparison_inputs(self, layer, ins):
+        knots = torch.tensor(self.table(layer).knots, dtype=ins[0].dtype)
+        return ins[0].reshape(1, -1) - knots.view(-1, 1)
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        return _table_error_var(self.table(layer), ins[0], v_in[0], ctx)
+
+    def truncated(self, layer, ins, y, weights, frac_bits):
+        g = self.table(layer)
+        if g.integer:
+            return []
+        return [(y - g.offset) * 2.0 ** (2 * frac_bits)]
+
+
+def _table_error_var(g: PiecewiseLinear, x: Tensor, v: Tensor, ctx: ErrorContext) -> Tensor:
+    """Error variance of the secure g(x) against the table in plaintext: the input's error
+    through the slope, the knots' and offset's encodings, and for fractional coefficients
+    their encoding (relative to each ReLU term) and the one truncation; plus, where the table
+    approximates a function, its maximum error (a bounded error, variance ≤ max_error²)."""
+    slope = g.derivative(x)
+    out = v * slope * slope + ctx.v_round
+    for t, c in zip(g.knots, g.coefs):
+        out = out + c * c * ctx.v_round * (x >= t)
+    if not g.integer:
+        terms = g.slope * g.slope * x * x
+        for t in g.knots:
+            terms = terms + torch.relu(x - t) ** 2
+        out = out + terms * ctx.v_round + ctx.v_trunc
+    return out + g.max_error ** 2
+
+
+@register
+class Clamp(_PiecewiseLinearOp):
+    """clamp(x, lo, hi): hardtanh, ReLU6 (a ReLU6 site's layer carries the site's name) and
+    torch.clamp with one or two bounds; exact: one DReLU per bound and element."""
+
+    name = "clamp"
+
+    def table(self, layer):
+        return clamp_pwl(layer.attrs["lo"], layer.attrs["hi"])
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        a, x = layer.attrs, ins[0]
+        inside = torch.ones_like(x, dtype=torch.bool)
+        if a["lo"] is not None:
+            inside &= x > a["lo"]
+        if a["hi"] is not None:
+            inside &= x < a["hi"]
+        return v_in[0] * inside + ctx.v_round   # 1-Lipschitz; the bound's encoding
+
+
+@register
+class Hardsigmoid(_PiecewiseLinearOp):
+    """torch's hardsigmoid ReLU6(x + 3)/6, exact: two DReLUs per element."""
+
+    name = "hardsigmoid"
+
+    def table(self, layer):
+        return hardsigmoid_pwl()
+
+
+@register
+class Approximated(_PiecewiseLinearOp):
+    """sigmoid, tanh, SiLU or GELU (``function``) by its piecewise-linear table
+    (:func:`.pwl.approximation`: k DReLUs per element, maximum error stated per table)."""
+
+    name = "approx"
+
+    def table(self, layer):
+        return approximation(layer.attrs["function"])
+
+
+@register
+class Hardswish(Op):
+    """hardswish(x) = x · hardsigmoid(x), exact: two DReLUs and one Beaver product per element
+    (4 rounds)."""
+
+    name = "hardswish"
+
+    def run_float(self, layer, ins, weights, flips):
+        return ins[0] * hardsigmoid_pwl()(ins[0])
+
+    def run_secure(self, party, layer, ins, weights, pre):
+        return A.hardswish(party, ins[0], layer_drelu_config(layer), scope=layer.name)
+
+    def drelus(self, layer, shape):
+        return 2 * math.prod(shape)
+
+    def comparison_inputs(self, layer, ins):
+        return Hardsigmoid().comparison_inputs(layer, ins)
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        x, g = ins[0], hardsigmoid_pwl()
+        h = g(x)
+        v_h = _table_error_var(g, x, torch.zeros_like(x), ctx)
+        slope = h + x * g.derivative(x)
+        return v_in[0] * slope * slope + v_h * x * x + ctx.v_trunc
+
+    def truncated(self, layer, ins, y, weights, frac_bits):
+        h = hardsigmoid_pwl()(ins[0])
+        return [h * 2.0 ** (2 * frac_bits), y * 2.0 ** (2 * frac_bits)]

@@ -44,10 +44,11 @@ from ..spec import apply_block_spec, spec_calibration
 from ..tracing import ModuleTracer
 from ..widths import FULL_WIDTH, Calibration, CalibrationError
 from .ops import WIDTH_ATTR, layer_drelus
+from .protocols.relu import adaptive_windows
 from .program import Layer, Program, UnsupportedOperationError, Weights
 from .ring import DEFAULT_FRAC_BITS
 
-__all__ = ["compile_model", "fold_bn", "resize_matrices"]
+__all__ = ["compile_model", "fold_bn", "resize_matrices", "pool_matrices"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,8 +57,8 @@ __all__ = ["compile_model", "fold_bn", "resize_matrices"]
 
 _LEAF_TYPES: tuple[type, ...] = (
     nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.ReLU, nn.ReLU6, BlockReLU,
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Dropout2d, nn.Identity,
-    nn.Flatten, nn.Upsample)
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout,
+    nn.Dropout2d, nn.Identity, nn.Flatten, nn.Upsample)
 
 # functions that return tensors unrelated to the data flow or non-tensors: ignored
 _IGNORED = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.__len__, torch.Tensor.numel,
@@ -75,7 +76,32 @@ _MUL_FUNCS = {torch.mul, torch.Tensor.mul, torch.Tensor.mul_, torch.Tensor.__mul
               torch.Tensor.__imul__, torch.Tensor.__rmul__}
 _RELU_FUNCS = {torch.relu, torch.relu_, F.relu, F.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 _RESHAPE_FUNCS = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.flatten,
-                  torch.Tensor.flatten}
+                  torch.Tensor.flatten, torch.squeeze, torch.Tensor.squeeze, torch.unsqueeze,
+                  torch.Tensor.unsqueeze}
+_PERMUTE_FUNCS = {torch.permute, torch.Tensor.permute}
+_TRANSPOSE_FUNCS = {torch.transpose, torch.Tensor.transpose, torch.swapaxes,
+                    torch.Tensor.swapaxes, torch.swapdims, torch.Tensor.swapdims}
+_SPLIT_FUNCS = {torch.chunk, torch.Tensor.chunk, torch.split, torch.Tensor.split,
+                torch.tensor_split, torch.Tensor.tensor_split, torch.unbind,
+                torch.Tensor.unbind}
+_DIV_FUNCS = {torch.div, torch.Tensor.div, torch.Tensor.div_, torch.Tensor.__truediv__,
+              torch.Tensor.__itruediv__, torch.true_divide}
+_CLAMP_FUNCS = {torch.clamp, torch.Tensor.clamp, torch.Tensor.clamp_, torch.clip,
+                torch.Tensor.clip, torch.Tensor.clip_, torch.clamp_min, torch.Tensor.clamp_min,
+                torch.Tensor.clamp_min_, torch.clamp_max, torch.Tensor.clamp_max,
+                torch.Tensor.clamp_max_}
+# smooth activations computed from a piecewise-linear table (protocols/pwl.py)
+_APPROX_FUNCS = {torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid",
+                 torch.Tensor.sigmoid_: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh",
+                 torch.Tensor.tanh: "tanh", torch.Tensor.tanh_: "tanh", F.tanh: "tanh",
+                 F.silu: "silu", F.gelu: "gelu"}
+# what the runtime cannot compute yet, with why
+_REFUSED = {F.layer_norm: "LayerNorm needs a secure inverse square root, which the runtime "
+                          "does not have (convnext and vision transformers stay unsupported)",
+            F.group_norm: "GroupNorm needs a secure inverse square root, which the runtime "
+                          "does not have",
+            F.softmax: "softmax needs a secure exponential and division, which the runtime "
+                       "does not have (the client can apply it to the revealed logits)"}
 
 
 class _Tracer(ModuleTracer):
@@ -109,8 +135,10 @@ class _Tracer(ModuleTracer):
     def _fail(self, what: str, where: str, why: str = "") -> None:
         raise UnsupportedOperationError(
             f"unsupported operation {what} at '{where}' for secure inference{': ' + why if why else ''}."
-            " Supported: Conv2d/Linear (+BatchNorm), ReLU/Block-ReLU, max/avg/adaptive-avg "
-            "pooling, residual add, concat, flatten, dropout (eval), bilinear/nearest resize.")
+            " Supported: Conv2d/Linear (+BatchNorm), ReLU/Block-ReLU, ReLU6/hardtanh/clamp, "
+            "hardsigmoid/hardswish, sigmoid/tanh/SiLU/GELU (piecewise-linear), max/avg/adaptive "
+            "pooling, residual add, products of two tensors, concat/split/reshape/permute, "
+            "dropout (eval), bilinear/nearest resize.")
 
     # --- module hooks ---
     def on_module(self, module, args, out):
@@ -126,10 +154,6 @@ class _Tracer(ModuleTracer):
             return None  # does not touch the image: a constant
         if not isinstance(out, torch.Tensor):
             self._fail(type(module).__name__, path, "it does not return one tensor")
-        kind = type(module)
-        if kind is nn.ReLU6:
-            self._fail("ReLU6", path, "convert the model with secure_inference.relu6_to_relu "
-                       "first (Block-ReLU and the secure ReLU have no upper clip)")
         if isinstance(module, (nn.Dropout, nn.Dropout2d, nn.Identity)):
             return self._alias(out, src, x)
         if isinstance(module, nn.Conv2d):
@@ -149,16 +173,20 @@ class _Tracer(ModuleTracer):
             if not module.track_running_stats or module.running_mean is None:
                 self._fail(type(module).__name__, path, "it has no running statistics")
             self.add_node("batchnorm", [src], out, path, module=module)
-        elif isinstance(module, (nn.ReLU, BlockReLU)):
-            sizes = (np.ones((out.shape[1], 2), np.int32) if isinstance(module, nn.ReLU)
-                     else module.block_sizes.cpu().numpy().astype(np.int32))
-            self.add_node("activation", [src], out, path, block_sizes=sizes)
+        elif isinstance(module, (nn.ReLU, BlockReLU, nn.ReLU6)):
+            sizes = (module.block_sizes.cpu().numpy().astype(np.int32)
+                     if isinstance(module, BlockReLU) else np.ones((out.shape[1], 2), np.int32))
+            clip = {"clip": 6.0} if isinstance(module, nn.ReLU6) else {}
+            self.add_node("activation", [src], out, path, block_sizes=sizes, **clip)
         elif isinstance(module, nn.MaxPool2d):
-            if module.ceil_mode or _pair(module.dilation) != (1, 1):
-                self._fail("MaxPool2d(ceil_mode/dilation)", path)
-            self.add_node("max_pool", [src], out, path, kernel_size=_pair(module.kernel_size),
-                          stride=_pair(module.stride or module.kernel_size),
-                          padding=_pair(module.padding))
+            if _pair(module.dilation) != (1, 1) or module.return_indices:
+                self._fail("MaxPool2d(dilation/return_indices)", path)
+            self._max_pool(out, src, path, module.kernel_size, module.stride, module.padding,
+                           module.ceil_mode)
+        elif isinstance(module, nn.AdaptiveMaxPool2d):
+            if module.return_indices:
+                self._fail("AdaptiveMaxPool2d(return_indices=True)", path)
+            self._adaptive_max(out, src, x, path, module.output_size)
         elif isinstance(module, nn.AvgPool2d):
             self._avg_pool(out, src, x, path, module.kernel_size, module.stride, module.padding,
                            module.ceil_mode, module.count_include_pad, module.divisor_override)
@@ -178,10 +206,31 @@ class _Tracer(ModuleTracer):
             self.keep.append(out)
         return None
 
+    def _max_pool(self, out, src, path, kernel_size, stride, padding, ceil_mode):
+        extra = {"ceil_mode": True} if ceil_mode else {}
+        self.add_node("max_pool", [src], out, path, kernel_size=_pair(kernel_size),
+                      stride=_pair(stride or kernel_size), padding=_pair(padding), **extra)
+
+    def _adaptive_max(self, out, src, x, path, output_size):
+        h, w = x.shape[-2:]
+        oh, ow = _pair_none(output_size, (h, w))
+        window = tuple(max(e - s for s, e in zip(*adaptive_windows(n, o)))
+                       for n, o in ((h, oh), (w, ow)))
+        self.add_node("adaptive_max_pool", [src], out, path, output_size=(oh, ow),
+                      window=window)
+
     def _avg_pool(self, out, src, x, path, kernel_size, stride, padding, ceil_mode,
                   count_include_pad, divisor_override):
-        if ceil_mode:
-            self._fail("avg_pool2d(ceil_mode=True)", path)
+        if ceil_mode:   # partial windows with their own divisors: a public separable map
+            kw = dict(kernel_size=_pair(kernel_size), stride=_pair(stride or kernel_size),
+                      padding=_pair(padding), ceil_mode=True,
+                      count_include_pad=bool(count_include_pad),
+                      divisor_override=divisor_override)
+            mh, mw = pool_matrices(tuple(x.shape[-2:]), F.avg_pool2d, kw)
+            if (mh.shape[0], mw.shape[0]) != tuple(out.shape[-2:]):
+                self._fail("avg_pool2d(ceil_mode=True)", path, "could not reproduce its output")
+            self.add_node("resize", [src], out, path, mode="avg_pool_ceil", mh=mh, mw=mw)
+            return
         self.add_node("avg_pool", [src], out, path, kernel_size=_pair(kernel_size),
                       stride=_pair(stride or kernel_size), padding=_pair(padding),
                       count_include_pad=bool(count_include_pad),
@@ -196,17 +245,29 @@ class _Tracer(ModuleTracer):
             k = (h // oh, w // ow)
             self.add_node("avg_pool", [src], out, path, kernel_size=k, stride=k, padding=(0, 0),
                           count_include_pad=True, divisor_override=None)
-        else:
-            self._fail(f"adaptive_avg_pool2d({h}x{w} -> {oh}x{ow})", path,
-                       "only outputs that divide the input evenly are supported")
+        else:   # uneven, overlapping or upsampling windows: a public separable linear map
+            mh, mw = pool_matrices((h, w), F.adaptive_avg_pool2d, {"output_size": (oh, ow)})
+            self.add_node("resize", [src], out, path, mode="adaptive_avg", mh=mh, mw=mw)
 
     def _flatten(self, out, src, x, path, start, end):
         start = start % x.dim()
         end = end % x.dim()
-        if start != 1 or end != x.dim() - 1:
+        if start == 0 and end > 0:
             self._fail(f"flatten(start_dim={start}, end_dim={end})", path,
-                       "only flattening everything but the batch dimension is supported")
-        self.add_node("flatten", [src], out, path)
+                       "it merges the batch dimension")
+        self._reshape(out, src, x, path)
+
+    def _reshape(self, out, src, x, path):
+        """A reshape that keeps the batch dimension first: an alias, the flatten layer
+        ([N, -1]) or a reshape layer."""
+        if out.dim() == 0 or x.dim() == 0 or out.shape[0] != x.shape[0]:
+            self._fail("reshape", path, f"{list(x.shape)} -> {list(out.shape)} does not keep "
+                       "the batch dimension first")
+        if tuple(out.shape) == tuple(x.shape):
+            return self._alias(out, src, x)
+        if out.dim() == 2:
+            return self.add_node("flatten", [src], out, path)
+        return self.add_node("reshape", [src], out, path, shape=tuple(out.shape[1:]))
 
     def _resize(self, out, src, x, path, mode, align_corners, kwargs):
         if mode not in ("bilinear", "nearest"):
@@ -229,6 +290,9 @@ class _Tracer(ModuleTracer):
         srcs = [self.node_of(t) for t in flat]
         if all(s is None for s in srcs):
             return out
+        if func in _SPLIT_FUNCS and isinstance(out, (list, tuple)):
+            self._record_split(func, args, kwargs, out)
+            return out
         if not isinstance(out, torch.Tensor):
             if isinstance(out, (int, float, bool, torch.Size, torch.dtype, torch.device)) or \
                     out is None:
@@ -236,6 +300,30 @@ class _Tracer(ModuleTracer):
             self._fail(_fname(func), self._where(), f"it returns {type(out).__name__}")
         self._record_function(func, args, kwargs, out)
         return out
+
+    def _record_split(self, func, args, kwargs, out):
+        """chunk / split / tensor_split / unbind: one slice layer per piece."""
+        where = f"{self._where()} ({_fname(func)})"
+        x = args[0]
+        src = self.node_of(x)
+        if src is None:
+            self._fail(_fname(func), where, "the image reaches it through another argument")
+        default = 0
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else default)
+        if func in (torch.unbind, torch.Tensor.unbind):
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        dim = int(dim) % x.dim()
+        if dim == 0:
+            self._fail(f"{_fname(func)}(dim=0)", where, "it splits the batch dimension")
+        start = 0
+        for piece in out:
+            length = 1 if piece.dim() < x.dim() else int(piece.shape[dim])
+            node = self.add_node("slice", [src], piece, where, dim=dim, start=start,
+                                 length=length)
+            if piece.dim() < x.dim():   # unbind drops the dimension
+                self.nodes[node]["shape"] = tuple(x.narrow(dim, 0, 1).shape)
+                self.add_node("reshape", [node], piece, where, shape=tuple(piece.shape[1:]))
+            start += length
 
     def _record_function(self, func, args, kwargs, out):
         where = f"{self._where()} ({_fname(func)})"
@@ -257,8 +345,11 @@ class _Tracer(ModuleTracer):
             is_sub = func in (torch.sub, torch.Tensor.sub, torch.Tensor.__sub__)
             if a is not None and b is not None:
                 if is_mul:
-                    self._fail(_fname(func), where, "products of two image-dependent tensors "
-                               "are not part of a supported CNN")
+                    if x.dim() != y.dim() or x.shape[0] != y.shape[0]:
+                        self._fail(_fname(func), where, f"a product {list(x.shape)} * "
+                                   f"{list(y.shape)} that broadcasts over the batch")
+                    self.add_node("mul", [a, b], out, where)
+                    return
                 if tuple(x.shape) != tuple(y.shape):
                     self._fail(_fname(func), where, f"broadcasting add {list(x.shape)} + "
                                f"{list(y.shape)}")
@@ -280,24 +371,52 @@ class _Tracer(ModuleTracer):
             nodes = [self.node_of(t) for t in tensors]
             if any(n is None for n in nodes):
                 self._fail("cat", where, "concatenation with a constant tensor")
-            if dim % out.dim() != 1:
-                self._fail(f"cat(dim={dim})", where, "only channel concatenation is supported")
-            self.add_node("concat", nodes, out, where)
+            dim = int(dim) % out.dim()
+            if dim == 0:
+                self._fail(f"cat(dim={dim})", where, "it concatenates along the batch")
+            self.add_node("concat", nodes, out, where, **({} if dim == 1 else {"dim": dim}))
             return
         if func in _RELU_FUNCS:
             self.add_node("activation", [src], out, where,
                           block_sizes=np.ones((out.shape[1], 2), np.int32), functional=True)
             return
-        if func in (F.relu6, F.hardtanh, F.hardtanh_):
-            self._fail(_fname(func), where, "convert ReLU6 with secure_inference.relu6_to_relu")
+        if func in (F.relu6, F.hardtanh, F.hardtanh_) or func in _CLAMP_FUNCS:
+            return self._clamp(func, args, kwargs, out, src, where)
+        if func in _APPROX_FUNCS:
+            if func is F.gelu and kwargs.get("approximate", "none") not in ("none", "tanh"):
+                self._fail("F.gelu", where, f"approximate={kwargs['approximate']!r}")
+            return self.add_node("approx", [src], out, where, function=_APPROX_FUNCS[func])
+        if func in (F.hardsigmoid, F.hardswish):
+            op = "hardsigmoid" if func is F.hardsigmoid else "hardswish"
+            return self.add_node(op, [src], out, where)
+        if func in _DIV_FUNCS:
+            y = args[1] if len(args) > 1 else kwargs.get("other")
+            if src is None or self.node_of(y) is not None or kwargs.get("rounding_mode"):
+                self._fail(_fname(func), where, "only division of an image-dependent tensor by "
+                           "a public constant is supported")
+            c = 1.0 / torch.as_tensor(y, dtype=torch.float64).detach().cpu()
+            return self.add_node("mul_public", [src], out, where, value=c)
         if func in _RESHAPE_FUNCS:
-            if out.dim() == 2 and out.shape[0] == x.shape[0]:
-                if x.dim() == 2:
-                    return self._alias(out, src, x)
-                return self.add_node("flatten", [src], out, where)
-            if tuple(out.shape) == tuple(x.shape):
+            return self._reshape(out, src, x, where)
+        if func in _PERMUTE_FUNCS or func in _TRANSPOSE_FUNCS:
+            if func in _PERMUTE_FUNCS:
+                dims = args[1:] if len(args) > 1 else kwargs["dims"]
+                if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+                    dims = dims[0]
+                dims = [int(d) % x.dim() for d in dims]
+            else:
+                d0, d1 = (int(d) % x.dim() for d in args[1:3])
+                dims = list(range(x.dim()))
+                dims[d0], dims[d1] = dims[d1], dims[d0]
+            if dims[0] != 0:
+                self._fail(_fname(func), where, f"dims {dims} move the batch dimension")
+            if dims == list(range(x.dim())):
                 return self._alias(out, src, x)
-            self._fail(_fname(func), where, f"reshape {list(x.shape)} -> {list(out.shape)}")
+            return self.add_node("permute", [src], out, where, dims=tuple(dims))
+        if func is torch.Tensor.__getitem__:
+            return self._getitem(args[1], out, src, x, where)
+        if func in _REFUSED:
+            self._fail(_fname(func), where, _REFUSED[func])
         if func is F.interpolate:
             names = ["size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
                      "antialias"]
@@ -310,6 +429,12 @@ class _Tracer(ModuleTracer):
         if func is F.adaptive_avg_pool2d:
             size = args[1] if len(args) > 1 else kwargs["output_size"]
             return self._adaptive_avg(out, src, x, where, size)
+        if func in (F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices):
+            size = args[1] if len(args) > 1 else kwargs["output_size"]
+            if kwargs.get("return_indices") or (len(args) > 2 and args[2]) or \
+                    func is F.adaptive_max_pool2d_with_indices:
+                self._fail("adaptive_max_pool2d(return_indices=True)", where)
+            return self._adaptive_max(out, src, x, where, size)
         if func is F.avg_pool2d:
             names = ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
                      "divisor_override"]
@@ -322,13 +447,10 @@ class _Tracer(ModuleTracer):
             names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode"]
             kw = dict(zip(names, args[1:]))
             kw.update(kwargs)
-            if kw.get("ceil_mode") or _pair(kw.get("dilation", 1)) != (1, 1) or \
-                    kw.get("return_indices"):
-                self._fail("max_pool2d(ceil_mode/dilation/return_indices)", where)
-            self.add_node("max_pool", [src], out, where, kernel_size=_pair(kw["kernel_size"]),
-                          stride=_pair(kw.get("stride") or kw["kernel_size"]),
-                          padding=_pair(kw.get("padding", 0)))
-            return
+            if _pair(kw.get("dilation", 1)) != (1, 1) or kw.get("return_indices"):
+                self._fail("max_pool2d(dilation/return_indices)", where)
+            return self._max_pool(out, src, where, kw["kernel_size"], kw.get("stride"),
+                                  kw.get("padding", 0), bool(kw.get("ceil_mode", False)))
         if func in (torch.mean, torch.Tensor.mean):
             dims = args[1] if len(args) > 1 else kwargs.get("dim")
             keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
@@ -338,6 +460,62 @@ class _Tracer(ModuleTracer):
                 return
             self._fail(_fname(func), where, f"mean over dims {dims}")
         self._fail(_fname(func), where)
+
+    def _getitem(self, key, out, src, x, where):
+        """Basic slicing x[:, a:b, ...] (unit steps, the batch dimension whole): one slice
+        layer per sliced dimension."""
+        key = key if isinstance(key, tuple) else (key,)
+        if Ellipsis in key:
+            i = key.index(Ellipsis)
+            key = key[:i] + (slice(None),) * (x.dim() - len(key) + 1) + key[i + 1:]
+        if not key or len(key) > x.dim() or not all(isinstance(k, slice) for k in key) or \
+                key[0] != slice(None):
+            self._fail("Tensor.__getitem__", where, "only slices with unit steps on dimensions "
+                       "after the batch are supported")
+        node, cur = src, x
+        for dim, k in enumerate(key):
+            start, stop, step = k.indices(cur.shape[dim])
+            if step != 1:
+                self._fail("Tensor.__getitem__", where, "a slice with a step")
+            if (start, stop) == (0, cur.shape[dim]):
+                continue
+            nxt = cur.narrow(dim, start, max(stop - start, 0))
+            node = self.add_node("slice", [node], nxt, where, dim=dim, start=start,
+                                 length=int(nxt.shape[dim]))
+            cur = nxt
+        if node == src:
+            return self._alias(out, src, x)
+        self.producer[id(out)] = node
+        self.keep.append(out)
+
+    def _clamp(self, func, args, kwargs, out, src, where):
+        """hardtanh / ReLU6 / clamp: a ReLU6 (bounds 0 and 6, as the site tracer counts it) is
+        an activation site; other bounds a clamp layer."""
+        if func is F.relu6:
+            lo, hi = 0.0, 6.0
+        elif func in (F.hardtanh, F.hardtanh_):
+            lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+            hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+        elif func in (torch.clamp_min, torch.Tensor.clamp_min, torch.Tensor.clamp_min_):
+            lo, hi = (args[1] if len(args) > 1 else kwargs.get("min")), None
+        elif func in (torch.clamp_max, torch.Tensor.clamp_max, torch.Tensor.clamp_max_):
+            lo, hi = None, (args[1] if len(args) > 1 else kwargs.get("max"))
+        else:
+            lo = args[1] if len(args) > 1 else kwargs.get("min")
+            hi = args[2] if len(args) > 2 else kwargs.get("max")
+        if any(isinstance(b, torch.Tensor) for b in (lo, hi)):
+            self._fail(_fname(func), where, "tensor bounds")
+        lo = None if lo is None else float(lo)
+        hi = None if hi is None else float(hi)
+        if lo is None and hi is None:
+            return self._alias(out, src, args[0])
+        if func in (F.relu6, F.hardtanh, F.hardtanh_) and (lo, hi) == (0.0, 6.0):
+            return self.add_node("activation", [src], out, where, functional=True, clip=6.0,
+                                 block_sizes=np.ones((out.shape[1], 2), np.int32))
+        if lo is not None and hi is not None and not lo < hi:
+            self._fail(_fname(func), where, f"bounds {lo} >= {hi}")
+        return self.add_node("clamp", [src], out, where, lo=lo, hi=hi)
+
 
 def _fname(func) -> str:
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
@@ -376,6 +554,28 @@ def _same_padding(module: nn.Conv2d, shape) -> tuple[int, int]:
                                             f"at kernel {module.kernel_size}")
         pads.append(total // 2)
     return tuple(pads)
+
+
+def pool_matrices(in_hw: tuple[int, int], pool, kwargs: dict[str, Any]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The public matrices Mh [H_out, H], Mw [W_out, W] of a separable average pooling:
+    ``pool(x, **kwargs) == Mh @ x @ Mw.T`` (F.adaptive_avg_pool2d, or F.avg_pool2d whose
+    windows, divisors included, factor into rows and columns: ceil mode). Found by pooling
+    basis images of one row (or column) with the other axis's window and divisor set to 1."""
+    h, w = in_hw
+    mats = []
+    for axis, n in ((0, h), (1, w)):
+        basis = torch.eye(n, dtype=torch.float64).view(n, 1, n, 1)
+        kw = dict(kwargs)
+        if pool is F.adaptive_avg_pool2d:
+            kw["output_size"] = (kw["output_size"][axis], 1)
+        else:
+            for key in ("kernel_size", "stride", "padding"):
+                kw[key] = (kw[key][axis], 1 if key != "padding" else 0)
+            if kw.get("divisor_override"):   # the whole divisor on the row matrix
+                kw["divisor_override"] = kw["divisor_override"] if axis == 0 else 1
+        mats.append(pool(basis, **kw)[:, 0, :, 0].T.contiguous())
+    return mats[0], mats[1]
 
 
 def resize_matrices(in_hw: tuple[int, int], kwargs: dict[str, Any]
@@ -573,8 +773,11 @@ def _lower(nodes: list[dict], out_node: int, sites, shape) -> tuple[Program, Wei
             if np.all((sizes[:, 0] == 0) | (sizes[:, 1] == 0)):
                 index[i] = inputs[0]   # identity site: no layer at all
                 continue
-            op = "relu" if np.all(sizes == 1) else "block_relu"
-            attrs = {"block_sizes": sizes, "site": site.name}
+            if "clip" in attrs:   # a ReLU6 site (no spec may name it: spec.apply_block_spec)
+                op, attrs = "clamp", {"lo": 0.0, "hi": float(attrs["clip"]), "site": site.name}
+            else:
+                op = "relu" if np.all(sizes == 1) else "block_relu"
+                attrs = {"block_sizes": sizes, "site": site.name}
             name = unique(site.name)
         else:
             name = unique(f"{base}.{op}" if base != "<input>" else "input")

@@ -129,35 +129,35 @@ def test_bn_folding_matches_conv_then_bn():
     assert torch.allclose(F.conv2d(x, w, b, padding=1), ref, atol=1e-12)
 
 
-class _Sigmoid(nn.Module):
+class _LayerNorm(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 1)
-        self.head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.GELU())
+        self.head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.LayerNorm(8))
 
     def forward(self, x):
         return self.head(self.conv(x))
 
 
-class _Mul(nn.Module):
+class _Exp(nn.Module):
     def forward(self, x):
-        return x * x
+        return torch.exp(x)
 
 
-class _ReLU6(nn.Module):
+class _BatchPermute(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.block = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU6())
 
     def forward(self, x):
-        return self.block(x)
+        return self.block(x).transpose(0, 1)
 
 
 @pytest.mark.parametrize("model,words", [
-    (_Sigmoid(), ["gelu", "head.1"]),
-    (_Mul(), ["products", "<model>"]),
-    (_ReLU6(), ["ReLU6", "block.1", "relu6_to_relu"]),
-    (nn.Sequential(nn.Conv2d(3, 3, 1), nn.MaxPool2d(2, ceil_mode=True)), ["MaxPool2d", "'1'"]),
+    (_LayerNorm(), ["layer_norm", "head.1", "inverse square root"]),
+    (_Exp(), ["torch.exp", "<model>"]),
+    (_BatchPermute(), ["transpose", "batch"]),
+    (nn.Sequential(nn.Conv2d(3, 3, 1), nn.MaxPool2d(2, dilation=2)), ["MaxPool2d", "'1'"]),
     (nn.Sequential(nn.Conv2d(3, 3, 1), nn.Upsample(scale_factor=2, mode="bicubic")),
      ["bicubic", "'1'"]),
 ])

@@ -154,8 +154,8 @@ def test_unsupported_model_fails_before_any_party_starts(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("parties must not start")
     monkeypatch.setattr(local, "run_local_processes", boom)
-    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Sigmoid()).eval()
-    with pytest.raises(UnsupportedOperationError, match="sigmoid"):
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Softmax(dim=1)).eval()
+    with pytest.raises(UnsupportedOperationError, match="softmax"):
         run_local(model, torch.randn(1, 3, 4, 4))
 
 

@@ -46,7 +46,9 @@ from .drelu import EXACT, DReLUConfig, mul_drelu, mul_drelu_bytes, resolve_confi
 
 __all__ = ["relu", "relu_bytes", "select_share", "BlockReLUPlan", "block_relu_plan",
            "block_relu", "block_relu_bytes", "MaxPoolPlan", "max_pool_plan", "max_pool2d",
-           "max_pool_bytes", "max_pool_comparisons", "run_on_shares", "select_bit"]
+           "max_pool_bytes", "max_pool_comparisons", "run_on_shares", "select_bit",
+           "adaptive_max_pool_plan", "adaptive_max_pool2d", "adaptive_windows", "max_windows",
+           "plan_bytes"]
 
 
 def _shape(x: torch.Tensor) -> tuple[int, ...]:
@@ -236,8 +238,10 @@ class MaxPoolPlan:
 
 
 def max_pool_plan(shape, kernel_size, stride=None, padding=0,
-                  device: torch.device | str = "cpu") -> MaxPoolPlan:
-    """The :class:`MaxPoolPlan` of ``torch.nn.functional.max_pool2d`` with these arguments."""
+                  device: torch.device | str = "cpu", ceil_mode: bool = False) -> MaxPoolPlan:
+    """The :class:`MaxPoolPlan` of ``torch.nn.functional.max_pool2d`` with these arguments
+    (``ceil_mode`` as torch: a last, partial window where it starts inside the input or its
+    left padding; its positions past the input read a valid element of that window)."""
     if len(shape) != 4:
         raise ValueError(f"max pooling expects an [N, C, H, W] input, got shape {list(shape)}")
     nb, ch, height, width = (int(s) for s in shape)
@@ -249,17 +253,64 @@ def max_pool_plan(shape, kernel_size, stride=None, padding=0,
     if ph > kh // 2 or pw > kw // 2:
         raise ValueError(f"padding {ph, pw} must be at most half the kernel {kh, kw} "
                          "(as in torch.nn.functional.max_pool2d)")
-    hout, wout = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+    hout = _pool_out(height, kh, sh, ph, ceil_mode)
+    wout = _pool_out(width, kw, sw, pw, ceil_mode)
     if hout < 1 or wout < 1:
         raise ValueError(f"kernel {kh, kw} does not fit the padded {height}x{width} input")
-    oy = torch.arange(hout, device=device).view(1, 1, hout, 1) * sh - ph
-    ox = torch.arange(wout, device=device).view(1, 1, 1, wout) * sw - pw
-    ay = torch.arange(kh, device=device).view(kh, 1, 1, 1)
-    ax = torch.arange(kw, device=device).view(1, kw, 1, 1)
-    rows = (oy + ay).clamp(0, height - 1)   # a clamped padding position is in the same window
-    cols = (ox + ax).clamp(0, width - 1)
-    gather = (rows * width + cols).reshape(kh * kw, hout * wout)
-    return MaxPoolPlan((nb, ch, hout, wout), gather, max_pool_comparisons(kh * kw))
+    oy = torch.arange(hout, device=device).view(1, hout) * sh - ph
+    ox = torch.arange(wout, device=device).view(1, wout) * sw - pw
+    # a clamped padding (or ceil-mode overhang) position is in the same window
+    rows = (oy + torch.arange(kh, device=device).view(kh, 1)).clamp(0, height - 1)
+    cols = (ox + torch.arange(kw, device=device).view(kw, 1)).clamp(0, width - 1)
+    return _windows_plan((nb, ch, hout, wout), rows, cols, width)
+
+
+def _pool_out(size: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
+    """torch's pooling output length (with its ceil-mode rule: no window starts in the right
+    padding)."""
+    span = size + 2 * p - k
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def _windows_plan(out_shape, rows: torch.Tensor, cols: torch.Tensor, width: int
+                  ) -> MaxPoolPlan:
+    """The plan of a max over separable windows: ``rows`` [kh, Hout] and ``cols`` [kw, Wout]
+    the input row/column each window element reads (every entry inside its window)."""
+    kh, kw = rows.shape[0], cols.shape[0]
+    gather = (rows.view(kh, 1, -1, 1) * width + cols.view(1, kw, 1, -1))
+    return MaxPoolPlan(tuple(out_shape), gather.reshape(kh * kw, -1),
+                       max_pool_comparisons(kh * kw))
+
+
+def adaptive_windows(size: int, out: int) -> tuple[list[int], list[int]]:
+    """torch's adaptive pooling windows along one axis: starts ⌊i·size/out⌋ and ends
+    ⌈(i+1)·size/out⌉ (windows may overlap or, when out > size, repeat)."""
+    starts = [(i * size) // out for i in range(out)]
+    ends = [-(-((i + 1) * size) // out) for i in range(out)]
+    return starts, ends
+
+
+def adaptive_max_pool_plan(shape, output_size, device: torch.device | str = "cpu"
+                           ) -> MaxPoolPlan:
+    """The :class:`MaxPoolPlan` of ``F.adaptive_max_pool2d(x, output_size)``: every window
+    padded to the largest window's size by repeating its last element (the max is unchanged)."""
+    if len(shape) != 4:
+        raise ValueError(f"max pooling expects an [N, C, H, W] input, got shape {list(shape)}")
+    nb, ch, height, width = (int(s) for s in shape)
+    hout, wout = _pair(output_size, "output_size")
+    if min(hout, wout) < 1:
+        raise ValueError(f"output size must be positive, got {output_size!r}")
+    axes = []
+    for size, out in ((height, hout), (width, wout)):
+        starts, ends = adaptive_windows(size, out)
+        k = max(e - s for s, e in zip(starts, ends))
+        st = torch.tensor(starts, device=device).view(1, out)
+        en = torch.tensor(ends, device=device).view(1, out)
+        axes.append(torch.minimum(st + torch.arange(k, device=device).view(k, 1), en - 1))
+    return _windows_plan((nb, ch, hout, wout), axes[0], axes[1], width)
 
 
 def max_pool_comparisons(window: int) -> list[int]:
@@ -274,24 +325,48 @@ def max_pool_comparisons(window: int) -> list[int]:
 
 
 def max_pool_bytes(shape, kernel_size, stride=None, padding=0,
-                   config: DReLUConfig = EXACT) -> int:
+                   config: DReLUConfig = EXACT, ceil_mode: bool = False) -> int:
     """Payload bytes (all parties) of :func:`max_pool2d`."""
-    plan = max_pool_plan(shape, kernel_size, stride, padding)
+    return plan_bytes(max_pool_plan(shape, kernel_size, stride, padding, ceil_mode=ceil_mode),
+                      config)
+
+
+def plan_bytes(plan: MaxPoolPlan, config: DReLUConfig = EXACT) -> int:
+    """Payload bytes (all parties) of :func:`max_windows` with ``plan``."""
     per = math.prod(plan.out_shape)
     return sum(mul_drelu_bytes(c * per, c * per, config) for c in plan.levels)
 
 
 def max_pool2d(party: Party, x: torch.Tensor, kernel_size, stride=None, padding=0,
-               config: DReLUConfig | None = None, *, scope: str = "max_pool"
-               ) -> torch.Tensor:
-    """Shares of ``max_pool2d(x, kernel_size, stride, padding)`` by a tree of comparisons.
+               config: DReLUConfig | None = None, *, scope: str = "max_pool",
+               ceil_mode: bool = False) -> torch.Tensor:
+    """Shares of ``max_pool2d(x, kernel_size, stride, padding, ceil_mode=ceil_mode)`` by a
+    tree of comparisons.
 
     All windows are compared at once: ⌈log2 K⌉ levels (K = kernel area), each one batched
     max(a, b) = b + ReLU(a − b) over half the remaining candidates. P2: placeholders.
     """
     _check_shares(party, x)
     plan = max_pool_plan(_shape(x), kernel_size, stride, padding,
-                         device="cpu" if x.device.type == "meta" else x.device)
+                         device="cpu" if x.device.type == "meta" else x.device,
+                         ceil_mode=ceil_mode)
+    return max_windows(party, x, plan, config, scope=scope)
+
+
+def adaptive_max_pool2d(party: Party, x: torch.Tensor, output_size,
+                        config: DReLUConfig | None = None, *, scope: str = "max_pool"
+                        ) -> torch.Tensor:
+    """Shares of ``F.adaptive_max_pool2d(x, output_size)`` (any output size: public, possibly
+    overlapping windows) with the comparison tree of :func:`max_pool2d`."""
+    _check_shares(party, x)
+    plan = adaptive_max_pool_plan(_shape(x), output_size,
+                                  device="cpu" if x.device.type == "meta" else x.device)
+    return max_windows(party, x, plan, config, scope=scope)
+
+
+def max_windows(party: Party, x: torch.Tensor, plan: MaxPoolPlan,
+                config: DReLUConfig | None = None, *, scope: str = "max_pool") -> torch.Tensor:
+    """Shares of the max over each window of ``plan`` (an [N, C, H, W] input)."""
     cfg = resolve_config(party, config)
     nb, ch, hout, wout = plan.out_shape
     per = nb * ch * hout * wout
