@@ -391,7 +391,7 @@ _BOUNDS_SCRIPT = textwrap.dedent("""
             a = DK.mask_input(x, x.clone(), bits, k)
             nb = (bits + 7) // 8
             DK.combine_opened(a, torch.zeros(n * nb, dtype=torch.uint8), bits, x & 1)
-        DK.drelu_output(1, x & 1, x.clone())
+        DK.drelu_output(1, x & 1, x)
         DK.mul_output(x & 1, x, x, x, x, None)
         if n:
             DK.mul_output(x & 1, x, x[:1].repeat(9), x[:1].repeat(9), x[:1].repeat(9),

@@ -289,7 +289,7 @@ def _drelu_core(party: Party, x: torch.Tensor, config: DReLUConfig,
     elif payload is not None:
         prod = torch.zeros(0, dtype=torch.int64, device=dev)
     bits_out = None
-    if want_bits:   # after the product: the kernel writes the bit shares over s
+    if want_bits:
         bits_out = DK.drelu_output(j, g, s) if host else j * g + (1 - 2 * g) * s
     return bits_out, prod
 

@@ -93,19 +93,18 @@ def combine_opened(mine: torch.Tensor, data: torch.Tensor, bits: int, beta: torc
 
 
 @numba.njit(**_NJ)
-def _drelu_output(j, g, s):
+def _drelu_output(j, g, s, out):
     for i in range(s.size):
-        s[i] = j * g[i] + (1 - 2 * g[i]) * s[i]
+        out[i] = j * g[i] + (1 - 2 * g[i]) * s[i]
 
 
 def drelu_output(j: int, g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Party j's shares of DReLU = g ⊕ s from its shares ``s`` of the helper's bit: j·g +
-    (1 − 2g)·s, written over ``s`` (returned)."""
+    (1 − 2g)·s (a new tensor: ``s`` may be a received frame's read-only memory)."""
     n = s.numel()
-    if not s.is_contiguous():
-        raise ValueError("s must be contiguous")
-    _drelu_output(np.int64(j), _np(g, n, torch.int64, "g"), _np(s, n, torch.int64, "s"))
-    return s
+    out = np.empty(n, dtype=np.int64)
+    _drelu_output(np.int64(j), _np(g, n, torch.int64, "g"), _np(s, n, torch.int64, "s"), out)
+    return torch.from_numpy(out)
 
 
 @numba.njit(**_NJ)
@@ -143,6 +142,6 @@ def warm_up() -> None:
     mask_input(z, z.clone(), 27, 0)
     mask_input(z, z.clone(), 64, 0)
     combine_opened(z, torch.zeros(8, dtype=torch.uint8), 27, z)
-    drelu_output(0, z, z.clone())
+    drelu_output(0, z, z)
     mul_output(z, z, z, z, z, None)
     mul_output(z, z, z, z, z, z)

@@ -1,7 +1,7 @@
 """Wire encodings of the DReLU: values mod 67 packed five per 4-byte word (67^5 < 2^31, 6.4 bits
 a value) and ℓ-bit ring elements in ⌈ℓ/8⌉ little-endian bytes. Every decoder refuses malformed
 input (a word out of range, nonzero padding, a value wider than ℓ bits) with
-:class:`~..transport.ProtocolError` before using it. The CPU paths run numba kernels
+:class:`~..errors.ProtocolError` before using it. The CPU paths run numba kernels
 (:mod:`.compare_kernels`); the torch versions serve other devices and are their reference.
 """
 from __future__ import annotations
