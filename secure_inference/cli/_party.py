@@ -199,11 +199,12 @@ def drelu(cfg: dict[str, Any]):
 
 def connect(role: int, cfg: dict[str, Any]):
     """Listen (server, helper), dial (client, server), agree keys; returns the Party."""
-    from secure_inference.mpc.harness import warm_up
-    from secure_inference.mpc.runtime import Party
+    from secure_inference.mpc.faults import fault_from_environment
+    from secure_inference.mpc.lifecycle import open_party
     from secure_inference.mpc.session_config import SessionConfigError, party_addresses
     from secure_inference.mpc.transport.addresses import listen
     from secure_inference.mpc.transport.connect import connect_links
+    from secure_inference.mpc.transport.frames import DEFAULT_MAX_FRAME
     try:
         addresses = party_addresses(cfg)
     except SessionConfigError as exc:
@@ -229,13 +230,11 @@ def connect(role: int, cfg: dict[str, Any]):
     finally:
         if listener is not None:
             listener.close()
-    warm_up()   # torch's lazy meta-tensor imports and the numba kernels, before any timing
-    party = Party(role, links, frac_bits=int(cfg["frac_bits"]), timeout=float(cfg["timeout"]),
-                  device=cfg.get("device") or "cpu", prg=cfg.get("prg") or "aes")
-    fault = os.environ.get("SI_TEST_FAULT", "")   # test hook: "ROLE:PHASE", see _arm_fault
-    if fault.startswith(f"{role}:"):
-        from secure_inference.mpc.harness import _arm_fault
-        _arm_fault(party, fault.split(":", 1)[1])
+    # warmed up first (torch's lazy meta-tensor imports, the numba kernels), before any timing;
+    # the fault hook is armed only by the fault tests' environment variable
+    party = open_party(role, links, frac_bits=int(cfg["frac_bits"]), timeout=float(cfg["timeout"]),
+                       device=cfg.get("device") or "cpu", prg=cfg.get("prg") or "aes",
+                       max_frame=DEFAULT_MAX_FRAME, fault=fault_from_environment(role))
     try:
         party.start()
     except BaseException as exc:
@@ -246,7 +245,7 @@ def connect(role: int, cfg: dict[str, Any]):
 
 def close_party(party, exc: BaseException | None = None) -> None:
     """Close the links; after a failure the peers are told which party failed and why."""
-    from secure_inference.mpc.harness import close_party as close
+    from secure_inference.mpc.lifecycle import close_party as close
     close(party, exc)
 
 

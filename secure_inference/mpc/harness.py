@@ -1,59 +1,40 @@
 """Harnesses that run the three parties of a session: in one process (three threads joined by
 in-memory links, for tests) or as three processes over real loopback TCP with TLS
-(:func:`run_local_processes`, what ``run_local`` uses), plus their fault handling.
+(:func:`run_local_processes`, what ``run_local`` uses): failure propagation (the first
+primary error is re-raised, every party's attached), and for the processes the signal guard
+and the in-memory TLS material (:mod:`.local_tls`).
 
-Both warm every party up first (:func:`warm_up`), so no party pays torch's lazy imports or the
-numba compilation inside a timed run.
+Every party is assembled and shut down by :mod:`.lifecycle` (warmed up first, so no party pays
+torch's lazy imports or the numba compilation inside a timed run); the test-only fault hooks
+are in :mod:`.faults`.
 """
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import os
 import pickle
-import tempfile
 import threading
 import time
 import traceback
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
-from cryptography.hazmat.primitives import serialization
 
+from .errors import ProtocolError
+from .faults import FAULT_PHASES
+from .lifecycle import close_party, open_party
+from .local_tls import memory_tls, throwaway_certificates
 from .prg import CIPHERS, DEFAULT_CIPHER, KEY_BYTES
 from .ring import DEFAULT_FRAC_BITS
-from .errors import ProtocolError
+from .runtime import DEFAULT_TIMEOUT, Party, PartyView
+from .session import ROLE_CLIENT, ROLES
 from .transport.addresses import listen
 from .transport.connect import connect_links
 from .transport.frames import DEFAULT_MAX_FRAME
 from .transport.link import Link, QueueLink
 from .transport.tls import TLSConfig
 
-from .protocols import compare_kernels
-from .runtime import DEFAULT_TIMEOUT, Party, PartyView
-from .session import (ROLE_CLIENT, ROLES, SCOPE_HEADER, SCOPE_KEYS, SCOPE_PREPROCESS, SCOPE_REPORT,
-                      SCOPE_SETUP)
-
 T = TypeVar("T")
-_WARM = False
-
-
-def warm_up() -> None:
-    """Load what torch imports lazily on the first operation on shape-only ('meta') tensors
-    (its Python meta kernels pull in sympy: about 1.6 s of CPU here), and compile the DReLU's
-    numba kernels (or load them from numba's cache). The helper computes on meta tensors
-    throughout and the others for shapes, so without this a party pays that inside the first
-    image's timed run. Idempotent; called by the harnesses and the CLIs before a
-    party starts, and preloaded by the local process harness's fork server."""
-    global _WARM
-    if _WARM:
-        return
-    a = torch.empty((1, 1, 2, 2), dtype=torch.int64, device="meta")
-    torch.nn.functional.conv2d(a + a - a, a[:, :, :1, :1])
-    torch.matmul(a, a)
-    compare_kernels.warm_up()
-    _WARM = True
-
 
 Devices = str | torch.device | Sequence[str | torch.device]
 
@@ -86,9 +67,8 @@ def party_prg(prg: PrgChoice, role: int) -> str:
     return names[role]
 
 
-__all__ = ["warm_up", "run_in_process", "run_local_processes", "close_party", "abort_links", "abort_reason",
-           "PartyView", "FAULT_PHASES", "party_device", "party_prg",
-           "Devices", "PrgChoice"]
+__all__ = ["run_in_process", "run_local_processes", "refuse_in_bootstrap", "PartyView",
+           "party_device", "party_prg", "Devices", "PrgChoice"]
 
 
 # --- in-process harness -------------------------------------------------------------------
@@ -164,10 +144,9 @@ def _run_threads(fn: Callable[[Party], T], begin: Callable[[Party], None], *, fr
 
     def body(role: int) -> None:
         try:
-            warm_up()
-            party = Party(role, links[role], device=party_device(device, role),
-                          frac_bits=frac_bits, prg=party_prg(prg, role),
-                          timeout=timeout, max_frame=max_frame)
+            party = open_party(role, links[role], device=party_device(device, role),
+                               frac_bits=frac_bits, prg=party_prg(prg, role),
+                               timeout=timeout, max_frame=max_frame)
             begin(party)
             results[role] = fn(party)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
@@ -190,8 +169,7 @@ def _run_threads(fn: Callable[[Party], T], begin: Callable[[Party], None], *, fr
 
 # --- process harness ----------------------------------------------------------------------
 
-_EXIT_MAIN_GUARD = 86   # a party process re-ran the caller's script: see _refuse_in_bootstrap
-FAULT_PHASES = ("keys", "setup", "preprocess", "online", "report")
+_EXIT_MAIN_GUARD = 86   # a party process re-ran the caller's script: see refuse_in_bootstrap
 _last_pids: dict[int, int] = {}   # pids of the latest run's party processes (tests)
 
 
@@ -201,7 +179,7 @@ def _send(conn, msg: tuple) -> None:
     conn.send_bytes(pickle.dumps(msg))
 
 
-def _refuse_in_bootstrap() -> None:
+def refuse_in_bootstrap() -> None:
     """End this process at once if it is a multiprocessing child importing the caller's main
     module: the caller's script then runs ``run_local`` at import time (no main guard), and
     every party process would start the whole run again. The parent recognises the exit code
@@ -213,81 +191,6 @@ def _refuse_in_bootstrap() -> None:
                     b"`if __name__ == \"__main__\":`\n")
         os._exit(_EXIT_MAIN_GUARD)
 
-
-def close_party(party: Party, exc: BaseException | None = None) -> None:
-    """Close a party's links. After a failure (``exc``), each peer gets an abort goodbye
-    naming the party that failed first and why, so a survivor's error names the cause rather
-    than whichever link happened to close first."""
-    if exc is None:
-        party.close()
-        return
-    abort_links(party._links, party.role, exc)
-
-
-def abort_reason(exc: BaseException) -> str:
-    """What a failed party tells its peers about its failure. A :class:`ProtocolError` speaks
-    only of the protocol (parties, scopes, shapes, limits: public) and travels whole; any other
-    error may quote private data (a server's weight, a path, an input value), so only its type
-    goes out and the message stays in the failed party's own log."""
-    if isinstance(exc, ProtocolError):
-        return str(exc)
-    return f"{type(exc).__name__} (its message stays in that party's log)"
-
-
-def abort_links(links: dict[int, Link], me: int, exc: BaseException) -> None:
-    """Close ``links`` after party ``me`` failed with ``exc``: an abort goodbye tells each peer
-    which party failed first (the peer a link error blames, else ``me``) and
-    :func:`abort_reason`."""
-    origin = getattr(exc, "failed_party", None)
-    origin = me if origin is None else int(origin)
-    reason = abort_reason(exc)
-    for link in links.values():
-        try:
-            link.close(abort=(origin, reason))
-        except TypeError:          # a link without abort goodbyes (in-memory links)
-            link.close()
-        except Exception:  # noqa: BLE001 - closing after a failure is best effort
-            pass
-
-
-def _arm_fault(party: Party, phase: str) -> None:
-    """TEST HOOK (only through the private ``_fault`` keyword of :func:`run_local_processes`):
-    SIGKILL this party's own process at its first message or scope of ``phase`` (one of
-    :data:`FAULT_PHASES`: key agreement, weight opening, preprocessing, online, report)."""
-    import signal
-    seen = {"preprocess": False}
-
-    def check() -> None:
-        path = party.scope_path
-        top = path.split("/", 1)[0]
-        if top == SCOPE_PREPROCESS:
-            seen["preprocess"] = True
-        due = {"keys": top == SCOPE_KEYS,
-               "setup": path.endswith(SCOPE_SETUP),
-               "preprocess": top == SCOPE_PREPROCESS,
-               "online": seen["preprocess"] and top not in (SCOPE_PREPROCESS, SCOPE_HEADER,
-                                                             SCOPE_REPORT),
-               "report": top == SCOPE_REPORT}[phase]
-        if due:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    send, recv, scope = party.send, party.recv, party.scope
-
-    def send_(to, x):
-        check()
-        return send(to, x)
-
-    def recv_(frm, shape, dtype=torch.int64):
-        check()
-        return recv(frm, shape, dtype)
-
-    @contextlib.contextmanager
-    def scope_(name):     # also on entering a scope: a party may have no message in a phase
-        with scope(name):
-            check()
-            yield
-
-    party.send, party.recv, party.scope = send_, recv_, scope_
 
 
 def _watch_parent(conn) -> None:
@@ -302,53 +205,6 @@ def _watch_parent(conn) -> None:
             pass
         os._exit(70)
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def _memory_tls(material: tuple[bytes, bytes, bytes]) -> tuple[TLSConfig, Callable[[], None]]:
-    """TLS files for this process only: CA certificate, certificate and key in anonymous
-    memory files (Linux memfd; gone when the process ends, even if it is killed). Elsewhere
-    a 0700 temporary folder, deleted by the returned cleanup once the links are up."""
-    names = ("ca.pem", "party.pem", "party.key")
-    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
-        fds = []
-        for name, data in zip(names, material):
-            fd = os.memfd_create(name, getattr(os, "MFD_CLOEXEC", 0))
-            os.write(fd, data)
-            fds.append(fd)
-        paths = [f"/proc/self/fd/{fd}" for fd in fds]
-
-        def cleanup() -> None:
-            for fd in fds:
-                os.close(fd)
-    else:  # pragma: no cover - non-Linux
-        import shutil
-        folder = tempfile.mkdtemp(prefix="si-party-tls-")
-        paths = [os.path.join(folder, n) for n in names]
-        for path, data in zip(paths, material):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-
-        def cleanup() -> None:
-            shutil.rmtree(folder, ignore_errors=True)
-    from pathlib import Path
-    return TLSConfig(Path(paths[0]), Path(paths[1]), Path(paths[2])), cleanup
-
-
-def _throwaway_certificates(host: str) -> dict[int, tuple[bytes, bytes, bytes]]:
-    """A fresh CA and one certificate per party, in memory only: per role (CA certificate,
-    certificate, key) as PEM bytes. The CA key is never written anywhere and is dropped here."""
-    from .certs import create_ca, create_party_certificate
-    ca_key, ca_cert = create_ca()
-    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
-    out = {}
-    for r in ROLES:
-        key, cert = create_party_certificate(ca_key, ca_cert, r, ["localhost", host])
-        out[r] = (ca_pem, cert.public_bytes(serialization.Encoding.PEM),
-                  key.private_bytes(serialization.Encoding.PEM,
-                                    serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
-    return out
 
 
 def _process_main(role: int, fn: Callable[..., Any], conn, cfg: dict) -> None:
@@ -367,7 +223,7 @@ def _process_main(role: int, fn: Callable[..., Any], conn, cfg: dict) -> None:
         tls = None
         if cfg["tls"]:
             if material is not None:
-                tls, release = _memory_tls(material)
+                tls, release = memory_tls(material)
             else:
                 tls = TLSConfig.from_dir(cfg["certs_dir"], role)
         try:
@@ -378,12 +234,10 @@ def _process_main(role: int, fn: Callable[..., Any], conn, cfg: dict) -> None:
             release()   # the links are up (or failed): the TLS files are no longer needed
             if listener is not None:
                 listener.close()
-        warm_up()
-        party = Party(role, links, device=party_device(cfg["device"], role),
-                      frac_bits=cfg["frac_bits"], prg=party_prg(cfg["prg"], role),
-                      timeout=cfg["timeout"], max_frame=cfg["max_frame"])
-        if cfg.get("fault") and cfg["fault"][0] == role:
-            _arm_fault(party, cfg["fault"][1])
+        fault = cfg["fault"][1] if cfg.get("fault") and cfg["fault"][0] == role else None
+        party = open_party(role, links, device=party_device(cfg["device"], role),
+                           frac_bits=cfg["frac_bits"], prg=party_prg(cfg["prg"], role),
+                           timeout=cfg["timeout"], max_frame=cfg["max_frame"], fault=fault)
         try:
             party.start()
             result = fn(party) if not cfg["private"] else fn(party, private)
@@ -475,7 +329,7 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
     ``prg``: the randomness cipher (:mod:`.prg`), one for all or one per role.
     A failure re-raises the first primary error (``exc.party_errors`` lists every party's).
     """
-    _refuse_in_bootstrap()
+    refuse_in_bootstrap()
     if _fault is not None and (_fault[0] not in ROLES or _fault[1] not in FAULT_PHASES):
         raise ValueError(f"_fault must be (role, phase) with a phase in {FAULT_PHASES}")
     guard = _TermGuard()
@@ -501,7 +355,7 @@ def _run_processes(fn, guard: _TermGuard, *, tls, timeout, frac_bits, device, ce
     ctx.set_forkserver_preload(["secure_inference.mpc.harness", "secure_inference.mpc._preload"])
     material: dict[int, Any] = {r: None for r in ROLES}
     if tls and certs_dir is None:
-        material = _throwaway_certificates(host)
+        material = throwaway_certificates(host)
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // 3)
     cfg = dict(host=host, tls=tls, certs_dir=str(certs_dir) if certs_dir else None,

@@ -26,7 +26,7 @@ from .settings import DReLUConfig
 from .report import build_report, plot_report, save_report
 from .ring import DEFAULT_FRAC_BITS, check_inputs
 from .runtime import ROLE_CLIENT, ROLE_SERVER, Party
-from .harness import (Devices, PrgChoice, _refuse_in_bootstrap, run_in_process,
+from .harness import (Devices, PrgChoice, refuse_in_bootstrap, run_in_process,
                       run_local_processes)
 from .netem import EmulatedLink, NetworkProfile, network_profile
 from .prg import DEFAULT_CIPHER, check_cipher
@@ -188,7 +188,7 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
     section estimates the same from bytes and rounds, for comparison).
     """
     if not in_process:
-        _refuse_in_bootstrap()   # a party process re-running a script without a main guard
+        refuse_in_bootstrap()   # a party process re-running a script without a main guard
     check_cipher(prg)
     batches = split_batches(inputs, batch_size)
     for b in batches:

@@ -20,7 +20,8 @@ from torch import nn
 
 from secure_inference.mpc.compile import compile_model
 from secure_inference.mpc.errors import ProtocolError
-from secure_inference.mpc.harness import FAULT_PHASES, run_local_processes
+from secure_inference.mpc.faults import FAULT_PHASES
+from secure_inference.mpc.harness import run_local_processes
 
 from helpers import mpc_process_fns as fns
 

@@ -1,0 +1,69 @@
+"""Test-only fault hooks: a party that kills its own process at a chosen phase.
+
+Nothing in a normal run arms them. The process harness arms one through its private
+``_fault`` keyword (:func:`~.harness.run_local_processes`); the party command lines arm one
+when the environment variable :data:`FAULT_ENV` is ``"ROLE:PHASE"`` (e.g. ``1:report``: the
+server kills itself at the report exchange), which only the fault tests set.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .runtime import Party
+from .session import SCOPE_HEADER, SCOPE_KEYS, SCOPE_PREPROCESS, SCOPE_REPORT, SCOPE_SETUP
+
+__all__ = ["FAULT_PHASES", "FAULT_ENV", "arm_fault", "fault_from_environment"]
+
+FAULT_PHASES = ("keys", "setup", "preprocess", "online", "report")
+FAULT_ENV = "SI_TEST_FAULT"
+
+
+def fault_from_environment(role: int) -> str | None:
+    """The fault phase :data:`FAULT_ENV` asks of party ``role`` (``"ROLE:PHASE"``), else None."""
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault.startswith(f"{role}:"):
+        return fault.split(":", 1)[1]
+    return None
+
+
+def arm_fault(party: Party, phase: str) -> None:
+    """TEST HOOK (the harness's private ``_fault`` keyword, or :data:`FAULT_ENV` for the CLIs):
+    SIGKILL this party's own process at its first message or scope of ``phase`` (one of
+    :data:`FAULT_PHASES`: key agreement, weight opening, preprocessing, online, report)."""
+    import signal
+    seen = {"preprocess": False}
+
+    def check() -> None:
+        path = party.scope_path
+        top = path.split("/", 1)[0]
+        if top == SCOPE_PREPROCESS:
+            seen["preprocess"] = True
+        due = {"keys": top == SCOPE_KEYS,
+               "setup": path.endswith(SCOPE_SETUP),
+               "preprocess": top == SCOPE_PREPROCESS,
+               "online": seen["preprocess"] and top not in (SCOPE_PREPROCESS, SCOPE_HEADER,
+                                                             SCOPE_REPORT),
+               "report": top == SCOPE_REPORT}[phase]
+        if due:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    send, recv, scope = party.send, party.recv, party.scope
+
+    def send_(to, x):
+        check()
+        return send(to, x)
+
+    def recv_(frm, shape, dtype=torch.int64):
+        check()
+        return recv(frm, shape, dtype)
+
+    @contextlib.contextmanager
+    def scope_(name):     # also on entering a scope: a party may have no message in a phase
+        with scope(name):
+            check()
+            yield
+
+    party.send, party.recv, party.scope = send_, recv_, scope_
