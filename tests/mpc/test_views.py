@@ -43,6 +43,8 @@ from secure_inference.mpc.trace import assign_widths
 from secure_inference.widths import Calibration
 from secure_inference.mpc.party import run_party
 from secure_inference.mpc.protocols import drelu as D
+from secure_inference.mpc.protocols import activations as A
+from secure_inference.mpc.protocols import pwl
 from secure_inference.mpc.protocols import relu as R
 from secure_inference.mpc.ring import encode
 from secure_inference.mpc.harness import _run_in_process_with_keys
@@ -128,6 +130,13 @@ def _mul(p, s: Secret):
     P.mul(p, x, y)
 
 
+def _mul_gate(p, s: Secret):
+    """A squeeze-excitation product: a per-channel gate [N, C, 1, 1] from the image times the
+    [N, C, H, W] map (both shared, broadcasting)."""
+    x = _conv(p, s)
+    P.mul(p, P.global_avg_pool2d(p, x, keepdim=True), x)
+
+
 def _truncate(p, s: Secret):
     P.truncate(p, _conv(p, s, truncate=False))
 
@@ -145,6 +154,57 @@ def _nonlinear(op: Callable) -> Callable:
 
 
 BLOCKS = np.array([[1, 1], [2, 2], [0, 1]], dtype=np.int32)
+
+
+class _Gate(nn.Module):
+    """Squeeze-excitation with a SiLU and a sigmoid gate (efficientnet's)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, 2, 1), nn.Conv2d(2, c, 1)
+
+    def forward(self, x):
+        g = torch.sigmoid(self.fc2(nn.functional.silu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return g * x
+
+
+class _ActivationsCNN(nn.Module):
+    """Every new op once: ReLU6, channel shuffle, hardswish, hardsigmoid, the gate product,
+    SiLU, sigmoid, ceil-mode and adaptive max pooling, tanh, GELU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU6())
+        self.conv2, self.act2 = nn.Conv2d(4, 4, 1), nn.Hardswish()
+        self.gate = _Gate(4)
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)      # 6x6 -> 3x3
+        self.amax = nn.AdaptiveMaxPool2d(2)                  # 3x3 -> 2x2, overlapping
+        self.fc1, self.fc2 = nn.Linear(16, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        n, c, h, w = y.size()
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        y = self.gate(self.act2(self.conv2(y)) * nn.functional.hardsigmoid(y))
+        y = self.amax(self.pool(y)).flatten(1)
+        return self.fc2(nn.functional.gelu(torch.tanh(self.fc1(y))))
+
+
+@functools.lru_cache(maxsize=None)
+def _cnn_activations(seed: int):
+    torch.manual_seed(seed)
+    model = _ActivationsCNN()
+    model.conv1[1].running_mean.uniform_(-0.2, 0.2)
+    model.conv1[1].running_var.uniform_(0.5, 1.5)
+    return compile_model(model.eval(), IMAGE)
+
+
+def test_the_activations_cnn_has_every_new_op():
+    program, _ = _cnn_activations(0)
+    assert {"clamp", "reshape", "permute", "hardswish", "hardsigmoid", "mul", "approx",
+            "max_pool", "adaptive_max_pool"} <= {layer.op for layer in program.layers}
+    assert {layer.attrs["function"] for layer in program.layers if layer.op == "approx"} == \
+        {"sigmoid", "silu", "tanh", "gelu"}
 
 
 def _cnn_model(seed: int) -> nn.Module:
@@ -197,7 +257,13 @@ CASES: dict[str, tuple[Callable, int]] = {     # name: (body, bytes of one DReLU
     "conv-preprocessed": (_conv_preprocessed, 8),
     "linear": (_linear, 8),
     "mul": (_mul, 8),
+    "mul-gate": (_mul_gate, 8),
     "truncate": (_truncate, 8),
+    "relu6": (_nonlinear(lambda p, x: A.piecewise_linear(p, x, pwl.clamp_pwl(0, 6))), 8),
+    "sigmoid": (_nonlinear(lambda p, x: A.piecewise_linear(p, x, pwl.approximation("sigmoid"))),
+                8),
+    "hardswish": (_nonlinear(lambda p, x: A.hardswish(p, x)), 8),
+    "cnn-activations": (_whole_cnn(None, _cnn_activations), 8),
     "drelu": (_nonlinear(lambda p, x: D.drelu(p, x)), 8),
     "drelu-approx": (_nonlinear(lambda p, x: D.drelu(p, x, APPROX)), 5),
     "relu": (_nonlinear(lambda p, x: R.relu(p, x)), 8),
@@ -248,6 +314,26 @@ VIEW_TABLE = {
         [("mul", 1, "int64")],
         [("mul", 2, "int64"), ("mul", 0, "int64")],
         [],
+    ),
+    "mul-gate": (
+        [("conv/open-weights", 1, "int64"), ("mul", 1, "int64")],
+        [("conv", 0, "int64"), ("conv", 2, "int64"), ("mul", 2, "int64"), ("mul", 0, "int64")],
+        [],
+    ),
+    "relu6": (
+        [("conv/open-weights", 1, "int64"), ("pwl", 1, "uint8")],
+        [("conv", 0, "int64"), ("conv", 2, "int64"), ("pwl", 2, "uint8"), ("pwl", 0, "uint8"),
+         ("pwl", 2, "int64")],
+        [("pwl", 0, "int64"), ("pwl", 1, "int64"), ("pwl", 0, "uint8"), ("pwl", 1, "uint8")],
+    ),
+    "hardswish": (
+        [("conv/open-weights", 1, "int64"), ("hardswish/pwl", 1, "uint8"),
+         ("hardswish/mul", 1, "int64")],
+        [("conv", 0, "int64"), ("conv", 2, "int64"), ("hardswish/pwl", 2, "uint8"),
+         ("hardswish/pwl", 0, "uint8"), ("hardswish/pwl", 2, "int64"),
+         ("hardswish/mul", 2, "int64"), ("hardswish/mul", 0, "int64")],
+        [("hardswish/pwl", 0, "int64"), ("hardswish/pwl", 1, "int64"),
+         ("hardswish/pwl", 0, "uint8"), ("hardswish/pwl", 1, "uint8")],
     ),
     "truncate": (
         [("conv/open-weights", 1, "int64")],
@@ -310,6 +396,8 @@ VIEW_TABLE = {
 }
 # a DReLU at any width sends the same messages (narrower openings and fewer Z_67 words)
 VIEW_TABLE.update({f"drelu-w{bits}": VIEW_TABLE["drelu"] for bits in WIDTHS})
+# every piecewise-linear table is one call: the messages of a ReLU over k·n elements
+VIEW_TABLE["sigmoid"] = VIEW_TABLE["relu6"]
 
 
 # ---------------------------------------------------------------------- running and decoding
