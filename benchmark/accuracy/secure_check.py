@@ -50,7 +50,7 @@ def training_images(cfg, model, count: int):
 
 
 def evaluate(config: str, checkpoint: Path, name: str, batches, images: int, threads: int,
-             calibration_images: int, margin: float):
+             calibration_images: int, margin: float, frac_bits: int = 16):
     """One row (secure_inference.demo.DemoRow) and the per-layer widths of its run."""
     import torch
 
@@ -71,17 +71,20 @@ def evaluate(config: str, checkpoint: Path, name: str, batches, images: int, thr
                        plaintext_accuracy=float((logits.argmax(1) == labels).float().mean()),
                        site_drelus=counts)
     extra = {"checkpoint": str(checkpoint), "calibration_images": calibration_images,
-             "margin": margin}
+             "margin": margin, "frac_bits": frac_bits}
     spec = None
     if calibration_images > 0:
         cal_x, train_len = training_images(cfg, model, calibration_images)
         t0 = time.perf_counter()
-        spec = calibrate(model, cal_x, None, margin=margin)
+        spec = calibrate(model, cal_x, None, margin=margin, frac_bits=frac_bits)
         extra.update(calibration_seconds=round(time.perf_counter() - t0, 2),
-                     training_images_available=train_len)
+                     training_images_available=train_len,
+                     # the calibration's estimate on training images (f fractional bits):
+                     # catastrophic local-truncation failures expected per image
+                     expected_truncation_failures_per_image=spec.calibration.truncation_failures)
     pick = demo.secure_subset(len(labels), images)
     x = torch.cat([b[0] for b in batches])[pick]
-    result = run_local(model, x, spec, tls=True, threads=threads)
+    result = run_local(model, x, spec, tls=True, threads=threads, frac_bits=frac_bits)
     plain = logits[pick]
     secure = demo.score_secure_run(row, result, plain, labels[pick])
     widths = result.program.widths()
@@ -108,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--margin", type=float, default=8.0,
                     help="calibration margin: widths hold margin x the largest |input| seen "
                          "(default 8)")
+    ap.add_argument("--frac-bits", type=int, default=16,
+                    help="fractional bits of the fixed point (default 16; more bits shrink "
+                         "the secure run's logit error and make near-zero Block-ReLU "
+                         "decisions rarer, at wider comparison widths)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per party")
     ap.add_argument("--out", type=Path, default=HERE / "secure_check")
     args = ap.parse_args(argv)
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         label = f"{LABELS.get(method, method)}@{args.budget}"
         row, extra = evaluate(config, ckpt, label, batches, args.images, args.threads,
-                              args.calibration_images, args.margin)
+                              args.calibration_images, args.margin, args.frac_bits)
         extra.update(study_accuracy=run["accuracy"], study_bytes=run.get("bytes"),
                      seconds=round(time.time() - t0, 1))
         rows.append(row)
@@ -151,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.write_results(args.out, rows, {"work": str(args.work), "budget": args.budget,
                                         "seed": args.seed, "images": args.images,
                                         "calibration_images": args.calibration_images,
-                                        "margin": args.margin, "models": extras})
+                                        "margin": args.margin, "frac_bits": args.frac_bits,
+                                        "models": extras})
     return 0
 
 

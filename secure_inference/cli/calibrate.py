@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frac-bits", type=int, default=16,
                         help="fixed point the parties will run (default 16): the widths and the "
                         "headroom check depend on it")
+    parser.add_argument("--max-failures", type=float, default=1e-3, metavar="RATE",
+                        help="most catastrophic truncation failures per image the calibration "
+                        "images may expect (default 0.001: one image in 1,000 with a wrong "
+                        "output); above it calibration refuses and names the --frac-bits "
+                        "that fits")
     parser.add_argument("--batch-size", type=int, default=32, help="images per plaintext batch")
     parser.add_argument("--table", type=Path, help="also write the per-layer table (.json)")
     parser.add_argument("--plot", type=Path, help="write a PNG: bits compared per layer")
@@ -65,6 +70,8 @@ def run(argv: list[str] | None = None) -> int:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
     if args.margin < 1:
         raise UserError(f"--margin must be at least 1, got {args.margin}")
+    if not args.max_failures >= 0:
+        raise UserError(f"--max-failures must be at least 0, got {args.max_failures}")
     if args.out.suffix not in (".pickle", ".pkl", ".json"):
         raise UserError(f"--out {args.out}: use a .pickle or .json file name")
     from tqdm import tqdm
@@ -89,7 +96,7 @@ def run(argv: list[str] | None = None) -> int:
               file=sys.stderr) as bar:
         cal = calibrate_program(program, weights, images, margin=args.margin,
                                 frac_bits=args.frac_bits, batch_size=args.batch_size,
-                                progress=bar.update)
+                                progress=bar.update, max_failures=args.max_failures)
     save_spec(BlockSpec(extract_block_spec(model, shape), cal), args.out)
     rows = width_table(program, cal, frac_bits=args.frac_bits)
     print_table(rows)

@@ -35,11 +35,18 @@ from .ring import DEFAULT_FRAC_BITS
 from .trace import assign_widths, compile_model
 
 __all__ = ["HeadroomError", "calibrate", "calibrate_program", "check_headroom",
-           "width_table", "bytes_saved_by_widths", "MIN_FRAC_BITS"]
+           "check_failure_rate", "width_table", "bytes_saved_by_widths", "MIN_FRAC_BITS",
+           "DEFAULT_MAX_FAILURES"]
 
 MIN_FRAC_BITS = 8
 """Fewest fractional bits :class:`HeadroomError` suggests (below, the rounding error of every
 weight and activation is larger than most networks tolerate)."""
+
+
+DEFAULT_MAX_FAILURES = 1e-3
+"""Most catastrophic truncation failures per image :func:`calibrate` accepts by default (one in
+a thousand images with an output off by about 2^(64−2f)): the headroom check bounds the
+largest value, this bounds their sum, which grows with the number of values."""
 
 
 class HeadroomError(CalibrationError):
@@ -84,12 +91,16 @@ def calibrate_program(program: Program, weights: Weights, images: torch.Tensor, 
                       margin: float = DEFAULT_MARGIN, frac_bits: int = DEFAULT_FRAC_BITS,
                       batch_size: int = 32,
                       progress: Callable[[int], None] | None = None,
-                      check: bool = True) -> Calibration:
+                      check: bool = True,
+                      max_failures: float = DEFAULT_MAX_FAILURES) -> Calibration:
     """Record the ranges of ``program`` on ``images`` [N, C, H, W] (plaintext, float64).
 
     ``progress(n)`` is called after each batch of n images. With ``check`` (default) a
-    program without ``margin`` times headroom at ``frac_bits`` raises :class:`HeadroomError`.
+    program without ``margin`` times headroom at ``frac_bits``, or with more than
+    ``max_failures`` expected truncation failures per image, raises :class:`HeadroomError`.
     """
+    if not max_failures >= 0:       # (inf: no limit)
+        raise ValueError(f"max_failures must be a number >= 0, got {max_failures}")
     images = _check_images(images, program)
     if not (math.isfinite(margin) and margin >= 1):
         raise ValueError(f"margin must be a finite number >= 1, got {margin}")
@@ -132,7 +143,34 @@ def calibrate_program(program: Program, weights: Weights, images: torch.Tensor, 
                       truncation_failures=rec.failures / images.shape[0])
     if check:
         check_headroom(cal, where=rec.max_ring_layer, activation_layer=rec.max_activation_layer)
+        check_failure_rate(cal, max_failures)
     return cal
+
+
+def check_failure_rate(calibration: Calibration, max_failures: float = DEFAULT_MAX_FAILURES
+                       ) -> None:
+    """Raise :class:`HeadroomError` (what to do included) when the calibration images expect
+    more than ``max_failures`` catastrophic truncation failures per image.
+
+    Each local truncation of a ring value v fails with probability about |v|/2^64, putting an
+    error near 2^(64−2f) into one value; the headroom check bounds the largest v, this the
+    sum over all of them, which a large network can make too big even with ample headroom
+    (one fractional bit less divides it by 4)."""
+    rate, f = calibration.truncation_failures, calibration.frac_bits
+    if rate <= max_failures:
+        return
+    need = math.ceil(math.log(rate / max_failures, 4)) if max_failures > 0 else 0
+    lower = f - need
+    fix = (f"run every party with --frac-bits {lower} (about "
+           f"{1000 * rate / 4.0 ** need:.3g} per 1,000 images) and calibrate again with it"
+           if max_failures > 0 and lower >= MIN_FRAC_BITS else
+           "rescale the inputs or the weights and calibrate again")
+    raise HeadroomError(
+        f"too many expected truncation failures: on the calibration images, local truncations "
+        f"at frac_bits={f} are expected to fail {1000 * rate:.3g} times per 1,000 images "
+        f"(each failure puts an error near 2^{64 - 2 * f} into one value, a wrong output), "
+        f"above the accepted {1000 * max_failures:.3g}; {fix}, or accept the rate with "
+        f"--max-failures {rate:.2g}")
 
 
 def check_headroom(calibration: Calibration, *, where: str = "", activation_layer: str = "",
@@ -163,8 +201,8 @@ def check_headroom(calibration: Calibration, *, where: str = "", activation_laye
 
 def calibrate(model: nn.Module, images: torch.Tensor, spec: Mapping | None = None, *,
               margin: float = DEFAULT_MARGIN, frac_bits: int = DEFAULT_FRAC_BITS,
-              batch_size: int = 32, progress: Callable[[int], None] | None = None
-              ) -> BlockSpec:
+              batch_size: int = 32, progress: Callable[[int], None] | None = None,
+              max_failures: float = DEFAULT_MAX_FAILURES) -> BlockSpec:
     """A spec that carries the ranges of ``model`` (with ``spec`` applied) on ``images``.
 
     ``images``: preprocessed calibration images [N, C, H, W] (training images: the ranges
@@ -173,14 +211,17 @@ def calibrate(model: nn.Module, images: torch.Tensor, spec: Mapping | None = Non
     :func:`secure_inference.save_spec` and pass it wherever a spec goes (``compile_model``,
     ``run_local``, the party CLIs' ``--spec``): every calibrated DReLU layer then compares
     only the bits its range times ``margin`` needs. Raises :class:`HeadroomError` where the
-    fixed point at ``frac_bits`` has less than ``margin`` times room.
+    fixed point at ``frac_bits`` has less than ``margin`` times room, or where the images
+    expect more than ``max_failures`` truncation failures per image
+    (:func:`check_failure_rate`).
     """
     shape = tuple(images.shape[-3:])
     sites = dict(spec or {})
     program, weights = compile_model(model, (1,) + shape, spec=sites or None,
                                      drelu_width=FULL_WIDTH)
     cal = calibrate_program(program, weights, images, margin=margin, frac_bits=frac_bits,
-                            batch_size=batch_size, progress=progress)
+                            batch_size=batch_size, progress=progress,
+                            max_failures=max_failures)
     return BlockSpec(sites, cal)
 
 

@@ -166,9 +166,38 @@ def test_headroom_refused_with_the_fix():
     lower = 16 - math.ceil(math.log(8 / room, 4))   # each bit less: 4x the room
     with pytest.raises(HeadroomError, match=f"--frac-bits {lower} "):
         calibrate(model, x)
-    with pytest.raises(HeadroomError):
-        calibrate(model, x, frac_bits=lower + 1)
-    assert calibrate(model, x, frac_bits=lower).calibration.headroom >= 8
+    with pytest.raises(HeadroomError, match="headroom too small"):
+        calibrate(model, x, frac_bits=lower + 1, max_failures=math.inf)
+    # (values this large also expect many truncation failures: that check is not tested here)
+    assert calibrate(model, x, frac_bits=lower,
+                     max_failures=math.inf).calibration.headroom >= 8
+
+
+def test_too_many_expected_truncation_failures_refused_with_the_fix():
+    """Ample headroom (the largest value far below 2^63) but many large values: their summed
+    failure probability is refused, with the fractional bits that fit; a higher limit or
+    fewer fractional bits pass, and the rate scales by 4 per bit."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(32 * 16 * 16, 4)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(300.0)
+    x = torch.randn(2, 3, 16, 16)
+    program, weights = compile_model(model, (1, 3, 16, 16))
+    cal = calibrate_program(program, weights, x, frac_bits=20, check=False)
+    assert cal.headroom > 1e3 and cal.truncation_failures > 1e-2
+    need = math.ceil(math.log(cal.truncation_failures / 1e-3, 4))
+    with pytest.raises(HeadroomError, match=f"--frac-bits {20 - need} .*--max-failures"):
+        calibrate(model, x, frac_bits=20)
+    ok = calibrate(model, x, frac_bits=20 - need).calibration
+    assert ok.truncation_failures <= 1e-3
+    assert ok.truncation_failures == pytest.approx(cal.truncation_failures / 4 ** need,
+                                                   rel=1e-6)
+    for limit in (cal.truncation_failures * 1.01, math.inf):
+        got = calibrate(model, x, frac_bits=20, max_failures=limit).calibration
+        assert got.truncation_failures == pytest.approx(cal.truncation_failures, rel=1e-9)
+    with pytest.raises(ValueError, match="max_failures"):
+        calibrate(model, x, max_failures=float("nan"))
 
 
 def test_calibration_refuses_nan_and_integer_images():

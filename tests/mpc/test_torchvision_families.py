@@ -13,6 +13,7 @@ import torchvision
 from torch import nn
 
 from secure_inference.mpc import run_local
+from secure_inference.mpc.calibrate import calibrate
 from secure_inference.mpc.compile import (UnsupportedOperationError, compile_model, error_bound,
                                           run_float)
 from secure_inference.mpc.costs import program_cost
@@ -73,12 +74,12 @@ def test_family_compiles_to_its_float_model(name):
         assert float((got - ref).abs().max()) <= 1e-5 * (1 + float(ref.abs().max()))
 
 
-def _secure_case(name: str, size: int | None = None, **kw):
+def _secure_case(name: str, size: int | None = None, spec=None, **kw):
     model = _model(name, seed=1)
     size = size or FAMILIES[name][0]
     torch.manual_seed(2)
     x = torch.randn(1, 3, size, size)
-    res = run_local(model, x, None, timeout=600, **kw)
+    res = run_local(model, x, spec, timeout=600, **kw)
     _check(model, x, res.outputs)
     cost = program_cost(res.program, batch=1)
     rep = res.report
@@ -93,6 +94,21 @@ def _secure_case(name: str, size: int | None = None, **kw):
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_family_runs_securely_in_process(name):
     _secure_case(name, in_process=True)
+
+
+def test_calibrated_widths_apply_to_the_new_comparisons():
+    """The clamp, hardsigmoid, hardswish and table layers take calibrated comparison widths
+    like ReLUs (their comparison inputs are the shifted copies x − t_i), and the run's bytes
+    still equal program_cost."""
+    model = _model("mobilenet_v3_small", seed=1)
+    torch.manual_seed(5)
+    spec = calibrate(model, torch.randn(4, 3, 32, 32), None)
+    program, _ = compile_model(model, (1, 3, 32, 32), spec=spec)
+    narrowed = {layer.op for layer in program.layers if program.widths().get(layer.name, 64) < 64}
+    assert {"hardswish", "hardsigmoid", "relu"} <= narrowed
+    res = _secure_case("mobilenet_v3_small", spec=spec, in_process=True)
+    assert res.report["online"]["bytes"] < program_cost(compile_model(
+        model, (1, 3, 32, 32))[0])["online_bytes"]
 
 
 @pytest.mark.slow
