@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..widths import width_range
 from .netem import NETWORKS, network_estimates
 from .ops import WIDTH_ATTR, layer_drelus
 from .program import Program
@@ -35,6 +36,15 @@ def _has(stats: CommStats, scope: str) -> bool:
 
 def _rounds(stats: Sequence[CommStats], scope: str) -> int:
     return max((st.scopes[scope].rounds if scope in st.scopes else 0) for st in stats)
+
+
+def _exact_range(program: Program, layer) -> float | None:
+    """The largest |comparison input| (real units) a layer's calibrated width decides exactly
+    (:func:`secure_inference.widths.width_range`); None for the session's DReLU."""
+    bits = layer.attrs.get(WIDTH_ATTR)
+    if bits is None or program.frac_bits is None:
+        return None
+    return width_range(int(bits), program.frac_bits)
 
 
 def build_report(program: Program, results: Sequence[dict[str, Any]], *,
@@ -63,7 +73,8 @@ def build_report(program: Program, results: Sequence[dict[str, Any]], *,
             "output_shape": list(layer.shape[1:]),
             "bytes_sent": dict(zip(PARTY_KEYS, online)), "bytes": sum(online),
             "setup_bytes": sum(setup), "rounds": rounds, "wall_s": wall, "drelus": drelus,
-            "drelu_width": (layer.attrs.get(WIDTH_ATTR, "session") if drelus else None)})
+            "drelu_width": (layer.attrs.get(WIDTH_ATTR, "session") if drelus else None),
+            "drelu_range": _exact_range(program, layer) if drelus else None})
     out_bytes = [_sent(st, SCOPE_OUTPUT) for st in stats]
     hdr_bytes = [_sent(st, SCOPE_HEADER) for st in stats]
     pre_bytes = [_sent(st, SCOPE_PREPROCESS) for st in stats]
@@ -84,7 +95,11 @@ def build_report(program: Program, results: Sequence[dict[str, Any]], *,
                          "min": min(widths.values(), default=None),
                          "max": max(widths.values(), default=None),
                          "what": "bits each DReLU layer compares (layers[].drelu_width; "
-                                 "'session': the session's DReLU, 64 bits unless --drelu-bits)"},
+                                 "'session': the session's DReLU, 64 bits unless --drelu-bits) "
+                                 "and the largest |input| in real units it decides exactly "
+                                 "(layers[].drelu_range: 2^(width-1-frac_bits), public like "
+                                 "the width; beyond it a decision may be wrong, never a "
+                                 "leak)"},
         "cpu_seconds": dict(zip(PARTY_KEYS, (float(r.get("cpu_seconds", 0.0)) for r in results))),
         "images": images, "batch_sizes": sizes,
         "layers": layers,

@@ -329,6 +329,10 @@ def test_calibrated_run_matches_plaintext_with_the_bytes_of_its_widths():
     for name, row in rows.items():   # exact bytes per layer at the layer's width
         assert measured[name]["bytes"] == row["bytes"], name
         assert measured[name]["drelu_width"] == row["width"]
+        # the range the width decides exactly: 2^(ℓ−1−f), and it holds the calibrated range
+        assert measured[name]["drelu_range"] == 2.0 ** (row["width"] - 1 - 16)
+        assert measured[name]["drelu_range"] >= cal.calibration.ranges[name]
+    assert all(l["drelu_range"] is None for l in plain.report["layers"])
     base = {l["name"]: l["bytes"] for l in plain.report["layers"]}
     for name, row in rows.items():
         assert base[name] == row["bytes_64"]
