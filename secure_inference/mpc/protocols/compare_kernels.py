@@ -129,11 +129,10 @@ def _sample_words(words, high, inv, limit, out, bad) -> int:
         hit = np.uint32(0)
         for i in range(_SUB_BLOCK):
             hit |= np.uint32(np.uint32(ws[i]) >= lim)
-        if hit:
+        if hit:     # branch-free compaction: always write, advance only on a rejection
             for i in range(_SUB_BLOCK):
-                if np.uint32(ws[i]) >= lim:
-                    bad[nbad] = a + i
-                    nbad += 1
+                bad[nbad] = a + i
+                nbad += np.int64(np.uint32(ws[i]) >= lim)
     for i in range(full, n):
         if np.uint32(words[i]) >= lim:
             bad[nbad] = i
