@@ -137,10 +137,11 @@ def _classes_hint(net: nn.Module, checkpoint, model: str) -> str:
 
 
 def input_shape_of(model: str, default: Sequence[int] | None = None,
-                   cfg_options: dict | None = None) -> tuple[int, int, int]:
-    """The (C, H, W) a model runs at: the config's ``secure_inference.input_shape``, else default."""
+                   cfg_options: dict | None = None, config=None) -> tuple[int, int, int]:
+    """The (C, H, W) a model runs at: the config's ``secure_inference.input_shape``, else default.
+    ``config``: the model's config if the caller loaded it already (not read again)."""
     if is_config_path(model):
-        cfg = load_config(model, cfg_options)
+        cfg = load_config(model, cfg_options) if config is None else config
         shape = (cfg.get("secure_inference") or {}).get("input_shape")
         if shape is not None:
             return tuple(int(s) for s in shape)

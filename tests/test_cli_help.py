@@ -84,15 +84,6 @@ def test_console_script_help(name):
     assert proc.returncode == 0 and text in proc.stdout, proc.stderr[-2000:]
 
 
-def test_help_defaults_agree_with_the_library():
-    from secure_inference.cli import _mmlab, _party
-    from secure_inference.mmlab.runner import LAUNCHERS
-    from secure_inference.mpc.party import DEFAULT_MAX_BATCH, DEFAULT_MAX_IMAGES
-    assert (_party.DEFAULT_MAX_BATCH, _party.DEFAULT_MAX_IMAGES) == (DEFAULT_MAX_BATCH,
-                                                                    DEFAULT_MAX_IMAGES)
-    assert _mmlab.LAUNCHERS == LAUNCHERS
-
-
 def test_cfg_options_parse_as_mmengine_does():
     from mmengine.config import DictAction
 

@@ -66,7 +66,7 @@ def main() -> None:
     build = bench.build
     from secure_inference.mpc.compile import compile_model
     from secure_inference.mpc.harness import run_local_processes
-    from secure_inference.mpc.party import SessionLimits
+    from secure_inference.mpc.options import SessionLimits
     from secure_inference.mpc.session import ROLE_CLIENT, ROLE_SERVER
 
     torch.manual_seed(0)   # the same (randomly initialised) model and images in every run

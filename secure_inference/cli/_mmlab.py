@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from secure_inference.mmlab.launchers import LAUNCHERS
+
 MMLAB_PACKAGES = ("mmengine", "mmcv", "mmpretrain", "mmseg")
 
 
@@ -28,9 +30,6 @@ def run_mmlab_cli(main, name: str, argv: list[str] | None = None) -> int:
         return 1
 
 
-# secure_inference.mmlab.runner.LAUNCHERS, named here so that --help loads no mmengine
-# (tests/test_cli_help.py checks that they agree)
-LAUNCHERS = ("none", "pytorch")
 
 
 class CfgOptionsAction(argparse.Action):

@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-# the defaults of secure_inference.mpc.party, named here so that --help loads no torch
-# (tests/test_cli_help.py checks that they agree)
-DEFAULT_MAX_BATCH = 64
-DEFAULT_MAX_IMAGES = 100_000
+from secure_inference.mpc.options import (CIPHERS, DEFAULT_FRAC_BITS, DEFAULT_MAX_BATCH,
+                                          DEFAULT_MAX_IMAGES)
+from secure_inference.mpc.session_config import DEFAULTS
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +35,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--certs", type=Path, help="folder with ca.pem and this party's .pem/.key")
     g.add_argument("--plaintext", action="store_true", default=None,
                    help="no TLS (loopback addresses only; for tests)")
-    g.add_argument("--frac-bits", type=int, help="fixed-point fractional bits (default 16)")
+    g.add_argument("--frac-bits", type=int,
+                   help=f"fixed-point fractional bits (default {DEFAULT_FRAC_BITS})")
     g.add_argument("--drelu-bits", type=int, help="approximate DReLU: bits compared")
     g.add_argument("--drop-bits", type=int, help="approximate DReLU: low bits dropped first")
     g.add_argument("--drelu-width", type=int, metavar="BITS",
@@ -48,10 +48,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                    help="safety factor over a calibrated spec's ranges (default: the one "
                    "si-calibrate recorded, 8); a larger margin costs about log2(X) bits per "
                    "comparison")
-    g.add_argument("--timeout", type=float, help="seconds to wait for a peer (default 120)")
+    g.add_argument("--timeout", type=float,
+                   help=f"seconds to wait for a peer (default {DEFAULTS['timeout']:g})")
     g.add_argument("--threads", type=int, help="torch threads for this party (parties sharing "
                    "a machine: cores / 3; too many threads make OpenMP workers spin)")
-    g.add_argument("--prg", choices=("aes", "chacha20"),
+    g.add_argument("--prg", choices=CIPHERS,
                    help="cipher of the correlated randomness: aes (AES-256-CTR on the CPU, "
                    "default) or chacha20 (drawn on this party's device, e.g. the GPU); all "
                    "three parties must choose the same one (checked at session start)")
@@ -116,7 +117,7 @@ def run_cli(main: Callable[[list[str] | None], int], name: str,
 
 def limits_from(args: argparse.Namespace):
     """The SessionLimits of --max-batch/--max-images."""
-    from secure_inference.mpc.party import SessionLimits
+    from secure_inference.mpc.options import SessionLimits
     try:
         return SessionLimits(max_batch=int(args.max_batch), max_images=int(args.max_images))
     except ValueError as exc:
@@ -139,6 +140,13 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
+def options_for(cfg: dict[str, Any], limits=None):
+    """The party's SessionOptions of the merged settings, built once per command (``limits``:
+    the server's/helper's SessionLimits; default: the library's defaults)."""
+    from secure_inference.mpc.session_config import session_options
+    return session_options(cfg, limits)
+
+
 def check_addresses(cfg: dict[str, Any]) -> None:
     """A missing or malformed --server/--helper address is a one-line UserError."""
     from secure_inference.mpc.session_config import SessionConfigError, party_addresses
@@ -158,25 +166,37 @@ def tls_config(role: int, cfg: dict[str, Any]):
         raise UserError(str(exc)) from None
 
 
-def input_shape(cfg: dict[str, Any]) -> tuple[int, int, int]:
-    """[C, H, W] of the session: ``input_shape`` or the config's."""
+def model_config(cfg: dict[str, Any]):
+    """The session model's MMLab config (``cfg_options`` merged in), loaded once per command
+    and passed on; None for a torchvision name or a factory."""
+    from secure_inference.models import is_config_path, load_config
+    if not is_config_path(cfg["model"]):
+        return None
+    return load_config(cfg["model"], cfg.get("cfg_options"))
+
+
+def input_shape(cfg: dict[str, Any], task_cfg=None) -> tuple[int, int, int]:
+    """[C, H, W] of the session: ``input_shape`` or the config's (``task_cfg``: the loaded
+    config, see :func:`model_config`)."""
     from secure_inference.models import input_shape_of
-    return input_shape_of(cfg["model"], cfg.get("input_shape"), cfg.get("cfg_options"))
+    return input_shape_of(cfg["model"], cfg.get("input_shape"), cfg.get("cfg_options"),
+                          config=task_cfg)
 
 
-def build_model(cfg: dict[str, Any], checkpoint: str | None = None):
+def build_model(cfg: dict[str, Any], checkpoint: str | None = None, task_cfg=None):
     """The model with the spec's Block-ReLUs: with the server's checkpoint, or (client and
     helper) with random weights, which only fix the architecture: the compiled program
-    holds no weights."""
+    holds no weights. ``task_cfg``: the model's config if the caller loaded it already
+    (:func:`model_config`)."""
     from secure_inference.models import is_config_path, load_model
     from secure_inference.spec import apply_block_spec, load_spec
     spec = load_spec(cfg["spec"]) if cfg.get("spec") else None
-    shape = input_shape(cfg)
+    if is_config_path(cfg["model"]) and task_cfg is None:
+        task_cfg = model_config(cfg)
+    shape = input_shape(cfg, task_cfg)
     if is_config_path(cfg["model"]):
-        from secure_inference.mmlab.config_utils import load_task_config
         from secure_inference.mmlab.finetune import (build_task_model, load_finetuned,
                                                      prepare_model)
-        task_cfg = load_task_config(cfg["model"], cfg.get("cfg_options"))
         task_cfg.setdefault("secure_inference", {})
         if not task_cfg.secure_inference.get("input_shape"):
             task_cfg.secure_inference["input_shape"] = list(shape)
@@ -191,25 +211,19 @@ def build_model(cfg: dict[str, Any], checkpoint: str | None = None):
     return model.eval(), shape
 
 
-def drelu(cfg: dict[str, Any]):
-    """The session's DReLU configuration (None: exact)."""
-    from secure_inference.mpc.local import drelu_config
-    return drelu_config(cfg.get("drelu_bits"), int(cfg.get("drop_bits") or 0))
-
-
-def connect(role: int, cfg: dict[str, Any]):
-    """Listen (server, helper), dial (client, server), agree keys; returns the Party."""
+def connect(role: int, cfg: dict[str, Any], options, tls):
+    """Listen (server, helper), dial (client, server), agree keys; returns the Party built
+    with ``options`` (:func:`options_for`). ``tls``: this party's material (:func:`tls_config`,
+    None with --plaintext)."""
     from secure_inference.mpc.faults import fault_from_environment
     from secure_inference.mpc.lifecycle import open_party
     from secure_inference.mpc.session_config import SessionConfigError, party_addresses
     from secure_inference.mpc.transport.addresses import listen
     from secure_inference.mpc.transport.connect import connect_links
-    from secure_inference.mpc.transport.frames import DEFAULT_MAX_FRAME
     try:
         addresses = party_addresses(cfg)
     except SessionConfigError as exc:
         raise SystemExit(str(exc)) from None
-    tls = tls_config(role, cfg)
     listener = None
     if role != 0:
         try:
@@ -225,16 +239,14 @@ def connect(role: int, cfg: dict[str, Any]):
                             f"--{what}: HOST must be an address of this machine") from None
     try:
         links = connect_links(role, addresses, listener, tls=tls,
-                              allow_plaintext=bool(cfg["plaintext"]),
-                              timeout=float(cfg["timeout"]))
+                              allow_plaintext=bool(cfg["plaintext"]), timeout=options.timeout,
+                              max_frame=options.max_frame)
     finally:
         if listener is not None:
             listener.close()
     # warmed up first (torch's lazy meta-tensor imports, the numba kernels), before any timing;
     # the fault hook is armed only by the fault tests' environment variable
-    party = open_party(role, links, frac_bits=int(cfg["frac_bits"]), timeout=float(cfg["timeout"]),
-                       device=cfg.get("device") or "cpu", prg=cfg.get("prg") or "aes",
-                       max_frame=DEFAULT_MAX_FRAME, fault=fault_from_environment(role))
+    party = open_party(role, links, options, fault=fault_from_environment(role))
     try:
         party.start()
     except BaseException as exc:
@@ -262,15 +274,14 @@ def compile_for(model, shape, batch: int, cfg: dict[str, Any]):
                          margin=None if margin is None else float(margin))
 
 
-def run_role(role: int, cfg: dict[str, Any], program, *, weights=None, images=None,
-             limits=None):
-    """Connect, run the program, gather the report at the client; closes the links.
-    ``limits``: the server's/helper's SessionLimits (default: the library's defaults)."""
+def run_role(role: int, cfg: dict[str, Any], options, tls, program, *, weights=None,
+             images=None):
+    """Connect, run the program, gather the report at the client; closes the links. The
+    DReLU and the server's/helper's limits come with ``options``."""
     from secure_inference.mpc.party import gather_results, run_party
-    party = connect(role, cfg)
+    party = connect(role, cfg, options, tls)
     try:
-        result = run_party(party, program, images=images, weights=weights, drelu=drelu(cfg),
-                           limits=limits)
+        result = run_party(party, program, images=images, weights=weights)
         results = gather_results(party, result)
     except BaseException as exc:
         close_party(party, exc)
@@ -288,15 +299,16 @@ def serve_session(role: int, args: argparse.Namespace, checkpoint: str | None = 
     limits = limits_from(args)
     cfg = resolve(args)
     check_addresses(cfg)       # addresses and TLS files first: compiling takes a while
-    tls_config(role, cfg)
+    tls = tls_config(role, cfg)
+    options = options_for(cfg, limits)
     model, shape = build_model(cfg, checkpoint=checkpoint)
     program, weights = compile_for(model, shape, 1, cfg)
     del model
     print(f"{name}: compiled {len(program.layers)} secure layers; listening at {cfg[address]}",
           file=sys.stderr)
     start = time.perf_counter()
-    result, _ = run_role(role, cfg, program, weights=weights if role == 1 else None,
-                         limits=limits)
+    result, _ = run_role(role, cfg, options, tls, program,
+                         weights=weights if role == 1 else None)
     print(f"{name}: {verb} {sum(result['batch_sizes'])} image(s) in "
           f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0

@@ -80,11 +80,12 @@ def run(argv: list[str] | None = None) -> int:
     from secure_inference.mpc.compile import compile_model
     from secure_inference.spec import BlockSpec, extract_block_spec, save_spec
 
-    from ._party import build_model
+    from ._party import build_model, model_config
     from .client import load_images
     cfg = {"model": args.model, "spec": args.spec, "input_shape": args.input_shape}
-    model, shape = build_model(cfg, checkpoint=args.checkpoint)
-    images = load_images(args.images, cfg, shape)
+    task_cfg = model_config(cfg)    # loaded once: shape, model and normalisation
+    model, shape = build_model(cfg, checkpoint=args.checkpoint, task_cfg=task_cfg)
+    images = load_images(args.images, cfg, shape, task_cfg)
     if args.num_images is not None:
         images = images[:args.num_images]
     if images.shape[0] == 0:

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from ._party import (UserError, add_common_args, build_model, check_addresses, close_party,
-                     compile_for, connect, drelu, resolve, run_cli, tls_config)
+                     compile_for, connect, model_config, options_for, resolve, run_cli,
+                     tls_config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,28 +38,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def preprocessor(cfg: dict) -> tuple[list[float], list[float], bool]:
+def preprocessor(cfg: dict, task_cfg=None) -> tuple[list[float], list[float], bool]:
     """Mean, std and to-RGB of the session model's data preprocessor (ImageNet's for a
-    torchvision model)."""
+    torchvision model); ``task_cfg``: the model's config if loaded already."""
     from secure_inference.models import is_config_path
     if not is_config_path(cfg["model"]):
         return [123.675, 116.28, 103.53], [58.395, 57.12, 57.375], False
-    from secure_inference.mmlab.config_utils import load_task_config
-    task = load_task_config(cfg["model"], cfg.get("cfg_options"))
+    task = model_config(cfg) if task_cfg is None else task_cfg
     pre = task.get("data_preprocessor") or task.model.get("data_preprocessor") or {}
     mean = list(pre.get("mean", [0.0, 0.0, 0.0]))
     std = list(pre.get("std", [1.0, 1.0, 1.0]))
     return mean, std, bool(pre.get("to_rgb", pre.get("bgr_to_rgb", False)))
 
 
-def load_images(path: Path, cfg: dict, shape):
-    """[N, C, H, W] float32 images from a .npy file or a folder of image files."""
+def load_images(path: Path, cfg: dict, shape, task_cfg=None):
+    """[N, C, H, W] float32 images from a .npy file or a folder of image files (``task_cfg``:
+    the model's config if loaded already, for the folder's normalisation)."""
     from secure_inference.evaluation import load_image_array, load_image_folder
     if path.suffix == ".npy":
         return load_image_array(path, shape)
     if not path.is_dir():
         raise UserError(f"--images must be a .npy file or a folder of images: {path}")
-    mean, std, _ = preprocessor(cfg)
+    mean, std, _ = preprocessor(cfg, task_cfg)
     return load_image_folder(path, shape, mean, std)
 
 
@@ -97,19 +98,21 @@ def run(argv: list[str] | None = None) -> int:
     if bs < 1:
         raise UserError(f"--batch-size must be at least 1, got {bs}")
     check_addresses(cfg)
-    tls_config(0, cfg)
+    tls = tls_config(0, cfg)
+    options = options_for(cfg)
     import torch
     from tqdm import tqdm
 
     from secure_inference.evaluation import load_labels, score
     from secure_inference.mpc.party import gather_results, run_party
     from secure_inference.mpc.report import build_report, plot_report, save_report
-    model, shape = build_model(cfg)
-    images = load_images(args.images, cfg, shape)
+    task_cfg = model_config(cfg)    # loaded once: shape, model and normalisation
+    model, shape = build_model(cfg, task_cfg=task_cfg)
+    images = load_images(args.images, cfg, shape, task_cfg)
     if images.shape[0] == 0:
         raise UserError(f"--images {args.images} holds no images (0 images): nothing to run")
     from secure_inference.mpc.ring import check_inputs
-    check_inputs(images, int(cfg["frac_bits"]), what=f"--images {args.images}")
+    check_inputs(images, options.frac_bits, what=f"--images {args.images}")
     batches = list(images.split(bs))
     program, _ = compile_for(model, shape, bs, cfg)
     del model
@@ -117,11 +120,10 @@ def run(argv: list[str] | None = None) -> int:
     if args.labels is not None:
         labels = load_labels(args.labels, images.shape[0],
                              tuple(program.layers[program.output].shape))
-    party = connect(0, cfg)
+    party = connect(0, cfg, options, tls)
     try:
         with tqdm(total=len(images), desc="secure inference", unit="img") as bar:
-            result = run_party(party, program, images=batches, drelu=drelu(cfg),
-                               on_batch=bar.update)
+            result = run_party(party, program, images=batches, on_batch=bar.update)
     except BaseException as exc:
         close_party(party, exc)
         raise
@@ -129,7 +131,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.output is not None:      # before the report exchange, which can still fail
         save_logits(args.output, logits)
     meta = {"model": cfg["model"], "spec": cfg.get("spec"), "frac_bits": cfg["frac_bits"],
-            "drelu": str(drelu(cfg) or "exact"),
+            "drelu": str(options.drelu or "exact"),
             "drelu_widths": sorted(set(program.widths().values())), "prg": cfg["prg"], "tls": not cfg["plaintext"],
             "server": cfg["server"], "helper": cfg["helper"]}
     scores = score(logits, labels) if labels is not None else {}

@@ -28,13 +28,13 @@ from .config_utils import conversions_of, load_task_config, task_options
 from .distill import DistillationHook, distillation_options
 from .finetune import META_KEY, check_checkpoint_meta, checkpoint_meta, spec_from_meta
 from .hooks import ReluSpecCheckpointHook, SecureInferenceHook, SyncNormStatsHook
+from .launchers import LAUNCHERS
 
-__all__ = ["LAUNCHERS", "DistillationHook", "ReluSpecCheckpointHook", "SecureInferenceHook",
+__all__ = ["DistillationHook", "ReluSpecCheckpointHook", "SecureInferenceHook",
            "SyncNormStatsHook", "build_runner", "configure_runtime", "evaluate",
            "finetune_config", "prepare_test", "prepare_training", "setup_distributed",
            "teardown_distributed", "train"]
 
-LAUNCHERS = ("none", "pytorch")
 
 
 def setup_distributed(launcher: str) -> None:

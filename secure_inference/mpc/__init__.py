@@ -5,23 +5,41 @@ server and crypto provider as three local processes over loopback TCP/TLS, retur
 outputs and the run report). For single protocols use :func:`run_in_process` (threads,
 in-memory links) or :func:`run_local_processes`; protocols live in
 :mod:`secure_inference.mpc.protocols`.
+
+Importing this package loads no torch: the names below load on first use, so the command
+lines can read :mod:`.options` and :mod:`.session_config` before answering ``--help``.
 """
-from .ring import DEFAULT_FRAC_BITS, decode, encode, truncate_share
-from .errors import ProtocolError
-from .runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, CommStats, Party, merge_stats
-from .harness import run_in_process, run_local_processes
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "options": ("DEFAULT_FRAC_BITS", "SessionOptions", "SessionLimits"),
+    "ring": ("decode", "encode", "truncate_share"),
+    "session": ("ROLE_CLIENT", "ROLE_SERVER", "ROLE_HELPER"),
+    "stats": ("CommStats", "merge_stats"),
+    "runtime": ("Party",),
+    "errors": ("ProtocolError",),
+    "harness": ("run_in_process", "run_local_processes"),
+    "local": ("run_local",),
+    "trace": ("compile_model",),
+}
+_SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = ["DEFAULT_FRAC_BITS", "decode", "encode", "truncate_share", "ROLE_CLIENT",
            "ROLE_SERVER", "ROLE_HELPER", "CommStats", "Party", "ProtocolError", "merge_stats",
-           "run_in_process", "run_local_processes", "run_local", "compile_model"]
+           "run_in_process", "run_local_processes", "run_local", "compile_model",
+           "SessionOptions", "SessionLimits"]
 
 
 def __getattr__(name: str):
-    # the compiler pulls in model-tracing code; load it only when asked for
-    if name == "run_local":
-        from .local import run_local
-        return run_local
-    if name == "compile_model":
-        from .compile import compile_model
-        return compile_model
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _SOURCE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

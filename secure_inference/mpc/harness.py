@@ -13,9 +13,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import queue
 import threading
 import time
 import traceback
+from dataclasses import replace
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
@@ -24,13 +26,13 @@ from .errors import ProtocolError
 from .faults import FAULT_PHASES
 from .lifecycle import close_party, open_party
 from .local_tls import memory_tls, throwaway_certificates
-from .prg import CIPHERS, DEFAULT_CIPHER, KEY_BYTES
-from .ring import DEFAULT_FRAC_BITS
-from .runtime import DEFAULT_TIMEOUT, Party, PartyView
+from .options import (CIPHERS, DEFAULT_CIPHER, DEFAULT_FRAC_BITS, DEFAULT_MAX_FRAME,
+                      DEFAULT_TIMEOUT, SessionOptions)
+from .prg import KEY_BYTES
+from .runtime import Party, PartyView
 from .session import ROLE_CLIENT, ROLES
 from .transport.addresses import listen
 from .transport.connect import connect_links
-from .transport.frames import DEFAULT_MAX_FRAME
 from .transport.link import Link, QueueLink
 from .transport.tls import TLSConfig
 
@@ -67,8 +69,30 @@ def party_prg(prg: PrgChoice, role: int) -> str:
     return names[role]
 
 
+RoleOptions = SessionOptions | Sequence[SessionOptions]
+
+
+def role_options(base: SessionOptions, device: Devices | None = None,
+                 prg: PrgChoice | None = None) -> list[SessionOptions]:
+    """The options of the three parties (client, server, helper): ``base`` with each role's
+    device and cipher (one for all three or one per role; None: ``base``'s)."""
+    return [replace(base, device=base.device if device is None else str(party_device(device, r)),
+                    prg=base.prg if prg is None else party_prg(prg, r)) for r in ROLES]
+
+
+def _per_role(options: RoleOptions) -> list[SessionOptions]:
+    """One SessionOptions per role: the same for all three, or the three given."""
+    if isinstance(options, SessionOptions):
+        return [options] * len(ROLES)
+    options = list(options)
+    if len(options) != len(ROLES):
+        raise ValueError(f"give one SessionOptions or three (client, server, helper), got "
+                         f"{len(options)}")
+    return options
+
+
 __all__ = ["run_in_process", "run_local_processes", "refuse_in_bootstrap", "PartyView",
-           "party_device", "party_prg", "Devices", "PrgChoice"]
+           "party_device", "party_prg", "role_options", "Devices", "PrgChoice", "RoleOptions"]
 
 
 # --- in-process harness -------------------------------------------------------------------
@@ -87,8 +111,8 @@ def _pick_root(errors: dict[int, tuple[float, BaseException]]) -> BaseException:
 
 def run_in_process(fn: Callable[[Party], T], *, frac_bits: int = DEFAULT_FRAC_BITS,
                    timeout: float = 30.0, device: Devices = "cpu",
-                   max_frame: int = DEFAULT_MAX_FRAME, prg: PrgChoice = DEFAULT_CIPHER
-                   ) -> list[T]:
+                   max_frame: int = DEFAULT_MAX_FRAME, prg: PrgChoice = DEFAULT_CIPHER,
+                   options: RoleOptions | None = None) -> list[T]:
     """Run ``fn(party)`` for roles 0, 1, 2 in three threads joined by in-memory links.
 
     Returns the three results in role order. If a party raises, the others are aborted at
@@ -96,9 +120,13 @@ def run_in_process(fn: Callable[[Party], T], *, frac_bits: int = DEFAULT_FRAC_BI
     are attached as ``exc.party_errors``). ``timeout`` bounds every wait for a frame.
     ``prg``: the randomness cipher, one for all three or one per role (a mismatch is refused
     by :func:`~.party.check_program`; per role only for tests of that check).
+    ``options``: the parties' :class:`~.options.SessionOptions` (one, or one per role, see
+    :func:`role_options`) instead of the settings above.
     """
-    return _run_threads(fn, Party.start, frac_bits=frac_bits, timeout=timeout, device=device,
-                        max_frame=max_frame, prg=prg)
+    if options is None:
+        options = role_options(SessionOptions(frac_bits=frac_bits, timeout=timeout,
+                                              max_frame=max_frame), device, prg)
+    return _run_threads(fn, Party.start, _per_role(options))
 
 
 def _run_in_process_with_keys(fn: Callable[[Party], T], pair_keys: dict[tuple[int, int], bytes],
@@ -125,28 +153,26 @@ def _run_in_process_with_keys(fn: Callable[[Party], T], pair_keys: dict[tuple[in
                             for p in ROLES if p != party.role}
         party._view = views[party.role]
 
-    results = _run_threads(fn, begin, frac_bits=frac_bits, timeout=timeout, device="cpu",
-                           max_frame=DEFAULT_MAX_FRAME, prg=prg)
+    options = role_options(SessionOptions(frac_bits=frac_bits, timeout=timeout), "cpu", prg)
+    results = _run_threads(fn, begin, options)
     return results, views
 
 
-def _run_threads(fn: Callable[[Party], T], begin: Callable[[Party], None], *, frac_bits: int,
-                 timeout: float, device: Devices, max_frame: int,
-                 prg: PrgChoice = DEFAULT_CIPHER) -> list[T]:
+def _run_threads(fn: Callable[[Party], T], begin: Callable[[Party], None],
+                 options: list[SessionOptions]) -> list[T]:
     """Body of :func:`run_in_process`; ``begin(party)`` starts each party's session."""
     abort = threading.Event()
     links: dict[int, dict[int, Link]] = {r: {} for r in ROLES}
-    for a, b in ((0, 1), (0, 2), (1, 2)):
-        la, lb = QueueLink.pair(a, b, abort, max_frame)
-        links[a][b], links[b][a] = la, lb
+    for a, b in ((0, 1), (0, 2), (1, 2)):   # each end checks frames against its own limit
+        qa, qb = queue.Queue(), queue.Queue()
+        links[a][b] = QueueLink(a, b, qa, qb, abort, options[a].max_frame)
+        links[b][a] = QueueLink(b, a, qb, qa, abort, options[b].max_frame)
     results: dict[int, Any] = {}
     errors: dict[int, tuple[float, BaseException]] = {}
 
     def body(role: int) -> None:
         try:
-            party = open_party(role, links[role], device=party_device(device, role),
-                               frac_bits=frac_bits, prg=party_prg(prg, role),
-                               timeout=timeout, max_frame=max_frame)
+            party = open_party(role, links[role], options[role])
             begin(party)
             results[role] = fn(party)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
@@ -212,10 +238,11 @@ def _process_main(role: int, fn: Callable[..., Any], conn, cfg: dict) -> None:
     role's TLS material and private input, through this process's own pipe), connect, run,
     report the outcome. After a failure the peers get an abort goodbye naming the cause."""
     try:
+        options: SessionOptions = cfg["options"][role]
         torch.set_num_threads(cfg["threads"])  # three busy parties share the machine's cores
         listener = listen(cfg["host"], 0) if role != ROLE_CLIENT else None
         _send(conn, ("port", listener.getsockname()[1] if listener else None))
-        if not conn.poll(cfg["timeout"]):
+        if not conn.poll(options.timeout):
             raise ProtocolError(f"party {role}: no address list from the harness")
         addresses, material, private = pickle.loads(conn.recv_bytes())
         _watch_parent(conn)
@@ -228,16 +255,14 @@ def _process_main(role: int, fn: Callable[..., Any], conn, cfg: dict) -> None:
                 tls = TLSConfig.from_dir(cfg["certs_dir"], role)
         try:
             links = connect_links(role, addresses, listener, tls=tls,
-                                  allow_plaintext=not cfg["tls"], timeout=cfg["timeout"],
-                                  max_frame=cfg["max_frame"])
+                                  allow_plaintext=not cfg["tls"], timeout=options.timeout,
+                                  max_frame=options.max_frame)
         finally:
             release()   # the links are up (or failed): the TLS files are no longer needed
             if listener is not None:
                 listener.close()
         fault = cfg["fault"][1] if cfg.get("fault") and cfg["fault"][0] == role else None
-        party = open_party(role, links, device=party_device(cfg["device"], role),
-                           frac_bits=cfg["frac_bits"], prg=party_prg(cfg["prg"], role),
-                           timeout=cfg["timeout"], max_frame=cfg["max_frame"], fault=fault)
+        party = open_party(role, links, options, fault=fault)
         try:
             party.start()
             result = fn(party) if not cfg["private"] else fn(party, private)
@@ -310,7 +335,7 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
                         host: str = "127.0.0.1", wall_timeout: float | None = None,
                         max_frame: int = DEFAULT_MAX_FRAME, threads: int | None = None,
                         private: dict[int, Any] | None = None,
-                        prg: PrgChoice = DEFAULT_CIPHER,
+                        prg: PrgChoice = DEFAULT_CIPHER, options: RoleOptions | None = None,
                         _fault: tuple[int, str] | None = None) -> list[T]:
     """Run ``fn(party)`` in three processes over real loopback TCP (TLS 1.3 unless ``tls=False``).
 
@@ -327,17 +352,23 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
     ``threads``: torch threads per party (default: a third of the cores, at least one; with
     torch's default every party would spin on every core and all three slow down ~10×).
     ``prg``: the randomness cipher (:mod:`.prg`), one for all or one per role.
+    ``options``: the parties' :class:`~.options.SessionOptions` (one, or one per role, see
+    :func:`role_options`) instead of ``timeout``, ``frac_bits``, ``device``, ``max_frame``
+    and ``prg``.
     A failure re-raises the first primary error (``exc.party_errors`` lists every party's).
     """
     refuse_in_bootstrap()
     if _fault is not None and (_fault[0] not in ROLES or _fault[1] not in FAULT_PHASES):
         raise ValueError(f"_fault must be (role, phase) with a phase in {FAULT_PHASES}")
+    if options is None:
+        options = role_options(SessionOptions(frac_bits=frac_bits, timeout=timeout,
+                                              max_frame=max_frame), device, prg)
+    options = _per_role(options)
     guard = _TermGuard()
     try:
-        return _run_processes(fn, guard, tls=tls, timeout=timeout, frac_bits=frac_bits,
-                              device=device, certs_dir=certs_dir, host=host,
-                              wall_timeout=wall_timeout, max_frame=max_frame, threads=threads,
-                              private=private, fault=_fault, prg=prg)
+        return _run_processes(fn, guard, tls=tls, options=options, certs_dir=certs_dir,
+                              host=host, wall_timeout=wall_timeout, threads=threads,
+                              private=private, fault=_fault)
     except _Terminated:
         pass
     finally:
@@ -346,8 +377,8 @@ def run_local_processes(fn: Callable[[Party], T], *, tls: bool = True,
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _run_processes(fn, guard: _TermGuard, *, tls, timeout, frac_bits, device, certs_dir, host,
-                   wall_timeout, max_frame, threads, private, fault, prg) -> list:
+def _run_processes(fn, guard: _TermGuard, *, tls, options: list[SessionOptions], certs_dir, host,
+                   wall_timeout, threads, private, fault) -> list:
     """Body of :func:`run_local_processes`."""
     # forkserver: children fork from a clean server that has imported the runtime (and torch)
     # once, so they start fast and never inherit a parent's busy OpenMP/thread state.
@@ -359,8 +390,8 @@ def _run_processes(fn, guard: _TermGuard, *, tls, timeout, frac_bits, device, ce
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // 3)
     cfg = dict(host=host, tls=tls, certs_dir=str(certs_dir) if certs_dir else None,
-               timeout=timeout, frac_bits=frac_bits, device=device, max_frame=max_frame,
-               threads=int(threads), private=private is not None, fault=fault, prg=prg)
+               options=options, threads=int(threads), private=private is not None, fault=fault)
+    timeout = max(o.timeout for o in options)
     pipes, procs, stuck = {}, {}, set()
     _last_pids.clear()
     deadline = None if wall_timeout is None else time.monotonic() + wall_timeout

@@ -11,6 +11,7 @@ import torch
 
 from .errors import ProtocolError
 from .faults import arm_fault
+from .options import SessionOptions
 from .protocols import compare_kernels
 from .runtime import Party
 from .transport.link import Link
@@ -38,14 +39,14 @@ def warm_up() -> None:
 
 
 
-def open_party(role: int, links: dict[int, Link], *, device: torch.device | str, frac_bits: int,
-               prg: str, timeout: float, max_frame: int, fault: str | None = None) -> Party:
-    """Warm this process up (:func:`warm_up`) and assemble party ``role`` on ``links`` (not
-    started: the caller agrees the keys with :meth:`~.runtime.Party.start`). ``fault``: a
-    test-only fault phase (:func:`.faults.arm_fault`); None in every real run."""
+def open_party(role: int, links: dict[int, Link], options: SessionOptions, *,
+               fault: str | None = None) -> Party:
+    """Warm this process up (:func:`warm_up`) and assemble party ``role`` on ``links`` with
+    the session's ``options`` (not started: the caller agrees the keys with
+    :meth:`~.runtime.Party.start`). ``fault``: a test-only fault phase
+    (:func:`.faults.arm_fault`); None in every real run."""
     warm_up()
-    party = Party(role, links, device=device, frac_bits=frac_bits, prg=prg, timeout=timeout,
-                  max_frame=max_frame)
+    party = Party(role, links, options)
     if fault:
         arm_fault(party, fault)
     return party

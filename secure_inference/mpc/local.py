@@ -21,17 +21,19 @@ import torch
 from torch import nn
 
 from .compile import Program, Weights, compile_model, error_std, truncation_failures
-from .party import SessionLimits, run_party
-from .settings import DReLUConfig
+from .options import SessionLimits, SessionOptions
+from .party import run_party
+from .settings import DReLUConfig, drelu_config
 from .report import build_report, plot_report, save_report
-from .ring import DEFAULT_FRAC_BITS, check_inputs
+from .ring import check_inputs
+from .options import DEFAULT_CIPHER, DEFAULT_FRAC_BITS
 from .runtime import ROLE_CLIENT, ROLE_SERVER, Party
-from .harness import (Devices, PrgChoice, refuse_in_bootstrap, run_in_process,
+from .harness import (Devices, PrgChoice, refuse_in_bootstrap, role_options, run_in_process,
                       run_local_processes)
 from .netem import EmulatedLink, NetworkProfile, network_profile
-from .prg import DEFAULT_CIPHER, check_cipher
+from .prg import check_cipher
 
-__all__ = ["LocalResult", "run_local", "run_program", "split_batches", "drelu_config", "default_threads"]
+__all__ = ["LocalResult", "run_local", "run_program", "split_batches", "default_threads"]
 
 
 @dataclass
@@ -61,15 +63,6 @@ def split_batches(inputs: torch.Tensor | Sequence[torch.Tensor], batch_size: int
     return batches
 
 
-def drelu_config(drelu_bits: int | None = None, drop_bits: int = 0) -> DReLUConfig | None:
-    """None (exact DReLU) or the approximate DReLU comparing ``drelu_bits`` bits after
-    dropping ``drop_bits`` low bits (see :class:`~.protocols.drelu.DReLUConfig`)."""
-    if drelu_bits is None and not drop_bits:
-        return None
-    return DReLUConfig(ring_bits=64 - drop_bits if drelu_bits is None else int(drelu_bits),
-                       drop_bits=int(drop_bits))
-
-
 def default_threads() -> int:
     """torch threads per party process: the cores shared by three parties (at least 1).
     More threads than cores make OpenMP workers spin against each other."""
@@ -81,17 +74,16 @@ def _emulate(party: Party, network: NetworkProfile | None) -> None:
         party.wrap_links(lambda link: EmulatedLink(link, network))
 
 
-def _local_party(party: Party, private: Any, program: Program, drelu: DReLUConfig | None,
-                 threads: int | None = None,
-                 limits: SessionLimits | None = None,
+def _local_party(party: Party, private: Any, program: Program, threads: int | None = None,
                  network: NetworkProfile | None = None) -> dict[str, Any]:
     """Body of one local party process: run the program on this role's private input only
-    (client: the image batches; server: the weights; helper: None)."""
+    (client: the image batches; server: the weights; helper: None); the DReLU and the limits
+    come with the party's options."""
     torch.set_num_threads(threads or default_threads())
     _emulate(party, network)
     images = private if party.role == ROLE_CLIENT else None
     weights = private if party.role == ROLE_SERVER else None
-    return run_party(party, program, images=images, weights=weights, drelu=drelu, limits=limits)
+    return run_party(party, program, images=images, weights=weights)
 
 
 def truncation_report(program: Program, weights: Weights, batches: Sequence[torch.Tensor],
@@ -141,21 +133,21 @@ def run_program(program: Program, weights: Weights, batches: list[torch.Tensor],
     network = None if network is None else network_profile(network)
     if limits is None:
         limits = SessionLimits.admitting([b.shape[0] for b in batches])
+    # the session's options, built once: every party gets them (its own device and cipher)
+    options = role_options(SessionOptions(frac_bits=frac_bits, drelu=drelu, timeout=timeout,
+                                          limits=limits), device, prg)
     if in_process:
         def fn(party: Party) -> dict[str, Any]:
             _emulate(party, network)
             return run_party(party, program,
                              images=batches if party.role == ROLE_CLIENT else None,
-                             weights=weights if party.role == ROLE_SERVER else None, drelu=drelu,
-                             limits=limits)
-        return run_in_process(fn, frac_bits=frac_bits, timeout=timeout, device=device, prg=prg)
+                             weights=weights if party.role == ROLE_SERVER else None)
+        return run_in_process(fn, options=options)
     # private inputs travel by value through each party's own pipe: no files to leave behind
     private = {ROLE_CLIENT: [b.detach().cpu() for b in batches], ROLE_SERVER: weights}
-    fn = functools.partial(_local_party, program=program, drelu=drelu, threads=threads,
-                           limits=limits, network=network)
-    return run_local_processes(fn, tls=tls, timeout=timeout, frac_bits=frac_bits,
-                               certs_dir=certs_dir, host=host, private=private, device=device,
-                               prg=prg)
+    fn = functools.partial(_local_party, program=program, threads=threads, network=network)
+    return run_local_processes(fn, tls=tls, certs_dir=certs_dir, host=host, private=private,
+                               options=options)
 
 
 def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],

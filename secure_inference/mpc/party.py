@@ -19,7 +19,6 @@ be read from ``party.stats`` (see :mod:`.report`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -34,51 +33,18 @@ from .ring import decode, encode
 from .session import SCOPE_HEADER, SCOPE_OUTPUT, SCOPE_PREPROCESS, SCOPE_REPORT, SCOPE_SETUP
 from .stats import CommStats, ScopeStats
 from .errors import ProtocolError
+# SessionLimits and the batch ceilings live in .options (imported here for use, not export)
+from .options import MAX_BATCHES, SessionLimits
 from .runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party
 
 
 __all__ = ["run_party", "check_program", "gather_results", "run_layer", "layer_drelus",
-           "preprocess_batch", "SETUP_SCOPE", "HEADER_SCOPE", "PREPROCESS_SCOPE", "MAX_BATCHES",
-           "MAX_BATCH", "PROTOCOL_VERSION", "SESSION_SETTINGS", "session_settings", "SessionLimits", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_IMAGES"]
+           "preprocess_batch", "SETUP_SCOPE", "HEADER_SCOPE", "PREPROCESS_SCOPE",
+           "PROTOCOL_VERSION", "SESSION_SETTINGS", "session_settings"]
 
 SETUP_SCOPE = SCOPE_SETUP          # the names this module has exported (see .session)
 PREPROCESS_SCOPE = SCOPE_PREPROCESS
 HEADER_SCOPE = SCOPE_HEADER
-MAX_BATCHES = 1 << 20      # hard ceilings, whatever the limits say
-MAX_BATCH = 1 << 16
-DEFAULT_MAX_BATCH = 64     # images per batch the server and helper accept by default
-DEFAULT_MAX_IMAGES = 100_000  # images per session the server and helper accept by default
-
-
-@dataclass(frozen=True)
-class SessionLimits:
-    """What the server and the helper accept from the client's announcement, checked before
-    anything is allocated for it.
-
-    ``max_batch`` bounds the images of one batch: every party's preprocessing and activations
-    are sized by it, so it bounds their memory. ``max_images`` bounds the images of a whole
-    session (the work a client can ask for). CLI flags: ``--max-batch``/``--max-images`` of
-    server.py and crypto_provider.py.
-    """
-
-    max_batch: int = DEFAULT_MAX_BATCH
-    max_images: int = DEFAULT_MAX_IMAGES
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_batch <= MAX_BATCH:
-            raise ValueError(f"max_batch must be in [1, {MAX_BATCH}], got {self.max_batch}")
-        if not 1 <= self.max_images <= MAX_BATCHES * MAX_BATCH:
-            raise ValueError(f"max_images must be >= 1, got {self.max_images}")
-
-    @classmethod
-    def admitting(cls, batch_sizes: Sequence[int]) -> "SessionLimits":
-        """The default limits, raised as far as needed for these batches (for local runs, where
-        the caller is the client itself)."""
-        sizes = [int(b) for b in batch_sizes]
-        return cls(max_batch=min(MAX_BATCH, max([DEFAULT_MAX_BATCH, *sizes])),
-                   max_images=max(DEFAULT_MAX_IMAGES, sum(sizes)))
-
-
 def run_layer(party: Party, layer: Layer, ins: list[torch.Tensor],
               weights: Weights | None, pre: dict | None = None) -> torch.Tensor:
     """This party's share of one layer's output (P2: a placeholder), by the layer's op
@@ -105,7 +71,7 @@ def _announce_batches(party: Party, batch_sizes: Sequence[int] | None,
                       limits: SessionLimits | None = None) -> list[int]:
     """The client tells the others how many images each batch holds (public). The server and
     the helper check the announcement against ``limits`` before allocating anything for it."""
-    limits = limits or SessionLimits()
+    limits = limits or party.options.limits
     who = f"party {party.role} ({'server' if party.role == ROLE_SERVER else 'helper'})"
     with party.scope(HEADER_SCOPE):
         if party.role == ROLE_CLIENT:
@@ -264,8 +230,9 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
     the images to the output, all batches), ``batch_sizes``.
     ``cpu_seconds``: CPU time of this party's process (all threads) during the run.
     ``on_batch(n)`` is called after each batch of n images (progress bars).
-    ``limits`` (server and helper; default :class:`SessionLimits`()): the largest batch and
-    session accepted from the client's announcement, checked before any allocation.
+    ``limits`` (server and helper; default: the party's ``options.limits``): the largest batch
+    and session accepted from the client's announcement, checked before any allocation.
+    ``drelu``: overrides the session's DReLU (default: the party's ``options.drelu``).
     """
     if party.role == ROLE_CLIENT:
         if not images:
@@ -287,7 +254,8 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
     if party.role == ROLE_SERVER:
         check_server_weights(party, program, weights)
     cpu0 = time.process_time()
-    set_default_config(party, drelu)
+    if drelu is not None:   # else the session's, from the party's options
+        set_default_config(party, drelu)
     check_program(party, program)
     sizes = _announce_batches(party, [im.shape[0] for im in images] if images else None,
                               limits)

@@ -31,8 +31,9 @@ import math
 
 import torch
 
+from .options import DEFAULT_FRAC_BITS   # defined once, with the other session defaults
+
 RING_BITS = 64
-DEFAULT_FRAC_BITS = 16
 RING_DTYPE = torch.int64
 INPUT_HEADROOM_BITS = 47
 """Inputs must satisfy |x|·2^(2f) < 2^47 (|x| < 32768 at f = 16): the first layer's products

@@ -39,21 +39,19 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import prg as _prg
 from .backends import get_backend
-from .ring import DEFAULT_FRAC_BITS
 from .settings import EXACT, DReLUConfig
 from .session import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, ROLES, SCOPE_KEYS, Role
 from .stats import CommStats, ScopeStats, merge_stats
 from .errors import ProtocolError
-from .transport.frames import DEFAULT_MAX_FRAME, decode_frame, scope_hash
+from .options import SessionOptions
+from .transport.frames import decode_frame, scope_hash
 from .transport.link import Link
-
-DEFAULT_TIMEOUT = 60.0
 
 # ProtocolError's home is .errors; it stays importable from here until its last importers
 # (tests/mpc/test_drelu.py, benchmark/mpc/hostile_memory.py) import it from there.
 
 __all__ = ["Role", "ROLE_CLIENT", "ROLE_SERVER", "ROLE_HELPER", "ROLES", "Party",
-           "ProtocolError", "ScopeStats", "CommStats", "merge_stats", "DEFAULT_TIMEOUT",
+           "ProtocolError", "ScopeStats", "CommStats", "merge_stats",
            "PartyView", "OpenedWeights"]
 
 
@@ -84,9 +82,11 @@ class Party:
     the statistics and address the correlated randomness (``pair_random``).
     """
 
-    def __init__(self, role: int, links: dict[int, Link], *, device: torch.device | str = "cpu",
-                 frac_bits: int = DEFAULT_FRAC_BITS, timeout: float = DEFAULT_TIMEOUT,
-                 max_frame: int = DEFAULT_MAX_FRAME, prg: str = _prg.DEFAULT_CIPHER):
+    def __init__(self, role: int, links: dict[int, Link], options: SessionOptions | None = None):
+        """Party ``role`` on ``links`` with this session's ``options`` (fixed point, DReLU,
+        cipher, timeout, frame limit, device, limits; default :class:`SessionOptions`())."""
+        options = SessionOptions() if options is None else options
+        frac_bits = options.frac_bits
         if role not in ROLES:
             raise ValueError(f"role must be 0, 1 or 2, got {role}")
         if sorted(links) != sorted(r for r in ROLES if r != role):
@@ -94,13 +94,15 @@ class Party:
         if not 0 < frac_bits < 31:
             raise ValueError(f"frac_bits must be in [1, 30], got {frac_bits}")
         self.role = role
-        self.prg = _prg.check_cipher(prg)   # the cipher of every draw (a session setting)
-        self.device = torch.device(device)
+        self.options = options
+        self.prg = _prg.check_cipher(options.prg)   # the cipher of every draw (a session setting)
+        self.device = torch.device(options.device)
         self.frac_bits = frac_bits
-        self.timeout = timeout
-        self.max_frame = max_frame
+        self.timeout = options.timeout
+        self.max_frame = options.max_frame
         self.stats = CommStats()
-        self.drelu: DReLUConfig = EXACT  # this session's DReLU (protocols.drelu.set_default_config)
+        # this session's DReLU (None: exact); protocols.drelu.set_default_config may replace it
+        self.drelu: DReLUConfig = options.drelu or EXACT
         self.weights: dict[str, OpenedWeights] = {}   # per server-weight layer, opened once
         self._links = links
         self._scope: list[str] = []

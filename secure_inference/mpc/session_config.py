@@ -31,17 +31,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from .options import (CIPHERS, DEFAULT_CIPHER, DEFAULT_DEVICE, DEFAULT_FRAC_BITS, SessionLimits,
+                      SessionOptions)
 from .session import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER
+from .settings import drelu_config
 from .transport.tls import TLSConfig
 
 KEYS = ("model", "spec", "input_shape", "cfg_options", "server", "helper", "client", "certs",
         "plaintext", "frac_bits", "drelu_bits", "drop_bits", "drelu_width", "drelu_margin",
         "timeout", "batch_size", "threads",
         "device", "prg")
-DEFAULTS: dict[str, Any] = {"frac_bits": 16, "drop_bits": 0, "timeout": 120.0,
+DEFAULTS: dict[str, Any] = {"frac_bits": DEFAULT_FRAC_BITS, "drop_bits": 0, "timeout": 120.0,
                             "plaintext": False, "client": "127.0.0.1", "batch_size": 1,
-                            "device": "cpu", "prg": "aes"}
-PRG_CHOICES = ("aes", "chacha20")   # secure_inference.mpc.prg.CIPHERS (no torch import here)
+                            "device": DEFAULT_DEVICE, "prg": DEFAULT_CIPHER}
 
 
 class SessionConfigError(ValueError):
@@ -90,10 +92,21 @@ def merge_settings(flags: Mapping[str, Any], config_file: str | Path | None = No
     if not cfg.get("model"):
         raise SessionConfigError("no model: pass --model (config file or torchvision name) or "
                                  "set 'model' in --config-file")
-    if cfg["prg"] not in PRG_CHOICES:
-        raise SessionConfigError(f"prg must be one of {', '.join(PRG_CHOICES)}, got "
+    if cfg["prg"] not in CIPHERS:
+        raise SessionConfigError(f"prg must be one of {', '.join(CIPHERS)}, got "
                                  f"{cfg['prg']!r} (--prg, or 'prg' in --config-file)")
     return cfg
+
+
+def session_options(cfg: Mapping[str, Any], limits: SessionLimits | None = None
+                    ) -> SessionOptions:
+    """The :class:`~.options.SessionOptions` of merged settings (:func:`merge_settings`):
+    what the party is built with. ``limits``: the server's/helper's (default: the defaults)."""
+    return SessionOptions(frac_bits=int(cfg["frac_bits"]),
+                          drelu=drelu_config(cfg.get("drelu_bits"), int(cfg.get("drop_bits") or 0)),
+                          prg=cfg.get("prg") or DEFAULT_CIPHER, timeout=float(cfg["timeout"]),
+                          device=str(cfg.get("device") or DEFAULT_DEVICE),
+                          limits=SessionLimits() if limits is None else limits)
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:

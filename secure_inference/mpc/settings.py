@@ -1,4 +1,5 @@
 """Public settings of a session besides the program: the DReLU variant (exact or approximate).
+Torch-free (the command lines build it before torch loads; see :mod:`.options`).
 
 Every party of a session must use the same settings (they change message sizes and results);
 :func:`~.party.check_program` compares them, with the fixed point, before anything runs.
@@ -6,10 +7,12 @@ Every party of a session must use the same settings (they change message sizes a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads only where a tensor is computed: the CLIs import this first
+    import torch
 
-__all__ = ["DReLUConfig", "EXACT"]
+__all__ = ["DReLUConfig", "EXACT", "drelu_config"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class DReLUConfig:
 
     def error_probability(self, x: torch.Tensor) -> torch.Tensor:
         """Probability (over the sharing) that DReLU(x) is reported wrongly, for x in range."""
+        import torch
         x = torch.as_tensor(x, dtype=torch.int64)
         if self.drop_bits == 0:
             return torch.zeros(x.shape, dtype=torch.float64)
@@ -70,3 +74,12 @@ class DReLUConfig:
 
 
 EXACT = DReLUConfig()
+
+
+def drelu_config(drelu_bits: int | None = None, drop_bits: int = 0) -> DReLUConfig | None:
+    """None (exact DReLU) or the approximate DReLU comparing ``drelu_bits`` bits after
+    dropping ``drop_bits`` low bits (the ``--drelu-bits``/``--drop-bits`` settings)."""
+    if drelu_bits is None and not drop_bits:
+        return None
+    return DReLUConfig(ring_bits=64 - drop_bits if drelu_bits is None else int(drelu_bits),
+                       drop_bits=int(drop_bits))

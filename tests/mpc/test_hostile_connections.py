@@ -21,7 +21,8 @@ from secure_inference.mpc import party as party_mod
 from secure_inference.mpc.certs import create_certificates
 from secure_inference.mpc.compile import compile_model
 from secure_inference.mpc.local import run_program
-from secure_inference.mpc.party import HEADER_SCOPE, SessionLimits, _announce_batches, run_party
+from secure_inference.mpc.options import SessionLimits, SessionOptions
+from secure_inference.mpc.party import HEADER_SCOPE, _announce_batches, run_party
 from secure_inference.mpc.errors import ProtocolError
 from secure_inference.mpc.runtime import Party
 from secure_inference.mpc.harness import run_in_process
@@ -110,7 +111,7 @@ def _party_body(role, addresses, listener, tls, program, weights, xs, handshake_
         links = connect_links(role, addresses, listener, tls=tls, timeout=30,
                               allow_plaintext=tls is None, handshake_timeout=handshake_timeout)
         connect_seconds[role] = time.monotonic() - start
-        party = Party(role, links, timeout=30)
+        party = Party(role, links, SessionOptions(timeout=30))
         try:
             party.start()
             out[role] = run_party(party, program, images=xs if role == 0 else None,

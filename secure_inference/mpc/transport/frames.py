@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import ProtocolError
+from ..options import DEFAULT_MAX_FRAME
 
 __all__ = ["MAGIC", "VERSION", "DEFAULT_MAX_FRAME", "MAX_NDIM", "PREFIX", "DTYPE_CODES",
            "scope_hash", "Frame", "frame_parts", "encode_frame", "assemble", "decode_frame",
@@ -33,7 +34,6 @@ __all__ = ["MAGIC", "VERSION", "DEFAULT_MAX_FRAME", "MAX_NDIM", "PREFIX", "DTYPE
 
 MAGIC = b"SI"
 VERSION = 1
-DEFAULT_MAX_FRAME = 1 << 30  # 1 GiB
 MAX_NDIM = 8
 PREFIX = struct.Struct("<I")
 _HEADER = struct.Struct("<2sBBB3xIq")
