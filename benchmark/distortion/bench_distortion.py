@@ -26,9 +26,12 @@ import torch  # noqa: E402
 
 import secure_inference  # noqa: E402,F401
 from secure_inference.distortion.api import resolve_sites, site_candidates  # noqa: E402
-from secure_inference.distortion.engine import (SiteRunner, block_relu_all,  # noqa: E402
-                                                exact_site_sums, linear_sums,
-                                                naive_site_sums, plan_rows, trace_calls)
+from secure_inference.distortion.calls import trace_calls  # noqa: E402
+from secure_inference.distortion.exact import exact_site_sums, plan_rows  # noqa: E402
+from secure_inference.distortion.linear import linear_sums  # noqa: E402
+from secure_inference.distortion.naive import naive_site_sums  # noqa: E402
+from secure_inference.distortion.site_runner import SiteRunner  # noqa: E402
+from secure_inference.distortion.tensors import block_relu_all  # noqa: E402
 from secure_inference.distortion.store import SiteDistortion  # noqa: E402
 
 

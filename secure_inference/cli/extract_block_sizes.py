@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from secure_inference.distortion import jobs
-    from secure_inference.distortion.engine import DistortionError
+    from secure_inference.distortion.base import DistortionError
     from secure_inference.models import ModelLoadError
     from secure_inference.spec import SpecError  # SpecMismatchError (finetune) included
 

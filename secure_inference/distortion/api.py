@@ -8,8 +8,12 @@ from torch import nn
 
 from ..candidates import candidate_block_sizes, candidate_costs
 from ..sites import ReluSite, find_relu_sites, model_device
-from .engine import (REPLACEABLE_KINDS, DistortionError, Progress, exact_site_sums,
-                     iter_batches, linear_sums, naive_site_sums, trace_calls)
+from .base import REPLACEABLE_KINDS, DistortionError, Progress
+from .calls import trace_calls
+from .exact import exact_site_sums
+from .linear import linear_sums
+from .naive import naive_site_sums
+from .tensors import iter_batches
 from .store import SiteDistortion
 
 METHODS = ("exact", "linear", "naive")

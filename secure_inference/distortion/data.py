@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..mmlab.datasets import build_distortion_dataset
-from .engine import DistortionError
+from .base import DistortionError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -30,8 +30,11 @@ from torch import nn
 from ..sites import ReluSite
 from ..spec import atomic_write_bytes
 from .api import METHODS, resolve_sites, site_candidates
-from .engine import (DistortionError, exact_site_sums, linear_sums, naive_site_sums,
-                     trace_calls)
+from .base import DistortionError
+from .calls import trace_calls
+from .exact import exact_site_sums
+from .linear import linear_sums
+from .naive import naive_site_sums
 from .store import META, SiteDistortion, load_results, save_meta, save_site, site_filename
 
 FINGERPRINT = "fingerprint.json"

@@ -1,10 +1,10 @@
-"""The per-role executor of a compiled :class:`~secure_inference.mpc.compile.Program`.
+"""The per-role executor of a compiled :class:`~secure_inference.mpc.program.Program`.
 
 :func:`run_party` is what each of the three processes runs once the links are up:
 
 * P0 (client) passes its images; they are encoded in fixed point and secret-shared (no
   traffic: P1's share comes from the P0–P1 key), and only P0 receives the output;
-* P1 (server) passes the compiled :class:`~secure_inference.mpc.compile.Weights`; they are
+* P1 (server) passes the compiled :class:`~secure_inference.mpc.program.Weights`; they are
   masked and opened once per session (:func:`~.protocols.linear.open_weights`), then every
   image uses them in one round per linear layer;
 * P2 (helper) passes neither: it runs the same program on shape-only placeholders.
@@ -30,7 +30,7 @@ from .protocols.drelu import resolve_config, set_default_config
 from .prg import cipher_code, cipher_name
 from .settings import DReLUConfig
 from .ring import decode, encode
-from .session import SCOPE_HEADER, SCOPE_OUTPUT, SCOPE_PREPROCESS, SCOPE_REPORT, SCOPE_SETUP
+from .session import SCOPE_HEADER, SCOPE_OUTPUT, SCOPE_PREPROCESS, SCOPE_REPORT
 from .stats import CommStats, ScopeStats
 from .errors import ProtocolError
 # SessionLimits and the batch ceilings live in .options (imported here for use, not export)
@@ -39,12 +39,9 @@ from .runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party
 
 
 __all__ = ["run_party", "check_program", "gather_results", "run_layer", "layer_drelus",
-           "preprocess_batch", "SETUP_SCOPE", "HEADER_SCOPE", "PREPROCESS_SCOPE",
+           "preprocess_batch",
            "PROTOCOL_VERSION", "SESSION_SETTINGS", "session_settings"]
 
-SETUP_SCOPE = SCOPE_SETUP          # the names this module has exported (see .session)
-PREPROCESS_SCOPE = SCOPE_PREPROCESS
-HEADER_SCOPE = SCOPE_HEADER
 def run_layer(party: Party, layer: Layer, ins: list[torch.Tensor],
               weights: Weights | None, pre: dict | None = None) -> torch.Tensor:
     """This party's share of one layer's output (P2: a placeholder), by the layer's op
@@ -64,7 +61,7 @@ def preprocess_batch(party: Party, program: Program, batch: int) -> dict:
         src = program.layers[layer.inputs[0]].shape
         x_shape = (int(batch),) + tuple(src[1:])
         items.append((layer.name, x_shape, layer.attrs["weight_shape"], op.ring_op(party, layer)))
-    return preprocess(party, items, scope=PREPROCESS_SCOPE)
+    return preprocess(party, items, scope=SCOPE_PREPROCESS)
 
 
 def _announce_batches(party: Party, batch_sizes: Sequence[int] | None,
@@ -73,7 +70,7 @@ def _announce_batches(party: Party, batch_sizes: Sequence[int] | None,
     the helper check the announcement against ``limits`` before allocating anything for it."""
     limits = limits or party.options.limits
     who = f"party {party.role} ({'server' if party.role == ROLE_SERVER else 'helper'})"
-    with party.scope(HEADER_SCOPE):
+    with party.scope(SCOPE_HEADER):
         if party.role == ROLE_CLIENT:
             sizes = torch.tensor([int(b) for b in batch_sizes], dtype=torch.int64)
             for p in (ROLE_SERVER, ROLE_HELPER):
@@ -160,7 +157,7 @@ def check_program(party: Party, program: Program) -> None:
                       torch.frombuffer(bytearray(b"".join(parts[name] for name, _ in
                                                           FINGERPRINT_PARTS)), dtype=torch.uint8)])
     size = mine.numel()
-    with party.scope(HEADER_SCOPE):
+    with party.scope(SCOPE_HEADER):
         others = [p for p in (ROLE_CLIENT, ROLE_SERVER, ROLE_HELPER) if p != party.role]
         for p in others:
             party.send(p, mine)
@@ -187,7 +184,7 @@ def check_program(party: Party, program: Program) -> None:
 
 def _barrier(party: Party) -> None:
     """Every party tells both others it is ready and waits for theirs (one byte each way)."""
-    with party.scope(HEADER_SCOPE):
+    with party.scope(SCOPE_HEADER):
         others = [p for p in (ROLE_CLIENT, ROLE_SERVER, ROLE_HELPER) if p != party.role]
         for p in others:
             party.send(p, torch.ones(1, dtype=torch.uint8))

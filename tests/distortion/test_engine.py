@@ -11,8 +11,9 @@ from helpers.data import random_images
 from helpers.nets import tiny_resnet
 from secure_inference import apply_block_spec, find_relu_sites
 from secure_inference.distortion import DistortionError, extract
-from secure_inference.distortion.engine import (exact_site_sums, naive_site_sums,
-                                                trace_calls)
+from secure_inference.distortion.calls import trace_calls
+from secure_inference.distortion.exact import exact_site_sums
+from secure_inference.distortion.naive import naive_site_sums
 
 SMALL = dict(max_rect=2, max_block_size=3)  # 6 candidates per 8x8 site: fast naive reference
 
@@ -183,7 +184,7 @@ class _InplaceAfterSite(nn.Module):
 
 
 def test_incremental_conv_update_guarded_against_inplace_changes():
-    from secure_inference.distortion.engine import SiteRunner
+    from secure_inference.distortion.site_runner import SiteRunner
     net = _InplaceAfterSite().eval()
     x = _samples(3, seed=8)
     exact = extract(net, x, **SMALL)["act"].distortion

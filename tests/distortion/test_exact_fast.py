@@ -14,8 +14,10 @@ from helpers.data import random_images
 from helpers.nets import init_net
 from secure_inference import apply_block_spec, find_relu_sites
 from secure_inference.distortion.api import site_candidates
-from secure_inference.distortion.engine import (SiteRunner, exact_site_sums, naive_site_sums,
-                                                plan_rows, trace_calls)
+from secure_inference.distortion.calls import trace_calls
+from secure_inference.distortion.exact import exact_site_sums, plan_rows
+from secure_inference.distortion.naive import naive_site_sums
+from secure_inference.distortion.site_runner import SiteRunner
 from secure_inference.distortion.site_runner import _conv_update
 
 

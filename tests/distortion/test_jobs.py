@@ -211,7 +211,7 @@ def test_truncated_chunk_file_is_named_at_collect(tmp_path):
     victim = sorted((tmp_path / CHUNKS).iterdir())[0]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     run_chunks(_job(), tmp_path)
-    from secure_inference.distortion.engine import DistortionError
+    from secure_inference.distortion.base import DistortionError
     with pytest.raises(DistortionError, match=f"{victim.name}: damaged chunk file.*BadZipFile"
                                               ".*delete it and rerun"):
         collect(job, tmp_path)

@@ -22,7 +22,8 @@ from secure_inference.mpc.certs import create_certificates
 from secure_inference.mpc.compile import compile_model
 from secure_inference.mpc.local import run_program
 from secure_inference.mpc.options import SessionLimits, SessionOptions
-from secure_inference.mpc.party import HEADER_SCOPE, _announce_batches, run_party
+from secure_inference.mpc.party import _announce_batches, run_party
+from secure_inference.mpc.session import SCOPE_HEADER
 from secure_inference.mpc.errors import ProtocolError
 from secure_inference.mpc.runtime import Party
 from secure_inference.mpc.harness import run_in_process
@@ -300,7 +301,7 @@ def test_announcement_within_the_limits_runs(tiny):
 
 def _huge_count(p, role):
     if p.role == 0:
-        with p.scope(HEADER_SCOPE):
+        with p.scope(SCOPE_HEADER):
             p.send(role, torch.tensor([10 ** 6], dtype=torch.int64))
         return None
     if p.role == role:
