@@ -54,7 +54,12 @@ def error_std(program: Program, weights: Weights, x: torch.Tensor, frac_bits: in
       is 1-Lipschitz anyway; a Block-ReLU patch decided the other way is an error of the
       patch's size, which is why ambiguous decisions are counted);
     * max pooling: the variance of the selected element; average pooling and resizing:
-      the weighted sum of variances plus truncation and reciprocal rounding; add: sum.
+      the weighted sum of variances plus truncation and reciprocal rounding; add: sum;
+    * clamp/ReLU6, hardsigmoid and the piecewise-linear tables: the variance through the
+      table's slope plus the encodings of its knots and coefficients and one truncation; a
+      table that *approximates* sigmoid/tanh/SiLU/GELU adds its maximum error squared (a
+      bounded error, so its variance is at most that), which makes the bound one on the
+      distance to the exact float model; products: y²·var(x) + x²·var(y) + truncation.
 
     With the exact DReLU, no catastrophic truncation failure (probability 2^(l+1-64) per
     truncated value of magnitude < 2^l, see :mod:`.ring`) and no ambiguous decision, the

@@ -308,8 +308,7 @@ class _Tracer(ModuleTracer):
         src = self.node_of(x)
         if src is None:
             self._fail(_fname(func), where, "the image reaches it through another argument")
-        default = 0
-        dim = kwargs.get("dim", args[2] if len(args) > 2 else default)
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
         if func in (torch.unbind, torch.Tensor.unbind):
             dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
         dim = int(dim) % x.dim()
