@@ -38,7 +38,6 @@ def warm_up() -> None:
     _WARM = True
 
 
-
 def open_party(role: int, links: dict[int, Link], options: SessionOptions, *,
                fault: str | None = None) -> Party:
     """Warm this process up (:func:`warm_up`) and assemble party ``role`` on ``links`` with

@@ -14,10 +14,3 @@ One module per job:
 The errors of all of them are :class:`secure_inference.mpc.errors.ProtocolError`. Warnings
 about dropped connections go to the ``secure_inference.mpc.transport`` logger.
 """
-# Old import paths, kept until their last importers move (protocols/zp.py imports
-# ProtocolError from here, benchmark/mpc/bench_links.py TLSConfig): import them from
-# secure_inference.mpc.errors and secure_inference.mpc.transport.tls instead.
-from ..errors import ProtocolError
-from .tls import TLSConfig
-
-__all__ = ["ProtocolError", "TLSConfig"]

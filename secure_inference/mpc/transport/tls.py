@@ -65,6 +65,7 @@ class TLSConfig:
 
 
 def peer_role_from_cert(sock: ssl.SSLSocket) -> int:
+    """The role whose common name the peer's (verified) certificate carries."""
     cert = sock.getpeercert()
     names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
     for role in PARTY_NAMES:
