@@ -16,6 +16,7 @@ they reveal and what happens to inputs outside them.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -26,11 +27,11 @@ from torch import nn
 from ..spec import BlockSpec
 from ..widths import (DEFAULT_MARGIN, FULL_WIDTH, Calibration, CalibrationError,
                       width_range)
-from ..wire_costs import mul_drelu_bytes
 from .analysis import run_float
+from .costs import layer_cost
 from .ops import WIDTH_ATTR, layer_drelus, op_of
 from .program import Layer, Program, Weights
-from .protocols.relu import block_relu_plan, max_pool_comparisons
+from .protocols.relu import block_relu_plan
 from .ring import DEFAULT_FRAC_BITS
 from .trace import assign_widths, compile_model
 
@@ -247,8 +248,8 @@ def width_table(program: Program, calibration: Calibration | None = None, *,
         rows.append({"layer": layer.name, "op": layer.op, "drelus": n, "payload": payload,
                      "range": rng, "width": width,
                      "holds": width_range(width, frac_bits) if width < FULL_WIDTH else None,
-                     "bytes_64": _layer_bytes(layer, FULL_WIDTH, batch),
-                     "bytes": _layer_bytes(layer, width, batch)})
+                     "bytes_64": _layer_bytes(program, layer, FULL_WIDTH, batch),
+                     "bytes": _layer_bytes(program, layer, width, batch)})
     return rows
 
 
@@ -261,8 +262,8 @@ def bytes_saved_by_widths(program: Program, batch_sizes: list[int]) -> int:
         width = layer.attrs.get(WIDTH_ATTR)
         if width is None or not layer_drelus(layer):
             continue
-        saved += sum(_layer_bytes(layer, FULL_WIDTH, b) - _layer_bytes(layer, int(width), b)
-                     for b in batch_sizes)
+        saved += sum(_layer_bytes(program, layer, FULL_WIDTH, b)
+                     - _layer_bytes(program, layer, int(width), b) for b in batch_sizes)
     return saved
 
 
@@ -274,12 +275,10 @@ def _payload_values(layer: Layer, batch: int) -> int:
     return layer_drelus(layer, batch)
 
 
-def _layer_bytes(layer: Layer, width: int, batch: int) -> int:
-    """Exact online payload bytes of one batch through a DReLU layer at ``width`` bits."""
-    if layer.op == "max_pool":
-        k = layer.attrs["kernel_size"]
-        per = math.prod((batch,) + tuple(layer.shape[1:]))
-        return sum(mul_drelu_bytes(c * per, c * per, width)
-                   for c in max_pool_comparisons(k[0] * k[1]))
-    return mul_drelu_bytes(layer_drelus(layer, batch), _payload_values(layer, batch), width)
-
+def _layer_bytes(program: Program, layer: Layer, width: int, batch: int) -> int:
+    """Exact online payload bytes of one batch through a DReLU layer at ``width`` bits (the
+    program's cost model, :func:`~.costs.layer_cost`, with the layer's width replaced)."""
+    attrs = {k: v for k, v in layer.attrs.items() if k != WIDTH_ATTR}
+    if width < FULL_WIDTH:
+        attrs[WIDTH_ATTR] = int(width)
+    return layer_cost(program, dataclasses.replace(layer, attrs=attrs), batch)[0]

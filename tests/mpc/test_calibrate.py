@@ -371,3 +371,27 @@ def test_calibrate_program_reports_progress_and_the_largest_activation():
     assert cal.max_activation == pytest.approx(max(float(a.abs().max()) for a in acts), rel=1e-9)
     expected = truncation_failures(program, weights, x, 16)["per_image"]
     assert cal.truncation_failures == pytest.approx(expected, rel=1e-9) and expected > 0
+
+
+def test_width_table_bytes_equal_the_run_for_the_newer_comparison_layers():
+    """The per-layer bytes of width_table (at the calibrated widths and at 64 bits) equal a
+    run's measured bytes also for adaptive max pooling, ceil-mode max pooling, ReLU6 and
+    hardswish (each priced by the program's cost model)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU6(),
+                          nn.MaxPool2d(3, 2, ceil_mode=True), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.Hardswish(), nn.AdaptiveMaxPool2d((3, 2)), nn.Flatten(),
+                          nn.Linear(24, 3)).eval()
+    x = torch.randn(2, 3, 10, 10)
+    cal = calibrate(model, torch.randn(8, 3, 10, 10), None)
+    result = run_local(model, x, cal, in_process=True, batch_size=2)
+    plain = run_local(model, x, None, in_process=True, batch_size=2, drelu_width=64)
+    rows = width_table(result.program, frac_bits=16, batch=2)
+    measured = {l["name"]: l["bytes"] for l in result.report["layers"]}
+    base = {l["name"]: l["bytes"] for l in plain.report["layers"]}
+    assert {r["op"] for r in rows} == {"clamp", "max_pool", "hardswish", "adaptive_max_pool"}
+    for row in rows:
+        assert measured[row["layer"]] == row["bytes"], row["layer"]
+        assert base[row["layer"]] == row["bytes_64"], row["layer"]
+    assert bytes_saved_by_widths(result.program, [2]) == (plain.report["online"]["bytes"]
+                                                          - result.report["online"]["bytes"])
