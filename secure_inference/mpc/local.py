@@ -26,7 +26,7 @@ from .party import run_party
 from .settings import DReLUConfig, drelu_config
 from .report import build_report, plot_report, save_report
 from .ring import check_inputs
-from .options import DEFAULT_CIPHER, DEFAULT_FRAC_BITS
+from .options import DEFAULT_CIPHER, DEFAULT_FRAC_BITS, RUN_TIMEOUT
 from .runtime import ROLE_CLIENT, ROLE_SERVER, Party
 from .harness import (Devices, PrgChoice, refuse_in_bootstrap, role_options, run_in_process,
                       run_local_processes)
@@ -112,7 +112,7 @@ def truncation_report(program: Program, weights: Weights, batches: Sequence[torc
 
 def run_program(program: Program, weights: Weights, batches: list[torch.Tensor], *,
                 tls: bool = True, frac_bits: int = DEFAULT_FRAC_BITS,
-                drelu: DReLUConfig | None = None, timeout: float = 120.0,
+                drelu: DReLUConfig | None = None, timeout: float = RUN_TIMEOUT,
                 in_process: bool = False, certs_dir: str | os.PathLike | None = None,
                 host: str = "127.0.0.1", threads: int | None = None,
                 limits: SessionLimits | None = None, device: Devices = "cpu",
@@ -154,7 +154,7 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
               spec: dict | None = None, *, batch_size: int | None = None, tls: bool = True,
               frac_bits: int = DEFAULT_FRAC_BITS, drelu_bits: int | None = None,
               drop_bits: int = 0, drelu_width: int | None = None,
-              margin: float | None = None, timeout: float = 120.0, in_process: bool = False,
+              margin: float | None = None, timeout: float = RUN_TIMEOUT, in_process: bool = False,
               threads: int | None = None,
               report_path: str | os.PathLike | None = None,
               plot_path: str | os.PathLike | None = None,

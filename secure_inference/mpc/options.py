@@ -15,13 +15,14 @@ from typing import Sequence
 from .settings import DReLUConfig
 
 __all__ = ["SessionOptions", "SessionLimits", "CIPHERS", "DEFAULT_CIPHER", "DEFAULT_FRAC_BITS",
-           "DEFAULT_TIMEOUT", "DEFAULT_MAX_FRAME", "DEFAULT_DEVICE", "MAX_BATCHES", "MAX_BATCH",
-           "DEFAULT_MAX_BATCH", "DEFAULT_MAX_IMAGES"]
+           "DEFAULT_TIMEOUT", "RUN_TIMEOUT", "DEFAULT_MAX_FRAME", "DEFAULT_DEVICE", "MAX_BATCHES",
+           "MAX_BATCH", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_IMAGES"]
 
 CIPHERS = ("aes", "chacha20")   # randomness ciphers (:mod:`.prg`); the position is the header code
 DEFAULT_CIPHER = "aes"
 DEFAULT_FRAC_BITS = 16          # fixed-point fractional bits (see :mod:`.ring` for why 16)
 DEFAULT_TIMEOUT = 60.0          # seconds a party waits for a frame
+RUN_TIMEOUT = 120.0             # the same, in a whole run: the party CLIs and run_local
 DEFAULT_MAX_FRAME = 1 << 30     # largest frame a party sends or accepts (1 GiB)
 DEFAULT_DEVICE = "cpu"
 MAX_BATCHES = 1 << 20           # hard ceilings, whatever the limits say

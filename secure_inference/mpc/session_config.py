@@ -31,8 +31,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from .options import (CIPHERS, DEFAULT_CIPHER, DEFAULT_DEVICE, DEFAULT_FRAC_BITS, SessionLimits,
-                      SessionOptions)
+from .options import (CIPHERS, DEFAULT_CIPHER, DEFAULT_DEVICE, DEFAULT_FRAC_BITS, RUN_TIMEOUT,
+                      SessionLimits, SessionOptions)
 from .session import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER
 from .settings import drelu_config
 from .transport.tls import TLSConfig
@@ -41,7 +41,8 @@ KEYS = ("model", "spec", "input_shape", "cfg_options", "server", "helper", "clie
         "plaintext", "frac_bits", "drelu_bits", "drop_bits", "drelu_width", "drelu_margin",
         "timeout", "batch_size", "threads",
         "device", "prg")
-DEFAULTS: dict[str, Any] = {"frac_bits": DEFAULT_FRAC_BITS, "drop_bits": 0, "timeout": 120.0,
+DEFAULTS: dict[str, Any] = {"frac_bits": DEFAULT_FRAC_BITS, "drop_bits": 0,
+                            "timeout": RUN_TIMEOUT,
                             "plaintext": False, "client": "127.0.0.1", "batch_size": 1,
                             "device": DEFAULT_DEVICE, "prg": DEFAULT_CIPHER}
 
