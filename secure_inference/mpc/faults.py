@@ -48,6 +48,11 @@ def arm_fault(party: Party, phase: str) -> None:
                                                              SCOPE_REPORT),
                "report": top == SCOPE_REPORT}[phase]
         if due:
+            # a crash AT the phase: every frame of the phases before it has left the party
+            # (without the wait, a frame still queued in a link's I/O thread died with the
+            # process, and what the peers saw depended on thread timing: flaky tests)
+            for link in party.links.values():
+                link.wait_sent(5.0)
             os.kill(os.getpid(), signal.SIGKILL)
 
     send, recv, scope = party.send, party.recv, party.scope

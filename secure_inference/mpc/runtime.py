@@ -171,6 +171,11 @@ class Party:
         self.send(other, x)
         return self.recv(other, x.shape, x.dtype)
 
+    @property
+    def links(self) -> dict[int, Link]:
+        """This party's links by peer role (a copy of the mapping)."""
+        return dict(self._links)
+
     def wrap_links(self, wrap) -> None:
         """Replace every link by ``wrap(link)`` (before the session starts; e.g.
         :class:`~.netem.EmulatedLink` for a network emulation)."""

@@ -3,6 +3,7 @@ certificates) and real three-process loopback runs over TLS."""
 import functools
 import shutil
 import socket
+import threading
 import struct
 import time
 from pathlib import Path
@@ -160,6 +161,31 @@ def test_socket_link_stall_and_large_concurrent_exchange(link_pair):
     la.send(big)           # both send 16 MB before either receives: no deadlock
     lb.send(big)
     assert la.recv(30.0) == big[4:] and lb.recv(30.0) == big[4:]
+
+
+def test_socket_link_wait_sent_waits_for_the_send_queue():
+    """wait_sent is False while a frame is still queued (nobody reads the other end) and True
+    once the peer has taken it all (what the fault hook waits for before it kills a party)."""
+    a, b = socket.socketpair()
+    la = SocketLink(a, 0, 1, linger=0.2)
+    try:
+        # far more than the two socket buffers hold (the link enlarges its own)
+        big = encode_frame(torch.arange(6_000_000, dtype=torch.int64), 0, 0)
+        la.send(big)
+        assert la.wait_sent(0.3) is False
+        got = bytearray()
+
+        def drain():
+            while len(got) < len(big):
+                got.extend(b.recv(1 << 20))
+        reader = threading.Thread(target=drain)
+        reader.start()
+        assert la.wait_sent(30.0) is True
+        reader.join(30)
+        assert bytes(got) == bytes(big)
+    finally:
+        b.close()
+        la.close()
 
 
 def _connect_all(addresses, listeners, tls_for, allow_plaintext=False, timeout=5.0):

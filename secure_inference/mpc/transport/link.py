@@ -70,6 +70,11 @@ class Link:
     def recv(self, timeout: float) -> bytes:
         raise NotImplementedError
 
+    def wait_sent(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) until every queued frame has been handed to the
+        operating system; True if none is left. Links without a send queue: True."""
+        return True
+
     def close(self) -> None:
         raise NotImplementedError
 

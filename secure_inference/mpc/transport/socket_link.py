@@ -210,6 +210,18 @@ class SocketLink(Link):
             self._in_bytes -= len(frame)
             return frame
 
+    def wait_sent(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) until the send queue is empty (every frame written to
+        the socket) or the link broke; True if the queue is empty."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._out and self._error is None and not self._stop:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.1))
+            return not self._out
+
     def close(self, abort: tuple[int, str] | None = None) -> None:
         """Say goodbye, flush, wait (at most ``linger`` s) for the peer's goodbye, then close.
 
