@@ -50,7 +50,7 @@ def _party_body(party, share, bits: int, n: int, prof_dir: str | None):
     import cProfile
 
     from secure_inference.mpc.protocols import drelu as D
-    from secure_inference.mpc.runtime import merge_stats
+    from secure_inference.mpc.stats import merge_stats
 
     cfg = D.DReLUConfig(ring_bits=bits)
     x = share if share is not None else party.placeholder((n,))

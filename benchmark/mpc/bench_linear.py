@@ -42,7 +42,7 @@ from secure_inference.mpc import protocols as P  # noqa: E402
 from secure_inference.mpc import backends as B  # noqa: E402
 from secure_inference.mpc.backends import CpuInt64Backend, LimbFloatBackend  # noqa: E402
 from secure_inference.mpc.ring import encode  # noqa: E402
-from secure_inference.mpc.runtime import merge_stats  # noqa: E402
+from secure_inference.mpc.stats import merge_stats  # noqa: E402
 from secure_inference.mpc.harness import run_local_processes  # noqa: E402
 
 CONV = dict(x=(1, 64, 32, 32), w=(64, 64, 3, 3), padding=1)     # a ResNet-18 CIFAR layer

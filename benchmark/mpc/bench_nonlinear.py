@@ -36,7 +36,7 @@ from tqdm import tqdm  # noqa: E402
 from secure_inference.mpc.protocols import drelu as D  # noqa: E402
 from secure_inference.mpc.protocols import relu as R  # noqa: E402
 from secure_inference.mpc.ring import encode  # noqa: E402
-from secure_inference.mpc.runtime import merge_stats
+from secure_inference.mpc.stats import merge_stats
 from secure_inference.mpc.harness import run_in_process, run_local_processes
 
 BASELINE = {"name": "original research code (SecureNN-based), measured",

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from secure_inference.mpc.compile import compile_model  # noqa: E402
-from secure_inference.mpc.party import SessionLimits  # noqa: E402
-from secure_inference.mpc.runtime import ProtocolError  # noqa: E402
+from secure_inference.mpc.options import SessionLimits  # noqa: E402
+from secure_inference.mpc.errors import ProtocolError  # noqa: E402
 from secure_inference.mpc.harness import run_local_processes  # noqa: E402
 
 CHW = (3, 16, 16)
@@ -58,13 +58,12 @@ def _memory_kib() -> tuple[int, int]:
 def _hostile_client(party, program, batch: int) -> None:
     """Follow the protocol up to the first batch's preprocessing, then leave."""
     from secure_inference.mpc import party as P
-    P.set_default_config(party, None)
+    from secure_inference.mpc.protocols.linear import open_weights
     P.check_program(party, program)
-    P._announce_batches(party, [batch])
+    P._announce_batches(party, [batch], None)
     for layer in program.layers:
         if layer.op in ("conv2d", "linear"):
-            P.L.open_weights(party, None, weight_shape=layer.attrs["weight_shape"],
-                             name=layer.name)
+            open_weights(party, None, weight_shape=layer.attrs["weight_shape"], name=layer.name)
     P._barrier(party)
     P.preprocess_batch(party, program, batch)
 

@@ -326,7 +326,7 @@ def measure_throughput(n: int, device: str, prg: str) -> dict:
     from secure_inference.mpc.protocols import drelu as D
     from secure_inference.mpc.protocols import relu as R
     from secure_inference.mpc.ring import encode
-    from secure_inference.mpc.runtime import merge_stats
+    from secure_inference.mpc.stats import merge_stats
     x = encode(torch.randn(n, dtype=torch.float64), 16)
     x0 = torch.randint(-(1 << 63), (1 << 63) - 1, x.shape, dtype=torch.int64)
     cfg = D.DReLUConfig()

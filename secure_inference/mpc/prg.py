@@ -38,6 +38,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from . import chacha
+from .options import CIPHERS, DEFAULT_CIPHER
 
 __all__ = ["KEY_BYTES", "CIPHERS", "DEFAULT_CIPHER", "cipher_code", "cipher_name", "Stream",
            "KeyStream", "AesStream", "ChaChaStream", "derive_stream", "private_stream",
@@ -45,8 +46,6 @@ __all__ = ["KEY_BYTES", "CIPHERS", "DEFAULT_CIPHER", "cipher_code", "cipher_name
 
 KEY_BYTES = 32
 _ZERO_NONCE = bytes(16)
-CIPHERS = ("aes", "chacha20")   # the position is the code compared at session start
-DEFAULT_CIPHER = "aes"
 _SIGN = -(1 << 63)              # int64 with only the top bit set
 # The plaintext of every keystream read (the keystream is the encryption of zero bytes): one
 # shared, read-only buffer, sliced, instead of a fresh bytes(n) per read (which costs more than

@@ -15,7 +15,7 @@ from secure_inference.mpc.protocols import drelu as D
 from secure_inference.mpc.protocols import pwl
 from secure_inference.mpc.protocols.linear import mul
 from secure_inference.mpc.ring import decode, encode
-from secure_inference.mpc.runtime import merge_stats
+from secure_inference.mpc.stats import merge_stats
 from secure_inference.mpc.harness import run_in_process
 
 FRAC = 16

@@ -17,7 +17,7 @@ from secure_inference.mpc.compile import (UnsupportedOperationError, compile_mod
 from secure_inference.mpc.trace import pool_matrices
 from secure_inference.mpc.protocols import drelu as D
 from secure_inference.mpc.protocols import relu as R
-from secure_inference.mpc.runtime import merge_stats
+from secure_inference.mpc.stats import merge_stats
 from secure_inference.mpc.harness import run_in_process
 from secure_inference.mpc import run_local
 

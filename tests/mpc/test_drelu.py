@@ -11,7 +11,8 @@ import torch
 from secure_inference.mpc.protocols import drelu as D
 from secure_inference.mpc.protocols import private_compare as PC
 from secure_inference.mpc.protocols import zp as Z
-from secure_inference.mpc.runtime import ProtocolError, merge_stats
+from secure_inference.mpc.errors import ProtocolError
+from secure_inference.mpc.stats import merge_stats
 from secure_inference.mpc.harness import run_in_process
 
 I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1

@@ -18,7 +18,7 @@ from mpc.helper_attack import recover_weights
 from secure_inference.mpc.compile import compile_model
 from secure_inference.mpc.party import run_party
 from secure_inference.mpc.ring import encode
-from secure_inference.mpc.runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER
+from secure_inference.mpc.session import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER
 from secure_inference.mpc.harness import _run_in_process_with_keys
 
 FRAC = 16

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from secure_inference.mpc import prg
 from secure_inference.mpc import protocols as P
 from secure_inference.mpc.ring import decode, encode
-from secure_inference.mpc.runtime import merge_stats
+from secure_inference.mpc.stats import merge_stats
 from secure_inference.mpc.harness import run_in_process
 
 FRAC = 16

@@ -14,7 +14,7 @@ from secure_inference import BlockReLU, block_costs
 from secure_inference.mpc.protocols import drelu as D
 from secure_inference.mpc.protocols import relu as R
 from secure_inference.mpc.ring import decode, encode
-from secure_inference.mpc.runtime import merge_stats
+from secure_inference.mpc.stats import merge_stats
 from secure_inference.mpc.harness import run_in_process, run_local_processes
 
 I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1

@@ -14,7 +14,7 @@ from torch import nn
 import secure_inference as si
 from secure_inference.mpc.compile import UnsupportedOperationError, compile_model, error_bound
 from secure_inference.mpc.local import run_local, run_program
-from secure_inference.mpc.runtime import merge_stats
+from secure_inference.mpc.stats import merge_stats
 from secure_inference.sites import find_relu_sites, run_model
 
 from helpers.reference_models import (REFERENCE, build_reference, mixed_spec, randomize_bn,

@@ -14,7 +14,7 @@ import torch
 from secure_inference.mpc.certs import create_certificates
 from secure_inference.mpc.ring import decode, encode
 from secure_inference.mpc.errors import ProtocolError
-from secure_inference.mpc.runtime import merge_stats
+from secure_inference.mpc.stats import merge_stats
 from secure_inference.mpc.harness import run_in_process, run_local_processes
 from secure_inference.mpc.transport.addresses import listen
 from secure_inference.mpc.transport.connect import connect_links

@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from ..ring import encode
-from ..runtime import ROLE_CLIENT, ROLE_HELPER, Party
+from ..runtime import Party
+from ..session import ROLE_CLIENT, ROLE_HELPER
 from .drelu import EXACT, DReLUConfig, mul_drelu, mul_drelu_bytes
 from .linear import mul, truncate
 from .pwl import PiecewiseLinear, hardsigmoid_pwl

@@ -94,7 +94,8 @@ import math
 import torch
 
 from ... import wire_costs
-from ..runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party
+from ..runtime import Party
+from ..session import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER
 from ..settings import EXACT, DReLUConfig
 from ..errors import ProtocolError
 from . import drelu_kernels as DK

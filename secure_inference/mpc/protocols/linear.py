@@ -51,7 +51,8 @@ import torch
 
 from ..backends import SMALL_WEIGHT_BITS, fits_small
 from ..ring import encode, truncate_share
-from ..runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, OpenedWeights, Party
+from ..runtime import OpenedWeights, Party
+from ..session import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER
 from ..session import SCOPE_PREPROCESS, SCOPE_SETUP
 
 Share = torch.Tensor

@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from ...brelu import as_block_sizes
-from ..runtime import ROLE_CLIENT, ROLE_HELPER, Party
+from ..runtime import Party
+from ..session import ROLE_CLIENT, ROLE_HELPER
 from .linear import mul
 from .drelu import EXACT, DReLUConfig, mul_drelu, mul_drelu_bytes, resolve_config
 
