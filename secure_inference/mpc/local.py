@@ -27,7 +27,8 @@ from .settings import DReLUConfig, drelu_config
 from .report import build_report, plot_report, save_report
 from .ring import check_inputs
 from .options import DEFAULT_CIPHER, DEFAULT_FRAC_BITS, RUN_TIMEOUT
-from .runtime import ROLE_CLIENT, ROLE_SERVER, Party
+from .runtime import Party
+from .session import ROLE_CLIENT, ROLE_SERVER
 from .harness import (Devices, PrgChoice, refuse_in_bootstrap, role_options, run_in_process,
                       run_local_processes)
 from .netem import EmulatedLink, NetworkProfile, network_profile

@@ -32,7 +32,8 @@ from .protocols.linear import (add, add_public, concat, conv2d, conv_op, linear,
 from .protocols.pwl import PiecewiseLinear, approximation, clamp_pwl, hardsigmoid_pwl
 from .protocols.pooling import avg_pool2d, global_avg_pool2d
 from .ring import encode, is_power_of_two, reciprocal_fixed
-from .runtime import ROLE_SERVER, Party
+from .runtime import Party
+from .session import ROLE_SERVER
 from .settings import DReLUConfig
 
 __all__ = ["Op", "OPS", "register", "op_of", "layer_drelus", "ErrorContext", "public_matrix",

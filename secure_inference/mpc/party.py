@@ -35,7 +35,8 @@ from .stats import CommStats, ScopeStats
 from .errors import ProtocolError
 # SessionLimits and the batch ceilings live in .options (imported here for use, not export)
 from .options import MAX_BATCHES, SessionLimits
-from .runtime import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, Party
+from .runtime import Party
+from .session import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER
 
 
 __all__ = ["run_party", "check_program", "gather_results", "run_layer", "layer_drelus",
@@ -221,7 +222,7 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
     """Run the program for every batch in ``images`` (client) with ``weights`` (server).
 
     Returns a dict: ``outputs`` (client: list of float64 tensors, one per batch; others:
-    None), ``stats`` (this party's :class:`~.runtime.CommStats`), ``layer_seconds`` (wall time
+    None), ``stats`` (this party's :class:`~.stats.CommStats`), ``layer_seconds`` (wall time
     per layer summed over batches), ``setup_seconds``, ``preprocess_seconds`` (the
     input-independent work of every batch, before its images enter), ``online_seconds`` (from
     the images to the output, all batches), ``batch_sizes``.

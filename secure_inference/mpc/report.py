@@ -20,7 +20,7 @@ from .ops import WIDTH_ATTR, layer_drelus
 from .program import Program
 from .session import (PARTY_KEYS, SCOPE_HEADER, SCOPE_KEYS, SCOPE_OUTPUT, SCOPE_PREPROCESS,
                       SCOPE_SETUP)
-from .runtime import CommStats
+from .stats import CommStats
 
 __all__ = ["build_report", "save_report", "plot_report", "PARTY_KEYS"]
 

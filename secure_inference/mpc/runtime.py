@@ -13,7 +13,7 @@ scope.
 
 Key agreement (at session start, over the link): each pair of parties runs X25519 (each side
 sends a fresh 32-byte public key) and derives its 256-bit pair key with HKDF-SHA256 bound to
-both roles and both public keys. Over TLS the exchange is also authenticated by the
+both roles and both public keys (and, in a service session, its identifier). Over TLS the exchange is also authenticated by the
 certificates; on plaintext loopback links it resists passive eavesdroppers only.
 
 Rounds are counted as message depth per scope (a Lamport clock restarted at every scope
@@ -40,19 +40,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from . import prg as _prg
 from .backends import get_backend
 from .settings import EXACT, DReLUConfig
-from .session import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER, ROLES, SCOPE_KEYS, Role
-from .stats import CommStats, ScopeStats, merge_stats
+from .session import ROLE_HELPER, ROLES, SCOPE_KEYS
+from .stats import CommStats
 from .errors import ProtocolError
 from .options import SessionOptions
 from .transport.frames import decode_frame, scope_hash
 from .transport.link import Link
 
-# ProtocolError's home is .errors; it stays importable from here until its last importers
-# (tests/mpc/test_drelu.py, benchmark/mpc/hostile_memory.py) import it from there.
-
-__all__ = ["Role", "ROLE_CLIENT", "ROLE_SERVER", "ROLE_HELPER", "ROLES", "Party",
-           "ProtocolError", "ScopeStats", "CommStats", "merge_stats",
-           "PartyView", "OpenedWeights"]
+__all__ = ["Party", "PartyView", "OpenedWeights"]
 
 
 @dataclass
@@ -133,6 +128,8 @@ class Party:
                 lo, hi = sorted((self.role, p))
                 ordered = (pubs[p], theirs) if self.role == lo else (theirs, pubs[p])
                 info = b"secure-inference pair key %d-%d" % (lo, hi) + ordered[0] + ordered[1]
+                if self.options.session_id:   # a service session: keys bound to its identifier
+                    info += b" session " + self.options.session_id
                 self._pair_keys[p] = HKDF(algorithm=hashes.SHA256(), length=_prg.KEY_BYTES,
                                           salt=None, info=info).derive(shared)
 

@@ -7,7 +7,7 @@ make one pass per row and write the packed words directly, which is what makes t
 in CPU time. They compute exactly what the torch versions compute (tested against them and
 against plain-Python references): same message layout (row-major, rotated rows), same packing
 (five values mod 67 per little-endian int32 word, ``Σ v_i·67^i``), same checks on received
-words (error codes, turned into :class:`~secure_inference.mpc.runtime.ProtocolError` by the
+words (error codes, turned into :class:`~secure_inference.mpc.errors.ProtocolError` by the
 callers).
 
 How they are fast: rows are handled in blocks of a multiple of five rows, since five rows of ℓ
