@@ -238,9 +238,22 @@ def connect(role: int, cfg: dict[str, Any], options, tls):
             raise UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); check "
                             f"--{what}: HOST must be an address of this machine") from None
     try:
-        links = connect_links(role, addresses, listener, tls=tls,
-                              allow_plaintext=bool(cfg["plaintext"]), timeout=options.timeout,
-                              max_frame=options.max_frame)
+        if role == 0:   # a service (--serve) gets a fresh session identifier; others nothing
+            import dataclasses
+            import os
+
+            from secure_inference.mpc.transport.connect import connect_session
+            from secure_inference.mpc.transport.handshake import SESSION_ID_BYTES
+            links, sid = connect_session(role, addresses, listener, tls=tls,
+                                         allow_plaintext=bool(cfg["plaintext"]),
+                                         timeout=options.timeout, max_frame=options.max_frame,
+                                         session_id=os.urandom(SESSION_ID_BYTES))
+            if sid is not None:
+                options = dataclasses.replace(options, session_id=sid)
+        else:
+            links = connect_links(role, addresses, listener, tls=tls,
+                                  allow_plaintext=bool(cfg["plaintext"]),
+                                  timeout=options.timeout, max_frame=options.max_frame)
     finally:
         if listener is not None:
             listener.close()

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from ._party import add_common_args, add_limit_args, run_cli, serve_session
+from ._service import add_service_args, serve_forever
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,12 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     add_limit_args(parser)
+    add_service_args(parser)
     return parser
 
 
 def run(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and help one session (errors propagate; see :func:`main`)."""
     args = build_parser().parse_args(argv)
+    if args.serve:
+        return serve_forever(2, args)
     return serve_session(2, args)
 
 

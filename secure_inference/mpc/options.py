@@ -67,7 +67,8 @@ class SessionOptions:
     ``max_frame`` and ``limits`` are this party's own.
 
     ``drelu``: the session's DReLU (None: exact). ``limits``: what the server and the helper
-    accept from the client's announcement (the client's are not used).
+    accept from the client's announcement (the client's are not used). ``session_id``: a
+    service session's identifier (empty for a one-shot session), bound into every pair key.
     """
 
     frac_bits: int = DEFAULT_FRAC_BITS
@@ -77,3 +78,4 @@ class SessionOptions:
     max_frame: int = DEFAULT_MAX_FRAME
     device: str = DEFAULT_DEVICE
     limits: SessionLimits = field(default_factory=SessionLimits)
+    session_id: bytes = b""

@@ -13,11 +13,11 @@ from ..errors import ProtocolError
 from .accept import accept_peers
 from .addresses import is_loopback
 from .frames import DEFAULT_MAX_FRAME
-from .handshake import dial_handshake
+from .handshake import dial_session
 from .socket_link import SocketLink
 from .tls import TLSConfig, check_own_certificate
 
-__all__ = ["connect_links", "HANDSHAKE_TIMEOUT"]
+__all__ = ["connect_links", "connect_session", "HANDSHAKE_TIMEOUT"]
 
 HANDSHAKE_TIMEOUT = 5.0      # per incoming connection: TLS handshake and hello, in seconds
 
@@ -26,7 +26,25 @@ def connect_links(me: int, addresses: dict[int, tuple[str, int]], listener: sock
                   *, tls: TLSConfig | None, allow_plaintext: bool = False, timeout: float = 30.0,
                   max_frame: int = DEFAULT_MAX_FRAME, handshake_timeout: float | None = None,
                   max_queued: int | None = None) -> dict[int, SocketLink]:
-    """Open one link to each other party.
+    """Open one link to each other party (see :func:`connect_session`, without a session
+    identifier: only one-shot peers)."""
+    links, _ = connect_session(me, addresses, listener, tls=tls, allow_plaintext=allow_plaintext,
+                               timeout=timeout, max_frame=max_frame,
+                               handshake_timeout=handshake_timeout, max_queued=max_queued)
+    return links
+
+
+def connect_session(me: int, addresses: dict[int, tuple[str, int]],
+                    listener: socket.socket | None, *, tls: TLSConfig | None,
+                    allow_plaintext: bool = False, timeout: float = 30.0,
+                    max_frame: int = DEFAULT_MAX_FRAME, handshake_timeout: float | None = None,
+                    max_queued: int | None = None, session_id: bytes | None = None
+                    ) -> tuple[dict[int, SocketLink], bytes | None]:
+    """Open one link to each other party; returns the links and the session identifier if
+    the dialled peers run as services (``--serve``), else None.
+
+    ``session_id`` is offered only to a peer that answers as a service; every dialled peer
+    must then be one (a mix of a service and a one-shot peer is a ProtocolError).
 
     Party ``i`` connects to every party ``j > i`` (at ``addresses[j]``) and accepts the parties
     ``j < i`` on ``listener``: the client (P0) only dials out, the helper (P2) only listens.
@@ -55,6 +73,7 @@ def connect_links(me: int, addresses: dict[int, tuple[str, int]], listener: sock
         handshake_timeout = HANDSHAKE_TIMEOUT
     deadline = time.monotonic() + timeout
     links: dict[int, SocketLink] = {}
+    served: dict[int, bool] = {}
 
     def make_link(sock: socket.socket, peer: int) -> SocketLink:
         return SocketLink(sock, me, peer, max_frame, max_queued=max_queued)
@@ -74,7 +93,7 @@ def connect_links(me: int, addresses: dict[int, tuple[str, int]], listener: sock
                     time.sleep(0.1)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.settimeout(max(0.1, deadline - time.monotonic()))
-            sock, _ = dial_handshake(raw, me, peer, tls, host)
+            sock, _, served[peer] = dial_session(raw, me, peer, tls, host, session_id)
             links[peer] = make_link(sock, peer)
         lower = {r for r in addresses if r < me}
         if lower:
@@ -82,8 +101,13 @@ def connect_links(me: int, addresses: dict[int, tuple[str, int]], listener: sock
                 raise ValueError(f"party {me} must listen for parties {sorted(lower)}")
             links.update(accept_peers(me, lower, listener, tls, deadline, timeout,
                                        handshake_timeout, make_link))
+        if len(set(served.values())) > 1:
+            kinds = ", ".join(f"party {p} {'runs' if v else 'does not run'} as a service"
+                              for p, v in sorted(served.items()))
+            raise ProtocolError(f"party {me}: {kinds}: start the server and the helper both "
+                                "with --serve, or both without it")
     except BaseException:
         for link in links.values():
             link.close()
         raise
-    return links
+    return links, (session_id if any(served.values()) else None)

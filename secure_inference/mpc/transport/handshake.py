@@ -16,10 +16,21 @@ from ..errors import ProtocolError
 from ..session import PARTY_NAMES
 from .tls import TLSConfig, peer_role_from_cert
 
-__all__ = ["dial_handshake", "admit_connection", "Refused"]
+__all__ = ["dial_handshake", "dial_session", "admit_connection", "Refused", "HELLO",
+           "HELLO_MAGIC", "SERVE_MAGIC", "BUSY_MAGIC", "SESSION_ID_BYTES", "ID_ACCEPTED",
+           "ID_REFUSED"]
 
 _HELLO = struct.Struct("<8sB")
 _HELLO_MAGIC = b"SI-HELLO"
+# service mode (docs/secure_inference.md, "Service mode"): a --serve listener answers a hello
+# with SERVE_MAGIC, then reads the dialler's session identifier and answers one status byte;
+# at its session limit it answers BUSY_MAGIC and closes. A one-shot listener answers HELLO.
+HELLO = _HELLO
+HELLO_MAGIC = _HELLO_MAGIC
+SERVE_MAGIC = b"SI-SERVE"
+BUSY_MAGIC = b"SI-BUSY!"
+SESSION_ID_BYTES = 32          # 256 bits from os.urandom
+ID_ACCEPTED, ID_REFUSED = 0, 1
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
@@ -45,6 +56,16 @@ def dial_handshake(sock: socket.socket, me: int, expected: int, tls: TLSConfig |
     The dialler sends its hello first; the listener answers only once it has accepted the
     dialler (certificate, role), so a connection closed here means the listener refused us.
     """
+    sock, peer, _ = dial_session(sock, me, expected, tls, host)
+    return sock, peer
+
+
+def dial_session(sock: socket.socket, me: int, expected: int, tls: TLSConfig | None,
+                 host: str, session_id: bytes | None = None
+                 ) -> tuple[socket.socket, int, bool]:
+    """:func:`dial_handshake`, also for a ``--serve`` listener: returns the socket, the peer
+    role and whether the peer is a service. A service gets ``session_id`` (refused without
+    one) and must accept it; a service at its session limit is a "busy" ProtocolError."""
     if tls is not None:
         try:
             sock = tls.context(False).wrap_socket(sock, server_hostname=host)
@@ -76,14 +97,32 @@ def dial_handshake(sock: socket.socket, me: int, expected: int, tls: TLSConfig |
                             "(the peer refused our certificate?)") from exc
     except OSError as exc:
         raise ProtocolError(f"party {me}: hello with {host} failed: {exc}") from exc
-    if magic != _HELLO_MAGIC or peer not in PARTY_NAMES:
+    if magic == BUSY_MAGIC and peer == expected:
+        raise ProtocolError(f"party {me}: party {expected} at {host} is busy: it runs as many "
+                            "sessions as its --max-sessions allows; try again later")
+    served = magic == SERVE_MAGIC
+    if (magic != _HELLO_MAGIC and not served) or peer not in PARTY_NAMES:
         raise ProtocolError(f"party {me}: peer at {host} is not a secure-inference party")
     if peer != expected:
         raise ProtocolError(f"party {me}: expected party {expected} at {host}, it says {peer}")
     if tls is not None and peer_role_from_cert(sock) != peer:
         raise ProtocolError(f"party {me}: peer says it is party {peer} but its certificate "
                             "belongs to another party")
-    return sock, peer
+    if served:
+        if session_id is None:
+            raise ProtocolError(f"party {me}: party {peer} at {host} runs as a service "
+                                "(--serve); run this party with --serve too, or that one "
+                                "without it")
+        try:
+            sock.sendall(session_id)
+            status = _recv_exact(sock, 1)[0]
+        except (ProtocolError, OSError) as exc:
+            raise ProtocolError(f"party {me}: party {peer} at {host} closed the connection "
+                                "after the hello: it refused this session") from exc
+        if status != ID_ACCEPTED:
+            raise ProtocolError(f"party {me}: party {peer} at {host} refused the session "
+                                "identifier (reused or already connected)")
+    return sock, peer, served
 
 
 class Refused(Exception):

@@ -1,0 +1,373 @@
+"""Service mode: a listening party (server or helper) that serves many sessions, each in its own
+process forked from the warm parent (model loaded and compiled once).
+
+The parent runs no threads: a selector loop admits connections (:mod:`.transport.admission`),
+pairs the helper's two connections of a session by their identifier, forks one process per
+session, reaps it and logs one line per session. A session's crash, hostile input or memory
+ends that process only. Signals: the first SIGTERM/SIGINT stops accepting and lets running
+sessions finish within the grace period (exit 0); a second one, or the end of the grace
+period, kills every session process (exit 1). docs/secure_inference.md, "Service mode".
+"""
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .transport.admission import WANT_WRITE, Admission
+from .transport.handshake import Refused
+
+__all__ = ["ServiceSettings", "serve", "DEFAULT_MAX_SESSIONS", "DEFAULT_MAX_SESSION_SECONDS",
+           "DEFAULT_GRACE_SECONDS"]
+
+DEFAULT_MAX_SESSIONS = 4
+DEFAULT_MAX_SESSION_SECONDS = 3600.0
+DEFAULT_GRACE_SECONDS = 60.0
+MAX_ADMISSIONS = 64             # connections in their handshake at once (more wait in backlog)
+MAX_USED_IDS = 1 << 20          # identifiers remembered as used (refused if they come back)
+_SUMMARY_BYTES = 1 << 16        # most bytes of a session's summary the parent reads
+
+SessionFn = Callable[[dict[int, socket.socket], bytes], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """How a service runs: its name in logs, its role, whom it admits, its limits."""
+
+    name: str
+    role: int
+    wanted: frozenset[int]
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_session_seconds: float = DEFAULT_MAX_SESSION_SECONDS
+    grace_seconds: float = DEFAULT_GRACE_SECONDS
+    handshake_timeout: float = 5.0
+    pair_timeout: float = 30.0
+    log_json: bool = False
+
+
+@dataclass
+class _Session:
+    sid: bytes
+    client: str
+    start: float
+    pipe: int
+    killed: str | None = None
+
+
+class _Service:
+    def __init__(self, listener: socket.socket, ctx: ssl.SSLContext | None,
+                 settings: ServiceSettings, run_session: SessionFn,
+                 allow_peer: Callable[[str], bool]):
+        self.listener, self.ctx, self.s, self.run_session = listener, ctx, settings, run_session
+        self.allow_peer = allow_peer
+        self.sel = selectors.DefaultSelector()
+        self.admissions: dict[int, Admission] = {}
+        self.pending: dict[bytes, dict[int, Admission]] = {}     # helper: half-paired sessions
+        self.pending_since: dict[bytes, float] = {}
+        self.used: OrderedDict[bytes, None] = OrderedDict()
+        self.sessions: dict[int, _Session] = {}
+        self.signals = 0
+        self.drain_deadline: float | None = None
+
+    # --- logging ------------------------------------------------------------------------
+    def log(self, event: str, **fields: Any) -> None:
+        if self.s.log_json:
+            line = json.dumps({"event": event, "party": self.s.name, **fields})
+        elif event == "session":
+            line = (f"{self.s.name}: session {fields['session']} client {fields['client']} "
+                    f"images {fields['images']} bytes {fields['bytes']} seconds "
+                    f"{fields['seconds']:.2f} {fields['outcome']}")
+        else:
+            line = f"{self.s.name}: {fields.pop('message')}"
+        print(line, file=sys.stderr, flush=True)
+
+    # --- admission ----------------------------------------------------------------------
+    def _busy(self) -> bool:
+        reserved = sum(1 for a in self.admissions.values() if a.peer is not None and not a.busy)
+        if self.s.wanted == frozenset({0}):    # this connection counts among the reserved
+            return len(self.sessions) + reserved > self.s.max_sessions
+        return len(self.sessions) >= self.s.max_sessions
+
+    def _check_id(self, peer: int, sid: bytes) -> bool:
+        if sid in self.used:
+            return False
+        waiting = self.pending.get(sid, {})
+        if peer in waiting:
+            return False
+        return sid in self.pending or len(self.pending) < 4 * self.s.max_sessions + 16
+
+    def _accept(self) -> None:
+        try:
+            raw, addr = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.log("warning", message=f"accept failed: {exc}")
+            return
+        if not self.allow_peer(str(addr[0])):
+            raw.close()
+            self.log("warning", message=f"refused a plaintext connection from {addr[0]}: "
+                     "without TLS only loopback peers are accepted")
+            return
+        try:
+            adm = Admission(raw, addr, self.s.role, set(self.s.wanted), self.ctx,
+                            self.s.handshake_timeout)
+        except (OSError, ssl.SSLError):
+            raw.close()
+            return
+        self.admissions[adm.fileno()] = adm
+        self.sel.register(adm, selectors.EVENT_READ)
+        self._advance(adm)
+
+    def _drop(self, adm: Admission, reason: str | None) -> None:
+        fd = adm.fileno()
+        if self.admissions.pop(fd, None) is not None:
+            self.sel.unregister(adm)
+        adm.close()
+        if reason:
+            self.log("warning", message=f"dropped the connection from {adm.addr[0]}:"
+                     f"{adm.addr[1]}: {reason}")
+
+    def _advance(self, adm: Admission) -> None:
+        try:
+            want = adm.step(self._busy, self._check_id)
+        except Refused as exc:
+            self._drop(adm, str(exc))
+            return
+        if want is not None:
+            self.sel.modify(adm, selectors.EVENT_WRITE if want == WANT_WRITE
+                            else selectors.EVENT_READ)
+            return
+        if adm.busy:
+            self._drop(adm, None)
+            self.log("busy", message=f"busy: told {adm.addr[0]}:{adm.addr[1]} to try later "
+                     f"({len(self.sessions)} sessions running, --max-sessions "
+                     f"{self.s.max_sessions})")
+            return
+        self.admissions.pop(adm.fileno())
+        self.sel.unregister(adm)
+        sid = adm.session_id
+        assert sid is not None and adm.peer is not None
+        waiting = self.pending.setdefault(sid, {})
+        self.pending_since.setdefault(sid, time.monotonic())
+        waiting[adm.peer] = adm
+        if set(waiting) == set(self.s.wanted):
+            del self.pending[sid], self.pending_since[sid]
+            if len(self.sessions) >= self.s.max_sessions:
+                for a in waiting.values():
+                    a.close()
+                self.log("busy", message="busy: a paired session found no free slot")
+                return
+            self._start(sid, waiting)
+
+    # --- sessions -----------------------------------------------------------------------
+    def _start(self, sid: bytes, conns: dict[int, Admission]) -> None:
+        self.used[sid] = None
+        while len(self.used) > MAX_USED_IDS:
+            self.used.popitem(last=False)
+        client = conns.get(0) or next(iter(conns.values()))
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            self._child(sid, conns, r, w)
+        os.close(w)
+        for a in conns.values():
+            a.close()
+        self.sessions[pid] = _Session(sid, f"{client.addr[0]}:{client.addr[1]}",
+                                      time.monotonic(), r)
+
+    def _child(self, sid: bytes, conns: dict[int, Admission], r: int, w: int) -> None:
+        code, summary = 1, {"outcome": "failed"}
+        try:
+            os.close(r)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)     # the parent decides when a session ends
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.set_wakeup_fd(-1)
+            _die_with_parent()
+            self.listener.close()
+            for a in list(self.admissions.values()) + [a for p in self.pending.values()
+                                                       for a in p.values()]:
+                a.close()
+            for s in self.sessions.values():
+                os.close(s.pipe)
+            summary = self.run_session({p: a.sock for p, a in conns.items()}, sid)
+            code = 0 if summary.get("outcome") == "ok" else 1
+        except BaseException as exc:  # noqa: BLE001 - a session's end is always reported
+            summary = {"outcome": f"failed: {type(exc).__name__}: {exc}"[:500]}
+        finally:
+            try:
+                os.write(w, json.dumps(summary).encode()[:_SUMMARY_BYTES - 1])
+            except (OSError, TypeError, ValueError):
+                pass
+            try:
+                sys.stderr.flush()
+            except Exception:  # noqa: BLE001
+                pass
+            os._exit(code)
+
+    def _reap(self) -> None:
+        while self.sessions:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            sess = self.sessions.pop(pid, None)
+            if sess is None:
+                continue
+            summary: dict[str, Any] = {}
+            try:
+                os.set_blocking(sess.pipe, False)
+                data = os.read(sess.pipe, _SUMMARY_BYTES)
+                loaded = json.loads(data.decode()) if data else {}
+                summary = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):
+                pass
+            os.close(sess.pipe)
+            outcome = str(summary.get("outcome") or "")
+            if sess.killed:
+                outcome = f"killed: {sess.killed}"
+            elif not outcome:
+                sig = -os.waitstatus_to_exitcode(status)
+                outcome = f"failed: the session process died (signal {sig})" if sig > 0 \
+                    else "failed: the session process ended without a report"
+            self.log("session", session=sess.sid[:4].hex(), client=sess.client,
+                     images=int(summary.get("images") or 0),
+                     bytes=int(summary.get("bytes") or 0),
+                     seconds=round(time.monotonic() - sess.start, 3), outcome=outcome)
+
+    def _kill_all(self, why: str) -> None:
+        for pid, sess in self.sessions.items():
+            sess.killed = sess.killed or why
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while self.sessions and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.01)
+
+    # --- the loop -----------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.signals += 1
+
+    def _stop_accepting(self) -> None:
+        self.sel.unregister(self.listener)
+        self.listener.close()
+        for adm in list(self.admissions.values()):
+            self._drop(adm, None)
+        for waiting in self.pending.values():
+            for a in waiting.values():
+                a.close()
+        self.pending.clear()
+        self.pending_since.clear()
+        self.drain_deadline = time.monotonic() + self.s.grace_seconds
+        self.log("stopping", message=f"stopping: no new sessions; {len(self.sessions)} "
+                 f"running get {self.s.grace_seconds:g} s to finish (a second signal ends "
+                 "them now)")
+
+    def run(self) -> int:
+        wake_r, wake_w = socket.socketpair()
+        for s in (wake_r, wake_w):
+            s.setblocking(False)
+        previous = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
+        old_fd = signal.set_wakeup_fd(wake_w.fileno())
+        self.listener.setblocking(False)
+        self.sel.register(self.listener, selectors.EVENT_READ)
+        self.sel.register(wake_r, selectors.EVENT_READ)
+        host, port = self.listener.getsockname()[:2]
+        self.log("ready", message=f"ready: serving at {host}:{port} (up to "
+                 f"{self.s.max_sessions} sessions at once)", address=f"{host}:{port}")
+        try:
+            while True:
+                if self.signals >= 2:
+                    self._kill_all("the service was stopped")
+                    self.log("stopped", message="stopped at once: every session ended")
+                    return 1
+                if self.signals == 1 and self.drain_deadline is None:
+                    self._stop_accepting()
+                if self.drain_deadline is not None:
+                    if not self.sessions:
+                        self.log("stopped", message="stopped")
+                        return 0
+                    if time.monotonic() > self.drain_deadline:
+                        self._kill_all("the grace period ended")
+                        self.log("stopped", message="stopped: the grace period ended")
+                        return 1
+                for key, _ in self.sel.select(timeout=0.2):
+                    obj = key.fileobj
+                    if obj is wake_r:
+                        try:
+                            while wake_r.recv(4096):
+                                pass
+                        except OSError:
+                            pass
+                    elif obj is self.listener:
+                        if len(self.admissions) < MAX_ADMISSIONS:
+                            self._accept()
+                    elif isinstance(obj, Admission) and obj.fileno() in self.admissions:
+                        self._advance(obj)
+                self._reap()
+                self._expire()
+        finally:
+            if self.sessions:
+                self._kill_all("the service ended")
+            signal.set_wakeup_fd(old_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.sel.close()
+            for s in (wake_r, wake_w):
+                s.close()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for adm in [a for a in self.admissions.values() if now > a.deadline]:
+            self._drop(adm, f"no complete TLS handshake, hello and session identifier within "
+                       f"{self.s.handshake_timeout:g} s (silent or too slow)")
+        for sid in [k for k, t in self.pending_since.items() if now - t > self.s.pair_timeout]:
+            waiting = self.pending.pop(sid)
+            del self.pending_since[sid]
+            for a in waiting.values():
+                a.close()
+            self.used[sid] = None
+            self.log("warning", message=f"session {sid[:4].hex()}: its other party never "
+                     f"came within {self.s.pair_timeout:g} s; dropped")
+        for pid, sess in self.sessions.items():
+            if sess.killed is None and now - sess.start > self.s.max_session_seconds:
+                sess.killed = f"longer than --max-session-seconds {self.s.max_session_seconds:g}"
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _die_with_parent() -> None:
+    """Linux: end this session process if the service parent dies (best effort)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def serve(listener: socket.socket, ctx: ssl.SSLContext | None, settings: ServiceSettings,
+          run_session: SessionFn, allow_peer: Callable[[str], bool] = lambda host: True) -> int:
+    """Serve sessions on ``listener`` until stopped (see the module docstring); returns the
+    exit status. ``run_session(sockets_by_role, session_id)`` runs one session in its forked
+    process and returns its summary (``outcome``: "ok" or a failure, ``images``, ``bytes``).
+    ``allow_peer(host)``: False drops a connection at once (plaintext: non-loopback hosts)."""
+    return _Service(listener, ctx, settings, run_session, allow_peer).run()
