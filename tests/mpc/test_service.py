@@ -175,3 +175,41 @@ def test_service_busy_and_a_killed_client(tmp_path):
     log = "".join(lines) + server.stderr.read()
     assert "busy: told" in log and log.count(" ok\n") >= 1, log
     assert log.count("server: session ") == 3, log       # held, killed (or done), ok
+
+
+def test_service_over_tls_two_concurrent_clients(tmp_path):
+    """The TLS path of service mode: three loopback addresses, certificates from
+    make_certificates.py, two concurrent clients get the plaintext model's outputs."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers.tiny_service_model import tiny
+    torch.manual_seed(2)
+    model = tiny().eval()
+    torch.save(model.state_dict(), tmp_path / "ck.pth")
+    x = torch.randn(2, 3, 8, 8)
+    np.save(tmp_path / "x.npy", x.numpy())
+    with torch.no_grad():
+        ref = model(x).numpy()
+    subprocess.run([sys.executable, str(CLI / "make_certificates.py"), str(tmp_path / "certs"),
+                    "--client-host", "127.0.0.1", "--server-host", "127.0.0.2",
+                    "--helper-host", "127.0.0.3"], check=True, capture_output=True, env=ENV)
+    common = ["--model", "helpers.tiny_service_model:tiny", "--input-shape", "3", "8", "8",
+              "--certs", str(tmp_path / "certs"), "--server", "127.0.0.2:7467", "--helper",
+              "127.0.0.3:7468", "--client", "127.0.0.1", "--timeout", "20"]
+    helper = _start("crypto_provider.py", *common, "--serve")
+    server = _start("server.py", *common, "--checkpoint", tmp_path / "ck.pth", "--serve")
+    try:
+        _wait_ready(helper, [])
+        _wait_ready(server, [])
+        clients = [_client(tmp_path, common, i) for i in (1, 2)]
+        for cl in clients:
+            assert cl.wait(120) == 0, cl.stderr.read()
+        server.send_signal(signal.SIGTERM)
+        helper.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0 and helper.wait(60) == 0
+    finally:
+        for p in (helper, server):
+            if p.poll() is None:
+                p.kill()
+    for i in (1, 2):
+        assert np.abs(np.load(tmp_path / f"out{i}.npz")["logits"] - ref).max() < 1e-3
+        assert json.loads((tmp_path / f"r{i}.json").read_text())["meta"]["tls"] is True
