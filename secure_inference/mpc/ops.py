@@ -597,8 +597,25 @@ class Resize(_LocalOp):
 # keeps the batch dimension first
 # --------------------------------------------------------------------------------------------
 
+class _MoveOp(_LocalOp):
+    """Public data movement of one input (``_apply``): the same on floats, on shares and on
+    error variances."""
+
+    def _apply(self, layer, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def run_float(self, layer, ins, weights, flips):
+        return self._apply(layer, ins[0])
+
+    def local(self, party, layer, ins):
+        return self._apply(layer, ins[0])
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        return self._apply(layer, v_in[0])
+
+
 @register
-class Reshape(_LocalOp):
+class Reshape(_MoveOp):
     """x.reshape(N, *shape) (view, reshape, flatten, squeeze, unsqueeze)."""
 
     name = "reshape"
@@ -606,18 +623,9 @@ class Reshape(_LocalOp):
     def _apply(self, layer, x: Tensor) -> Tensor:
         return x.reshape(x.shape[0], *layer.attrs["shape"])
 
-    def run_float(self, layer, ins, weights, flips):
-        return self._apply(layer, ins[0])
-
-    def local(self, party, layer, ins):
-        return self._apply(layer, ins[0])
-
-    def error_var(self, layer, ins, v_in, y, weights, ctx):
-        return self._apply(layer, v_in[0])
-
 
 @register
-class Permute(_LocalOp):
+class Permute(_MoveOp):
     """x.permute(dims) with dims[0] = 0 (permute, transpose)."""
 
     name = "permute"
@@ -625,18 +633,9 @@ class Permute(_LocalOp):
     def _apply(self, layer, x: Tensor) -> Tensor:
         return x.permute(*layer.attrs["dims"]).contiguous()
 
-    def run_float(self, layer, ins, weights, flips):
-        return self._apply(layer, ins[0])
-
-    def local(self, party, layer, ins):
-        return self._apply(layer, ins[0])
-
-    def error_var(self, layer, ins, v_in, y, weights, ctx):
-        return self._apply(layer, v_in[0])
-
 
 @register
-class Slice(_LocalOp):
+class Slice(_MoveOp):
     """x.narrow(dim, start, length) for dim ≥ 1 (one piece of chunk, split)."""
 
     name = "slice"
@@ -644,15 +643,6 @@ class Slice(_LocalOp):
     def _apply(self, layer, x: Tensor) -> Tensor:
         a = layer.attrs
         return x.narrow(a["dim"], a["start"], a["length"]).contiguous()
-
-    def run_float(self, layer, ins, weights, flips):
-        return self._apply(layer, ins[0])
-
-    def local(self, party, layer, ins):
-        return self._apply(layer, ins[0])
-
-    def error_var(self, layer, ins, v_in, y, weights, ctx):
-        return self._apply(layer, v_in[0])
 
 
 # --------------------------------------------------------------------------------------------
