@@ -8,9 +8,9 @@ below load on first use.
 """
 from __future__ import annotations
 
-import importlib
 
 from . import _compat_hook
+from ._lazy import lazy_exports
 
 _compat_hook.install()
 
@@ -24,7 +24,6 @@ _EXPORTS = {
     "spec": ("MultiSiteActivation", "SpecError", "apply_block_spec", "count_drelus",
              "extract_block_spec", "load_spec", "save_spec", "spec_from_json", "spec_to_json"),
 }
-_SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "BlockReLU", "block_cost", "block_costs", "candidate_block_sizes", "candidate_costs",
@@ -34,14 +33,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module = _SOURCE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

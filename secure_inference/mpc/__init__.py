@@ -11,7 +11,8 @@ lines can read :mod:`.options` and :mod:`.session_config` before answering ``--h
 """
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_exports
+
 
 _EXPORTS = {
     "options": ("DEFAULT_FRAC_BITS", "SessionOptions", "SessionLimits"),
@@ -24,7 +25,6 @@ _EXPORTS = {
     "local": ("run_local",),
     "trace": ("compile_model",),
 }
-_SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = ["DEFAULT_FRAC_BITS", "decode", "encode", "truncate_share", "ROLE_CLIENT",
            "ROLE_SERVER", "ROLE_HELPER", "CommStats", "Party", "ProtocolError", "merge_stats",
@@ -32,14 +32,4 @@ __all__ = ["DEFAULT_FRAC_BITS", "decode", "encode", "truncate_share", "ROLE_CLIE
            "SessionOptions", "SessionLimits"]
 
 
-def __getattr__(name: str):
-    module = _SOURCE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -53,6 +53,20 @@ def _client(tmp: Path, common: list[str], i: int) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def _tiny_checkpoint(tmp: Path, seed: int) -> np.ndarray:
+    """The services' tiny model (``helpers.tiny_service_model:tiny``) saved as ``tmp/ck.pth``
+    and two images as ``tmp/x.npy``; returns the plaintext model's outputs for them."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers.tiny_service_model import tiny
+    torch.manual_seed(seed)
+    model = tiny().eval()
+    torch.save(model.state_dict(), tmp / "ck.pth")
+    x = torch.randn(2, 3, 8, 8)
+    np.save(tmp / "x.npy", x.numpy())
+    with torch.no_grad():
+        return model(x).numpy()
+
+
 def _id_probe(port: int, sid: bytes) -> bytes:
     """A plaintext client hello to the helper service with ``sid``: its answers."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -63,15 +77,7 @@ def _id_probe(port: int, sid: bytes) -> bytes:
 
 
 def test_service_sessions_garbage_reused_id_and_sigterm(tmp_path):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers.tiny_service_model import tiny
-    torch.manual_seed(0)
-    model = tiny().eval()
-    torch.save(model.state_dict(), tmp_path / "ck.pth")
-    x = torch.randn(2, 3, 8, 8)
-    np.save(tmp_path / "x.npy", x.numpy())
-    with torch.no_grad():
-        ref = model(x).numpy()
+    ref = _tiny_checkpoint(tmp_path, seed=0)
     # a one-shot session: the bytes every service session must equal
     one = _common(7461, 7462)
     procs = [_start("crypto_provider.py", *one), _start("server.py", *one, "--checkpoint",
@@ -134,11 +140,7 @@ def test_service_sessions_garbage_reused_id_and_sigterm(tmp_path):
 def test_service_busy_and_a_killed_client(tmp_path):
     """--max-sessions 1: a held session makes the next client stop with "busy"; a client
     killed mid-session ends only its session; the service keeps serving."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers.tiny_service_model import tiny
-    torch.save(tiny().state_dict(), tmp_path / "ck.pth")
-    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((2, 3, 8, 8),
-                                                                         dtype=np.float32))
+    _tiny_checkpoint(tmp_path, seed=1)
     common = _common(7465, 7466)
     helper = _start("crypto_provider.py", *common, "--serve")
     server = _start("server.py", *common, "--checkpoint", tmp_path / "ck.pth", "--serve",
@@ -180,15 +182,7 @@ def test_service_busy_and_a_killed_client(tmp_path):
 def test_service_over_tls_two_concurrent_clients(tmp_path):
     """The TLS path of service mode: three loopback addresses, certificates from
     make_certificates.py, two concurrent clients get the plaintext model's outputs."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers.tiny_service_model import tiny
-    torch.manual_seed(2)
-    model = tiny().eval()
-    torch.save(model.state_dict(), tmp_path / "ck.pth")
-    x = torch.randn(2, 3, 8, 8)
-    np.save(tmp_path / "x.npy", x.numpy())
-    with torch.no_grad():
-        ref = model(x).numpy()
+    ref = _tiny_checkpoint(tmp_path, seed=2)
     subprocess.run([sys.executable, str(CLI / "make_certificates.py"), str(tmp_path / "certs"),
                     "--client-host", "127.0.0.1", "--server-host", "127.0.0.2",
                     "--helper-host", "127.0.0.3"], check=True, capture_output=True, env=ENV)
