@@ -379,9 +379,7 @@ def test_socket_link_lends_sent_buffers_again_without_mixing_frames(link_pair):
             got = decode_frame(lb.recv(30.0), dtype=torch.int64, shape=(n,), scope=0,
                                scope_name="", peer=0)
             assert got.clock == k and torch.equal(got.tensor, sent[k])
-    deadline = time.monotonic() + 10
-    while not la._spare and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert la.wait_sent(30.0)               # every frame written: all its buffers returned
     spares = {arr.ctypes.data for arr in la._spare}
     total = len(encode_frame(sent[0], 0, 0))
     assert la.frame_buffer(total).data_ptr() in spares    # a sent buffer, lent again
@@ -389,7 +387,7 @@ def test_socket_link_lends_sent_buffers_again_without_mixing_frames(link_pair):
     before = len(la._spare)
     la.send(encode_frame(sent[0], 0, 0))                    # reuse=False: never lent
     lb.recv(30.0)
-    time.sleep(0.1)
+    assert la.wait_sent(30.0)
     assert len(la._spare) == before
 
 
