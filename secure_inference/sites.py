@@ -8,6 +8,10 @@ A site is one *call*, not one module: torchvision's and mmpretrain's BasicBlock 
 * a functional call (``F.relu``, ``torch.relu``, ``Tensor.relu``, ``F.relu6``) made inside
   module M: ``M_path:relu`` (``:relu#i`` when M makes several such calls; ``:relu`` alone
   at the root).
+
+Each site records its ``activation``: ``"relu6"`` for ReLU6 (``nn.ReLU6``, ``F.relu6``, a
+Block-ReLU6 or a shared module's ReLU6 call), ``"relu"`` otherwise; a ReLU6 site's patches cost
+two DReLUs each (:func:`secure_inference.brelu.drelus_per_patch`).
 """
 from __future__ import annotations
 
@@ -18,11 +22,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .brelu import BlockReLU
+from .brelu import RELU, RELU6, BlockReLU, BlockReLU6, drelus_per_patch
 from .tracing import ModuleTracer
 from .multisite import MultiSiteActivation
 
-RELU_MODULE_TYPES: tuple[type, ...] = (nn.ReLU, nn.ReLU6, BlockReLU)
+RELU_MODULE_TYPES: tuple[type, ...] = (nn.ReLU, nn.ReLU6, BlockReLU, BlockReLU6)
+RELU6_KINDS = ("ReLU6", "BlockReLU6", "F.relu6")
+"""Site kinds whose activation is ReLU6."""
 
 
 @dataclass(frozen=True)
@@ -30,17 +36,29 @@ class ReluSite:
     """One call of a ReLU-like activation, with the shape of its output for one input size."""
 
     name: str
-    kind: str          # 'ReLU', 'ReLU6', 'BlockReLU' (modules) or 'F.relu', 'F.relu6' (functional)
+    kind: str          # 'ReLU', 'ReLU6', 'BlockReLU', 'BlockReLU6', 'MultiSiteActivation'
+    #                    (modules) or 'F.relu', 'F.relu6' (functional)
     module_path: str   # the activation module (or, for functional calls, the enclosing module)
     call_index: int    # which call of that module / function within one forward
     channels: int
     height: int
     width: int
+    activation: str = RELU   # 'relu' or 'relu6' (module docstring)
 
     @property
     def num_relus(self) -> int:
         """Activations at this site for one image (= DReLUs of an all-ReLU site)."""
         return self.channels * self.height * self.width
+
+    @property
+    def drelus_per_patch(self) -> int:
+        """DReLUs per patch (and per pixel of a [1, 1] channel): 1 for ReLU, 2 for ReLU6."""
+        return drelus_per_patch(self.activation)
+
+    @property
+    def num_drelus(self) -> int:
+        """DReLUs of the site's original activation for one image (ReLU6: two per value)."""
+        return self.drelus_per_patch * self.num_relus
 
     @property
     def functional(self) -> bool:
@@ -53,6 +71,13 @@ def _is_relu_module(module: nn.Module) -> bool:
 
 def _module_kind(module: nn.Module) -> str:
     return type(module).__name__
+
+
+def _activation(kind: str, module: nn.Module | None, call: int) -> str:
+    """'relu6' or 'relu' for one call (a shared module's call: the module standing in for it)."""
+    if isinstance(module, MultiSiteActivation):
+        kind = _module_kind(module.sites[call % len(module.sites)])
+    return RELU6 if kind in RELU6_KINDS else RELU
 
 
 def _functional_kind(func, args, kwargs) -> str | None:
@@ -87,10 +112,12 @@ class _Tracer(ModuleTracer):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.calls: list[tuple[str, str, str, tuple[int, int, int]]] = []  # kind, path, key, shape
+        self.modules: dict[str, nn.Module] = {}   # path -> activation module (module calls)
 
     def on_module(self, module, args, out):
         if _is_relu_module(module) and not self._inside_relu_module():
             path = self.paths[module]
+            self.modules[path] = module
             self.calls.append((_module_kind(module), path, path, _shape_chw(out)))
 
     def _inside_relu_module(self) -> bool:
@@ -161,8 +188,9 @@ def find_relu_sites(model: nn.Module, input_shape: Sequence[int]) -> list[ReluSi
         idx = seen[key]
         seen[key] += 1
         name = key if counts[key] == 1 else f"{key}#{idx}"
+        act = _activation(kind, tracer.modules.get(key), idx)
         sites.append(ReluSite(name=name, kind=kind, module_path=path, call_index=idx,
-                              channels=c, height=h, width=w))
+                              channels=c, height=h, width=w, activation=act))
     return sites
 
 
@@ -172,5 +200,10 @@ def sites_by_name(sites: Sequence[ReluSite]) -> "OrderedDict[str, ReluSite]":
 
 
 def total_relus(sites: Sequence[ReluSite]) -> int:
-    """ReLUs per image over all sites (the all-ReLU DReLU count)."""
+    """Activations per image over all sites (the all-ReLU DReLU count of a ReLU network)."""
     return sum(s.num_relus for s in sites)
+
+
+def total_drelus(sites: Sequence[ReluSite]) -> int:
+    """DReLUs per image of the sites' original activations (ReLU6 sites: two per value)."""
+    return sum(s.num_drelus for s in sites)

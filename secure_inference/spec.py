@@ -1,7 +1,9 @@
 """Block specs: which block size every channel of every site uses, and how they reach a model.
 
 A spec is a plain dict ``{site_name: np.ndarray int32 [C, 2]}`` (the pickle format the
-original research code used). Sites absent from the dict keep their ordinary activation.
+original research code used). Sites absent from the dict keep their ordinary activation; a
+named ReLU site becomes a Block-ReLU, a named ReLU6 site a Block-ReLU6
+(:mod:`secure_inference.brelu`).
 Pickles are read with a restricted unpickler: only numpy arrays/dtypes, dicts, lists,
 strings and numbers are rebuilt; any other global is refused before it can run, and every
 array's shape and dtype are checked from the pickle before its memory is allocated (limits:
@@ -20,7 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from torch import nn
 
-from .brelu import INT32_MAX, BlockReLU, as_block_sizes, block_costs
+from .brelu import BLOCK_MODULES, INT32_MAX, BlockActivation, as_block_sizes, block_costs
 from .multisite import MultiSiteActivation  # defined there; importable from here as before
 from .sites import ReluSite, find_relu_sites, sites_by_name
 from .widths import CALIBRATION_KEY, Calibration, CalibrationError
@@ -83,14 +85,16 @@ def validate_spec(spec: Mapping[str, object], sites: Sequence[ReluSite]) -> Spec
 
 
 def count_drelus(spec: Mapping[str, np.ndarray], sites: Sequence[ReluSite]) -> dict[str, int]:
-    """DReLUs per image for each site under ``spec`` (absent sites: all ReLU), plus 'total'."""
+    """DReLUs per image for each site under ``spec`` (absent sites: their original activation),
+    plus 'total'. A ReLU6 site costs two DReLUs per patch (per value when absent)."""
     checked = validate_spec(spec, sites)
     counts: dict[str, int] = {}
     for site in sites:
         if site.name in checked:
-            counts[site.name] = int(block_costs(checked[site.name], site.height, site.width).sum())
+            patches = int(block_costs(checked[site.name], site.height, site.width).sum())
+            counts[site.name] = site.drelus_per_patch * patches
         else:
-            counts[site.name] = site.num_relus
+            counts[site.name] = site.num_drelus
     counts["total"] = sum(counts.values())
     return counts
 
@@ -116,11 +120,12 @@ def _split_path(path: str) -> tuple[str, str]:
 
 def apply_block_spec(model: nn.Module, spec: Mapping[str, object],
                      input_shape: Sequence[int]) -> nn.Module:
-    """Replace exactly the sites named in ``spec`` by Block-ReLUs (in place); returns ``model``.
+    """Replace exactly the sites named in ``spec`` by Block-ReLUs (ReLU sites) or Block-ReLU6s
+    (ReLU6 sites), in place; returns ``model``.
 
     A module called at several sites becomes a :class:`MultiSiteActivation` whose unnamed calls
-    keep the original activation. ReLU6 sites are refused (convert them with
-    :func:`secure_inference.conversions.relu6_to_relu` first: Block-ReLU has no upper clip).
+    keep the original activation. A ReLU6 site's ``[1, 1]`` rows stay ReLU6 and its identity
+    rows pass the value unchanged (:class:`~secure_inference.brelu.BlockReLU6`).
     """
     sites = find_relu_sites(model, input_shape)
     checked = validate_spec(spec, sites)
@@ -133,9 +138,6 @@ def apply_block_spec(model: nn.Module, spec: Mapping[str, object],
             raise SpecError(f"site '{name}' is a functional {site.kind} call inside "
                             f"'{site.module_path}'; only activation modules can be replaced. "
                             "Make it an nn.ReLU module in the model definition.")
-        if site.kind == "ReLU6":
-            raise SpecError(f"site '{name}' is a ReLU6; convert the model with "
-                            "secure_inference.relu6_to_relu(model) before applying a spec")
     modules = dict(model.named_modules())
     touched = {sites_by_name(sites)[n].module_path for n in checked}
     for path in touched:
@@ -145,8 +147,8 @@ def apply_block_spec(model: nn.Module, spec: Mapping[str, object],
             per_call = list(original.sites)
         else:
             per_call = [original] * len(calls)
-        replaced = [BlockReLU(checked[s.name]) if s.name in checked else per_call[i]
-                    for i, s in enumerate(calls)]
+        replaced = [BLOCK_MODULES[s.activation](checked[s.name]) if s.name in checked
+                    else per_call[i] for i, s in enumerate(calls)]
         parent_path, attr = _split_path(path)
         parent = modules[parent_path] if parent_path else model
         if len(calls) == 1:
@@ -169,14 +171,14 @@ def _move_like(model: nn.Module, paths) -> None:
 
 
 def extract_block_spec(model: nn.Module, input_shape: Sequence[int]) -> Spec:
-    """The spec currently applied to ``model`` (sites that are Block-ReLUs)."""
+    """The spec currently applied to ``model`` (sites that are Block-ReLUs or Block-ReLU6s)."""
     spec: Spec = {}
     modules = dict(model.named_modules())
     for site in find_relu_sites(model, input_shape):
         module = modules.get(site.module_path)
         if isinstance(module, MultiSiteActivation):
             module = module.sites[site.call_index]
-        if isinstance(module, BlockReLU):
+        if isinstance(module, BlockActivation):
             spec[site.name] = module.block_sizes.cpu().numpy().astype(np.int32)
     return spec
 

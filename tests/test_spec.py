@@ -13,6 +13,7 @@ from secure_inference import (BlockReLU, MultiSiteActivation, SpecError, apply_b
                               save_spec, spec_from_json, spec_to_json)
 from secure_inference.spec import (MAX_SPEC_CHANNELS, MAX_SPEC_FILE_BYTES, MAX_SPEC_TOTAL_CHANNELS,
                                    safe_unpickle)
+from helpers.reference_models import randomize_bn
 
 
 def resnet18():
@@ -109,12 +110,102 @@ def test_bad_specs_name_the_site_and_the_expectation(spec, msg):
         apply_block_spec(resnet18(), spec, SHAPE)
 
 
-def test_relu6_sites_are_refused_until_converted():
+def _mobilenet_v2():
     import torchvision
-    model = torchvision.models.mobilenet_v2()
-    site = find_relu_sites(model, SHAPE)[0]
-    with pytest.raises(SpecError, match="relu6_to_relu"):
-        apply_block_spec(model, {site.name: np.ones((site.channels, 2), int)}, SHAPE)
+    torch.manual_seed(0)
+    return randomize_bn(torchvision.models.mobilenet_v2(num_classes=10)).eval()
+
+
+def test_relu6_sites_take_block_relu6_and_round_trip(tmp_path):
+    """A spec names ReLU6 sites as it names ReLU sites: they become Block-ReLU6s (ReLU6 kept
+    where the row is [1, 1]), keep their names, count two DReLUs per patch, and the spec
+    comes back from the model and from a file unchanged."""
+    from secure_inference.brelu import BlockReLU6
+    model = _mobilenet_v2()
+    sites = find_relu_sites(model, SHAPE)
+    assert {s.activation for s in sites} == {"relu6"}
+    a, b = sites[0], sites[3]
+    rows = np.tile([[1, 1], [2, 2], [0, 1], [3, 5]], (a.channels // 4 + 1, 1))[:a.channels]
+    spec = {a.name: rows.astype(np.int32), b.name: np.ones((b.channels, 2), np.int32)}
+    x = torch.randn(2, *SHAPE)
+    apply_block_spec(model, spec, SHAPE)
+    assert isinstance(model.get_submodule(a.module_path), BlockReLU6)
+    assert isinstance(model.get_submodule(b.module_path), BlockReLU6)
+    seen = {}
+
+    def record(name):
+        def hook(module, args, out):
+            seen[name] = (args[0].clone(), out)
+        return hook
+    hooks = [model.get_submodule(s.module_path).register_forward_hook(record(s.name))
+             for s in (a, b)]
+    with torch.no_grad():
+        got = model(x)
+    for h in hooks:
+        h.remove()
+    (xa, ya), (xb, yb) = seen[a.name], seen[b.name]
+    torch.testing.assert_close(yb, nn.functional.relu6(xb), rtol=0, atol=0)   # [1, 1]: ReLU6
+    assert not torch.equal(ya, nn.functional.relu6(xa))
+    torch.testing.assert_close(ya[:, 0::4], nn.functional.relu6(xa[:, 0::4]), rtol=0, atol=0)
+    torch.testing.assert_close(ya[:, 2::4], xa[:, 2::4], rtol=0, atol=0)       # identity
+    after = find_relu_sites(model, SHAPE)
+    assert [(s.name, s.activation) for s in after] == [(s.name, "relu6") for s in sites]
+    assert {s.kind for s in after} == {"ReLU6", "BlockReLU6"}
+    counts = count_drelus(spec, sites)
+    per_channel = {(1, 1): a.height * a.width, (2, 2): 16 * 16 // 4, (0, 1): 0,
+                   (3, 5): 6 * 4}   # 16x16 map: ceil(16/3)·ceil(16/5)
+    assert (a.height, a.width) == (16, 16)
+    assert counts[a.name] == 2 * sum(per_channel[tuple(r)] for r in rows.tolist())
+    assert counts[b.name] == 2 * b.num_relus == b.num_drelus
+    assert counts[sites[1].name] == 2 * sites[1].num_relus
+    back = extract_block_spec(model, SHAPE)
+    assert list(back) == [a.name, b.name]
+    for name in spec:
+        np.testing.assert_array_equal(back[name], spec[name])
+    path = tmp_path / "relu6.pickle"
+    save_spec(back, path)
+    again = apply_block_spec(_mobilenet_v2(), load_spec(path), SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), got, rtol=0, atol=0)
+
+
+def test_relu6_spec_of_ones_keeps_relu6_and_identity_rows_pass_unclipped():
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU6()).eval()
+    x = torch.randn(2, *SHAPE) * 10
+    with torch.no_grad():
+        clean = model(x)
+        kept = apply_block_spec(copy.deepcopy(model), {"1": np.ones((2, 2), int)}, SHAPE)
+        torch.testing.assert_close(kept(x), clean, rtol=0, atol=0)
+        ident = apply_block_spec(copy.deepcopy(model), {"1": np.array([[0, 1], [1, 1]])}, SHAPE)
+        y = ident(x)
+    pre = model[0](x)
+    torch.testing.assert_close(y[:, 0], pre[:, 0], rtol=0, atol=0)   # no clip, no ReLU
+    assert float(pre[:, 0].max()) > 6 and float(pre[:, 0].min()) < 0
+    torch.testing.assert_close(y[:, 1], clean[:, 1], rtol=0, atol=0)
+
+
+class _SharedReLU6(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.act = nn.ReLU6()
+
+    def forward(self, x):
+        return self.act(self.conv(self.act(x)))
+
+
+def test_one_call_of_a_shared_relu6_module():
+    model = _SharedReLU6().eval()
+    sites = find_relu_sites(model, SHAPE)
+    assert [(s.name, s.activation) for s in sites] == [("act#0", "relu6"), ("act#1", "relu6")]
+    apply_block_spec(model, {"act#1": np.full((3, 2), 4)}, SHAPE)
+    from secure_inference.brelu import BlockReLU6
+    assert isinstance(model.act, MultiSiteActivation)
+    assert isinstance(model.act.sites[0], nn.ReLU6) and isinstance(model.act.sites[1], BlockReLU6)
+    after = find_relu_sites(model, SHAPE)
+    assert [(s.kind, s.activation) for s in after] == [("MultiSiteActivation", "relu6")] * 2
+    assert count_drelus({"act#1": np.full((3, 2), 4)}, after) == {
+        "act#0": 2 * 3 * 32 * 32, "act#1": 2 * 3 * 8 * 8, "total": 2 * 3 * (32 * 32 + 64)}
 
 
 @pytest.mark.parametrize("suffix", [".pickle", ".json"])
