@@ -17,17 +17,18 @@ _compat_hook.install()
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "brelu": ("BlockReLU", "block_cost", "block_costs"),
+    "brelu": ("BlockReLU", "BlockReLU6", "block_cost", "block_costs"),
     "candidates": ("candidate_block_sizes", "candidate_costs"),
     "conversions": ("maxpool_to_avgpool", "relu6_to_relu"),
-    "sites": ("ReluSite", "find_relu_sites", "total_relus"),
+    "sites": ("ReluSite", "find_relu_sites", "total_drelus", "total_relus"),
     "spec": ("MultiSiteActivation", "SpecError", "apply_block_spec", "count_drelus",
              "extract_block_spec", "load_spec", "save_spec", "spec_from_json", "spec_to_json"),
 }
 
 __all__ = [
-    "BlockReLU", "block_cost", "block_costs", "candidate_block_sizes", "candidate_costs",
-    "maxpool_to_avgpool", "relu6_to_relu", "ReluSite", "find_relu_sites", "total_relus",
+    "BlockReLU", "BlockReLU6", "block_cost", "block_costs", "candidate_block_sizes",
+    "candidate_costs", "maxpool_to_avgpool", "relu6_to_relu", "ReluSite", "find_relu_sites",
+    "total_drelus", "total_relus",
     "MultiSiteActivation", "SpecError", "apply_block_spec", "count_drelus", "extract_block_spec",
     "load_spec", "save_spec", "spec_from_json", "spec_to_json",
 ]

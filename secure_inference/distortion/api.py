@@ -23,9 +23,9 @@ def resolve_sites(model: nn.Module, input_shape: Sequence[int],
                   names: Sequence[str] | None = None) -> list[ReluSite]:
     """The sites to measure, in forward order.
 
-    ``names=None`` selects every site whose activation module can become a Block-ReLU
-    (functional ``F.relu`` calls cannot be replaced and are left out). Named sites must exist
-    and be replaceable; ReLU6 sites are refused (convert the model with ``relu6_to_relu``).
+    ``names=None`` selects every site whose activation module can become a Block-ReLU or, for
+    a ReLU6 module, a Block-ReLU6 (functional ``F.relu``/``F.relu6`` calls cannot be replaced
+    and are left out). Named sites must exist and be replaceable.
     """
     sites = find_relu_sites(model, input_shape)
     if isinstance(names, str):
@@ -46,9 +46,8 @@ def resolve_sites(model: nn.Module, input_shape: Sequence[int],
                                       "activation modules can be replaced by Block-ReLUs")
     for s in chosen:
         if s.kind not in REPLACEABLE_KINDS:
-            raise DistortionError(f"site '{s.name}' is a {s.kind}; Block-ReLU has no upper "
-                                  "clip, convert the model with secure_inference.relu6_to_relu "
-                                  "first")
+            raise DistortionError(f"site '{s.name}' is a {s.kind}, which no block module "
+                                  f"replaces (replaceable: {', '.join(REPLACEABLE_KINDS)})")
     if not chosen:
         raise DistortionError("the model has no replaceable ReLU sites")
     return chosen
@@ -56,10 +55,11 @@ def resolve_sites(model: nn.Module, input_shape: Sequence[int],
 
 def site_candidates(site: ReluSite, max_rect: int = 4,
                     max_block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate sizes [K, 2] and their DReLU costs [K] for one site."""
+    """Candidate sizes [K, 2] and their DReLU costs [K] for one site (a ReLU6 site's
+    patches cost two DReLUs each)."""
     sizes = candidate_block_sizes(site.height, site.width, max_rect=max_rect,
                                   max_size=max_block_size)
-    return sizes, candidate_costs(sizes, site.height, site.width)
+    return sizes, site.drelus_per_patch * candidate_costs(sizes, site.height, site.width)
 
 
 def extract(model: nn.Module, samples, sites: Sequence[str] | None = None,
@@ -113,5 +113,6 @@ def extract(model: nn.Module, samples, sites: Sequence[str] | None = None,
             raise DistortionError(f"site '{s.name}': non-finite distortion values")
         out[s.name] = SiteDistortion(site=s.name, distortion=dist, block_sizes=sizes,
                                      costs=costs, channels=s.channels, height=s.height,
-                                     width=s.width, num_samples=num, seed=int(seed))
+                                     width=s.width, num_samples=num, seed=int(seed),
+                                     activation=s.activation)
     return out

@@ -9,8 +9,8 @@ from typing import Callable
 
 Progress = Callable[[int], None]
 
-#: activation kinds whose site can be replaced by a Block-ReLU
-REPLACEABLE_KINDS = ("ReLU", "BlockReLU", "MultiSiteActivation")
+#: activation kinds whose site can be replaced by a Block-ReLU (ReLU6 sites: a Block-ReLU6)
+REPLACEABLE_KINDS = ("ReLU", "ReLU6", "BlockReLU", "BlockReLU6", "MultiSiteActivation")
 
 
 class DistortionError(ValueError):

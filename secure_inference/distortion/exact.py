@@ -134,7 +134,8 @@ def exact_site_sums(model: nn.Module, calls: list[_Call], site: ReluSite,
         idx = torch.as_tensor(chan_list, dtype=torch.long, device=cap.site_in.device)
         base = cap.site_out[:, idx]
         # perturbed channel values for every size: [K, n, Cc, H, W]
-        pert = torch.stack([block_relu_all(cap.site_in[:, idx], s) for s in sizes])
+        pert = torch.stack([block_relu_all(cap.site_in[:, idx], s, site.activation)
+                            for s in sizes])
         plan = plan_rows(pert, base, dedupe)
         if stats is not None:
             stats["rows_run"] = stats.get("rows_run", 0) + plan.rows

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..brelu import RELU
 from ..sites import ReluSite
 from ..spec import atomic_write_bytes
 from .api import METHODS, resolve_sites, site_candidates
@@ -122,7 +123,10 @@ class Job:
                 "model": self.model_id,
                 "weights_sha256": weights_sha256(self.model),
                 "input_shape": list(self.input_shape),
-                "sites": [[s.name, s.channels, s.height, s.width] for s in self.site_list],
+                # ReLU6 sites name their activation (ReLU sites as before: old folders resume)
+                "sites": [[s.name, s.channels, s.height, s.width]
+                          + ([s.activation] if s.activation != RELU else [])
+                          for s in self.site_list],
                 "num_samples": self.num_samples,
                 "seed": int(self.seed),
                 "samples_sha256": tensor_sha256(self.samples),
@@ -330,7 +334,7 @@ def collect(job: Job, folder: str | os.PathLike) -> dict[str, SiteDistortion]:
         res = SiteDistortion(site=s.name, distortion=totals[s.name] / job.num_samples,
                              block_sizes=sizes, costs=costs, channels=s.channels,
                              height=s.height, width=s.width, num_samples=job.num_samples,
-                             seed=int(job.seed))
+                             seed=int(job.seed), activation=s.activation)
         res.check()
         results[s.name] = res
     for res in results.values():

@@ -86,7 +86,8 @@ def linear_sums(model: nn.Module, calls: list[_Call], sites: Sequence[ReluSite],
                     continue
                 g = as_4d(g.detach()).reshape(r, n, *outs[name].shape[1:]).double()
                 for ki, size in enumerate(sizes[name]):
-                    delta = (block_relu_all(ins[name], size) - outs[name]).double()
+                    delta = (block_relu_all(ins[name], size, site.activation)
+                             - outs[name]).double()
                     proj = (g * delta[None]).sum(dim=(3, 4))           # [R, n, C]
                     est = proj.pow(2).mean(dim=0) / d_out              # [n, C]
                     sums[name][:, ki] += est.sum(dim=0).cpu().numpy()

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..brelu import BlockReLU
+from ..brelu import BLOCK_MODULES
 from ..multisite import MultiSiteActivation
 from ..sites import ReluSite, run_model
 from ..spec import apply_block_spec, extract_block_spec
@@ -29,7 +29,8 @@ def _site_holder(model: nn.Module, site: ReluSite):
 def naive_site_sums(model: nn.Module, site: ReluSite, batches: Iterable[torch.Tensor],
                     channels: Sequence[int], sizes: np.ndarray, input_shape: Sequence[int],
                     progress: Progress | None = None) -> np.ndarray:
-    """Reference: one whole-network forward per (channel, size) with a Block-ReLU swapped in."""
+    """Reference: one whole-network forward per (channel, size) with a Block-ReLU (ReLU6
+    sites: a Block-ReLU6) swapped in."""
     net = copy.deepcopy(model).eval()
     current = extract_block_spec(net, input_shape).get(site.name)
     rows = (np.ones((site.channels, 2), np.int32) if current is None else current.copy())
@@ -39,7 +40,7 @@ def naive_site_sums(model: nn.Module, site: ReluSite, batches: Iterable[torch.Te
     device = batches[0].device
 
     def install(spec: np.ndarray) -> None:
-        module = BlockReLU(spec).to(device)
+        module = BLOCK_MODULES[site.activation](spec).to(device)
         if isinstance(key, int):
             holder[key] = module
         else:

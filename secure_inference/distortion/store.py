@@ -6,7 +6,8 @@ Layout of a collected results folder (what the knapsack step reads)::
                             "num_samples": int, "seed": int, "method": str,
                             "sites": [site names in forward order]}
     DIR/<quoted name>.npz  site (str), distortion float64 [C, K], block_sizes int32 [K, 2],
-                           costs int64 [K], channels, height, width, num_samples, seed
+                           costs int64 [K], channels, height, width, num_samples, seed,
+                           activation (str: 'relu' or 'relu6'; files without it: 'relu')
 
 File names are the site names percent-quoted (``#`` and ``:`` are not portable). Files are
 written atomically and read with ``allow_pickle=False``.
@@ -23,6 +24,7 @@ from urllib.parse import quote, unquote
 
 import numpy as np
 
+from ..brelu import RELU, drelus_per_patch
 from ..spec import atomic_write_bytes
 
 FORMAT = "secure-inference-distortion/1"
@@ -35,7 +37,10 @@ class DistortionFileError(ValueError):
 
 @dataclass
 class SiteDistortion:
-    """Distortion of one site: ``distortion[c, k]`` for channel c and candidate k."""
+    """Distortion of one site: ``distortion[c, k]`` for channel c and candidate k.
+
+    ``activation`` is the site's ('relu', or 'relu6': Block-ReLU6 options, two DReLUs per
+    patch, which ``costs`` counts)."""
 
     site: str
     distortion: np.ndarray   # float64 [C, K]
@@ -46,6 +51,12 @@ class SiteDistortion:
     width: int
     num_samples: int
     seed: int
+    activation: str = RELU
+
+    @property
+    def drelus_per_patch(self) -> int:
+        """DReLUs per patch of this site's options (1 for ReLU, 2 for ReLU6)."""
+        return drelus_per_patch(self.activation)
 
     def check(self) -> None:
         """Raise DistortionFileError when shapes or values are inconsistent."""
@@ -59,6 +70,10 @@ class SiteDistortion:
         if not np.all(np.isfinite(self.distortion)):
             bad = int((~np.isfinite(self.distortion)).sum())
             raise DistortionFileError(f"site '{self.site}': {bad} distortion values are NaN/inf")
+        try:
+            drelus_per_patch(self.activation)
+        except ValueError as e:
+            raise DistortionFileError(f"site '{self.site}': {e}") from None
 
 
 def site_filename(site: str) -> str:
@@ -76,7 +91,8 @@ def save_site(folder: str | os.PathLike, result: SiteDistortion) -> Path:
     np.savez(buf, site=np.array(result.site), distortion=result.distortion.astype(np.float64),
              block_sizes=result.block_sizes.astype(np.int32), costs=result.costs.astype(np.int64),
              channels=result.channels, height=result.height, width=result.width,
-             num_samples=result.num_samples, seed=result.seed)
+             num_samples=result.num_samples, seed=result.seed,
+             activation=np.array(result.activation))
     path = Path(folder) / site_filename(result.site)
     atomic_write_bytes(path, buf.getvalue())
     return path
@@ -90,7 +106,8 @@ def load_site(path: str | os.PathLike) -> SiteDistortion:
                 site=str(z["site"]), distortion=z["distortion"].astype(np.float64),
                 block_sizes=z["block_sizes"].astype(np.int32), costs=z["costs"].astype(np.int64),
                 channels=int(z["channels"]), height=int(z["height"]), width=int(z["width"]),
-                num_samples=int(z["num_samples"]), seed=int(z["seed"]))
+                num_samples=int(z["num_samples"]), seed=int(z["seed"]),
+                activation=str(z["activation"]) if "activation" in z.files else RELU)
     # a truncated or corrupted .npz is a BadZipFile (not an OSError) or an EOFError
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DistortionFileError(f"{path}: not a distortion site file or damaged "

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..brelu import block_sign_mask, is_identity
+from ..brelu import RELU, RELU6_TOP, block_relu6_masks, block_sign_mask, is_identity
 from .base import DistortionError
 
 
@@ -45,12 +45,17 @@ def as_4d(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def block_relu_all(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Block-ReLU of size ``size`` applied to every channel of x [N, C, H, W]."""
+def block_relu_all(x: torch.Tensor, size: Sequence[int], activation: str = RELU
+                   ) -> torch.Tensor:
+    """Block-ReLU (``activation`` 'relu') or Block-ReLU6 ('relu6') of size ``size`` applied
+    to every channel of x [N, C, H, W]."""
     h, w = int(size[0]), int(size[1])
     if is_identity(h, w):
         return x.clone()
-    return x * block_sign_mask(x, h, w)
+    if activation == RELU:
+        return x * block_sign_mask(x, h, w)
+    keep, top = block_relu6_masks(x, h, w)
+    return x * keep + RELU6_TOP * top
 
 
 def take_rows(t: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:

@@ -157,10 +157,24 @@ def test_bad_input_errors():
         extract(net, torch.randn(3, 8, 8))
 
 
-def test_relu6_site_refused():
-    net = nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU6(), nn.Flatten())
-    with pytest.raises(DistortionError, match="relu6_to_relu"):
+class _FunctionalRelu6(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return nn.functional.relu6(self.conv(x)).flatten(1)
+
+
+def test_functional_relu6_site_refused_module_relu6_measured():
+    net = _FunctionalRelu6()
+    with pytest.raises(DistortionError, match="functional F.relu6"):
+        extract(net, _samples(1), sites=[":relu6"])
+    with pytest.raises(DistortionError, match="no replaceable"):
         extract(net, _samples(1))
+    res = extract(nn.Sequential(nn.Conv2d(3, 2, 1), nn.ReLU6(), nn.Flatten()), _samples(1),
+                  **SMALL)
+    assert res["1"].activation == "relu6"
 
 
 class _InplaceAfterSite(nn.Module):
