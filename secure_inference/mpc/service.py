@@ -76,6 +76,7 @@ class _Service:
         self.sessions: dict[int, _Session] = {}
         self.signals = 0
         self.drain_deadline: float | None = None
+        self.accepting = False      # the listener is in the selector
 
     # --- logging ------------------------------------------------------------------------
     def log(self, event: str, **fields: Any) -> None:
@@ -263,8 +264,22 @@ class _Service:
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.signals += 1
 
+    def _watch_listener(self) -> None:
+        """Watch the listener only while an admission slot is free: at MAX_ADMISSIONS a
+        connection waiting in the backlog would keep it readable and the loop would spin."""
+        if self.drain_deadline is not None:
+            return
+        free = len(self.admissions) < MAX_ADMISSIONS
+        if free and not self.accepting:
+            self.sel.register(self.listener, selectors.EVENT_READ)
+        elif not free and self.accepting:
+            self.sel.unregister(self.listener)
+        self.accepting = free
+
     def _stop_accepting(self) -> None:
-        self.sel.unregister(self.listener)
+        if self.accepting:
+            self.sel.unregister(self.listener)
+            self.accepting = False
         self.listener.close()
         for adm in list(self.admissions.values()):
             self._drop(adm, None)
@@ -286,7 +301,7 @@ class _Service:
                     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
         old_fd = signal.set_wakeup_fd(wake_w.fileno())
         self.listener.setblocking(False)
-        self.sel.register(self.listener, selectors.EVENT_READ)
+        self._watch_listener()
         self.sel.register(wake_r, selectors.EVENT_READ)
         host, port = self.listener.getsockname()[:2]
         self.log("ready", message=f"ready: serving at {host}:{port} (up to "
@@ -322,6 +337,7 @@ class _Service:
                         self._advance(obj)
                 self._reap()
                 self._expire()
+                self._watch_listener()
         finally:
             if self.sessions:
                 self._kill_all("the service ended")
