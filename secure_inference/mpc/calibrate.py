@@ -3,7 +3,8 @@ calibration images, so that each DReLU layer can compare only the bits it needs.
 
 One step after finetuning (``si-calibrate``): the calibration images run through the plaintext
 (float64) program with its block spec; for every DReLU layer the largest |input| of its
-comparisons is recorded (ReLU inputs, Block-ReLU patch sums, max-pool window spreads), and for
+comparisons is recorded (ReLU inputs, Block-ReLU patch sums, Block-ReLU6 patch sums S and
+S − 6·n, max-pool window spreads), and for
 the whole program the largest activation and the largest ring value a local truncation sees.
 The result is a spec (:class:`~secure_inference.spec.BlockSpec`) that carries the ranges; the
 compiler turns them into per-layer comparison widths (:func:`~.trace.assign_widths`).
@@ -269,9 +270,9 @@ def bytes_saved_by_widths(program: Program, batch_sizes: list[int]) -> int:
 
 def _payload_values(layer: Layer, batch: int) -> int:
     """Payload values (pixels multiplied by a decision) of a batch."""
-    if layer.op == "block_relu":
-        return block_relu_plan((batch,) + tuple(layer.shape[1:]),
-                               layer.attrs["block_sizes"]).pixels
+    if layer.op in ("block_relu", "block_relu6"):
+        plan = block_relu_plan((batch,) + tuple(layer.shape[1:]), layer.attrs["block_sizes"])
+        return plan.pixels * (2 if layer.op == "block_relu6" else 1)
     return layer_drelus(layer, batch)
 
 

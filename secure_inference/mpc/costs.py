@@ -6,8 +6,9 @@ Per layer (n output values, batch included):
 
 * conv2d / linear: E = x0 − A, 8 bytes per input value (P0 → P1); it rides behind the previous
   layer's last message, so the report counts no round of its own;
-* relu, block_relu, max pooling (ceil mode, adaptive): their DReLU-multiplications
-  (:mod:`.protocols.relu`), 3 rounds per comparison level;
+* relu, block_relu, block_relu6, max pooling (ceil mode, adaptive): their
+  DReLU-multiplications (:mod:`.protocols.relu`), 3 rounds per comparison level (Block-ReLU6:
+  two comparisons per patch and two payload values per pixel in one call, 3 rounds);
 * clamp / ReLU6, hardsigmoid, approximated sigmoid/tanh/SiLU/GELU: k ReLUs per element in one
   call (:func:`.protocols.activations.piecewise_linear_bytes`), 3 rounds;
 * hardswish: hardsigmoid then a Beaver product, 4 rounds; mul: the Beaver product, 1 round;
@@ -46,6 +47,8 @@ def layer_cost(program: Program, layer: Layer, batch: int = 1) -> tuple[int, int
         return R.relu_bytes(n, cfg), 3
     if op == "block_relu":
         return R.block_relu_bytes(out, layer.attrs["block_sizes"], cfg), 3
+    if op == "block_relu6":
+        return R.block_relu6_bytes(out, layer.attrs["block_sizes"], cfg), 3
     if op == "max_pool":
         a = layer.attrs
         plan = R.max_pool_plan(shape(ins[0]), a["kernel_size"], a["stride"], a["padding"],

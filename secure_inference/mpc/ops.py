@@ -24,7 +24,7 @@ from typing import Callable, ClassVar, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..brelu import BlockReLU
+from ..brelu import RELU6_TOP, BlockReLU, BlockReLU6
 from .protocols import activations as A
 from .protocols import relu as R
 from .protocols.linear import (add, add_public, concat, conv2d, conv_op, linear, linear_op, mul,
@@ -309,6 +309,75 @@ class BlockRelu(Op):
             keep = (s > 0).to(xs.dtype).repeat_interleave(hh, 2).repeat_interleave(ww, 3)
             v.index_copy_(1, idx, vs * keep[:, :, :xs.shape[2], :xs.shape[3]])
         return v
+
+
+def _patch_sums_and_counts(x: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """Per-patch sums and valid-pixel counts of x [N, C, H, W] for h×w patches (clipped)."""
+    hh, ww = min(h, x.shape[2]), min(w, x.shape[3])
+    kw = dict(kernel_size=(hh, ww), stride=(hh, ww), ceil_mode=True, divisor_override=1)
+    return F.avg_pool2d(x, **kw), F.avg_pool2d(torch.ones_like(x), **kw)
+
+
+@register
+class BlockRelu6(Op):
+    """Block-ReLU6 (:class:`secure_inference.BlockReLU6`): per patch the two comparisons
+    [S > 0] and [S > 6·n] in one DReLU call (:func:`.relu.block_relu6`), exact; a flipped
+    decision (error analysis) is the one whose threshold the patch's mean is nearer."""
+
+    name = "block_relu6"
+
+    def run_float(self, layer, ins, weights, flips):
+        x, sizes = ins[0], layer.attrs["block_sizes"]
+        keep, top = BlockReLU6(sizes).masks(x)
+        mine = [f for f in flips if f[0] == layer.name]
+        if mine:
+            keep, top = keep.clone(), top.clone()
+        for _, n, c, i, j in mine:
+            h, w = (int(v) for v in sizes[c])
+            h, w = min(h, x.shape[2]), min(w, x.shape[3])
+            at = (n, c, slice(i * h, (i + 1) * h), slice(j * w, (j + 1) * w))
+            total, count = float(x[at].sum()), x[at].numel()
+            k, t = keep[at], top[at]
+            if abs(total) <= abs(total - RELU6_TOP * count):   # b0 flips (b6 = 0 here)
+                k.copy_(1 - k)
+            else:                                 # b6 flips (b0 = 1 here)
+                was_top = t.clone()
+                t.copy_(1 - was_top)
+                k.copy_(was_top)
+        return x * keep + RELU6_TOP * top
+
+    def run_secure(self, party, layer, ins, weights, pre):
+        return R.block_relu6(party, ins[0], layer.attrs["block_sizes"],
+                             layer_drelu_config(layer), scope=layer.name)
+
+    def drelus(self, layer, shape):
+        return 2 * R.block_relu_plan(shape, layer.attrs["block_sizes"]).decisions
+
+    def comparison_inputs(self, layer, ins):
+        x, parts = _as_maps(ins[0]), []
+        for (h, w_), idx in BlockReLU6(layer.attrs["block_sizes"]).groups():
+            if h == 0 or w_ == 0:
+                continue
+            s, cnt = _patch_sums_and_counts(x.index_select(1, idx), h, w_)
+            parts += [s.reshape(-1), (s - RELU6_TOP * cnt).reshape(-1)]
+        return torch.cat(parts) if parts else x.new_zeros(0)
+
+    def error_var(self, layer, ins, v_in, y, weights, ctx):
+        if ins[0].dim() == 2:   # a site after a Linear layer: one pixel per channel
+            return self.error_var(layer, [_as_maps(ins[0])], [_as_maps(v_in[0])],
+                                  _as_maps(y), weights, ctx).reshape(y.shape)
+        x, var = ins[0], v_in[0]
+        keep, _ = BlockReLU6(layer.attrs["block_sizes"]).masks(x)
+        for (h, w_), idx in BlockReLU6(layer.attrs["block_sizes"]).groups():
+            if h == 0 or w_ == 0 or min(h, x.shape[2]) * min(w_, x.shape[3]) == 1:
+                continue   # a one-pixel decision flipped errs by at most its input's error
+            s, cnt = _patch_sums_and_counts(x.index_select(1, idx), h, w_)
+            sv, _ = _patch_sums_and_counts(var.index_select(1, idx), h, w_)
+            slack = 8 * sv.sqrt() + cnt * ctx.lsb
+            close = ((s.abs() <= slack) | ((s - RELU6_TOP * cnt).abs() <= slack)).nonzero()
+            ctx.ambiguous.extend((layer.name, n, int(idx[c]), i, j)
+                                 for n, c, i, j in close.tolist())
+        return var * keep   # the value 6 is exact; passed pixels carry their error
 
 
 @register

@@ -8,7 +8,8 @@ functions for the glue between them (residual adds, concatenation, flattening, r
 * a :class:`TorchFunctionMode` sees every torch function call (``F.interpolate``,
   ``torch.cat``, ``Tensor.__iadd__``, ``Tensor.view`` ...) made outside a recorded module;
 * forward hooks on every module record the *leaf* layers (Conv2d, BatchNorm2d, Linear, ReLU,
-  BlockReLU, pooling, dropout ...) as single layers, ignoring what happens inside them.
+  ReLU6, BlockReLU, BlockReLU6, pooling, dropout ...) as single layers, ignoring what happens
+  inside them.
 
 Tensors are followed by object identity, so in-place operations (``out += identity``,
 ``ReLU(inplace=True)``) simply rebind the tensor to the newest layer. This works on the four
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..brelu import BlockReLU, as_block_sizes
+from ..brelu import BlockActivation, BlockReLU6, as_block_sizes
 from ..conversions import fold_bn
 from ..sites import find_relu_sites, run_model
 from ..spec import apply_block_spec, spec_calibration
@@ -56,7 +57,7 @@ __all__ = ["compile_model", "fold_bn", "resize_matrices", "pool_matrices"]
 # --------------------------------------------------------------------------------------------
 
 _LEAF_TYPES: tuple[type, ...] = (
-    nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.ReLU, nn.ReLU6, BlockReLU,
+    nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.ReLU, nn.ReLU6, BlockActivation,
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout,
     nn.Dropout2d, nn.Identity, nn.Flatten, nn.Upsample)
 
@@ -173,10 +174,11 @@ class _Tracer(ModuleTracer):
             if not module.track_running_stats or module.running_mean is None:
                 self._fail(type(module).__name__, path, "it has no running statistics")
             self.add_node("batchnorm", [src], out, path, module=module)
-        elif isinstance(module, (nn.ReLU, BlockReLU, nn.ReLU6)):
+        elif isinstance(module, (nn.ReLU, BlockActivation, nn.ReLU6)):
             sizes = (module.block_sizes.cpu().numpy().astype(np.int32)
-                     if isinstance(module, BlockReLU) else np.ones((out.shape[1], 2), np.int32))
-            clip = {"clip": 6.0} if isinstance(module, nn.ReLU6) else {}
+                     if isinstance(module, BlockActivation)
+                     else np.ones((out.shape[1], 2), np.int32))
+            clip = {"clip": 6.0} if isinstance(module, (nn.ReLU6, BlockReLU6)) else {}
             self.add_node("activation", [src], out, path, block_sizes=sizes, **clip)
         elif isinstance(module, nn.MaxPool2d):
             if _pair(module.dilation) != (1, 1) or module.return_indices:
@@ -772,8 +774,10 @@ def _lower(nodes: list[dict], out_node: int, sites, shape) -> tuple[Program, Wei
             if np.all((sizes[:, 0] == 0) | (sizes[:, 1] == 0)):
                 index[i] = inputs[0]   # identity site: no layer at all
                 continue
-            if "clip" in attrs:   # a ReLU6 site (no spec may name it: spec.apply_block_spec)
+            if "clip" in attrs and np.all(sizes == 1):   # a ReLU6 site, all ReLU6
                 op, attrs = "clamp", {"lo": 0.0, "hi": float(attrs["clip"]), "site": site.name}
+            elif "clip" in attrs:   # a ReLU6 site with a spec: Block-ReLU6
+                op, attrs = "block_relu6", {"block_sizes": sizes, "site": site.name}
             else:
                 op = "relu" if np.all(sizes == 1) else "block_relu"
                 attrs = {"block_sizes": sizes, "site": site.name}

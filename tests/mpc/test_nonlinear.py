@@ -1,6 +1,6 @@
-"""ReLU, Block-ReLU, max pooling and SelectShare on shares, against plaintext references
-(secure_inference.BlockReLU, torch max_pool2d), with exact byte and round counts, in process
-and over real loopback TCP between three processes."""
+"""ReLU, Block-ReLU, Block-ReLU6, max pooling and SelectShare on shares, against plaintext
+references (secure_inference.BlockReLU, BlockReLU6, torch max_pool2d), with exact byte and round
+counts, in process and over real loopback TCP between three processes."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from secure_inference import BlockReLU, block_costs
+from secure_inference import BlockReLU, BlockReLU6, block_costs
 from secure_inference.mpc.protocols import drelu as D
 from secure_inference.mpc.protocols import relu as R
 from secure_inference.mpc.ring import decode, encode
@@ -168,6 +168,110 @@ def test_block_relu_rejects_bad_block_sizes():
         R.block_relu_plan((2, 3, 3), [[1, 1]] * 2)
 
 
+# ------------------------------------------------------------------ Block-ReLU6
+
+def _plain_block_relu6(x_int: torch.Tensor, sizes) -> torch.Tensor:
+    """secure_inference.BlockReLU6 on the decoded values (float64: sums and means are exact)."""
+    return encode(BlockReLU6(np.array(sizes))(decode(x_int, FRAC).double()), FRAC)
+
+
+def _around_six(shape, seed: int) -> torch.Tensor:
+    """Fixed-point values in [-3, 10]: many patches fall below 0, inside [0, 6] and above 6."""
+    g = torch.Generator().manual_seed(seed)
+    return encode(torch.rand(shape, generator=g, dtype=torch.float64) * 13 - 3, FRAC)
+
+
+SIX = 6 << FRAC
+
+
+@pytest.mark.parametrize("hw", [(7, 9), (6, 6), (1, 5)])
+def test_block_relu6_matches_reference_module_with_exact_costs(hw):
+    shape = (2, len(SIZES), *hw)
+    x = _around_six(shape, seed=hw[0] * 10 + hw[1])
+    h, w = min(3, hw[0]), min(3, hw[1])        # channel 2: 3x3 patches
+    n = h * w
+    # patch sums exactly at the thresholds and one unit beside them: [S > 0], [S > 6·n·2^f]
+    x[0, 2, :h, :w] = 0
+    x[0, 2, 0, 0], x[0, 2, 0, w - 1] = 5, -5                      # S = 0: zeroed
+    x[1, 2, :h, :w] = SIX
+    if hw[1] >= 6:
+        x[1, 2, :h, w:2 * w] = SIX
+        x[1, 2, 0, w] += 1                                        # S = 6·n·2^f + 1: set to 6
+        x[0, 2, :h, w:2 * w] = 0
+        x[0, 2, 0, w] = 1                                         # S = 1: kept
+    x[1, 2, 0, 0] -= 7                                            # S = 6·n·2^f − 7: kept
+    x[1, 6, :, :] = SIX                                           # 8x8 (clipped): mean 6
+    x[1, 6, 0, 0], x[1, 6, 0, 1] = SIX + 5, SIX - 5               # S = 6·n·2^f: kept
+    got, st = _run(R.block_relu6, x, "block_relu6", block_sizes=SIZES)
+    want = _plain_block_relu6(x, SIZES)
+    assert torch.equal(got, want)
+    assert torch.equal(got[1, 6], x[1, 6]) and got[1, 6, 0, 0] == SIX + 5   # not set to 6
+    assert torch.equal(got[0, 2, :h, :w], torch.zeros(h, w, dtype=torch.int64))
+    if hw[1] >= 6:
+        assert bool((got[1, 2, :h, w:2 * w] == SIX).all())
+        assert torch.equal(got[0, 2, :h, w:2 * w], x[0, 2, :h, w:2 * w])
+    kept = (got[1, 2, :h, :w] == x[1, 2, :h, :w]).all()
+    assert bool(kept) and n * SIX - 7 > 0
+    plan = R.block_relu_plan(shape, SIZES)
+    assert plan.decisions == shape[0] * int(block_costs(np.array(SIZES), *hw).sum())
+    assert st["bytes"] == R.block_relu6_bytes(shape, SIZES) == \
+        D.mul_drelu_bytes(2 * plan.decisions, 2 * plan.pixels)
+    assert st["rounds"] == D.ROUNDS
+    # the reference does all three things somewhere: zero, pass, six
+    real = decode(x, FRAC)
+    assert bool((want == 0).any() and (want == SIX).any() and ((want == x) & (real > 0)
+                                                                & (real != 6)).any())
+
+
+def test_block_relu6_one_by_one_is_relu6_and_identity_is_free():
+    x = torch.cat([torch.tensor([0, 1, -1, SIX, SIX - 1, SIX + 1, 1 << 40, -(1 << 40)]),
+                   _around_six((300,), 1)]).view(2, 2, 1, -1)
+    got, st = _run(R.block_relu6, x, "block_relu6", block_sizes=[[1, 1]] * 2)
+    assert torch.equal(got, x.clamp(0, SIX))
+    n = x.numel()
+    assert st["bytes"] == D.mul_drelu_bytes(2 * n, 2 * n) == R.block_relu6_bytes(x.shape,
+                                                                               [[1, 1]] * 2)
+    # the bytes of the clamp layer that computes ReLU6 without a spec
+    from secure_inference.mpc.protocols import activations as A
+    from secure_inference.mpc.protocols import pwl
+    assert st["bytes"] == A.piecewise_linear_bytes(n, pwl.clamp_pwl(0, 6))
+    got, st = _run(R.block_relu6, x, "block_relu6", block_sizes=[[0, 1]] * 2)
+    assert torch.equal(got, x) and st["bytes"] == 0
+
+
+def test_block_relu6_bytes_per_pixel():
+    shape = (1, 64, 96, 96)
+    assert R.block_relu6_bytes(shape, [[3, 3]] * 64) / (64 * 96 * 96) == \
+        pytest.approx(48 + 2 * 175.2 / 9)
+    assert R.block_relu6_bytes(shape, [[1, 1]] * 64) / (64 * 96 * 96) == pytest.approx(398.4)
+    assert R.block_relu6_bytes(shape, [[2, 2]] * 64) == \
+        R.block_relu_bytes((2,) + shape[1:], [[2, 2]] * 64)   # two decisions, two payloads
+
+
+def test_block_relu6_after_a_linear_layer_and_approximate_config():
+    x = _around_six((3, 4), 7)
+    got, _ = _run(R.block_relu6, x, "block_relu6", block_sizes=[[1, 1], [0, 1], [2, 2], [1, 1]])
+    assert torch.equal(got, _plain_block_relu6(x[:, :, None, None],
+                                               [[1, 1], [0, 1], [2, 2], [1, 1]])[:, :, 0, 0])
+    cfg = D.DReLUConfig.approximate(max_abs_bits=28, drop_bits=4)
+    shape = (1, len(SIZES), 6, 7)
+    x = _around_six(shape, 9)
+    got, st = _run(R.block_relu6, x, "block_relu6", block_sizes=SIZES, config=cfg)
+    # sums within 2^4 units above a threshold may be decided low; none is here
+    assert torch.equal(got, _plain_block_relu6(x, SIZES))
+    assert st["bytes"] == R.block_relu6_bytes(shape, SIZES, cfg) < R.block_relu6_bytes(shape,
+                                                                                       SIZES)
+
+
+def test_block_patch_counts_follow_the_plan_order():
+    plan = R.block_relu_plan((2, 3, 5, 4), [[2, 3], [0, 1], [5, 5]])
+    counts = R.block_patch_counts(plan)
+    assert counts.numel() == plan.decisions
+    # group (2, 3) first: per image a 3x2 grid of patches; then (5, 4): the whole map
+    one = [6, 2, 6, 2, 3, 1]
+    assert counts.tolist() == one + one + [20, 20]
+
+
 # ------------------------------------------------------------------ max pooling
 
 @pytest.mark.parametrize("kernel,stride,padding,hw", [
@@ -201,11 +305,13 @@ def test_all_nonlinear_protocols_over_loopback_tcp_processes():
     x = _fixed_point_input(shape, seed=42)
     x0, x1 = _share(x)
     ops = [(D.drelu, {}), (R.relu, {}), (R.block_relu, {"block_sizes": sizes}),
-           (R.max_pool2d, {"kernel_size": 3, "stride": 2, "padding": 1})]
+           (R.max_pool2d, {"kernel_size": 3, "stride": 2, "padding": 1}),
+           (R.block_relu6, {"block_sizes": sizes})]
     res = run_local_processes(functools.partial(R.run_on_shares, shares=(x0, x1), ops=ops),
                               tls=False, timeout=60, wall_timeout=240)
-    (d0, r0, b0, m0), (d1, r1, b1, m1) = res[0][0], res[1][0]
-    assert res[2][0] == [None, None, None, None]
+    (d0, r0, b0, m0, s0), (d1, r1, b1, m1, s1) = res[0][0], res[1][0]
+    assert res[2][0] == [None] * 5
+    assert torch.equal(s0 + s1, _plain_block_relu6(x, sizes))
     assert torch.equal(d0 + d1, D.plain_drelu(x))
     assert torch.equal(r0 + r1, torch.clamp(x, min=0))
     assert torch.equal(b0 + b1, _plain_block_relu(x, sizes))
@@ -215,6 +321,7 @@ def test_all_nonlinear_protocols_over_loopback_tcp_processes():
     assert merge_stats(stats, "relu")["bytes"] == R.relu_bytes(x.numel())
     assert merge_stats(stats, "block_relu")["bytes"] == R.block_relu_bytes(shape, sizes)
     assert merge_stats(stats, "max_pool")["bytes"] == R.max_pool_bytes(shape, 3, 2, 1)
+    assert merge_stats(stats, "block_relu6")["bytes"] == R.block_relu6_bytes(shape, sizes)
 
 
 # ------------------------------------------------------------------ CUDA (skipped without a GPU)
@@ -231,11 +338,13 @@ def test_nonlinear_protocols_on_cuda():
     def fn(party):
         inp = [x0.cuda(), x1.cuda(), party.placeholder(shape)][party.role]
         outs = (D.drelu(party, inp), R.relu(party, inp), R.block_relu(party, inp, sizes),
-                R.max_pool2d(party, inp, 3, 2, 1), D.drelu(party, inp, approx))
+                R.max_pool2d(party, inp, 3, 2, 1), D.drelu(party, inp, approx),
+                R.block_relu6(party, inp, sizes))
         return [o.cpu() if o.device.type == "cuda" else None for o in outs]
 
     res = run_in_process(fn, timeout=120, device="cuda")
-    d, r, b, m, a = (u + v for u, v in zip(res[0], res[1]))
+    d, r, b, m, a, b6 = (u + v for u, v in zip(res[0], res[1]))
+    assert torch.equal(b6, _plain_block_relu6(x, sizes))
     assert torch.equal(d, D.plain_drelu(x))
     assert torch.equal(r, torch.clamp(x, min=0))
     assert torch.equal(b, _plain_block_relu(x, sizes))

@@ -227,6 +227,24 @@ def _cnn(seed: int):
     return compile_model(model, IMAGE, spec=spec)
 
 
+@functools.lru_cache(maxsize=None)
+def _cnn_relu6(seed: int):
+    """The CNN with ReLU6 activations, two of its sites Block-ReLU6 (one mixing [1, 1],
+    patches and identity), one left as the clamp layer."""
+    model = _cnn_model(seed)
+    for i in (2, 4, 7):
+        model[i] = nn.ReLU6()
+    sites = si.find_relu_sites(model, IMAGE[1:])
+    spec = {sites[0].name: np.array([[1, 1], [2, 2], [0, 1], [3, 3]], dtype=np.int32),
+            sites[2].name: np.array([[2, 1]] * 4, dtype=np.int32)}
+    return compile_model(model, IMAGE, spec=spec)
+
+
+def test_the_relu6_cnn_has_block_relu6_and_clamp_layers():
+    ops = [layer.op for layer in _cnn_relu6(0)[0].layers]
+    assert ops.count("block_relu6") == 2 and ops.count("clamp") == 1
+
+
 # a calibration giving three of the CNN's DReLU layers widths of 2, 3 and 4 bytes (10, 20, 27
 # bits; the fourth stays at 64)
 CNN_RANGES = {"2": 2.0 ** -12, "4": 2.0 ** 2.5, "5.max_pool": 2.0 ** 9.5}
@@ -269,11 +287,13 @@ CASES: dict[str, tuple[Callable, int]] = {     # name: (body, bytes of one DReLU
     "relu": (_nonlinear(lambda p, x: R.relu(p, x)), 8),
     "relu-approx": (_nonlinear(lambda p, x: R.relu(p, x, APPROX)), 5),
     "block-relu": (_nonlinear(lambda p, x: R.block_relu(p, x, BLOCKS)), 8),
+    "block-relu6": (_nonlinear(lambda p, x: R.block_relu6(p, x, BLOCKS)), 8),
     "max-pool": (_nonlinear(lambda p, x: R.max_pool2d(p, x, 2)), 8),
     "avg-pool": (_avg_pool, 8),
     "output": (_output, 8),
     "cnn": (_whole_cnn(None), 8),
     "cnn-approx": (_whole_cnn(APPROX), 5),
+    "cnn-relu6": (_whole_cnn(None, _cnn_relu6), 8),
     "drelu-chacha20": (_nonlinear(lambda p, x: D.drelu(p, x)), 8),
     "cnn-chacha20": (_whole_cnn(None), 8),
     # calibrated widths: every opening size from 1 to 8 bytes, and a whole CNN of mixed widths
@@ -370,6 +390,13 @@ VIEW_TABLE = {
          ("block_relu", 0, "uint8"), ("block_relu", 2, "int64")],
         [("block_relu", 0, "int64"), ("block_relu", 1, "int64"), ("block_relu", 0, "uint8"),
          ("block_relu", 1, "uint8")],
+    ),
+    "block-relu6": (   # one fused DReLU call: both comparisons of every patch, both payloads
+        [("conv/open-weights", 1, "int64"), ("block_relu6", 1, "uint8")],
+        [("conv", 0, "int64"), ("conv", 2, "int64"), ("block_relu6", 2, "uint8"),
+         ("block_relu6", 0, "uint8"), ("block_relu6", 2, "int64")],
+        [("block_relu6", 0, "int64"), ("block_relu6", 1, "int64"), ("block_relu6", 0, "uint8"),
+         ("block_relu6", 1, "uint8")],
     ),
     "max-pool": (
         [("conv/open-weights", 1, "int64"), ("max_pool/level0", 1, "uint8"),

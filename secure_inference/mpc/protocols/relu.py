@@ -18,6 +18,15 @@ exact or an approximate DReLU and is passed to every DReLU a function runs.
   patch. [1, 1] channels are exactly ReLU. Channels are grouped by block size and the whole
   layer is one DReLU call; cost :func:`block_relu_bytes` (24 bytes per non-identity pixel plus
   one DReLU per patch: 43.5 bytes per pixel for 3×3 patches, exact DReLU).
+* :func:`block_relu6`: Block-ReLU6 (:class:`secure_inference.BlockReLU6`), the same plan: per
+  patch TWO decisions b0 = [S > 0] and b6 = [S > 6·n·2^f] (S the fixed-point patch sum, n its
+  valid pixels: the mean against 0 and 6), both in the SAME one DReLU call (3 rounds, the
+  rounds of a Block-ReLU), and every pixel x of the patch gets x·b0 + (6 − x)·b6 =
+  x·(b0 − b6) + 6·b6 from the same fused multiplication (payloads x and 6·2^f − x, P0 adding
+  the public constant). Exact (no truncation); [1, 1] channels are exactly ReLU6. Cost
+  :func:`block_relu6_bytes`: ``mul_drelu_bytes(2·patches, 2·pixels)``, i.e. 2 × 175.2 bytes
+  per patch plus 48 per non-identity pixel at 64 bits (398.4 per element for [1, 1], the
+  bytes of the clamp layer that computes ReLU6 without a spec).
 * :func:`max_pool2d`: a tree of comparisons over every window at once: max(a, b) =
   b + (a − b)·DReLU(a − b), ⌈log2 K⌉ levels for K-element windows, 3 rounds each.
 * :func:`select_share`: a if d ≥ 0 else b, as b + (a − b)·DReLU(d) (fused, no extra round);
@@ -39,14 +48,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...brelu import as_block_sizes
+from ...brelu import RELU6_TOP, as_block_sizes, patch_counts
 from ..runtime import Party
 from ..session import ROLE_CLIENT, ROLE_HELPER
 from .linear import mul
 from .drelu import EXACT, DReLUConfig, mul_drelu, mul_drelu_bytes, resolve_config
 
 __all__ = ["relu", "relu_bytes", "select_share", "BlockReLUPlan", "block_relu_plan",
-           "block_relu", "block_relu_bytes", "MaxPoolPlan", "max_pool_plan", "max_pool2d",
+           "block_relu", "block_relu_bytes", "block_relu6", "block_relu6_bytes",
+           "block_patch_counts", "MaxPoolPlan", "max_pool_plan", "max_pool2d",
            "max_pool_bytes", "max_pool_comparisons", "run_on_shares", "select_bit",
            "adaptive_max_pool_plan", "adaptive_max_pool2d", "adaptive_windows", "max_windows",
            "plan_bytes"]
@@ -170,6 +180,42 @@ def block_relu_bytes(shape, block_sizes, config: DReLUConfig = EXACT) -> int:
     return mul_drelu_bytes(plan.decisions, plan.pixels, config)
 
 
+def _patch_sums(x: torch.Tensor, plan: BlockReLUPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(patch sums, payload pixels) of shares ``x`` in the plan's order (local: no messages;
+    zero padding adds nothing to a sum)."""
+    n = plan.shape[0]
+    sums, payload = [], []
+    for h, w, idx in plan.groups:
+        xs = x.index_select(1, idx)
+        height, width = xs.shape[2], xs.shape[3]
+        ph, pw = -(-height // h), -(-width // w)
+        padded = F.pad(xs, (0, pw * w - width, 0, ph * h - height)) if (ph * h != height or
+                                                                         pw * w != width) else xs
+        sums.append(padded.reshape(n, idx.numel(), ph, h, pw, w).sum(dim=(3, 5)).reshape(-1))
+        payload.append(xs.reshape(-1))
+    return torch.cat(sums), torch.cat(payload)
+
+
+def _place(x: torch.Tensor, values: torch.Tensor, plan: BlockReLUPlan) -> torch.Tensor:
+    """``x`` with the non-identity channels replaced by ``values`` (the plan's payload order)."""
+    n = plan.shape[0]
+    out = x.clone()
+    start = 0
+    for h, w, idx in plan.groups:
+        size = n * idx.numel() * plan.shape[2] * plan.shape[3]
+        out.index_copy_(1, idx, values[start:start + size].view(n, idx.numel(), *plan.shape[2:]))
+        start += size
+    return out
+
+
+def block_patch_counts(plan: BlockReLUPlan) -> torch.Tensor:
+    """Valid pixels of every patch (decision) of the plan, int64 [decisions] in its order."""
+    nb, _, height, width = plan.shape
+    parts = [patch_counts(height, width, h, w).reshape(1, -1).expand(nb * idx.numel(), -1)
+             .reshape(-1) for h, w, idx in plan.groups]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
 def block_relu(party: Party, x: torch.Tensor, block_sizes, config: DReLUConfig | None = None,
                *, scope: str = "block_relu") -> torch.Tensor:
     """Shares of BlockReLU(block_sizes)(x) for shares ``x`` [N, C, H, W] (P2: placeholders).
@@ -191,27 +237,51 @@ def block_relu(party: Party, x: torch.Tensor, block_sizes, config: DReLUConfig |
         return party.placeholder(plan.shape)
     if not plan.decisions:
         return x.clone()
-    n = plan.shape[0]
-    sums, payload = [], []
-    for h, w, idx in plan.groups:
-        xs = x.index_select(1, idx)
-        height, width = xs.shape[2], xs.shape[3]
-        ph, pw = -(-height // h), -(-width // w)
-        padded = F.pad(xs, (0, pw * w - width, 0, ph * h - height)) if (ph * h != height or
-                                                                         pw * w != width) else xs
-        sums.append(padded.reshape(n, idx.numel(), ph, h, pw, w).sum(dim=(3, 5)).reshape(-1))
-        payload.append(xs.reshape(-1))
-    d = torch.cat(sums)
+    d, payload = _patch_sums(x, plan)
     if party.role == ROLE_CLIENT:
         d = d - 1  # DReLU(sum − 1) = [sum > 0] on integer sums: the plaintext's strict test
-    prod = mul_drelu(party, d, torch.cat(payload), plan.index, cfg, scope=scope)
-    out = x.clone()
-    start = 0
-    for h, w, idx in plan.groups:
-        size = n * idx.numel() * plan.shape[2] * plan.shape[3]
-        out.index_copy_(1, idx, prod[start:start + size].view(n, idx.numel(), *plan.shape[2:]))
-        start += size
-    return out
+    return _place(x, mul_drelu(party, d, payload, plan.index, cfg, scope=scope), plan)
+
+
+def block_relu6_bytes(shape, block_sizes, config: DReLUConfig = EXACT) -> int:
+    """Payload bytes (all parties) of :func:`block_relu6` on an input of ``shape``: two
+    decisions per patch and two payload values per non-identity pixel, one DReLU call."""
+    plan = block_relu_plan(shape, block_sizes)
+    return mul_drelu_bytes(2 * plan.decisions, 2 * plan.pixels, config)
+
+
+def block_relu6(party: Party, x: torch.Tensor, block_sizes, config: DReLUConfig | None = None,
+                *, scope: str = "block_relu6") -> torch.Tensor:
+    """Shares of BlockReLU6(block_sizes)(x) for shares ``x`` [N, C, H, W] or [N, C] (P2:
+    placeholders): the patch sums S compared with 0 and with 6·n·2^f in one DReLU call, the
+    pixels multiplied by both bits in its fused multiplication (module docstring)."""
+    _check_shares(party, x)
+    if len(_shape(x)) == 2:
+        flat = x.reshape(*_shape(x), 1, 1)
+        return block_relu6(party, flat, block_sizes, config, scope=scope).reshape(_shape(x))
+    plan = block_relu_plan(_shape(x), block_sizes, device="cpu" if x.device.type == "meta"
+                           else x.device)
+    cfg = resolve_config(party, config)
+    # decisions [b0 of every patch; b6 of every patch], payload [x; 6 − x]
+    index = torch.cat([plan.index, plan.index + plan.decisions])
+    if party.role == ROLE_HELPER:
+        if plan.decisions:
+            mul_drelu(party, party.placeholder((2 * plan.decisions,)),
+                      party.placeholder((2 * plan.pixels,)), index, cfg, scope=scope)
+        return party.placeholder(plan.shape)
+    if not plan.decisions:
+        return x.clone()
+    sums, payload = _patch_sums(x, plan)
+    d = torch.cat([sums, sums])
+    v = torch.cat([payload, -payload])
+    if party.role == ROLE_CLIENT:   # the public constants: one party adds them
+        six = int(RELU6_TOP) << party.frac_bits
+        limit = six * block_patch_counts(plan).to(d.device)
+        d = d - 1                   # [S > t] = DReLU(S − t − 1) on integers
+        d[plan.decisions:] -= limit
+        v[plan.pixels:] += six
+    prod = mul_drelu(party, d, v, index, cfg, scope=scope)
+    return _place(x, prod[:plan.pixels] + prod[plan.pixels:], plan)
 
 
 # --------------------------------------------------------------------------------------------
