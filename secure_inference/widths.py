@@ -21,7 +21,7 @@ It is a wrong answer, never a leak: every message is still masked exactly as at 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 __all__ = ["DEFAULT_MARGIN", "FULL_WIDTH", "MIN_WIDTH", "RANGE_SLACK_UNITS", "CALIBRATION_KEY",
@@ -89,6 +89,9 @@ class Calibration:
     2^(2f) times the real value) fits below 2^63; ``truncation_failures``: the expected number
     of catastrophic local-truncation failures per image at ``frac_bits`` (each puts an error
     near 2^(64−2f) into one value; see :func:`secure_inference.mpc.compile.truncation_failures`).
+    ``drops`` (opt-in, :mod:`secure_inference.mpc.dropped_bits`): ReLU layer name → low bits
+    its comparison drops at ``frac_bits``, chosen within ``drop_budget`` (the expected output
+    error as a fraction of the layer's output L1 norm on the calibration images).
     """
 
     ranges: Mapping[str, float]
@@ -98,6 +101,15 @@ class Calibration:
     max_activation: float = 0.0
     headroom: float = float("inf")
     truncation_failures: float = 0.0
+    drops: Mapping[str, int] = field(default_factory=dict)
+    drop_budget: float = 0.0
+
+    def drop(self, layer: str, frac_bits: int) -> int:
+        """Low bits ``layer`` drops when the parties run ``frac_bits`` fractional bits: the
+        same threshold in real units as at calibration (2^(d−f)), so d moves with f; 0 for a
+        layer without a recorded drop."""
+        d = int(self.drops.get(layer, 0))
+        return max(0, d + int(frac_bits) - int(self.frac_bits)) if d else 0
 
     def width(self, layer: str, frac_bits: int, margin: float | None = None) -> int:
         """The comparison width of ``layer`` (64 when it has no recorded range)."""
@@ -111,12 +123,18 @@ class Calibration:
         return {name: self.width(name, frac_bits, margin) for name in self.ranges}
 
     def to_plain(self) -> dict[str, Any]:
-        """Plain types only (str, float, int, dict): what the spec file stores."""
-        return {"version": 1, "ranges": {str(k): float(v) for k, v in self.ranges.items()},
-                "margin": float(self.margin), "images": int(self.images),
-                "frac_bits": int(self.frac_bits), "max_activation": float(self.max_activation),
-                "headroom": float(min(self.headroom, 1e300)),
-                "truncation_failures": float(self.truncation_failures)}
+        """Plain types only (str, float, int, dict): what the spec file stores (the drop keys
+        only when bits are dropped, so that files without them are unchanged)."""
+        plain = {"version": 1, "ranges": {str(k): float(v) for k, v in self.ranges.items()},
+                 "margin": float(self.margin), "images": int(self.images),
+                 "frac_bits": int(self.frac_bits), "max_activation": float(self.max_activation),
+                 "headroom": float(min(self.headroom, 1e300)),
+                 "truncation_failures": float(self.truncation_failures)}
+        drops = {str(k): int(v) for k, v in self.drops.items() if int(v)}
+        if drops:
+            plain["drops"] = drops
+            plain["drop_budget"] = float(self.drop_budget)
+        return plain
 
     @classmethod
     def from_plain(cls, obj: Any, source: str = "spec") -> "Calibration":
@@ -146,9 +164,27 @@ class Calibration:
         if isinstance(images, bool) or not isinstance(images, int) or images < 0:
             raise CalibrationError(f"{where}: images must be an integer >= 0")
         margin = _finite(obj.get("margin"), f"{where}: margin", 1.0)
+        drops = _drops(obj.get("drops", {}), clean, where)
         return cls(ranges=clean, margin=margin, images=images, frac_bits=frac,
+                   drops=drops, drop_budget=_finite(obj.get("drop_budget", 0.0),
+                                                    f"{where}: drop_budget"),
                    max_activation=_finite(obj.get("max_activation", 0.0),
                                           f"{where}: max_activation"),
                    headroom=_finite(obj.get("headroom", 1e300), f"{where}: headroom"),
                    truncation_failures=_finite(obj.get("truncation_failures", 0.0),
                                                f"{where}: truncation_failures"))
+
+
+def _drops(obj: Any, ranges: Mapping[str, float], where: str) -> dict[str, int]:
+    """The checked ``drops`` field: calibrated layer name → an int in [0, 61]."""
+    if not isinstance(obj, dict):
+        raise CalibrationError(f"{where}: 'drops' must be a dict of layer name -> int")
+    clean: dict[str, int] = {}
+    for name, value in obj.items():
+        if not isinstance(name, str) or name not in ranges:
+            raise CalibrationError(f"{where}: 'drops' names {name!r:.80}, which has no range")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 61:
+            raise CalibrationError(f"{where}: dropped bits of layer '{name}' must be an "
+                                   f"integer in [0, 61], got {value!r:.80}")
+        clean[name] = value
+    return clean

@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "images may expect (default 0.001: one image in 1,000 with a wrong "
                         "output); above it calibration refuses and names the --frac-bits "
                         "that fits")
+    parser.add_argument("--drop-budget", type=float, default=0.0, metavar="FRACTION",
+                        help="opt-in, default 0 (every comparison exact within its range): "
+                        "each ReLU layer drops the most low bits whose expected output error "
+                        "on the calibration images is at most FRACTION of the layer's output "
+                        "L1 norm (e.g. 0.01); a dropped bit can only turn a small positive "
+                        "input (below 2^(dropped bits - frac-bits)) into 0. Fewer bytes and "
+                        "less work per comparison; the number dropped per layer is public")
     parser.add_argument("--batch-size", type=int, default=32, help="images per plaintext batch")
     parser.add_argument("--table", type=Path, help="also write the per-layer table (.json)")
     parser.add_argument("--plot", type=Path, help="write a PNG: bits compared per layer")
@@ -72,6 +79,8 @@ def run(argv: list[str] | None = None) -> int:
         raise UserError(f"--margin must be at least 1, got {args.margin}")
     if not args.max_failures >= 0:
         raise UserError(f"--max-failures must be at least 0, got {args.max_failures}")
+    if not 0 <= args.drop_budget < 1:
+        raise UserError(f"--drop-budget must be a fraction in [0, 1), got {args.drop_budget}")
     if args.out.suffix not in (".pickle", ".pkl", ".json"):
         raise UserError(f"--out {args.out}: use a .pickle or .json file name")
     from tqdm import tqdm
@@ -97,7 +106,8 @@ def run(argv: list[str] | None = None) -> int:
               file=sys.stderr) as bar:
         cal = calibrate_program(program, weights, images, margin=args.margin,
                                 frac_bits=args.frac_bits, batch_size=args.batch_size,
-                                progress=bar.update, max_failures=args.max_failures)
+                                progress=bar.update, max_failures=args.max_failures,
+                                drop_budget=args.drop_budget)
     save_spec(BlockSpec(extract_block_spec(model, shape), cal), args.out)
     rows = width_table(program, cal, frac_bits=args.frac_bits)
     print_table(rows)
@@ -105,8 +115,12 @@ def run(argv: list[str] | None = None) -> int:
     summary = {"out": str(args.out), "images": cal.images, "margin": cal.margin,
                "frac_bits": cal.frac_bits, "max_activation": cal.max_activation,
                "headroom": cal.headroom,
-               "expected_truncation_failures_per_image": cal.truncation_failures, "widths": [min(r["width"] for r in rows) if rows else None,
-                                                    max(r["width"] for r in rows) if rows else None],
+               "expected_truncation_failures_per_image": cal.truncation_failures,
+               "widths": [min(r["width"] for r in rows) if rows else None,
+                          max(r["width"] for r in rows) if rows else None],
+               "drop_budget": cal.drop_budget,
+               "dropped_bits": [min(r["dropped_bits"] for r in rows) if rows else None,
+                                max(r["dropped_bits"] for r in rows) if rows else None],
                "nonlinear_MB_per_image_64bit": b64 / 1e6,
                "nonlinear_MB_per_image_calibrated": bw / 1e6}
     print(json.dumps(summary, indent=1))
@@ -121,11 +135,12 @@ def run(argv: list[str] | None = None) -> int:
 def print_table(rows: list[dict]) -> None:
     """The per-layer widths as a text table on stdout."""
     print(f"{'layer':40s} {'op':10s} {'DReLUs':>8s} {'range':>10s} {'bits':>4s} "
-          f"{'kB@64':>9s} {'kB':>9s}")
+          f"{'drop':>4s} {'kB@64':>9s} {'kB':>9s}")
     for r in rows:
         rng = "-" if r["range"] is None else f"{r['range']:.4g}"
         print(f"{r['layer'][:40]:40s} {r['op']:10s} {r['drelus']:8d} {rng:>10s} "
-              f"{r['width']:4d} {r['bytes_64'] / 1e3:9.1f} {r['bytes'] / 1e3:9.1f}")
+              f"{r['width']:4d} {r['dropped_bits']:4d} {r['bytes_64'] / 1e3:9.1f} "
+              f"{r['bytes'] / 1e3:9.1f}")
 
 
 def plot_widths(rows: list[dict], path: Path) -> Path:
@@ -137,9 +152,14 @@ def plot_widths(rows: list[dict], path: Path) -> Path:
     fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True,
                                    figsize=(max(6.0, 0.2 * len(rows) + 2), 6))
     xs = list(range(len(rows)))
-    ax1.bar(xs, [r["width"] for r in rows], color="tab:blue")
+    compared = [r["width"] - r["dropped_bits"] for r in rows]
+    ax1.bar(xs, compared, color="tab:blue", label="compared")
+    if any(r["dropped_bits"] for r in rows):
+        ax1.bar(xs, [r["dropped_bits"] for r in rows], bottom=compared, color="lightblue",
+                label="dropped (--drop-budget)")
+        ax1.legend()
     ax1.axhline(64, color="grey", linestyle="--", linewidth=0.8)
-    ax1.set_ylabel("bits compared")
+    ax1.set_ylabel("bits")
     ax1.set_title("calibrated comparison width per DReLU layer (dashed: 64-bit)")
     ax2.bar(xs, [r["bytes_64"] / 1e6 for r in rows], color="lightgrey", label="64-bit")
     ax2.bar(xs, [r["bytes"] / 1e6 for r in rows], color="tab:orange", label="calibrated")

@@ -30,7 +30,8 @@ from ..widths import (DEFAULT_MARGIN, FULL_WIDTH, Calibration, CalibrationError,
                       width_range)
 from .analysis import run_float
 from .costs import layer_cost
-from .ops import WIDTH_ATTR, layer_drelus, op_of
+from .dropped_bits import DropErrorAccumulator
+from .ops import DROP_ATTR, WIDTH_ATTR, layer_drelus, op_of
 from .program import Layer, Program, Weights
 from .protocols.relu import block_relu_plan
 from .ring import DEFAULT_FRAC_BITS
@@ -94,19 +95,27 @@ def calibrate_program(program: Program, weights: Weights, images: torch.Tensor, 
                       batch_size: int = 32,
                       progress: Callable[[int], None] | None = None,
                       check: bool = True,
-                      max_failures: float = DEFAULT_MAX_FAILURES) -> Calibration:
+                      max_failures: float = DEFAULT_MAX_FAILURES,
+                      drop_budget: float = 0.0) -> Calibration:
     """Record the ranges of ``program`` on ``images`` [N, C, H, W] (plaintext, float64).
 
     ``progress(n)`` is called after each batch of n images. With ``check`` (default) a
     program without ``margin`` times headroom at ``frac_bits``, or with more than
     ``max_failures`` expected truncation failures per image, raises :class:`HeadroomError`.
+    ``drop_budget`` > 0 (opt-in) also chooses, per ReLU layer, the low bits its comparison
+    may drop with an expected output error of at most that fraction of the layer's output L1
+    norm (:mod:`.dropped_bits`).
     """
     if not max_failures >= 0:       # (inf: no limit)
         raise ValueError(f"max_failures must be a number >= 0, got {max_failures}")
+    if not (math.isfinite(drop_budget) and drop_budget >= 0):
+        raise ValueError(f"drop_budget must be a finite number >= 0, got {drop_budget}")
     images = _check_images(images, program)
     if not (math.isfinite(margin) and margin >= 1):
         raise ValueError(f"margin must be a finite number >= 1, got {margin}")
     rec = _Recorder(ranges={layer.name: 0.0 for layer in program.layers if layer_drelus(layer)})
+    drops = {layer.name: DropErrorAccumulator(frac_bits) for layer in program.layers
+             if drop_budget > 0 and layer.op == "relu"}
 
     def hook(layer: Layer, ins: list[torch.Tensor], y: torch.Tensor) -> None:
         op = op_of(layer)
@@ -114,6 +123,8 @@ def calibrate_program(program: Program, weights: Weights, images: torch.Tensor, 
             cmp = op.comparison_inputs(layer, ins)
             if cmp is not None and cmp.numel():
                 rec.ranges[layer.name] = max(rec.ranges[layer.name], float(cmp.abs().max()))
+                if layer.name in drops:
+                    drops[layer.name].add(cmp)
         if y.numel():
             top = float(y.abs().max())
             if not math.isfinite(top) and not rec.nonfinite:
@@ -142,7 +153,10 @@ def calibrate_program(program: Program, weights: Weights, images: torch.Tensor, 
     cal = Calibration(ranges=rec.ranges, margin=float(margin), images=int(images.shape[0]),
                       frac_bits=int(frac_bits), max_activation=rec.max_activation,
                       headroom=min(headroom, 1e300),
-                      truncation_failures=rec.failures / images.shape[0])
+                      truncation_failures=rec.failures / images.shape[0],
+                      drops={name: d for name, acc in drops.items()
+                             if (d := acc.choose(drop_budget))},
+                      drop_budget=float(drop_budget))
     if check:
         check_headroom(cal, where=rec.max_ring_layer, activation_layer=rec.max_activation_layer)
         check_failure_rate(cal, max_failures)
@@ -204,7 +218,7 @@ def check_headroom(calibration: Calibration, *, where: str = "", activation_laye
 def calibrate(model: nn.Module, images: torch.Tensor, spec: Mapping | None = None, *,
               margin: float = DEFAULT_MARGIN, frac_bits: int = DEFAULT_FRAC_BITS,
               batch_size: int = 32, progress: Callable[[int], None] | None = None,
-              max_failures: float = DEFAULT_MAX_FAILURES) -> BlockSpec:
+              max_failures: float = DEFAULT_MAX_FAILURES, drop_budget: float = 0.0) -> BlockSpec:
     """A spec that carries the ranges of ``model`` (with ``spec`` applied) on ``images``.
 
     ``images``: preprocessed calibration images [N, C, H, W] (training images: the ranges
@@ -215,7 +229,9 @@ def calibrate(model: nn.Module, images: torch.Tensor, spec: Mapping | None = Non
     only the bits its range times ``margin`` needs. Raises :class:`HeadroomError` where the
     fixed point at ``frac_bits`` has less than ``margin`` times room, or where the images
     expect more than ``max_failures`` truncation failures per image
-    (:func:`check_failure_rate`).
+    (:func:`check_failure_rate`). ``drop_budget`` > 0 (opt-in; default exact) lets each ReLU
+    layer drop the low bits whose expected error is at most that fraction of its output's
+    L1 norm on ``images`` (:mod:`.dropped_bits`).
     """
     shape = tuple(images.shape[-3:])
     sites = dict(spec or {})
@@ -223,7 +239,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, spec: Mapping | None = Non
                                      drelu_width=FULL_WIDTH)
     cal = calibrate_program(program, weights, images, margin=margin, frac_bits=frac_bits,
                             batch_size=batch_size, progress=progress,
-                            max_failures=max_failures)
+                            max_failures=max_failures, drop_budget=drop_budget)
     return BlockSpec(sites, cal)
 
 
@@ -232,7 +248,7 @@ def width_table(program: Program, calibration: Calibration | None = None, *,
                 batch: int = 1) -> list[dict[str, Any]]:
     """Per DReLU layer of ``program``: op, DReLUs and payload values per batch of ``batch``
     images, the calibrated range, the width the compiler gives it (after assigning the widths
-    of ``calibration``, if given), the range that width holds, and the exact online bytes of
+    of ``calibration``, if given) and the low bits it drops, the range that width holds, and the exact online bytes of
     one batch at 64 bits and at that width (one batch packs its Z_67 values together, so
     a batch of b images may send a few bytes less than b single images)."""
     if calibration is not None:
@@ -248,6 +264,7 @@ def width_table(program: Program, calibration: Calibration | None = None, *,
         rng = calibration.ranges.get(layer.name) if calibration is not None else None
         rows.append({"layer": layer.name, "op": layer.op, "drelus": n, "payload": payload,
                      "range": rng, "width": width,
+                     "dropped_bits": int(layer.attrs.get(DROP_ATTR, 0)),
                      "holds": width_range(width, frac_bits) if width < FULL_WIDTH else None,
                      "bytes_64": _layer_bytes(program, layer, FULL_WIDTH, batch),
                      "bytes": _layer_bytes(program, layer, width, batch)})
@@ -279,7 +296,9 @@ def _payload_values(layer: Layer, batch: int) -> int:
 def _layer_bytes(program: Program, layer: Layer, width: int, batch: int) -> int:
     """Exact online payload bytes of one batch through a DReLU layer at ``width`` bits (the
     program's cost model, :func:`~.costs.layer_cost`, with the layer's width replaced)."""
-    attrs = {k: v for k, v in layer.attrs.items() if k != WIDTH_ATTR}
-    if width < FULL_WIDTH:
+    attrs = {k: v for k, v in layer.attrs.items() if k not in (WIDTH_ATTR, DROP_ATTR)}
+    if width < FULL_WIDTH:     # the layer's dropped bits, if any, stay with its own width
         attrs[WIDTH_ATTR] = int(width)
+        if DROP_ATTR in layer.attrs and int(width) == int(layer.attrs.get(WIDTH_ATTR, 0)):
+            attrs[DROP_ATTR] = layer.attrs[DROP_ATTR]
     return layer_cost(program, dataclasses.replace(layer, attrs=attrs), batch)[0]

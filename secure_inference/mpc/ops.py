@@ -37,18 +37,24 @@ from .session import ROLE_SERVER
 from .settings import DReLUConfig
 
 __all__ = ["Op", "OPS", "register", "op_of", "layer_drelus", "ErrorContext", "public_matrix",
-           "WIDTH_ATTR", "layer_drelu_config"]
+           "WIDTH_ATTR", "DROP_ATTR", "layer_drelu_config"]
 
 WIDTH_ATTR = "drelu_bits"
 """The layer attribute holding a DReLU layer's calibrated comparison width (public, part of the
 program and its fingerprint). Absent: the session's DReLU (exact 64-bit by default)."""
+DROP_ATTR = "drelu_drop"
+"""The layer attribute holding the low bits a calibrated ReLU layer's comparison drops
+(:mod:`.dropped_bits`; public, in the fingerprint). Absent: none, exact within the range."""
 
 
 def layer_drelu_config(layer) -> DReLUConfig | None:
-    """The DReLU a layer's comparisons use: its calibrated width (exact within its range, no
-    low bits dropped), or None for the session default."""
+    """The DReLU a layer's comparisons use: its calibrated width (exact within its range, or
+    with its dropped low bits), or None for the session default."""
     bits = layer.attrs.get(WIDTH_ATTR)
-    return None if bits is None else DReLUConfig(ring_bits=int(bits))
+    if bits is None:
+        return None
+    drop = int(layer.attrs.get(DROP_ATTR, 0))
+    return DReLUConfig(ring_bits=int(bits) - drop, drop_bits=drop)
 
 Tensor = torch.Tensor
 
@@ -246,7 +252,12 @@ class Relu(Op):
         return ins[0]
 
     def error_var(self, layer, ins, v_in, y, weights, ctx):
-        return v_in[0] * (ins[0] > 0)   # 1-Lipschitz; where the value is cut, no error passes
+        var = v_in[0] * (ins[0] > 0)   # 1-Lipschitz; where the value is cut, no error passes
+        drop = int(layer.attrs.get(DROP_ATTR, 0))
+        if drop:   # a small positive x may read as negative: error −x, bounded, so var ≤ x²
+            u = torch.round(ins[0] * 2.0 ** ctx.frac_bits)
+            var = var + ins[0] * ins[0] * ((u >= 0) & (u < 2.0 ** drop - 1))
+        return var
 
 
 def _as_maps(x: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .ops import WIDTH_ATTR, layer_drelus
+from .ops import DROP_ATTR, WIDTH_ATTR, layer_drelus
 
 __all__ = ["Layer", "Program", "Weights", "UnsupportedOperationError", "FINGERPRINT_PARTS"]
 
@@ -85,7 +85,8 @@ class Program:
             parts["architecture"].update(repr((layer.name, layer.op, layer.inputs)).encode())
             for key in sorted(layer.attrs):
                 part = ("block spec" if key in _SPEC_ATTRS else
-                        "comparison widths" if key == WIDTH_ATTR else "architecture")
+                        "comparison widths" if key in (WIDTH_ATTR, DROP_ATTR) else
+                        "architecture")
                 parts[part].update(layer.name.encode())
                 _hash_attr(parts[part], key, layer.attrs[key])
         parts["architecture"].update(repr(self.output).encode())

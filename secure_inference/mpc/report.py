@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from ..widths import width_range
 from .netem import NETWORKS, network_estimates
-from .ops import WIDTH_ATTR, layer_drelus
+from .ops import DROP_ATTR, WIDTH_ATTR, layer_drelus
 from .program import Program
 from .session import (PARTY_KEYS, SCOPE_HEADER, SCOPE_KEYS, SCOPE_OUTPUT, SCOPE_PREPROCESS,
                       SCOPE_SETUP)
@@ -74,7 +74,8 @@ def build_report(program: Program, results: Sequence[dict[str, Any]], *,
             "bytes_sent": dict(zip(PARTY_KEYS, online)), "bytes": sum(online),
             "setup_bytes": sum(setup), "rounds": rounds, "wall_s": wall, "drelus": drelus,
             "drelu_width": (layer.attrs.get(WIDTH_ATTR, "session") if drelus else None),
-            "drelu_range": _exact_range(program, layer) if drelus else None})
+            "drelu_range": _exact_range(program, layer) if drelus else None,
+            "drelu_dropped_bits": int(layer.attrs.get(DROP_ATTR, 0)) if drelus else None})
     out_bytes = [_sent(st, SCOPE_OUTPUT) for st in stats]
     hdr_bytes = [_sent(st, SCOPE_HEADER) for st in stats]
     pre_bytes = [_sent(st, SCOPE_PREPROCESS) for st in stats]
@@ -99,7 +100,10 @@ def build_report(program: Program, results: Sequence[dict[str, Any]], *,
                                  "and the largest |input| in real units it decides exactly "
                                  "(layers[].drelu_range: 2^(width-1-frac_bits), public like "
                                  "the width; beyond it a decision may be wrong, never a "
-                                 "leak)"},
+                                 "leak); layers[].drelu_dropped_bits: low bits a ReLU layer "
+                                 "drops (opt-in calibration --drop-budget; then a small "
+                                 "positive input below 2^(dropped-frac_bits) may read as "
+                                 "negative)"},
         "cpu_seconds": dict(zip(PARTY_KEYS, (float(r.get("cpu_seconds", 0.0)) for r in results))),
         "images": images, "batch_sizes": sizes,
         "layers": layers,

@@ -43,8 +43,8 @@ from ..conversions import fold_bn
 from ..sites import find_relu_sites, run_model
 from ..spec import apply_block_spec, spec_calibration
 from ..tracing import ModuleTracer
-from ..widths import FULL_WIDTH, Calibration, CalibrationError
-from .ops import WIDTH_ATTR, layer_drelus
+from ..widths import FULL_WIDTH, MIN_WIDTH, Calibration, CalibrationError
+from .ops import DROP_ATTR, WIDTH_ATTR, layer_drelus
 from .protocols.relu import adaptive_windows
 from .program import Layer, Program, UnsupportedOperationError, Weights
 from .ring import DEFAULT_FRAC_BITS
@@ -664,9 +664,12 @@ def compile_model(model: nn.Module, input_shape: Sequence[int], *,
 
 def assign_widths(program: Program, calibration: Calibration | None, *, frac_bits: int,
                   drelu_width: int | None = None, margin: float | None = None) -> None:
-    """Set every DReLU layer's comparison width (see :func:`compile_model`) in place."""
+    """Set every DReLU layer's comparison width (see :func:`compile_model`) in place, and the
+    low bits a calibrated ReLU layer drops where the calibration chose some
+    (:mod:`.dropped_bits`; never with an explicit ``drelu_width``)."""
     for layer in program.layers:
         layer.attrs.pop(WIDTH_ATTR, None)
+        layer.attrs.pop(DROP_ATTR, None)
     program.frac_bits = None
     if drelu_width is not None:
         width = int(drelu_width)
@@ -691,6 +694,9 @@ def assign_widths(program: Program, calibration: Calibration | None, *, frac_bit
         width = calibration.width(name, frac_bits, margin)
         if name in calibration.ranges and width < FULL_WIDTH:
             layer.attrs[WIDTH_ATTR] = width
+            drop = min(calibration.drop(name, frac_bits), width - MIN_WIDTH)
+            if drop > 0 and layer.op == "relu":
+                layer.attrs[DROP_ATTR] = drop
     program.frac_bits = int(frac_bits)
 
 

@@ -64,3 +64,26 @@ def test_headroom_refusal_is_one_line(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "fixed-point headroom too small" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "cal.pickle").exists()
+
+
+def test_drop_budget_writes_the_dropped_bits_the_program_uses(tmp_path):
+    from secure_inference.mpc.ops import DROP_ATTR
+    from tests.helpers.nets import factory
+    model = factory().eval()
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    np.save(tmp_path / "x.npy", torch.randn(6, 3, 16, 16).numpy())
+    proc = _calibrate("--checkpoint", tmp_path / "w.pth", "--images", tmp_path / "x.npy",
+                      "--out", tmp_path / "cal.pickle", "--table", tmp_path / "t.json",
+                      "--drop-budget", "0.05")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cal = si.load_spec(tmp_path / "cal.pickle").calibration
+    assert cal.drop_budget == 0.05 and cal.drops
+    program, _ = compile_model(model, (1, 3, 16, 16), calibration=cal)
+    drops = {ly.name: ly.attrs.get(DROP_ATTR, 0) for ly in program.layers}
+    table = json.loads((tmp_path / "t.json").read_text())
+    assert any(row["dropped_bits"] for row in table["layers"])
+    for row in table["layers"]:
+        assert row["dropped_bits"] == drops[row["layer"]]
+    bad = _calibrate("--images", tmp_path / "x.npy", "--out", tmp_path / "c2.json",
+                     "--drop-budget", "1.5")
+    assert bad.returncode == 1 and "--drop-budget must be a fraction" in bad.stderr
