@@ -57,8 +57,10 @@ class KnapsackSolution:
 
 
 def all_relu_count(results: Mapping[str, SiteDistortion]) -> int:
-    """DReLUs of the recorded sites with every channel an ordinary ReLU (C·H·W summed)."""
-    return int(sum(r.channels * r.height * r.width for r in results.values()))
+    """DReLUs of the recorded sites with every channel its original activation (C·H·W
+    summed; twice that at a ReLU6 site)."""
+    return int(sum(r.drelus_per_patch * r.channels * r.height * r.width
+                   for r in results.values()))
 
 
 def budget_from_ratio(ratio: float, total_relus: int, what: str = "DReLU count") -> int:
@@ -82,13 +84,14 @@ def check_distortion_results(results: Mapping[str, SiteDistortion]) -> None:
             raise DistortionFileError(f"site '{name}': {r.channels} channels and "
                                       f"{len(r.block_sizes)} candidate sizes; need at least one "
                                       "of each")
-        expected = block_costs(r.block_sizes, r.height, r.width)
+        expected = r.drelus_per_patch * block_costs(r.block_sizes, r.height, r.width)
         if not np.array_equal(expected, r.costs):
             k = int(np.flatnonzero(expected != r.costs)[0])
             raise DistortionFileError(
                 f"site '{name}': candidate {r.block_sizes[k].tolist()} is recorded with cost "
                 f"{int(r.costs[k])} but costs {int(expected[k])} DReLUs on a "
-                f"{r.height}x{r.width} map; the file is inconsistent, recollect it")
+                f"{r.height}x{r.width} map ({r.activation} site); the file is inconsistent, "
+                "recollect it")
 
 
 def check_against_sites(results: Mapping[str, SiteDistortion], sites: Sequence[ReluSite]) -> None:
@@ -108,6 +111,11 @@ def check_against_sites(results: Mapping[str, SiteDistortion], sites: Sequence[R
             "cannot be met)")
     for name, r in results.items():
         s = by_name[name]
+        if s.activation != r.activation:
+            raise DistortionFileError(
+                f"site '{name}': recorded as a {r.activation} site but the model's is "
+                f"{s.activation} (was the model converted, e.g. relu6_to_relu, after the "
+                "distortion was measured?)")
         if (s.channels, s.height, s.width) != (r.channels, r.height, r.width):
             raise DistortionFileError(
                 f"site '{name}': recorded as {r.channels}x{r.height}x{r.width} (C×H×W) but the "
@@ -167,7 +175,7 @@ def knapsack_block_spec(results: Mapping[str, SiteDistortion], budget: int, *,
         r = results[name]
         picks = res.choice[first:first + r.channels]
         spec[name] = r.block_sizes[picks].astype(np.int32)
-    drelus = int(sum(int(block_costs(spec[n], r.height, r.width).sum())
+    drelus = int(sum(r.drelus_per_patch * int(block_costs(spec[n], r.height, r.width).sum())
                      for n, r in results.items()))
     exact = int(sum(spec_site_bytes(results, spec, widths).values()))
     if cost == "bytes" and exact > int(budget):   # cannot happen: the reserve covers rounding
@@ -193,8 +201,8 @@ def site_table(results: Mapping[str, SiteDistortion], spec: Mapping[str, np.ndar
     after_bytes = spec_site_bytes(results, spec, widths)
     for name, r in results.items():
         sizes = np.asarray(spec[name])
-        before = r.channels * r.height * r.width
-        after = int(block_costs(sizes, r.height, r.width).sum())
+        before = r.drelus_per_patch * r.channels * r.height * r.width
+        after = r.drelus_per_patch * int(block_costs(sizes, r.height, r.width).sum())
         labels = Counter(_size_label(hw) for hw in sizes)
         common = ", ".join(f"{lab}:{cnt}" for lab, cnt in labels.most_common(top))
         rows.append(dict(site=name, channels=r.channels, height=r.height, width=r.width,
@@ -235,7 +243,8 @@ def site_table_markdown(rows: Sequence[dict]) -> str:
                  f"({100 * b_after / max(b_before, 1):.2f}%) | | |")
     notes = ("\nBytes: exact payload bytes per image that the secure runtime sends for each "
              "site's fused DReLU layer at comparison width ℓ (all parties; the DReLUs plus 24 "
-             "bytes per non-identity pixel; identity channels are free).\n")
+             "bytes per non-identity pixel, both twice at a ReLU6 site; identity channels are "
+             "free).\n")
     return head + "\n".join(lines) + "\n" + notes
 
 

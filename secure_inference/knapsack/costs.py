@@ -6,12 +6,16 @@ the site's non-identity channels (:mod:`secure_inference.wire_costs`): per image
 channels of ceil(H/h)·ceil(W/w) (a [1,1] channel: H·W), ``pixels`` = H·W per non-identity
 channel (every pixel of a kept or zeroed patch is multiplied by its mask) and ℓ is the site's
 comparison width. An identity channel [0,1] costs nothing, and a site whose channels are all
-identity has no layer at all (0 bytes).
+identity has no layer at all (0 bytes). A ReLU6 site (Block-ReLU6) compares every patch twice
+(m > 0, m > 6) and multiplies every pixel by both decisions, in the same one call: it sends
+``mul_drelu_bytes(2·decisions, 2·pixels, ℓ)``.
 
 The knapsack needs one additive price per channel and option. That price is the formula above
 without the rounding of the Z_67 packing (five values mod 67 per 4-byte word):
 
-    bytes(option) = (12(ℓ−1)/5 + 2⌈ℓ/8⌉ + 8) · patches + 24 · H·W     (0 for identity)
+    bytes(option) = k · ((12(ℓ−1)/5 + 2⌈ℓ/8⌉ + 8) · patches + 24 · H·W)     (0 for identity)
+
+with k = 1 for a ReLU site and k = 2 for a ReLU6 site.
 
 12(ℓ−1)/5 is not an integer, and the solver (:func:`~.mckp.solve_mckp`) takes integer costs, so
 prices are counted in *fifths of a byte* (:data:`UNITS_PER_BYTE` = 5): every price is then an
@@ -33,7 +37,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from ..brelu import block_costs
+from ..brelu import RELU, block_costs, drelus_per_patch
 from ..distortion.store import SiteDistortion
 from ..widths import Calibration
 from ..wire_costs import (FULL_WIDTH, OUTPUT_SHARE_BYTES, PAYLOAD_BYTES, ZP_GROUP, ZP_WORD_BYTES,
@@ -83,27 +87,34 @@ def _width(widths: Mapping[str, int] | None, name: str) -> int:
 
 def option_units(r: SiteDistortion, ring_bits: int = FULL_WIDTH) -> np.ndarray:
     """Linear price (units) of each candidate of site ``r`` for one channel: int64 [K];
-    identity 0, otherwise ``decision_units(ℓ) · patches + pixel_units() · H·W``."""
+    identity 0, otherwise ``k · (decision_units(ℓ) · patches + pixel_units() · H·W)`` (k = 2
+    for a ReLU6 site)."""
     patches = block_costs(r.block_sizes, r.height, r.width)
     units = decision_units(ring_bits) * patches + pixel_units() * (r.height * r.width)
-    return np.where(patches > 0, units, 0).astype(np.int64)
+    return np.where(patches > 0, r.drelus_per_patch * units, 0).astype(np.int64)
 
 
-def site_bytes(sizes: np.ndarray, height: int, width: int, ring_bits: int = FULL_WIDTH) -> int:
+def site_bytes(sizes: np.ndarray, height: int, width: int, ring_bits: int = FULL_WIDTH,
+               activation: str = RELU) -> int:
     """Exact bytes per image of one site with block sizes ``sizes`` [C, 2] (the runtime's one
-    fused DReLU call; 0 when every channel is identity)."""
+    fused DReLU call; 0 when every channel is identity); ``activation`` 'relu6': Block-ReLU6,
+    two decisions per patch and two payload values per pixel."""
+    k = drelus_per_patch(activation)
     patches = block_costs(sizes, height, width)
     kept = int(np.count_nonzero(patches))
-    return mul_drelu_bytes(int(patches.sum()), kept * int(height) * int(width), int(ring_bits))
+    return mul_drelu_bytes(k * int(patches.sum()), k * kept * int(height) * int(width),
+                           int(ring_bits))
 
 
 def spec_site_bytes(results: Mapping[str, SiteDistortion], spec: Mapping[str, np.ndarray],
                     widths: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Exact bytes per image of every recorded site under ``spec`` (absent sites: all ReLU)."""
+    """Exact bytes per image of every recorded site under ``spec`` (absent sites: their
+    original activation, all [1, 1])."""
     out = {}
     for name, r in results.items():
         sizes = spec[name] if name in spec else np.ones((r.channels, 2), np.int32)
-        out[name] = site_bytes(np.asarray(sizes), r.height, r.width, _width(widths, name))
+        out[name] = site_bytes(np.asarray(sizes), r.height, r.width, _width(widths, name),
+                               r.activation)
     return out
 
 
@@ -115,7 +126,8 @@ def spec_bytes(results: Mapping[str, SiteDistortion], spec: Mapping[str, np.ndar
 
 def all_relu_bytes(results: Mapping[str, SiteDistortion],
                    widths: Mapping[str, int] | None = None) -> int:
-    """Exact bytes per image of the recorded sites with every channel an ordinary ReLU."""
+    """Exact bytes per image of the recorded sites with every channel its original
+    activation (ReLU, or ReLU6 at a ReLU6 site)."""
     return spec_bytes(results, {}, widths)
 
 

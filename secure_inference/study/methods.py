@@ -44,7 +44,7 @@ from ..distortion.jobs import Job, run_job
 from ..distortion.store import SiteDistortion
 from ..knapsack import all_relu_count, knapsack_block_spec
 from ..knapsack.costs import site_bytes, spec_bytes
-from ..sites import ReluSite, find_relu_sites, total_relus
+from ..sites import ReluSite, find_relu_sites, total_drelus
 from ..spec import Spec, apply_block_spec, count_drelus
 from .budgets import Budget, uniform_spec
 
@@ -95,7 +95,7 @@ def spec_wire_bytes(spec: Mapping[str, np.ndarray], sites: Sequence[ReluSite],
     total = 0
     for s in sites:
         sizes = spec[s.name] if s.name in spec else np.ones((s.channels, 2), np.int32)
-        total += site_bytes(np.asarray(sizes), s.height, s.width, int(width))
+        total += site_bytes(np.asarray(sizes), s.height, s.width, int(width), s.activation)
     return int(total)
 
 
@@ -127,7 +127,8 @@ def restrict_candidates(results: Mapping[str, SiteDistortion],
         out[name] = SiteDistortion(site=r.site, distortion=r.distortion[:, keep],
                                    block_sizes=r.block_sizes[keep], costs=r.costs[keep],
                                    channels=r.channels, height=r.height, width=r.width,
-                                   num_samples=r.num_samples, seed=r.seed)
+                                   num_samples=r.num_samples, seed=r.seed,
+                                   activation=r.activation)
     return out
 
 
@@ -210,7 +211,7 @@ class SpecBuilder:
     # ------------------------------------------------------------------ specs
     def _fixed_drelus(self, results: Mapping[str, SiteDistortion]) -> int:
         """DReLUs of the sites the distortion does not cover (they stay ReLU)."""
-        return total_relus(self.sites) - all_relu_count(results)
+        return total_drelus(self.sites) - all_relu_count(results)
 
     def _knapsack(self, results: Mapping[str, SiteDistortion], drelus: int) -> tuple[Spec, dict]:
         budget = drelus - self._fixed_drelus(results)
