@@ -52,7 +52,8 @@ def error_std(program: Program, weights: Weights, x: torch.Tensor, frac_bits: in
       is floor ± 1 lsb, taken as uniform in ±2 lsb (t = 4·lsb²/3, covers its bias too);
     * (Block-)ReLU: the variance passes where the plaintext keeps the value, else 0 (a ReLU
       is 1-Lipschitz anyway; a Block-ReLU patch decided the other way is an error of the
-      patch's size, which is why ambiguous decisions are counted);
+      patch's size, which is why ambiguous decisions are counted); Block-ReLU6 likewise, its
+      pixels set to 6 carrying no error and its decisions near 0 or near 6 ambiguous;
     * max pooling: the variance of the selected element; average pooling and resizing:
       the weighted sum of variances plus truncation and reciprocal rounding; add: sum;
     * clamp/ReLU6, hardsigmoid and the piecewise-linear tables: the variance through the
