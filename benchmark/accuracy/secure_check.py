@@ -50,7 +50,8 @@ def training_images(cfg, model, count: int):
 
 
 def evaluate(config: str, checkpoint: Path, name: str, batches, images: int, threads: int,
-             calibration_images: int, margin: float, frac_bits: int = 16):
+             calibration_images: int, margin: float, frac_bits: int = 16,
+             drop_budget: float = 0.0):
     """One row (secure_inference.demo.DemoRow) and the per-layer widths of its run."""
     import torch
 
@@ -71,12 +72,13 @@ def evaluate(config: str, checkpoint: Path, name: str, batches, images: int, thr
                        plaintext_accuracy=float((logits.argmax(1) == labels).float().mean()),
                        site_drelus=counts)
     extra = {"checkpoint": str(checkpoint), "calibration_images": calibration_images,
-             "margin": margin, "frac_bits": frac_bits}
+             "margin": margin, "frac_bits": frac_bits, "drop_budget": drop_budget}
     spec = None
     if calibration_images > 0:
         cal_x, train_len = training_images(cfg, model, calibration_images)
         t0 = time.perf_counter()
-        spec = calibrate(model, cal_x, None, margin=margin, frac_bits=frac_bits)
+        spec = calibrate(model, cal_x, None, margin=margin, frac_bits=frac_bits,
+                         drop_budget=drop_budget)
         extra.update(calibration_seconds=round(time.perf_counter() - t0, 2),
                      training_images_available=train_len,
                      # the calibration's estimate on training images (f fractional bits):
@@ -88,6 +90,8 @@ def evaluate(config: str, checkpoint: Path, name: str, batches, images: int, thr
     plain = logits[pick]
     secure = demo.score_secure_run(row, result, plain, labels[pick])
     widths = result.program.widths()
+    extra["dropped_bits"] = {ly.name: int(ly.attrs["drelu_drop"]) for ly in result.program.layers
+                             if "drelu_drop" in ly.attrs}
     diff = (secure - plain).abs().max(1).values
     extra.update(widths=dict(widths), mismatched_images=[int(i) for i in
                                                          pick[secure.argmax(1)
@@ -103,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, required=True, help="compare_methods.py work dir")
     ap.add_argument("--budget", default="7x7", help="budget label (7x7 is nearest to 4%%)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--methods", nargs="+", default=["knapsack", "uniform"])
+    ap.add_argument("--methods", nargs="+", default=["knapsack", "uniform"],
+                    help="study methods at --budget, or baseline: the all-ReLU model the "
+                         "study started from")
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--calibration-images", type=int, default=512, metavar="N",
                     help="calibrate the comparison widths on the first N training images "
@@ -115,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="fractional bits of the fixed point (default 16; more bits shrink "
                          "the secure run's logit error and make near-zero Block-ReLU "
                          "decisions rarer, at wider comparison widths)")
+    ap.add_argument("--drop-budget", type=float, default=0.0, metavar="B",
+                    help="opt-in: ReLU layers drop the low bits whose expected error on the "
+                         "calibration images is at most B times their output L1 norm "
+                         "(secure_inference.mpc.dropped_bits; default 0: exact)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per party")
     ap.add_argument("--out", type=Path, default=HERE / "secure_check")
     args = ap.parse_args(argv)
@@ -132,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     config = str(path_from_work(args.work, data["settings"]["config"]))
     chosen = []
     for method in args.methods:
+        if method == "baseline":   # the all-ReLU model the study finetuned from
+            ckpt = path_from_work(args.work, data["settings"]["checkpoint"])
+            chosen.append((method, Path(ckpt), {"accuracy": None}))
+            continue
         run = data["runs"].get(f"{method}@{args.budget}#seed{args.seed}")
         if run is None:
             print(f"error: {method}@{args.budget}#seed{args.seed} has not finished in "
@@ -143,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     rows, extras = [], {}
     for method, ckpt, run in chosen:
         t0 = time.time()
-        label = f"{LABELS.get(method, method)}@{args.budget}"
+        label = "all ReLUs" if method == "baseline" else \
+            f"{LABELS.get(method, method)}@{args.budget}"
         row, extra = evaluate(config, ckpt, label, batches, args.images, args.threads,
-                              args.calibration_images, args.margin, args.frac_bits)
+                              args.calibration_images, args.margin, args.frac_bits,
+                              args.drop_budget)
         extra.update(study_accuracy=run["accuracy"], study_bytes=run.get("bytes"),
                      seconds=round(time.time() - t0, 1))
         rows.append(row)
@@ -159,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "seed": args.seed, "images": args.images,
                                         "calibration_images": args.calibration_images,
                                         "margin": args.margin, "frac_bits": args.frac_bits,
+                                        "drop_budget": args.drop_budget,
                                         "models": extras})
     return 0
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from secure_inference.mpc.options import (CIPHERS, DEFAULT_FRAC_BITS, DEFAULT_MAX_BATCH,
+from secure_inference.mpc.options import (CIPHERS, PREPROCESS_MODES, DEFAULT_FRAC_BITS, DEFAULT_MAX_BATCH,
                                           DEFAULT_MAX_IMAGES)
 from secure_inference.mpc.session_config import DEFAULTS
 
@@ -56,6 +56,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                    help="cipher of the correlated randomness: aes (AES-256-CTR on the CPU, "
                    "default) or chacha20 (drawn on this party's device, e.g. the GPU); all "
                    "three parties must choose the same one (checked at session start)")
+    g.add_argument("--preprocess", choices=PREPROCESS_MODES,
+                   help="when the conv/linear layers' input-independent half (the client's "
+                   "and the helper's mask products) runs: ahead (default; its own phase "
+                   "before the images) or interleaved (inside each layer, while the server "
+                   "computes its own product: less time per image on machines whose cores "
+                   "would otherwise wait; the same messages and bytes). All three parties "
+                   "must choose the same (checked at session start)")
     g.add_argument("--device", help="this party's torch device: cpu (default), cuda, cuda:1; "
                    "each party may use its own (results and bytes do not depend on it)")
     g.add_argument("--debug", action="store_true",

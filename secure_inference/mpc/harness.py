@@ -131,7 +131,7 @@ def run_in_process(fn: Callable[[Party], T], *, frac_bits: int = DEFAULT_FRAC_BI
 
 def _run_in_process_with_keys(fn: Callable[[Party], T], pair_keys: dict[tuple[int, int], bytes],
                               *, frac_bits: int = DEFAULT_FRAC_BITS, timeout: float = 30.0,
-                              prg: PrgChoice = DEFAULT_CIPHER
+                              prg: PrgChoice = DEFAULT_CIPHER, preprocess: str = "ahead"
                               ) -> tuple[list[T], list[PartyView]]:
     """TEST HOOK, deliberately not reachable from the CLIs, ``run_local`` or any public option:
     run ``fn`` in three threads with the given pair keys (``{(0, 1): k01, (0, 2): k02,
@@ -153,7 +153,8 @@ def _run_in_process_with_keys(fn: Callable[[Party], T], pair_keys: dict[tuple[in
                             for p in ROLES if p != party.role}
         party._view = views[party.role]
 
-    options = role_options(SessionOptions(frac_bits=frac_bits, timeout=timeout), "cpu", prg)
+    options = role_options(SessionOptions(frac_bits=frac_bits, timeout=timeout,
+                                          preprocess=preprocess), "cpu", prg)
     results = _run_threads(fn, begin, options)
     return results, views
 

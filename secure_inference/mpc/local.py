@@ -26,7 +26,7 @@ from .party import run_party
 from .settings import DReLUConfig, drelu_config
 from .report import build_report, plot_report, save_report
 from .ring import check_inputs
-from .options import DEFAULT_CIPHER, DEFAULT_FRAC_BITS, RUN_TIMEOUT
+from .options import DEFAULT_CIPHER, DEFAULT_FRAC_BITS, DEFAULT_PREPROCESS, RUN_TIMEOUT
 from .runtime import Party
 from .session import ROLE_CLIENT, ROLE_SERVER
 from .harness import (Devices, PrgChoice, refuse_in_bootstrap, role_options, run_in_process,
@@ -118,7 +118,8 @@ def run_program(program: Program, weights: Weights, batches: list[torch.Tensor],
                 host: str = "127.0.0.1", threads: int | None = None,
                 limits: SessionLimits | None = None, device: Devices = "cpu",
                 prg: PrgChoice = DEFAULT_CIPHER,
-                network: str | NetworkProfile | None = None) -> list[dict[str, Any]]:
+                network: str | NetworkProfile | None = None,
+                preprocess: str = DEFAULT_PREPROCESS) -> list[dict[str, Any]]:
     """Run a compiled program with three parties; returns their :func:`run_party` results.
 
     ``in_process=True`` uses threads and in-memory links (fast tests); otherwise three
@@ -130,13 +131,14 @@ def run_program(program: Program, weights: Weights, batches: list[torch.Tensor],
     cipher of the correlated randomness, ``"aes"`` (default) or ``"chacha20"`` (drawn on
     each party's device); see :mod:`.prg`. ``network``: emulate that network on every link
     (:mod:`.netem`: a profile name such as ``"WAN-40ms"`` or ``"MBITS:RTT_MS"``).
+    ``preprocess``: ``"ahead"`` or ``"interleaved"`` (:data:`~.options.PREPROCESS_MODES`).
     """
     network = None if network is None else network_profile(network)
     if limits is None:
         limits = SessionLimits.admitting([b.shape[0] for b in batches])
     # the session's options, built once: every party gets them (its own device and cipher)
     options = role_options(SessionOptions(frac_bits=frac_bits, drelu=drelu, timeout=timeout,
-                                          limits=limits), device, prg)
+                                          limits=limits, preprocess=preprocess), device, prg)
     if in_process:
         def fn(party: Party) -> dict[str, Any]:
             _emulate(party, network)
@@ -162,7 +164,8 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
               meta: dict[str, Any] | None = None,
               limits: SessionLimits | None = None, device: Devices = "cpu",
               prg: str = DEFAULT_CIPHER,
-              network: str | NetworkProfile | None = None) -> LocalResult:
+              network: str | NetworkProfile | None = None,
+              preprocess: str = DEFAULT_PREPROCESS) -> LocalResult:
     """Secure inference of ``model`` (with the Block-ReLU ``spec`` applied, if given) on
     ``inputs`` [N, C, H, W] by three local processes over loopback TCP (TLS by default).
 
@@ -178,7 +181,10 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
     torch device for all parties or one per role (client, server, helper); ``prg`` the
     cipher of the correlated randomness (``"aes"`` or ``"chacha20"``, see :mod:`.prg`);
     ``network`` emulates a network on every link (:mod:`.netem`; the report's ``networks``
-    section estimates the same from bytes and rounds, for comparison).
+    section estimates the same from bytes and rounds, for comparison). ``preprocess``: when
+    the input-independent half of the conv/linear layers runs, ``"ahead"`` (its own phase
+    before the images) or ``"interleaved"`` (inside each layer, on the cores the other
+    parties leave idle; same messages and bytes; :data:`~.options.PREPROCESS_MODES`).
     """
     if not in_process:
         refuse_in_bootstrap()   # a party process re-running a script without a main guard
@@ -192,8 +198,10 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
     cfg = drelu_config(drelu_bits, drop_bits)
     results = run_program(program, weights, batches, tls=tls, frac_bits=frac_bits, drelu=cfg,
                           timeout=timeout, in_process=in_process, threads=threads,
-                          limits=limits, device=device, prg=prg, network=network)
+                          limits=limits, device=device, prg=prg, network=network,
+                          preprocess=preprocess)
     info = {"frac_bits": frac_bits, "drelu": str(cfg) if cfg else "exact",
+            "preprocess": preprocess,
             "drelu_widths": "calibrated" if program.frac_bits is not None else
             ("uniform" if drelu_width not in (None, 64) else "64"), "prg": prg,
             "tls": tls,

@@ -15,11 +15,20 @@ from typing import Sequence
 from .settings import DReLUConfig
 
 __all__ = ["SessionOptions", "SessionLimits", "CIPHERS", "DEFAULT_CIPHER", "DEFAULT_FRAC_BITS",
+           "PREPROCESS_MODES", "DEFAULT_PREPROCESS",
            "DEFAULT_TIMEOUT", "RUN_TIMEOUT", "DEFAULT_MAX_FRAME", "DEFAULT_DEVICE", "MAX_BATCHES",
            "MAX_BATCH", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_IMAGES"]
 
 CIPHERS = ("aes", "chacha20")   # randomness ciphers (:mod:`.prg`); the position is the header code
 DEFAULT_CIPHER = "aes"
+PREPROCESS_MODES = ("ahead", "interleaved")   # the position is the header code
+DEFAULT_PREPROCESS = "ahead"
+"""When the input-independent half of the server-weight layers runs: ``ahead`` (a phase of its
+own before each batch's images enter, so the online phase is only the input-dependent work) or
+``interleaved`` (each layer's half runs when the layer does: the client and the helper compute
+their mask products while the server computes its own, on cores that would otherwise wait; the
+same messages, masks and bytes, sent at other times; usually less time per image when the
+image is there from the start)."""
 DEFAULT_FRAC_BITS = 16          # fixed-point fractional bits (see :mod:`.ring` for why 16)
 DEFAULT_TIMEOUT = 60.0          # seconds a party waits for a frame
 RUN_TIMEOUT = 120.0             # the same, in a whole run: the party CLIs and run_local
@@ -69,6 +78,7 @@ class SessionOptions:
     ``drelu``: the session's DReLU (None: exact). ``limits``: what the server and the helper
     accept from the client's announcement (the client's are not used). ``session_id``: a
     service session's identifier (empty for a one-shot session), bound into every pair key.
+    ``preprocess``: :data:`PREPROCESS_MODES` (all three must agree; the header compares it).
     """
 
     frac_bits: int = DEFAULT_FRAC_BITS
@@ -79,3 +89,9 @@ class SessionOptions:
     device: str = DEFAULT_DEVICE
     limits: SessionLimits = field(default_factory=SessionLimits)
     session_id: bytes = b""
+    preprocess: str = DEFAULT_PREPROCESS
+
+    def __post_init__(self) -> None:
+        if self.preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS_MODES)}, got "
+                             f"{self.preprocess!r}")

@@ -34,7 +34,7 @@ from .session import SCOPE_HEADER, SCOPE_OUTPUT, SCOPE_PREPROCESS, SCOPE_REPORT
 from .stats import CommStats, ScopeStats
 from .errors import ProtocolError
 # SessionLimits and the batch ceilings live in .options (imported here for use, not export)
-from .options import MAX_BATCHES, SessionLimits
+from .options import MAX_BATCHES, PREPROCESS_MODES, SessionLimits
 from .runtime import Party
 from .session import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER
 
@@ -106,41 +106,51 @@ def _announce_batches(party: Party, batch_sizes: Sequence[int] | None,
 # ones (was: a new stream per block and per redraw), so parties of 2 and 3 draw differently
 # 4 = per-layer comparison widths and the program's part digests in the header (96 bytes)
 # 5 = PrivateCompare's masks s and u drawn as one value (s − 1)·67 + u per compared bit
-PROTOCOL_VERSION = 5
+# 6 = the preprocessing schedule (ahead / interleaved) in the header's first word
+PROTOCOL_VERSION = 6
 
 # The public settings that change the computation, besides the program itself: (name, how the
 # user sets it). They travel as four int64 words after the 32-byte fingerprint; ``prg`` (the
-# cipher of the correlated randomness, code 0 = aes) rides in the high 32 bits of the first
-# word. Since protocol version 4 the header ends with the 8-byte digests of FINGERPRINT_PARTS
+# cipher of the correlated randomness, code 0 = aes) rides in bits 32–39 of the first word and
+# ``preprocess`` (the schedule, code 0 = ahead; both orders draw the same masks under other
+# stream names, so parties that differ would combine unrelated masks) in bits 40–47. Since protocol version 4 the header ends with the 8-byte digests of FINGERPRINT_PARTS
 # (96 bytes in all), so that a mismatch names the part that differs (before: 64 bytes).
 SESSION_SETTINGS = (("protocol_version", "the same secure-inference release on all three hosts"),
                     ("frac_bits", "the same --frac-bits (session file: frac_bits)"),
                     ("drelu_ring_bits", "the same --drelu-bits (session file: drelu_bits)"),
                     ("drelu_drop_bits", "the same --drop-bits (session file: drop_bits)"),
-                    ("prg", "the same --prg (session file: prg)"))
+                    ("prg", "the same --prg (session file: prg)"),
+                    ("preprocess", "the same --preprocess (session file: preprocess)"))
 
 
 def session_settings(party: Party) -> list[int]:
     """This party's values of :data:`SESSION_SETTINGS` (after :func:`set_default_config`)."""
     cfg = resolve_config(party, None)
     return [PROTOCOL_VERSION, party.frac_bits, cfg.ring_bits, cfg.drop_bits,
-            cipher_code(party.prg)]
+            cipher_code(party.prg), PREPROCESS_MODES.index(party.options.preprocess)]
 
 
 def _pack_settings(values: list[int]) -> list[int]:
-    """The four header words of :func:`session_settings` (``prg`` above the version)."""
-    version, frac_bits, ring_bits, drop_bits, prg = values
-    return [version | (prg << 32), frac_bits, ring_bits, drop_bits]
+    """The four header words of :func:`session_settings` (``prg`` and ``preprocess`` above
+    the version)."""
+    version, frac_bits, ring_bits, drop_bits, prg, schedule = values
+    return [version | (prg << 32) | (schedule << 40), frac_bits, ring_bits, drop_bits]
 
 
 def _unpack_settings(words: list[int]) -> list[int]:
     """The inverse of :func:`_pack_settings`."""
     first, frac_bits, ring_bits, drop_bits = words
-    return [first & 0xFFFFFFFF, frac_bits, ring_bits, drop_bits, (first >> 32) & 0xFFFFFFFF]
+    return [first & 0xFFFFFFFF, frac_bits, ring_bits, drop_bits, (first >> 32) & 0xFF,
+            (first >> 40) & 0xFF]
 
 
 def _shown(name: str, value: int) -> str:
-    return f"{name}={cipher_name(value) if name == 'prg' else value}"
+    if name == "prg":
+        return f"prg={cipher_name(value)}"
+    if name == "preprocess":
+        shown = PREPROCESS_MODES[value] if 0 <= value < len(PREPROCESS_MODES) else value
+        return f"preprocess={shown}"
+    return f"{name}={value}"
 
 
 def check_program(party: Party, program: Program) -> None:
@@ -224,8 +234,9 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
     Returns a dict: ``outputs`` (client: list of float64 tensors, one per batch; others:
     None), ``stats`` (this party's :class:`~.stats.CommStats`), ``layer_seconds`` (wall time
     per layer summed over batches), ``setup_seconds``, ``preprocess_seconds`` (the
-    input-independent work of every batch, before its images enter), ``online_seconds`` (from
-    the images to the output, all batches), ``batch_sizes``.
+    input-independent work of every batch, before its images enter; 0 with the session's
+    ``preprocess="interleaved"``, where that work runs inside the layers), ``online_seconds``
+    (from the images to the output, all batches), ``batch_sizes``.
     ``cpu_seconds``: CPU time of this party's process (all threads) during the run.
     ``on_batch(n)`` is called after each batch of n images (progress bars).
     ``limits`` (server and helper; default: the party's ``options.limits``): the largest batch
@@ -270,9 +281,11 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
     preprocess_seconds = online_seconds = 0.0
     for b, n in enumerate(sizes):
         t = time.perf_counter()
-        pre = preprocess_batch(party, program, n)
+        # interleaved: every server-weight layer computes its mask products when it runs
+        pre = preprocess_batch(party, program, n) if party.options.preprocess == "ahead" else {}
         t1 = time.perf_counter()
-        preprocess_seconds += t1 - t
+        if pre:
+            preprocess_seconds += t1 - t
         shape = (int(n),) + tuple(program.input_shape[1:])
         vals: list[torch.Tensor] = []
         for layer in program.layers:

@@ -22,6 +22,7 @@ win, then the file, then :data:`DEFAULTS`). Keys of the YAML file (all optional)
     threads: 1                      # torch threads of this party (default: torch's choice)
     device: cpu                     # this party's torch device: cpu, cuda, cuda:1 (per party)
     prg: aes                        # randomness cipher: aes or chacha20 (same on all three)
+    preprocess: ahead               # ahead or interleaved mask products (same on all three)
 
 Relative ``spec`` and ``certs`` paths (and a ``model`` config file that exists there) are
 relative to the YAML file's folder.
@@ -31,8 +32,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from .options import (CIPHERS, DEFAULT_CIPHER, DEFAULT_DEVICE, DEFAULT_FRAC_BITS, RUN_TIMEOUT,
-                      SessionLimits, SessionOptions)
+from .options import (CIPHERS, DEFAULT_CIPHER, DEFAULT_DEVICE, DEFAULT_FRAC_BITS,
+                      DEFAULT_PREPROCESS, PREPROCESS_MODES, RUN_TIMEOUT, SessionLimits,
+                      SessionOptions)
 from .session import ROLE_CLIENT, ROLE_HELPER, ROLE_SERVER
 from .settings import drelu_config
 from .transport.tls import TLSConfig
@@ -40,11 +42,12 @@ from .transport.tls import TLSConfig
 KEYS = ("model", "spec", "input_shape", "cfg_options", "server", "helper", "client", "certs",
         "plaintext", "frac_bits", "drelu_bits", "drop_bits", "drelu_width", "drelu_margin",
         "timeout", "batch_size", "threads",
-        "device", "prg")
+        "device", "prg", "preprocess")
 DEFAULTS: dict[str, Any] = {"frac_bits": DEFAULT_FRAC_BITS, "drop_bits": 0,
                             "timeout": RUN_TIMEOUT,
                             "plaintext": False, "client": "127.0.0.1", "batch_size": 1,
-                            "device": DEFAULT_DEVICE, "prg": DEFAULT_CIPHER}
+                            "device": DEFAULT_DEVICE, "prg": DEFAULT_CIPHER,
+                            "preprocess": DEFAULT_PREPROCESS}
 
 
 class SessionConfigError(ValueError):
@@ -96,6 +99,10 @@ def merge_settings(flags: Mapping[str, Any], config_file: str | Path | None = No
     if cfg["prg"] not in CIPHERS:
         raise SessionConfigError(f"prg must be one of {', '.join(CIPHERS)}, got "
                                  f"{cfg['prg']!r} (--prg, or 'prg' in --config-file)")
+    if cfg["preprocess"] not in PREPROCESS_MODES:
+        raise SessionConfigError(f"preprocess must be one of {', '.join(PREPROCESS_MODES)}, "
+                                 f"got {cfg['preprocess']!r} (--preprocess, or 'preprocess' "
+                                 "in --config-file)")
     return cfg
 
 
@@ -106,6 +113,7 @@ def session_options(cfg: Mapping[str, Any], limits: SessionLimits | None = None
     return SessionOptions(frac_bits=int(cfg["frac_bits"]),
                           drelu=drelu_config(cfg.get("drelu_bits"), int(cfg.get("drop_bits") or 0)),
                           prg=cfg.get("prg") or DEFAULT_CIPHER, timeout=float(cfg["timeout"]),
+                          preprocess=cfg.get("preprocess") or DEFAULT_PREPROCESS,
                           device=str(cfg.get("device") or DEFAULT_DEVICE),
                           limits=SessionLimits() if limits is None else limits)
 

@@ -296,6 +296,7 @@ CASES: dict[str, tuple[Callable, int]] = {     # name: (body, bytes of one DReLU
     "cnn-relu6": (_whole_cnn(None, _cnn_relu6), 8),
     "drelu-chacha20": (_nonlinear(lambda p, x: D.drelu(p, x)), 8),
     "cnn-chacha20": (_whole_cnn(None), 8),
+    "cnn-interleaved": (_whole_cnn(None), 8),
     # calibrated widths: every opening size from 1 to 8 bytes, and a whole CNN of mixed widths
     **{f"drelu-w{bits}": (_nonlinear(lambda p, x, b=bits: D.drelu(p, x, D.DReLUConfig(b))),
                           (bits + 7) // 8) for bits in WIDTHS},
@@ -304,6 +305,7 @@ CASES: dict[str, tuple[Callable, int]] = {     # name: (body, bytes of one DReLU
 }
 # The cipher of a case's correlated randomness (default aes): the views must not depend on it.
 CASE_PRG = {"drelu-chacha20": "chacha20", "cnn-chacha20": "chacha20"}
+CASE_PREPROCESS = {"cnn-interleaved": "interleaved"}   # the mask products inside the layers
 
 
 # What each receiver gets per protocol, in order: (scope, sender, wire dtype), for P0, P1, P2.
@@ -460,7 +462,8 @@ def _experiment(case: str, receiver: int):
         for _ in range(RUNS):
             _, views = _run_in_process_with_keys(functools.partial(body, s=secret),
                                                  _keys_for(receiver, fixed),
-                                                 prg=CASE_PRG.get(case, "aes"))
+                                                 prg=CASE_PRG.get(case, "aes"),
+                                                 preprocess=CASE_PREPROCESS.get(case, "ahead"))
             runs.append(views[receiver].received)
         per_secret.append(runs)
     layout = [(scope, frm, t.dtype, tuple(t.shape)) for scope, frm, t in per_secret[0][0]]
