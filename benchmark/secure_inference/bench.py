@@ -153,26 +153,29 @@ def run_crypten(python: Path, threads: int = 1) -> dict:
     return out
 
 
-def calibrated(model, chw, spec, images: int) -> dict:
+def calibrated(model, chw, spec, images: int, drop_budget: float = 0.0) -> dict:
     """``spec`` calibrated on ``images`` Gaussian images (the benchmark's own input
     distribution; the weights are random, so there are no training images): a spec carrying
     per-layer ranges, so every DReLU layer compares only the bits it needs (margin 8)."""
     from secure_inference.mpc.calibrate import calibrate
     gen = torch.Generator().manual_seed(1234)   # public calibration data, not a secret
-    return calibrate(model, torch.randn((images,) + chw, generator=gen), spec)
+    return calibrate(model, torch.randn((images,) + chw, generator=gen), spec,
+                     drop_budget=drop_budget)
 
 
-def run_ours_for_crypten(model, chw, spec, threads: int) -> dict:
+def run_ours_for_crypten(model, chw, spec, threads: int, preprocess: str = "ahead") -> dict:
     """One run of ours as the main loop does it (run_local, CPU, AES, TLS, batch 1) with
-    ``threads`` torch threads per party; the figures the CrypTen comparison needs."""
+    ``threads`` torch threads per party and the ``preprocess`` schedule; the figures the
+    CrypTen comparison needs."""
     from secure_inference.mpc.local import run_local
     cpu = time.process_time()
     start = time.perf_counter()
     res = run_local(model, torch.randn((1,) + chw), spec, tls=True, timeout=3600,
-                    device="cpu", prg="aes", threads=threads)
+                    device="cpu", prg="aes", threads=threads, preprocess=preprocess)
     wall = time.perf_counter() - start
     return {**report_figures(res.report), "run_local_wall_s": wall,
-            "bench_process_cpu_s": time.process_time() - cpu, "threads_per_party": threads}
+            "bench_process_cpu_s": time.process_time() - cpu, "threads_per_party": threads,
+            "preprocess": preprocess}
 
 
 def report_figures(rep: dict) -> dict:
@@ -197,13 +200,16 @@ def _spread(values: list[float]) -> dict | None:
 
 def crypten_comparison(python: Path, repeats: int, threads: int, rows: dict,
                        with_ours: bool, out: Path, quiet_s: float = 0.0,
-                       calibration_images: int = 0) -> None:
+                       calibration_images: int = 0, schedules: tuple = ("ahead",),
+                       drop_budget: float = 0.0) -> None:
     """Ours (ResNet18-CIFAR-100, all ReLUs and 6%) and CrypTen (all ReLUs) interleaved:
     ours, CrypTen, ours, CrypTen, ... ``repeats`` times, both sides at ``threads`` threads
     per party process, so drift in the machine's speed or load hits both alike. Every
     repetition is kept (seconds, CPU, load, threads); medians, ranges and the median of the
     per-pair ratios go into ``rows``. ``quiet_s``: before each run wait up to this long for
-    the machine to be quiet (:func:`wait_quiet`; 0: no wait)."""
+    the machine to be quiet (:func:`wait_quiet`; 0: no wait). ``schedules``: the preprocessing
+    schedules of ours (``interleaved`` cases are labelled so); ``drop_budget`` > 0 adds an
+    all-ReLU case calibrated with dropped low bits (opt-in, :mod:`secure_inference.mpc.dropped_bits`)."""
     from secure_inference.mpc.local import default_threads
     cases = []
     if with_ours:
@@ -213,13 +219,18 @@ def crypten_comparison(python: Path, repeats: int, threads: int, rows: dict,
         if calibration_images:
             cases += [("all calibrated", calibrated(model, chw, None, calibration_images)),
                       ("6% calibrated", calibrated(model, chw, six, calibration_images))]
+            if drop_budget > 0:
+                cases.append((f"all calibrated drop {drop_budget:g}",
+                              calibrated(model, chw, None, calibration_images, drop_budget)))
+    cases = [(label + ("" if mode == "ahead" else f" {mode}"), spec, mode)
+             for label, spec in cases for mode in schedules]
     reps = []
     for i in range(repeats):
         rep: dict = {"repeat": i + 1, "ours": {}}
-        for label, spec in cases:
+        for label, spec, mode in cases:
             quiet = wait_quiet(quiet_s) if quiet_s > 0 else {}
             before = machine_sample()
-            r = run_ours_for_crypten(model, chw, spec, threads)
+            r = run_ours_for_crypten(model, chw, spec, threads, mode)
             r.update(machine_delta(before, r["cpu_s_all_parties"] + r["bench_process_cpu_s"]),
                      **quiet)
             rep["ours"][label] = r
@@ -276,7 +287,7 @@ def crypten_comparison(python: Path, repeats: int, threads: int, rows: dict,
     print(f"crypten resnet18_cifar100 all: median {np.median(ct_s):.2f} s ({min(ct_s):.2f}-"
           f"{max(ct_s):.2f})  {first['bytes'] / 1e9:.3f} GB  {first['rounds']} rounds",
           flush=True)
-    for label, _ in cases:
+    for label, _, _ in cases:
         ours = [r["ours"][label] for r in reps]
         po = [o["preprocess_plus_online_s"] for o in ours]
         summary[f"ours_{label}_s"] = _spread(po)
@@ -405,6 +416,14 @@ def main() -> int:
                              "both: interleaved per case in the same run")
     parser.add_argument("--calibration-images", type=int, default=32,
                         help="images the calibrated cases are calibrated on")
+    parser.add_argument("--preprocess", nargs="+", default=["ahead"],
+                        choices=["ahead", "interleaved"],
+                        help="preprocessing schedule(s) of ours in the CrypTen comparison "
+                             "(both: every case in each, interleaved in the same run)")
+    parser.add_argument("--drop-budget", type=float, default=0.0, metavar="B",
+                        help="with --widths calibrated and --crypten: also an all-ReLU case "
+                             "whose ReLU layers drop low bits within budget B (opt-in "
+                             "calibration --drop-budget)")
     parser.add_argument("--emulate", default=None, metavar="NETWORK",
                         help="emulate this network on every link (LAN, WAN-40ms, WAN-80ms or "
                              "MBITS:RTT_MS): check a loopback row's estimate for it against a "
@@ -493,7 +512,8 @@ def main() -> int:
                            max(1, args.crypten_threads), rows, not args.skip_ours, args.out,
                            quiet_s=args.crypten_quiet,
                            calibration_images=args.calibration_images
-                           if "calibrated" in args.widths else 0)
+                           if "calibrated" in args.widths else 0,
+                           schedules=tuple(args.preprocess), drop_budget=args.drop_budget)
     print(f"machine: {platform.machine()} {platform.processor()} python {platform.python_version()}"
           f" torch {torch.__version__}")
     return 0

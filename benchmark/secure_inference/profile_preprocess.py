@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _profiled_party(party, private, *, program, drelu, threads, limits, profile):
+def _profiled_party(party, private, *, program, threads, profile):
     """One party process: the library's own party body, with ``preprocess_batch`` wrapped in
     a cProfile (module attribute replaced in this process only)."""
     import secure_inference.mpc.party as P
@@ -40,7 +40,7 @@ def _profiled_party(party, private, *, program, drelu, threads, limits, profile)
         finally:
             prof.disable()
     P.preprocess_batch = wrapped
-    out = local._local_party(party, private, program, drelu, threads, limits)
+    out = local._local_party(party, private, program, threads)
     text = ""
     if prof is not None:
         s = io.StringIO()
@@ -66,7 +66,7 @@ def main() -> None:
     build = bench.build
     from secure_inference.mpc.compile import compile_model
     from secure_inference.mpc.harness import run_local_processes
-    from secure_inference.mpc.options import SessionLimits
+    from secure_inference.mpc.options import SessionLimits, SessionOptions
     from secure_inference.mpc.session import ROLE_CLIENT, ROLE_SERVER
 
     torch.manual_seed(0)   # the same (randomly initialised) model and images in every run
@@ -74,12 +74,12 @@ def main() -> None:
     batches = [torch.randn((1,) + chw) for _ in range(args.images)]
     program, weights = compile_model(model, (1,) + chw)
     limits = SessionLimits.admitting([1] * args.images)
-    fn = functools.partial(_profiled_party, program=program, drelu=None, threads=args.threads,
-                           limits=limits, profile=args.profile)
+    fn = functools.partial(_profiled_party, program=program, threads=args.threads,
+                           profile=args.profile)
     t0 = time.perf_counter()
-    res = run_local_processes(fn, tls=True, timeout=3600, frac_bits=16,
-                              private={ROLE_CLIENT: batches, ROLE_SERVER: weights},
-                              device="cpu", prg="aes")
+    options = SessionOptions(frac_bits=16, timeout=3600, limits=limits, prg="aes")
+    res = run_local_processes(fn, tls=True, private={ROLE_CLIENT: batches, ROLE_SERVER: weights},
+                              options=options)
     wall = time.perf_counter() - t0
     n = args.images
     print(f"library: {res[0]['library']}  images: {n}  wall {wall:.2f} s")
