@@ -254,9 +254,13 @@ class Relu(Op):
     def error_var(self, layer, ins, v_in, y, weights, ctx):
         var = v_in[0] * (ins[0] > 0)   # 1-Lipschitz; where the value is cut, no error passes
         drop = int(layer.attrs.get(DROP_ATTR, 0))
-        if drop:   # a small positive x may read as negative: error −x, bounded, so var ≤ x²
-            u = torch.round(ins[0] * 2.0 ** ctx.frac_bits)
-            var = var + ins[0] * ins[0] * ((u >= 0) & (u < 2.0 ** drop - 1))
+        if drop:   # a small positive x may read as negative: error −x, bounded, so var ≤ x²;
+            # the secure value differs from x by its own error: the region is widened by 8 σ
+            scale = 2.0 ** ctx.frac_bits
+            slack = 8 * v_in[0].sqrt()
+            u = ins[0] * scale
+            near = (u >= -slack * scale) & (u < 2.0 ** drop - 1 + slack * scale)
+            var = var + (ins[0].abs() + slack) ** 2 * near
         return var
 
 
