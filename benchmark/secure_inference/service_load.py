@@ -66,12 +66,23 @@ def small_cnn():
                          nn.AvgPool2d(8), nn.Flatten(), nn.Linear(32, 10))
 
 
+def _register_this_module() -> None:
+    """Make ``import service_load`` (the client's ``--model service_load:small_cnn``) find
+    this file without editing sys.path; the server and the helper get it via PYTHONPATH."""
+    import importlib.util
+    if "service_load" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("service_load", HERE / "service_load.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["service_load"] = module
+        spec.loader.exec_module(module)
+
+
 # --- the client workers ------------------------------------------------------------------------
 
 def _worker(tasks: mp.Queue, results: mp.Queue, threads: int) -> None:
     """A warm client process: runs the sessions it is sent (argv, output prefix, count) and
     answers each task with one record per session."""
-    sys.path.insert(0, str(HERE))
+    _register_this_module()   # --model service_load:small_cnn resolves to this file
     import torch
     torch.set_num_threads(threads)
     from secure_inference.cli.client import run
@@ -306,7 +317,6 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(HERE))
     started = datetime.now(timezone.utc)
     load_start = os.getloadavg()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
