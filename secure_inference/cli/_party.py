@@ -58,11 +58,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                    "three parties must choose the same one (checked at session start)")
     g.add_argument("--preprocess", choices=PREPROCESS_MODES,
                    help="when the conv/linear layers' input-independent half (the client's "
-                   "and the helper's mask products) runs: ahead (default; its own phase "
-                   "before the images) or interleaved (inside each layer, while the server "
-                   "computes its own product: less time per image on machines whose cores "
-                   "would otherwise wait; the same messages and bytes). All three parties "
-                   "must choose the same (checked at session start)")
+                   "and the helper's mask products) runs: interleaved (default; inside each "
+                   "layer, while the server computes its own product: less time per image "
+                   "on cores that would otherwise wait) or ahead (its own phase before the "
+                   "images, reported apart). The same messages and bytes either way; all "
+                   "three parties must choose the same (checked at session start)")
     g.add_argument("--device", help="this party's torch device: cpu (default), cuda, cuda:1; "
                    "each party may use its own (results and bytes do not depend on it)")
     g.add_argument("--debug", action="store_true",

@@ -4,8 +4,10 @@ measures; ``tests/mpc/test_torchvision_families.py`` checks the two agree exactl
 
 Per layer (n output values, batch included):
 
-* conv2d / linear: E = x0 − A, 8 bytes per input value (P0 → P1); it rides behind the previous
-  layer's last message, so the report counts no round of its own;
+* conv2d / linear: E = x0 − A, 8 bytes per input value (P0 → P1); with the default
+  ``interleaved`` schedule also the helper's correction c1, 8 bytes per output value (P2 → P1;
+  ``ahead``: in the preprocessing instead); both ride behind the previous layer's last
+  message, so the report counts no round of its own;
 * relu, block_relu, block_relu6, max pooling (ceil mode, adaptive): their
   DReLU-multiplications (:mod:`.protocols.relu`), 3 rounds per comparison level (Block-ReLU6:
   two comparisons per patch and two payload values per pixel in one call, 3 rounds);
@@ -21,6 +23,7 @@ from __future__ import annotations
 import math
 
 from .ops import layer_drelu_config, op_of
+from .options import DEFAULT_PREPROCESS
 from .program import Layer, Program
 from .protocols import activations as A
 from .protocols import relu as R
@@ -31,8 +34,11 @@ __all__ = ["layer_cost", "program_cost"]
 _LOCAL_ROUNDS = 0
 
 
-def layer_cost(program: Program, layer: Layer, batch: int = 1) -> tuple[int, int]:
-    """(online payload bytes of all parties, rounds) of one layer for a batch of ``batch``."""
+def layer_cost(program: Program, layer: Layer, batch: int = 1,
+               preprocess: str = DEFAULT_PREPROCESS) -> tuple[int, int]:
+    """(online payload bytes of all parties, rounds) of one layer for a batch of ``batch``;
+    with the ``"interleaved"`` schedule a conv/linear layer also carries its correction c1
+    (8 bytes per output value, P2 → P1, alongside E: no round of its own)."""
     def shape(ly: Layer) -> tuple[int, ...]:
         return (int(batch),) + tuple(ly.shape[1:])
 
@@ -42,7 +48,8 @@ def layer_cost(program: Program, layer: Layer, batch: int = 1) -> tuple[int, int
     cfg = layer_drelu_config(layer) or EXACT
     op = layer.op
     if op in ("conv2d", "linear"):
-        return 8 * math.prod(shape(ins[0])), 0
+        c1 = 8 * n if preprocess == "interleaved" else 0
+        return 8 * math.prod(shape(ins[0])) + c1, 0
     if op == "relu":
         return R.relu_bytes(n, cfg), 3
     if op == "block_relu":
@@ -68,13 +75,15 @@ def layer_cost(program: Program, layer: Layer, batch: int = 1) -> tuple[int, int
     return 0, _LOCAL_ROUNDS
 
 
-def program_cost(program: Program, batch: int = 1) -> dict[str, int]:
+def program_cost(program: Program, batch: int = 1, preprocess: str = DEFAULT_PREPROCESS
+                 ) -> dict[str, int]:
     """Exact payload bytes and rounds of one batch: ``online_bytes`` / ``online_rounds``
-    (layers plus the output), ``preprocess_bytes`` (8 per conv/linear output value, 1 round)
-    and ``setup_bytes`` (8 per server weight, once per session), and the ``drelus``."""
+    (layers plus the output), ``preprocess_bytes`` (8 per conv/linear output value, 1 round;
+    with the ``"interleaved"`` schedule those bytes travel inside the layers and count as
+    online) and ``setup_bytes`` (8 per server weight, once per session), and the ``drelus``."""
     online = rounds = 0
     for layer in program.layers:
-        b, r = layer_cost(program, layer, batch)
+        b, r = layer_cost(program, layer, batch, preprocess)
         online, rounds = online + b, rounds + r
     out = program.layers[program.output]
     online += 8 * batch * math.prod(out.shape[1:])
@@ -83,5 +92,7 @@ def program_cost(program: Program, batch: int = 1) -> dict[str, int]:
               if ly.op in ("conv2d", "linear"))
     setup = sum(8 * math.prod(ly.attrs["weight_shape"]) for ly in program.layers
                 if ly.op in ("conv2d", "linear"))
+    if preprocess == "interleaved":   # the layers carry it (layer_cost)
+        pre = 0
     return {"online_bytes": online, "online_rounds": rounds, "preprocess_bytes": pre,
             "setup_bytes": setup, "drelus": sum(program.drelus(batch=batch).values())}

@@ -182,9 +182,10 @@ def run_local(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor],
     cipher of the correlated randomness (``"aes"`` or ``"chacha20"``, see :mod:`.prg`);
     ``network`` emulates a network on every link (:mod:`.netem`; the report's ``networks``
     section estimates the same from bytes and rounds, for comparison). ``preprocess``: when
-    the input-independent half of the conv/linear layers runs, ``"ahead"`` (its own phase
-    before the images) or ``"interleaved"`` (inside each layer, on the cores the other
-    parties leave idle; same messages and bytes; :data:`~.options.PREPROCESS_MODES`).
+    the input-independent half of the conv/linear layers runs, ``"interleaved"`` (default:
+    inside each layer, on the cores the other parties leave idle) or ``"ahead"`` (its own
+    phase before the images, reported apart); the same messages and bytes
+    (:data:`~.options.PREPROCESS_MODES`).
     """
     if not in_process:
         refuse_in_bootstrap()   # a party process re-running a script without a main guard

@@ -4,7 +4,9 @@ per layer and in total, plus the time and bytes per image; JSON and a PNG of byt
 Bytes are payload bytes (8 per ring element; frame headers are listed separately as
 ``overhead_bytes``). The *set-up* (opening the server's masked weights once per session), the
 *preprocessing* (the input-independent half of the conv/linear layers, per batch, before its
-images enter) and the *online* phase (from the images to the output) are reported apart;
+images enter, with the session's ``preprocess="ahead"``; with the default ``"interleaved"`` it
+runs inside the layers and its bytes are theirs) and the *online* phase (from the images to the
+output) are reported apart;
 ``total`` is their sum, and ``per_image`` gives each per image.
 """
 from __future__ import annotations

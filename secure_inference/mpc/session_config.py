@@ -22,7 +22,7 @@ win, then the file, then :data:`DEFAULTS`). Keys of the YAML file (all optional)
     threads: 1                      # torch threads of this party (default: torch's choice)
     device: cpu                     # this party's torch device: cpu, cuda, cuda:1 (per party)
     prg: aes                        # randomness cipher: aes or chacha20 (same on all three)
-    preprocess: ahead               # ahead or interleaved mask products (same on all three)
+    preprocess: interleaved         # interleaved or ahead mask products (same on all three)
 
 Relative ``spec`` and ``certs`` paths (and a ``model`` config file that exists there) are
 relative to the YAML file's folder.

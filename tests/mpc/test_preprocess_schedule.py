@@ -29,8 +29,8 @@ def test_interleaved_matches_plaintext_with_the_bytes_and_rounds_of_ahead(in_pro
     model = tiny_resnet(seed=5, width=4).eval()
     torch.manual_seed(2)
     x = torch.randn(2, 3, 16, 16)
-    ahead = run_local(model, x, in_process=in_process)
-    inter = run_local(model, x, in_process=in_process, preprocess="interleaved")
+    ahead = run_local(model, x, in_process=in_process, preprocess="ahead")
+    inter = run_local(model, x, in_process=in_process)          # the default schedule
     program, weights = compile_model(model, (2, 3, 16, 16))
     with torch.no_grad():
         ref = model(x).double()
@@ -73,4 +73,4 @@ def test_the_setting_is_checked_where_users_set_it():
         SessionOptions(preprocess="later")
     with pytest.raises(SessionConfigError, match="--preprocess"):
         merge_settings({"model": "resnet18", "preprocess": "sometimes"})
-    assert merge_settings({"model": "resnet18"})["preprocess"] == "ahead"
+    assert merge_settings({"model": "resnet18"})["preprocess"] == "interleaved"

@@ -81,7 +81,7 @@ def _secure_case(name: str, size: int | None = None, spec=None, **kw):
     x = torch.randn(1, 3, size, size)
     res = run_local(model, x, spec, timeout=600, **kw)
     _check(model, x, res.outputs)
-    cost = program_cost(res.program, batch=1)
+    cost = program_cost(res.program, batch=1, preprocess=res.report["meta"]["preprocess"])
     rep = res.report
     assert rep["online"]["bytes"] == cost["online_bytes"]
     assert rep["online"]["rounds"] == cost["online_rounds"]
