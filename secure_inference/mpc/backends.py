@@ -56,6 +56,13 @@ class Backend:
     def matmul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def prepare_conv(self, w: torch.Tensor, x_shape: Sequence[int], stride: IntPair = 1,
+                     padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1, *,
+                     small_weight: bool = False) -> None:
+        """Once per session and weight tensor (the set-up): whatever a later
+        :meth:`conv2d` of ``w`` with inputs of ``x_shape`` would otherwise compute on its first
+        call from ``w`` alone. Nothing by default."""
+
 
 def _check_int64(*ts: torch.Tensor) -> None:
     for t in ts:
@@ -300,6 +307,16 @@ class CpuHybridBackend(CpuInt64Backend):
         if self.conv_path(x.shape, w.shape, stride, padding, dilation, groups) == "conv":
             return super().conv2d(x, w, stride, padding, dilation, groups)
         return self._gemm_conv(x, w, stride, padding, dilation)
+
+    def prepare_conv(self, w, x_shape, stride=1, padding=0, dilation=1, groups=1, *,
+                     small_weight: bool = False) -> None:
+        """The small-weight check and, on the matrix-product path, ``Wᵀ``, computed in the
+        set-up instead of in the first image's convolution (both are kept per tensor)."""
+        if small_weight and not self._checked_small(w):
+            raise ValueError(f"conv2d was told the weights are below 2^{self.SMALL_BITS} in "
+                             "magnitude, and they are not")
+        if self.conv_path(x_shape, w.shape, stride, padding, dilation, groups) == "gemm":
+            self._weights_t(w)
 
     def _checked_small(self, w: torch.Tensor) -> bool:
         """:func:`fits_small`, read once per weight tensor and version: the server passes the

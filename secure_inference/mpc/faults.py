@@ -32,20 +32,29 @@ def fault_from_environment(role: int) -> str | None:
 def arm_fault(party: Party, phase: str) -> None:
     """TEST HOOK (the harness's private ``_fault`` keyword, or :data:`FAULT_ENV` for the CLIs):
     SIGKILL this party's own process at its first message or scope of ``phase`` (one of
-    :data:`FAULT_PHASES`: key agreement, weight opening, preprocessing, online, report)."""
+    :data:`FAULT_PHASES`: key agreement, weight opening, preprocessing, online, report; with
+    the interleaved schedule preprocessing and online are the same first layer scope)."""
     import signal
-    seen = {"preprocess": False}
+    seen = {"preprocess": False, "setup": False}
+    # the interleaved schedule has no preprocessing phase: its mask products run inside the
+    # online layers, so "preprocess" is the first online scope after the set-up there
+    interleaved = party.options.preprocess == "interleaved"
 
     def check() -> None:
         path = party.scope_path
         top = path.split("/", 1)[0]
-        if top == SCOPE_PREPROCESS:
+        if path.endswith(SCOPE_SETUP):
+            seen["setup"] = True
+        in_layers = (top not in (SCOPE_PREPROCESS, SCOPE_HEADER, SCOPE_REPORT, SCOPE_KEYS)
+                     and not path.endswith(SCOPE_SETUP))
+        preprocessing = (seen["setup"] and in_layers) if interleaved else \
+            top == SCOPE_PREPROCESS
+        if preprocessing:
             seen["preprocess"] = True
         due = {"keys": top == SCOPE_KEYS,
                "setup": path.endswith(SCOPE_SETUP),
-               "preprocess": top == SCOPE_PREPROCESS,
-               "online": seen["preprocess"] and top not in (SCOPE_PREPROCESS, SCOPE_HEADER,
-                                                             SCOPE_REPORT),
+               "preprocess": preprocessing,
+               "online": seen["preprocess"] and in_layers,
                "report": top == SCOPE_REPORT}[phase]
         if due:
             # a crash AT the phase: every frame of the phases before it has left the party

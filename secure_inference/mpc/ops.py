@@ -28,7 +28,7 @@ from ..brelu import RELU6_TOP, BlockReLU, BlockReLU6
 from .protocols import activations as A
 from .protocols import relu as R
 from .protocols.linear import (add, add_public, concat, conv2d, conv_op, linear, linear_op, mul,
-                               mul_public, sub, truncate)
+                               mul_public, prepare_conv, sub, truncate)
 from .protocols.pwl import PiecewiseLinear, approximation, clamp_pwl, hardsigmoid_pwl
 from .protocols.pooling import avg_pool2d, global_avg_pool2d
 from .ring import encode, is_power_of_two, reciprocal_fixed
@@ -156,6 +156,10 @@ class _ServerWeightOp(Op):
     def ring_op(self, party: Party, layer) -> Callable:
         raise NotImplementedError
 
+    def prepare(self, party: Party, layer, x_shape: Sequence[int]) -> None:
+        """Set-up work on this party's opened weight tensor of ``layer`` (once per session,
+        after :func:`~.protocols.linear.open_weights`). Nothing by default."""
+
     def _weights(self, party: Party, layer, weights) -> tuple[Tensor | None, Tensor | None]:
         if party.role != ROLE_SERVER:
             return None, None
@@ -178,6 +182,9 @@ class Conv2d(_ServerWeightOp):
 
     def ring_op(self, party, layer):
         return conv_op(party, *self._geom(layer))
+
+    def prepare(self, party, layer, x_shape):
+        prepare_conv(party, layer.name, x_shape, *self._geom(layer))
 
     def run_float(self, layer, ins, weights, flips):
         wt = weights[layer.name]

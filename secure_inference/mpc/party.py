@@ -274,6 +274,7 @@ def run_party(party: Party, program: Program, *, images: Sequence[torch.Tensor] 
         if op_of(layer).server_weights:
             w = weights[layer.name]["weight"] if party.role == ROLE_SERVER else None
             open_weights(party, w, weight_shape=layer.attrs["weight_shape"], name=layer.name)
+            op_of(layer).prepare(party, layer, program.layers[layer.inputs[0]].shape)
     setup_seconds = time.perf_counter() - t0
     _barrier(party)  # the online clocks start together, not when each party's set-up ended
     layer_seconds = {layer.name: 0.0 for layer in program.layers}

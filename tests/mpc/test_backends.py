@@ -344,3 +344,27 @@ def test_cpu_hybrid_gemm_path_at_resnet18_layer4_shape_equals_the_int64_conv():
     acc = sum(int(x[0, c, i, j]) * int(w[5, c, i + 1, j + 1])
               for c in range(512) for i in range(0, 2) for j in range(0, 2))   # pixel (0, 0)
     assert int(got[0, 5, 0, 0]) == signed(acc)
+
+
+def test_prepare_conv_does_the_per_tensor_work_in_the_set_up(monkeypatch):
+    from secure_inference.mpc import backends as B
+    be = B.CpuHybridBackend()
+    torch.manual_seed(0)
+    w = torch.randint(-2 ** 20, 2 ** 20, (8, 4, 3, 3))
+    x = torch.randint(-2 ** 62, 2 ** 62, (1, 4, 4, 4))          # 4x4 output: the gemm path
+    assert be.conv_path(x.shape, w.shape, 1, 1) == "gemm"
+    be.prepare_conv(w, x.shape, 1, 1, small_weight=True)
+    assert id(w) in be._transposed and id(w) in be._small_seen
+    # the first convolution then scans and transposes nothing
+    wt = be._transposed[id(w)][2]
+    ref = torch.nn.functional.conv2d(x, w, None, 1, 1)
+    monkeypatch.setattr(B, "fits_small", lambda t: pytest.fail("rescanned the weights"))
+    assert torch.equal(be.conv2d(x, w, 1, 1, small_weight=True), ref)
+    assert be._transposed[id(w)][2] is wt
+    monkeypatch.undo()
+    big = torch.full((8, 4, 3, 3), 2 ** 30)
+    with pytest.raises(ValueError, match="below 2"):
+        B.CpuHybridBackend().prepare_conv(big, x.shape, 1, 1, small_weight=True)
+    conv = B.CpuHybridBackend()                          # the conv path keeps no transposed copy
+    conv.prepare_conv(w, (1, 4, 16, 16), 1, 1)
+    assert id(w) not in conv._transposed

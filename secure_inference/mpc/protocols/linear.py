@@ -59,7 +59,7 @@ Share = torch.Tensor
 BilinearOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 __all__ = ["check_weight_bound", "share", "reconstruct", "add", "sub", "neg", "add_public", "mul_public", "truncate",
-           "concat", "mul", "matmul", "open_weights", "conv2d", "linear", "to_ring",
+           "concat", "mul", "matmul", "open_weights", "prepare_conv", "conv2d", "linear", "to_ring",
            "Preprocessed", "preprocess", "conv_op", "linear_op"]
 
 
@@ -296,6 +296,18 @@ def _open_weights(party: Party, weight: torch.Tensor | None, weight_shape: Seque
             opened = OpenedWeights(party.pair_random(ROLE_SERVER, shape, tag="B"))
     party.weights[name] = opened
     return opened.tensor
+
+
+def prepare_conv(party: Party, name: str, x_shape: Sequence[int], stride=1, padding=0,
+                 dilation=1, groups: int = 1) -> None:
+    """Session set-up of an opened conv layer ``name`` (after :func:`open_weights`): the
+    backend's per-tensor work on this party's weight-side tensor (P0: F, P1: W, P2: B), so
+    that the first image does not pay for it. Local, no communication."""
+    opened = party.weights.get(name)
+    if opened is None:
+        raise ValueError(f"open the weights of '{name}' before preparing them")
+    party.backend.prepare_conv(opened.tensor, tuple(int(v) for v in x_shape), stride, padding,
+                               dilation, groups, small_weight=party.role == ROLE_SERVER)
 
 
 @dataclass
