@@ -244,6 +244,37 @@ def test_dialler_names_a_foreign_program_on_the_peers_port(certs):
         foreign.close()
 
 
+def test_a_busy_answer_counts_only_from_the_party_its_certificate_names(certs):
+    """A listener holding the client's certificate answers "busy" claiming to be the server:
+    the dialler refuses it for its certificate (checked before the busy answer) instead of
+    stopping with "busy"; the real server's busy answer still reads as busy."""
+    from secure_inference.mpc.transport.handshake import BUSY_MAGIC, dial_session
+    for holder, expect in ((0, "certificate belongs to another party"), (1, "is busy")):
+        listener = listen("127.0.0.1", 0)
+        ctx = TLSConfig.from_dir(certs["good"], holder).context(True)
+
+        def answer_busy():
+            conn, _ = listener.accept()
+            try:
+                with ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(HELLO.size)
+                    tls.sendall(HELLO.pack(BUSY_MAGIC, 1))
+                    tls.recv(1)
+            except (OSError, ssl.SSLError):
+                pass
+        t = threading.Thread(target=answer_busy, daemon=True)
+        t.start()
+        raw = socket.create_connection(listener.getsockname(), timeout=10)
+        try:
+            with pytest.raises(ProtocolError, match=expect):
+                dial_session(raw, 0, 1, TLSConfig.from_dir(certs["good"], 0), "127.0.0.1",
+                             os.urandom(32))
+        finally:
+            raw.close()
+            t.join(10)
+            listener.close()
+
+
 # --- batch and session limits -------------------------------------------------------------
 
 def _no_preprocessing(monkeypatch) -> list[int]:

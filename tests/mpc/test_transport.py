@@ -153,6 +153,44 @@ def test_socket_link_refuses_oversized_frame_and_reports_close():
         link.close()
 
 
+def test_peer_abort_reason_is_capped_and_its_control_characters_escaped():
+    """A hostile peer's abort goodbye (far over the sender's 600-byte cap, with a newline, a
+    forged log line, carriage return, escape codes and a Unicode line separator): the error
+    this party raises, and prints, holds one line of at most the cap, those characters
+    escaped."""
+    from secure_inference.mpc.transport.socket_link import _ABORT, _ABORT_REASON_MAX
+    link, raw = _socket_link_pair()
+    try:
+        reason = "bad\nserver: session 00000000 client 1.2.3.4:5 ok\r\x1b[2J\x9b\u2028" + "y" * 5000
+        body = _ABORT + bytes([0]) + reason.encode()
+        raw.sendall(struct.pack("<I", len(body)) + body)
+        with pytest.raises(ProtocolError) as info:
+            link.recv(5.0)
+    finally:
+        link.close()
+        raw.close()
+    msg = str(info.value)
+    assert msg.startswith("party 0: party 0 failed (reported by party 1"), msg[:200]
+    assert "bad\\nserver: session 00000000 client 1.2.3.4:5 ok\\r\\x1b[2J\\x9b\\u2028y" in msg
+    assert not any(ch in msg for ch in "\n\r\x1b\x9b\u2028"), repr(msg[:200])
+    cause = msg.split(": ", 2)[2]
+    assert len(cause) <= _ABORT_REASON_MAX, len(cause)
+
+
+def test_listen_backlog_is_the_systems_largest(monkeypatch):
+    """listen() asks for socket.SOMAXCONN pending connections (the kernel's cap), so a burst
+    of connections waits in the kernel rather than being refused."""
+    seen = []
+    real = socket.socket.listen
+
+    def spy(self, backlog):
+        seen.append(backlog)
+        return real(self, backlog)
+    monkeypatch.setattr(socket.socket, "listen", spy)
+    listen("127.0.0.1", 0).close()
+    assert seen == [socket.SOMAXCONN]
+
+
 def test_socket_link_stall_and_large_concurrent_exchange(link_pair):
     la, lb = link_pair
     with pytest.raises(ProtocolError, match="within 0.2 s"):

@@ -24,5 +24,5 @@ def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((host, port))
-    s.listen(8)
+    s.listen(socket.SOMAXCONN)   # a burst waits in the kernel, not refused
     return s

@@ -11,16 +11,21 @@ from __future__ import annotations
 import socket
 import ssl
 import time
+from typing import Callable
 
 from ..errors import ProtocolError
 from ..session import PARTY_NAMES
-from .handshake import (BUSY_MAGIC, HELLO, HELLO_MAGIC, ID_ACCEPTED, ID_REFUSED, SERVE_MAGIC,
-                        SESSION_ID_BYTES, Refused)
+from .handshake import (BUSY_MAGIC, HELLO, HELLO_MAGIC, ID_ACCEPTED, ID_BUSY, ID_FULL,
+                        ID_REFUSED, SERVE_MAGIC, SESSION_ID_BYTES, Refused)
 from .tls import peer_role_from_cert
 
 __all__ = ["Admission", "WANT_READ", "WANT_WRITE"]
 
 WANT_READ, WANT_WRITE = "read", "write"
+_REFUSALS = {ID_REFUSED: "reused or already connected session identifier",
+             ID_FULL: "answered full: too many sessions wait for their other party (from this "
+                      "address, or in all)",
+             ID_BUSY: "answered busy: its session found no free slot (--max-sessions)"}
 
 
 class Admission:
@@ -28,10 +33,12 @@ class Admission:
 
     Call :meth:`step` when its socket is ready (and once after creating it); it returns
     :data:`WANT_READ`/:data:`WANT_WRITE`, or None once the connection is admitted
-    (:attr:`peer`, :attr:`session_id` set) or finished (a busy answer sent). A connection
-    that is not an expected, authenticated party raises :class:`~.handshake.Refused`.
-    ``decide_busy()`` is asked after the hello (True: answer busy); ``check_id(peer, id)``
-    after the identifier (False: answer refused).
+    (:attr:`peer`, :attr:`session_id` set, :attr:`admitted` True) or finished (a busy
+    answer sent). A connection that is not an expected, authenticated party, or whose
+    identifier is not accepted, raises :class:`~.handshake.Refused` (:attr:`status` says why).
+    ``decide_busy()`` is asked after the hello (True: answer busy); ``check_id(admission)``
+    after the identifier: it returns the status byte to answer (``ID_ACCEPTED``, or
+    ``ID_REFUSED``/``ID_FULL``/``ID_BUSY``) and may reserve the identifier at once.
     """
 
     def __init__(self, raw: socket.socket, addr, me: int, wanted: set[int],
@@ -54,6 +61,8 @@ class Admission:
         self._after_write = ""
         self.peer: int | None = None
         self.session_id: bytes | None = None
+        self.status: int | None = None       # the status byte answered to the identifier
+        self.admitted = False
         self.busy = False
 
     def fileno(self) -> int:
@@ -75,7 +84,8 @@ class Admission:
             self._in += chunk
         return True
 
-    def step(self, decide_busy, check_id) -> str | None:
+    def step(self, decide_busy: Callable[[], bool],
+             check_id: Callable[["Admission"], int]) -> str | None:
         """Advance as far as the socket allows (see the class docstring)."""
         try:
             while True:
@@ -99,12 +109,13 @@ class Admission:
                 elif self._stage == "id":
                     self._read(SESSION_ID_BYTES)
                     self.session_id, self._in = self._in, b""
-                    ok = bool(check_id(self.peer, self.session_id))
-                    self._out = bytes([ID_ACCEPTED if ok else ID_REFUSED])
-                    self._after_write = "done" if ok else "refused"
+                    self.status = int(check_id(self))
+                    self._out = bytes([self.status])
+                    self._after_write = "done" if self.status == ID_ACCEPTED else "refused"
                 elif self._stage == "refused":
-                    raise Refused("reused or already connected session identifier")
+                    raise Refused(_REFUSALS.get(self.status, "session identifier refused"))
                 else:
+                    self.admitted = self.peer is not None and not self.busy
                     return None
         except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
             return WANT_READ

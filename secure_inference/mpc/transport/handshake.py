@@ -7,6 +7,7 @@ The dialler sends its hello first; the listener answers only once it has accepte
 """
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import struct
@@ -18,7 +19,7 @@ from .tls import TLSConfig, peer_role_from_cert
 
 __all__ = ["dial_handshake", "dial_session", "admit_connection", "Refused", "HELLO",
            "HELLO_MAGIC", "SERVE_MAGIC", "BUSY_MAGIC", "SESSION_ID_BYTES", "ID_ACCEPTED",
-           "ID_REFUSED"]
+           "ID_REFUSED", "ID_FULL", "ID_BUSY", "printable"]
 
 _HELLO = struct.Struct("<8sB")
 _HELLO_MAGIC = b"SI-HELLO"
@@ -30,7 +31,28 @@ HELLO_MAGIC = _HELLO_MAGIC
 SERVE_MAGIC = b"SI-SERVE"
 BUSY_MAGIC = b"SI-BUSY!"
 SESSION_ID_BYTES = 32          # 256 bits from os.urandom
-ID_ACCEPTED, ID_REFUSED = 0, 1
+# the status byte after the identifier: accepted; refused (reused, or already connected for
+# that role); full (the helper holds as many sessions waiting for their other half as it
+# allows); busy (the session would start, but every --max-sessions slot is taken)
+ID_ACCEPTED, ID_REFUSED, ID_FULL, ID_BUSY = 0, 1, 2, 3
+
+# C0 and C1 controls (newline, carriage return, escape, ...), DEL, and the Unicode line and
+# paragraph separators and bidirectional overrides: what could forge or disguise a log line
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match) -> str:
+    ch = match.group()
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(
+        ch, f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """``text`` (e.g. what a peer sent) safe to print on one line: control characters become
+    visible escapes (a newline ``\\n``, ESC ``\\x1b``); ``limit``: at most that many
+    characters of the result."""
+    out = _CONTROLS.sub(_escape, text)
+    return out if limit is None else out[:limit]
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
@@ -97,17 +119,18 @@ def dial_session(sock: socket.socket, me: int, expected: int, tls: TLSConfig | N
                             "(the peer refused our certificate?)") from exc
     except OSError as exc:
         raise ProtocolError(f"party {me}: hello with {host} failed: {exc}") from exc
-    if magic == BUSY_MAGIC and peer == expected:
-        raise ProtocolError(f"party {me}: party {expected} at {host} is busy: it runs as many "
-                            "sessions as its --max-sessions allows; try again later")
-    served = magic == SERVE_MAGIC
-    if (magic != _HELLO_MAGIC and not served) or peer not in PARTY_NAMES:
+    served, busy = magic == SERVE_MAGIC, magic == BUSY_MAGIC
+    if magic not in (_HELLO_MAGIC, SERVE_MAGIC, BUSY_MAGIC) or peer not in PARTY_NAMES:
         raise ProtocolError(f"party {me}: peer at {host} is not a secure-inference party")
     if peer != expected:
         raise ProtocolError(f"party {me}: expected party {expected} at {host}, it says {peer}")
+    # the role before the busy answer: only the real party may tell this one to go away
     if tls is not None and peer_role_from_cert(sock) != peer:
         raise ProtocolError(f"party {me}: peer says it is party {peer} but its certificate "
                             "belongs to another party")
+    if busy:
+        raise ProtocolError(f"party {me}: party {expected} at {host} is busy: it runs as many "
+                            "sessions as its --max-sessions allows; try again later")
     if served:
         if session_id is None:
             raise ProtocolError(f"party {me}: party {peer} at {host} runs as a service "
@@ -119,6 +142,13 @@ def dial_session(sock: socket.socket, me: int, expected: int, tls: TLSConfig | N
         except (ProtocolError, OSError) as exc:
             raise ProtocolError(f"party {me}: party {peer} at {host} closed the connection "
                                 "after the hello: it refused this session") from exc
+        if status == ID_FULL:
+            raise ProtocolError(f"party {me}: party {peer} at {host} is busy: it holds as many "
+                                "sessions waiting for their other party as it allows (for "
+                                "this address, or in all); try again later")
+        if status == ID_BUSY:
+            raise ProtocolError(f"party {me}: party {peer} at {host} is busy: it runs as many "
+                                "sessions as its --max-sessions allows; try again later")
         if status != ID_ACCEPTED:
             raise ProtocolError(f"party {me}: party {peer} at {host} refused the session "
                                 "identifier (reused or already connected)")

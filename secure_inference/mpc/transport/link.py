@@ -15,6 +15,7 @@ import torch
 
 from ..errors import ProtocolError
 from .frames import DEFAULT_MAX_FRAME, encode_frame, split_prefix
+from .handshake import printable
 
 __all__ = ["Link", "QueueLink"]
 
@@ -47,7 +48,7 @@ class Link:
         that failed first when the peer said so in an abort goodbye)."""
         abort = getattr(self, "_peer_abort", None)
         if abort is not None:
-            origin, reason = abort
+            origin, reason = abort[0], printable(str(abort[1]))   # the peer's text, one line
             who = (f"party {origin} failed" if origin == self.peer else
                    f"party {origin} failed (reported by party {self.peer}, which stopped too)")
             err = ProtocolError(f"party {self.me}: {who}: {reason}", secondary=True)

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import ProtocolError
 from .frames import DEFAULT_MAX_FRAME, PREFIX, assemble, frame_parts
+from .handshake import printable
 from .link import Link
 
 __all__ = ["SocketLink", "QUEUE_FACTOR", "DEFAULT_SEND_TIMEOUT"]
@@ -448,8 +449,11 @@ class SocketLink(Link):
                 if control and f == _BYE:
                     self._peer_bye = True
                 elif control and f.startswith(_ABORT) and len(f) > len(_ABORT):
-                    self._peer_abort = (f[len(_ABORT)],
-                                        bytes(f[len(_ABORT) + 1:]).decode("utf-8", "replace"))
+                    # the peer's text goes into this party's errors and logs: capped, and
+                    # every control character (newline, escape, ...) made a visible escape
+                    cause = bytes(f[len(_ABORT) + 1:len(_ABORT) + 1 + _ABORT_REASON_MAX])
+                    self._peer_abort = (f[len(_ABORT)], printable(
+                        cause.decode("utf-8", "replace"), _ABORT_REASON_MAX))
                     self._peer_bye = True
                 else:
                     self._frames.append(f)
