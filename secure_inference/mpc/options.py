@@ -89,7 +89,7 @@ class SessionOptions:
     max_frame: int = DEFAULT_MAX_FRAME
     device: str = DEFAULT_DEVICE
     limits: SessionLimits = field(default_factory=SessionLimits)
-    session_id: bytes = b""
+    session_id: bytes = field(default=b"", repr=False)   # secret until its session ends
     preprocess: str = DEFAULT_PREPROCESS
 
     def __post_init__(self) -> None:
