@@ -132,7 +132,8 @@ def run(argv: list[str] | None = None) -> int:
         save_logits(args.output, logits)
     meta = {"model": cfg["model"], "spec": cfg.get("spec"), "frac_bits": cfg["frac_bits"],
             "drelu": str(options.drelu or "exact"),
-            "drelu_widths": sorted(set(program.widths().values())), "prg": cfg["prg"], "tls": not cfg["plaintext"],
+            "drelu_widths": sorted(set(program.widths().values())), "prg": cfg["prg"],
+            "preprocess": options.preprocess, "tls": not cfg["plaintext"],
             "server": cfg["server"], "helper": cfg["helper"]}
     scores = score(logits, labels) if labels is not None else {}
     try:

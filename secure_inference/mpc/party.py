@@ -113,8 +113,9 @@ PROTOCOL_VERSION = 6
 # user sets it). They travel as four int64 words after the 32-byte fingerprint; ``prg`` (the
 # cipher of the correlated randomness, code 0 = aes) rides in bits 32–39 of the first word and
 # ``preprocess`` (the schedule, code 0 = ahead; both orders draw the same masks under other
-# stream names, so parties that differ would combine unrelated masks) in bits 40–47. Since protocol version 4 the header ends with the 8-byte digests of FINGERPRINT_PARTS
-# (96 bytes in all), so that a mismatch names the part that differs (before: 64 bytes).
+# stream names, so parties that differ would combine unrelated masks) in bits 40–47. Since
+# protocol version 4 the header ends with the 8-byte digests of FINGERPRINT_PARTS (96 bytes in
+# all), so that a mismatch names the part that differs (before: 64 bytes).
 SESSION_SETTINGS = (("protocol_version", "the same secure-inference release on all three hosts"),
                     ("frac_bits", "the same --frac-bits (session file: frac_bits)"),
                     ("drelu_ring_bits", "the same --drelu-bits (session file: drelu_bits)"),

@@ -29,11 +29,17 @@ def _calibrate(*args) -> subprocess.CompletedProcess:
                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests")))
 
 
-def test_calibrated_spec_and_its_table(tmp_path):
+def _model_files(tmp_path):
+    """The test model saved as ``w.pth`` and six images as ``x.npy``; returns the model."""
     from tests.helpers.nets import factory
     model = factory().eval()
     torch.save(model.state_dict(), tmp_path / "w.pth")
     np.save(tmp_path / "x.npy", torch.randn(6, 3, 16, 16).numpy())
+    return model
+
+
+def test_calibrated_spec_and_its_table(tmp_path):
+    model = _model_files(tmp_path)
     proc = _calibrate("--checkpoint", tmp_path / "w.pth", "--images", tmp_path / "x.npy",
                       "--out", tmp_path / "cal.json", "--table", tmp_path / "t.json",
                       "--plot", tmp_path / "w.png", "--margin", "4")
@@ -68,10 +74,7 @@ def test_headroom_refusal_is_one_line(tmp_path):
 
 def test_drop_budget_writes_the_dropped_bits_the_program_uses(tmp_path):
     from secure_inference.mpc.ops import DROP_ATTR
-    from tests.helpers.nets import factory
-    model = factory().eval()
-    torch.save(model.state_dict(), tmp_path / "w.pth")
-    np.save(tmp_path / "x.npy", torch.randn(6, 3, 16, 16).numpy())
+    model = _model_files(tmp_path)
     proc = _calibrate("--checkpoint", tmp_path / "w.pth", "--images", tmp_path / "x.npy",
                       "--out", tmp_path / "cal.pickle", "--table", tmp_path / "t.json",
                       "--drop-budget", "0.05")
