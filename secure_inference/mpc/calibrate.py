@@ -267,7 +267,8 @@ def width_table(program: Program, calibration: Calibration | None = None, *,
                      "dropped_bits": int(layer.attrs.get(DROP_ATTR, 0)),
                      "holds": width_range(width, frac_bits) if width < FULL_WIDTH else None,
                      "bytes_64": _layer_bytes(program, layer, FULL_WIDTH, batch),
-                     "bytes": _layer_bytes(program, layer, width, batch)})
+                     "bytes": _layer_bytes(program, layer, width, batch,
+                                           int(layer.attrs.get(DROP_ATTR, 0)))})
     return rows
 
 
@@ -280,8 +281,9 @@ def bytes_saved_by_widths(program: Program, batch_sizes: list[int]) -> int:
         width = layer.attrs.get(WIDTH_ATTR)
         if width is None or not layer_drelus(layer):
             continue
+        drop = int(layer.attrs.get(DROP_ATTR, 0))
         saved += sum(_layer_bytes(program, layer, FULL_WIDTH, b)
-                     - _layer_bytes(program, layer, int(width), b) for b in batch_sizes)
+                     - _layer_bytes(program, layer, int(width), b, drop) for b in batch_sizes)
     return saved
 
 
@@ -293,12 +295,13 @@ def _payload_values(layer: Layer, batch: int) -> int:
     return layer_drelus(layer, batch)
 
 
-def _layer_bytes(program: Program, layer: Layer, width: int, batch: int) -> int:
-    """Exact online payload bytes of one batch through a DReLU layer at ``width`` bits (the
-    program's cost model, :func:`~.costs.layer_cost`, with the layer's width replaced)."""
+def _layer_bytes(program: Program, layer: Layer, width: int, batch: int, drop: int = 0) -> int:
+    """Exact online payload bytes of one batch through a DReLU layer at ``width`` bits with
+    ``drop`` low bits dropped (the program's cost model, :func:`~.costs.layer_cost`, with the
+    layer's width and drop replaced)."""
     attrs = {k: v for k, v in layer.attrs.items() if k not in (WIDTH_ATTR, DROP_ATTR)}
-    if width < FULL_WIDTH:     # the layer's dropped bits, if any, stay with its own width
+    if width < FULL_WIDTH:
         attrs[WIDTH_ATTR] = int(width)
-        if DROP_ATTR in layer.attrs and int(width) == int(layer.attrs.get(WIDTH_ATTR, 0)):
-            attrs[DROP_ATTR] = layer.attrs[DROP_ATTR]
+        if drop:
+            attrs[DROP_ATTR] = int(drop)
     return layer_cost(program, dataclasses.replace(layer, attrs=attrs), batch)[0]

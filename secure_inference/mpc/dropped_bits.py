@@ -31,22 +31,10 @@ import math
 
 import torch
 
-__all__ = ["MAX_DROP", "DropErrorAccumulator", "choose_drop", "expected_drop_error"]
+__all__ = ["MAX_DROP", "DropErrorAccumulator", "choose_drop"]
 
 MAX_DROP = 48
 """Most bits a layer may drop (the compiler also keeps at least 3 compared bits)."""
-
-
-def expected_drop_error(x: torch.Tensor, frac_bits: int, drop: int) -> float:
-    """Expected absolute output error (real units, summed over ``x``) of a ReLU whose DReLU
-    drops ``drop`` low bits, for comparison inputs ``x`` (real units): the plain reference of
-    :class:`DropErrorAccumulator`."""
-    if drop <= 0:
-        return 0.0
-    u = torch.round(x.double().reshape(-1) * 2.0 ** frac_bits)
-    span = 2.0 ** drop
-    hit = u[(u >= 0) & (u < span - 1)]
-    return float((hit * (span - 1 - hit) / span).sum()) * 2.0 ** -frac_bits
 
 
 class DropErrorAccumulator:
@@ -67,15 +55,15 @@ class DropErrorAccumulator:
         u = u[(u >= 0) & (u < 2.0 ** self.max_drop)].sort().values
         if not u.numel():
             return
-        s1 = torch.cumsum(u, 0)
-        s2 = torch.cumsum(u * u, 0)
-        lsb = 2.0 ** -self.frac_bits
-        for d in range(1, self.max_drop + 1):
-            span = 2.0 ** d
-            k = int(torch.searchsorted(u, torch.tensor([span - 1], dtype=u.dtype)))
-            if k:    # Σ u·(span − 1 − u)/span over the k smallest, u < span − 1
-                a, b = float(s1[k - 1]), float(s2[k - 1])
-                self.errors[d] += ((span - 1) * a - b) / span * lsb
+        zero = u.new_zeros(1)
+        s1 = torch.cat([zero, torch.cumsum(u, 0)])          # prefix sums, s[k]: k smallest
+        s2 = torch.cat([zero, torch.cumsum(u * u, 0)])
+        spans = 2.0 ** torch.arange(1, self.max_drop + 1, dtype=u.dtype)
+        k = torch.searchsorted(u, spans - 1)                 # values u < span − 1, every d
+        # Σ u·(span − 1 − u)/span over them, in real units
+        err = ((spans - 1) * s1[k] - s2[k]) / spans * 2.0 ** -self.frac_bits
+        for d, e in enumerate(err.tolist(), start=1):
+            self.errors[d] += e
 
     def choose(self, budget: float) -> int:
         """:func:`choose_drop` of what was accumulated."""

@@ -18,6 +18,7 @@ that :func:`~.party.run_party` shares the client's image into it.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, ClassVar, Sequence
 
@@ -276,6 +277,18 @@ def _as_maps(x: Tensor) -> Tensor:
     return x[:, :, None, None] if x.dim() == 2 else x
 
 
+def _on_maps(error_var: Callable) -> Callable:
+    """A Block-ReLU(6) error rule written for [N, C, H, W] maps that also takes [N, C] values
+    (a site after a Linear layer: one pixel per channel)."""
+    @functools.wraps(error_var)
+    def rule(self, layer, ins, v_in, y, weights, ctx):
+        if ins[0].dim() != 2:
+            return error_var(self, layer, ins, v_in, y, weights, ctx)
+        return error_var(self, layer, [_as_maps(ins[0])], [_as_maps(v_in[0])], _as_maps(y),
+                         weights, ctx).reshape(y.shape)
+    return rule
+
+
 @register
 class BlockRelu(Op):
     name = "block_relu"
@@ -311,10 +324,8 @@ class BlockRelu(Op):
                                      divisor_override=1).reshape(-1))
         return torch.cat(sums) if sums else x.new_zeros(0)
 
+    @_on_maps
     def error_var(self, layer, ins, v_in, y, weights, ctx):
-        if ins[0].dim() == 2:   # a site after a Linear layer: one pixel per channel
-            return self.error_var(layer, [_as_maps(ins[0])], [_as_maps(v_in[0])],
-                                  _as_maps(y), weights, ctx).reshape(y.shape)
         x, var = ins[0], v_in[0]
         v = var.clone()
         for (h, w_), idx in BlockReLU(layer.attrs["block_sizes"]).groups():
@@ -384,10 +395,8 @@ class BlockRelu6(Op):
             parts += [s.reshape(-1), (s - RELU6_TOP * cnt).reshape(-1)]
         return torch.cat(parts) if parts else x.new_zeros(0)
 
+    @_on_maps
     def error_var(self, layer, ins, v_in, y, weights, ctx):
-        if ins[0].dim() == 2:   # a site after a Linear layer: one pixel per channel
-            return self.error_var(layer, [_as_maps(ins[0])], [_as_maps(v_in[0])],
-                                  _as_maps(y), weights, ctx).reshape(y.shape)
         x, var = ins[0], v_in[0]
         keep, _ = BlockReLU6(layer.attrs["block_sizes"]).masks(x)
         for (h, w_), idx in BlockReLU6(layer.attrs["block_sizes"]).groups():

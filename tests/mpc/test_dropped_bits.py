@@ -15,8 +15,7 @@ from secure_inference.mpc.analysis import error_bound
 from secure_inference.mpc.calibrate import calibrate, width_table
 from secure_inference.mpc.compile import compile_model
 from secure_inference.mpc.costs import layer_cost
-from secure_inference.mpc.dropped_bits import (DropErrorAccumulator, choose_drop,
-                                               expected_drop_error)
+from secure_inference.mpc.dropped_bits import DropErrorAccumulator, choose_drop
 from secure_inference.mpc.local import run_local
 from secure_inference.mpc.ops import DROP_ATTR, WIDTH_ATTR, layer_drelu_config
 from secure_inference.mpc.settings import DReLUConfig
@@ -61,17 +60,22 @@ def test_expected_error_equals_the_per_value_reference(frac_bits):
     for d in range(1, 13):
         ref = _reference_error(x, frac_bits, d)
         assert acc.errors[d] == pytest.approx(ref, rel=1e-9, abs=1e-15), d
-        assert expected_drop_error(x, frac_bits, d) == pytest.approx(ref, rel=1e-9, abs=1e-15)
     assert all(a <= b for a, b in zip(acc.errors, acc.errors[1:]))   # non-decreasing in d
+
+
+def _accumulated(x: torch.Tensor, frac_bits: int, drop: int) -> float:
+    acc = DropErrorAccumulator(frac_bits, max_drop=drop)
+    acc.add(x)
+    return acc.errors[drop]
 
 
 def test_the_boundary_value_is_never_wrong():
     # u = 2^d − 1 is decided correctly (probability 0), u = 2^d − 2 with probability 1/2^d
     d, f = 5, 10
-    assert expected_drop_error(torch.tensor([31.0 / 2 ** f]), f, d) == 0.0
-    assert expected_drop_error(torch.tensor([30.0 / 2 ** f]), f, d) == pytest.approx(
+    assert _accumulated(torch.tensor([31.0 / 2 ** f]), f, d) == 0.0
+    assert _accumulated(torch.tensor([30.0 / 2 ** f]), f, d) == pytest.approx(
         30.0 / 2 ** f / 32)
-    assert expected_drop_error(torch.tensor([-3.0 / 2 ** f, 0.0]), f, d) == 0.0
+    assert _accumulated(torch.tensor([-3.0 / 2 ** f, 0.0]), f, d) == 0.0
 
 
 def test_choose_drop_takes_the_most_bits_within_the_budget():

@@ -125,6 +125,13 @@ def _stop(*services: subprocess.Popen) -> None:
         assert p.wait(60) == 0
 
 
+def _kill_left(*procs: subprocess.Popen) -> None:
+    """Kill whatever a test left running (a failed assertion before the services stopped)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+
+
 def _sessions(log: str) -> list[dict]:
     """The session events of a ``--log-json`` log."""
     return [e for e in (json.loads(line) for line in log.splitlines() if line.startswith("{"))
@@ -204,9 +211,7 @@ def test_service_sessions_garbage_reused_id_and_sigterm(tmp_path):
         assert last.wait(120) == 0, last.stderr.read()
         assert server.wait(60) == 0 and helper.wait(60) == 0
     finally:
-        for p in (helper, server):
-            if p.poll() is None:
-                p.kill()
+        _kill_left(helper, server)
     slog = "".join(slines) + server.stderr.read()
     hlog = "".join(hlines) + helper.stderr.read()
     base = json.loads((tmp_path / "r0.json").read_text())
@@ -256,13 +261,9 @@ def test_service_busy_and_a_killed_client(tmp_path):
         killed.wait(30)
         ok = _client(tmp_path, common, 3)
         assert ok.wait(120) == 0, ok.stderr.read()
-        server.send_signal(signal.SIGTERM)
-        helper.send_signal(signal.SIGTERM)
-        assert server.wait(60) == 0 and helper.wait(60) == 0
+        _stop(server, helper)
     finally:
-        for p in (helper, server):
-            if p.poll() is None:
-                p.kill()
+        _kill_left(helper, server)
     log = "".join(lines) + server.stderr.read()
     assert "busy: told" in log and log.count(" ok\n") >= 1, log
     assert log.count("server: session ") == 3, log       # held, killed (or done), ok
@@ -288,13 +289,9 @@ def test_service_over_tls_two_concurrent_clients(tmp_path):
         clients = [_client(tmp_path, common, i) for i in (1, 2)]
         for cl in clients:
             assert cl.wait(120) == 0, cl.stderr.read()
-        server.send_signal(signal.SIGTERM)
-        helper.send_signal(signal.SIGTERM)
-        assert server.wait(60) == 0 and helper.wait(60) == 0
+        _stop(server, helper)
     finally:
-        for p in (helper, server):
-            if p.poll() is None:
-                p.kill()
+        _kill_left(helper, server)
     for i in (1, 2):
         assert np.abs(np.load(tmp_path / f"out{i}.npz")["logits"] - ref).max() < 1e-3
         assert json.loads((tmp_path / f"r{i}.json").read_text())["meta"]["tls"] is True
@@ -342,9 +339,7 @@ def test_service_drops_silent_connections_and_keeps_serving(tmp_path):
     finally:
         for s in silent:
             s.close()
-        for p in (helper, server):
-            if p.poll() is None:
-                p.kill()
+        _kill_left(helper, server)
     slog = "".join(slines) + server.stderr.read()
     hlog = "".join(hlines) + helper.stderr.read()
     assert slog.count("(silent or too slow)") == MAX_ADMISSIONS + 4, slog
@@ -384,9 +379,7 @@ def test_service_oversized_batch_and_a_client_killed_among_others(tmp_path):
         assert after.wait(120) == 0, after.stderr.read()
         _stop(helper, server)
     finally:
-        for p in (helper, server):
-            if p.poll() is None:
-                p.kill()
+        _kill_left(helper, server)
     assert np.abs(np.load(tmp_path / "out5.npz")["logits"] - ref).max() < 1e-3
     for i in (3, 4):
         assert np.abs(np.load(tmp_path / f"out{i}.npz")["logits"]
@@ -426,9 +419,7 @@ def test_service_max_session_seconds_ends_a_long_session(tmp_path):
         assert ok.wait(120) == 0, ok.stderr.read()
         _stop(helper, server)
     finally:
-        for p in (helper, server):
-            if p.poll() is None:
-                p.kill()
+        _kill_left(helper, server)
     assert np.abs(np.load(tmp_path / "out2.npz")["logits"] - ref).max() < 1e-3
     slog, hlog = server.stderr.read(), helper.stderr.read()
     for log in (slog, hlog):
@@ -476,9 +467,7 @@ def test_service_second_signal_stops_at_once(tmp_path, second):
         assert not any(_alive(k) for k in kids), kids
         assert long.wait(60) != 0
     finally:
-        for p in (helper, server):
-            if p.poll() is None:
-                p.kill()
+        _kill_left(helper, server)
     outcomes = []
     for p in (server, helper):
         log = logs[p.pid] + p.stderr.read()

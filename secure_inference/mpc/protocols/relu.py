@@ -39,6 +39,7 @@ differences of two window elements.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -208,6 +209,20 @@ def _place(x: torch.Tensor, values: torch.Tensor, plan: BlockReLUPlan) -> torch.
     return out
 
 
+def _flat_as_maps(protocol: Callable) -> Callable:
+    """A Block-ReLU(6) protocol on [N, C, H, W] shares that also takes [N, C] shares (after a
+    Linear layer: one pixel per channel), as [N, C, 1, 1] maps."""
+    @functools.wraps(protocol)
+    def run(party: Party, x: torch.Tensor, block_sizes, config: DReLUConfig | None = None,
+            **kw) -> torch.Tensor:
+        _check_shares(party, x)
+        if len(_shape(x)) != 2:
+            return protocol(party, x, block_sizes, config, **kw)
+        flat = x.reshape(*_shape(x), 1, 1)
+        return protocol(party, flat, block_sizes, config, **kw).reshape(_shape(x))
+    return run
+
+
 def block_patch_counts(plan: BlockReLUPlan) -> torch.Tensor:
     """Valid pixels of every patch (decision) of the plan, int64 [decisions] in its order."""
     nb, _, height, width = plan.shape
@@ -216,6 +231,7 @@ def block_patch_counts(plan: BlockReLUPlan) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
 
+@_flat_as_maps
 def block_relu(party: Party, x: torch.Tensor, block_sizes, config: DReLUConfig | None = None,
                *, scope: str = "block_relu") -> torch.Tensor:
     """Shares of BlockReLU(block_sizes)(x) for shares ``x`` [N, C, H, W] (P2: placeholders).
@@ -224,9 +240,6 @@ def block_relu(party: Party, x: torch.Tensor, block_sizes, config: DReLUConfig |
     [N, C] input (after a Linear layer) is one pixel per channel.
     """
     _check_shares(party, x)
-    if len(_shape(x)) == 2:
-        flat = x.reshape(*_shape(x), 1, 1)
-        return block_relu(party, flat, block_sizes, config, scope=scope).reshape(_shape(x))
     plan = block_relu_plan(_shape(x), block_sizes, device="cpu" if x.device.type == "meta"
                            else x.device)
     cfg = resolve_config(party, config)
@@ -250,15 +263,13 @@ def block_relu6_bytes(shape, block_sizes, config: DReLUConfig = EXACT) -> int:
     return mul_drelu_bytes(2 * plan.decisions, 2 * plan.pixels, config)
 
 
+@_flat_as_maps
 def block_relu6(party: Party, x: torch.Tensor, block_sizes, config: DReLUConfig | None = None,
                 *, scope: str = "block_relu6") -> torch.Tensor:
     """Shares of BlockReLU6(block_sizes)(x) for shares ``x`` [N, C, H, W] or [N, C] (P2:
     placeholders): the patch sums S compared with 0 and with 6·n·2^f in one DReLU call, the
     pixels multiplied by both bits in its fused multiplication (module docstring)."""
     _check_shares(party, x)
-    if len(_shape(x)) == 2:
-        flat = x.reshape(*_shape(x), 1, 1)
-        return block_relu6(party, flat, block_sizes, config, scope=scope).reshape(_shape(x))
     plan = block_relu_plan(_shape(x), block_sizes, device="cpu" if x.device.type == "meta"
                            else x.device)
     cfg = resolve_config(party, config)
